@@ -1,0 +1,55 @@
+"""SlideFormer on the benchmark workload, one plan per process (so peak host RSS is this run's)."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.common import BATCH, MODEL, SEQ, batch_of_tokens, memory_readings, provenance, throughput, time_steps, write_result
+from slideformer.models import RandomWeights, load_model_config
+from slideformer.plan import uniform_plan
+from slideformer.runtime import AdamWConfig, Engine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--seq", type=int, default=SEQ)
+    ap.add_argument("--chunk", type=int, default=None)
+    ap.add_argument("--window", type=int, default=2)
+    ap.add_argument("--activation", default="offload")
+    ap.add_argument("--keep-last", type=int, default=0)
+    ap.add_argument("--gpu-units", type=int, default=0)
+    ap.add_argument("--update", default="during_backward")
+    ap.add_argument("--grad-ring", type=int, default=4)
+    ap.add_argument("--loss-chunk", type=int, default=4096)
+    ap.add_argument("--gpu-cap-gib", type=float, default=None)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+
+    if a.gpu_cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(a.gpu_cap_gib * 2**30 / total)
+    cfg = load_model_config(a.model)
+    plan = uniform_plan(a.model, cfg.num_layers, a.batch, a.seq, chunk=a.chunk, window=a.window,
+                        activation=a.activation, keep_last=a.keep_last, gpu_units=a.gpu_units, update=a.update,
+                        grad_ring=a.grad_ring, loss_chunk_tokens=a.loss_chunk)
+    t0 = time.perf_counter()
+    budget = int(a.gpu_cap_gib * 2**30) if a.gpu_cap_gib else None
+    engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5), gpu_budget_bytes=budget)
+    init_s = time.perf_counter() - t0
+    data = [batch_of_tokens(cfg.vocab_size, a.batch, a.seq, seed=i) for i in range(2)]
+    timing = time_steps(lambda i: engine.train_step(*data[i % 2]).loss, a.warmup, a.steps, engine.synchronize)
+    write_result(a.out, {"system": "slideformer", "name": a.name, **provenance(), "plan": plan.__dict__,
+                         "init_s": init_s, **timing, **throughput(a.model, a.batch, a.seq, timing["step_s"]),
+                         **memory_readings(), "gpu_cap_gib": a.gpu_cap_gib})
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()

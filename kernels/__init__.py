@@ -1,0 +1,1 @@
+"""Triton kernels for the runtime's bottlenecks (issue 4)."""

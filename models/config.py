@@ -1,0 +1,218 @@
+"""Model shape: one dataclass for every supported decoder-only family, built from presets or HF config.json."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+class ModelConfigError(ValueError):
+    """A model name, preset or config.json we cannot build."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Llama-3 style frequency scaling: {"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; None for plain RoPE.
+    rope_scaling: dict[str, float] | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2/2.5
+    qk_norm: bool = False  # Qwen3
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ModelConfigError(f"unsupported family {self.family!r}; supported: {', '.join(FAMILIES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    # --- sizes -------------------------------------------------------------------------
+    def layer_param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameters of one decoder layer, in Hugging Face names relative to `model.layers.{i}.`."""
+        h, q, kv, ff = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {
+            "input_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (q, h),
+            "self_attn.k_proj.weight": (kv, h),
+            "self_attn.v_proj.weight": (kv, h),
+        }
+        if self.qkv_bias:
+            shapes |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+        if self.qk_norm:
+            shapes |= {"self_attn.q_norm.weight": (self.head_dim,), "self_attn.k_norm.weight": (self.head_dim,)}
+        shapes |= {
+            "self_attn.o_proj.weight": (h, q),
+            "post_attention_layernorm.weight": (h,),
+            "mlp.gate_proj.weight": (ff, h),
+            "mlp.up_proj.weight": (ff, h),
+            "mlp.down_proj.weight": (h, ff),
+        }
+        return shapes
+
+    def embed_param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"model.embed_tokens.weight": (self.vocab_size, self.hidden_size)}
+
+    def head_param_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {"model.norm.weight": (self.hidden_size,)}
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
+        return shapes
+
+    @property
+    def layer_params(self) -> int:
+        return sum(math.prod(s) for s in self.layer_param_shapes().values())
+
+    @property
+    def total_params(self) -> int:
+        edge = sum(math.prod(s) for s in (self.embed_param_shapes() | self.head_param_shapes()).values())
+        return self.num_layers * self.layer_params + edge
+
+    def model_flops_per_token(self, seq: int) -> float:
+        """Training FLOPs per token, the convention of our peers' reports: 6·P + 6·L·S·H (causal attention)."""
+        return 6.0 * self.total_params + 6.0 * self.num_layers * seq * self.num_heads * self.head_dim
+
+    def with_layers(self, num_layers: int) -> ModelConfig:
+        return replace(self, num_layers=num_layers, name=f"{self.name}-{num_layers}l")
+
+    # --- Hugging Face config.json --------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], name: str = "custom") -> ModelConfig:
+        model_type = hf.get("model_type")
+        family = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}.get(model_type)
+        if family is None:
+            raise ModelConfigError(
+                f"unsupported architecture model_type={model_type!r} (architectures={hf.get('architectures')}); "
+                f"supported: {', '.join(FAMILIES)}"
+            )
+        rope = dict(hf.get("rope_parameters") or {})
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind != "llama3":
+                raise ModelConfigError(f"unsupported rope scaling {kind!r}; supported: llama3 or none")
+            scaling = {k: float(scaling[k]) for k in
+                       ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        heads = hf["num_attention_heads"]
+        return cls(
+            family=family,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_scaling=scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 8192),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
+            qk_norm=family == "qwen3",
+            name=name,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "mistral": "MistralForCausalLM"}[self.family]
+        hf: dict[str, Any] = {
+            "architectures": [arch],
+            "model_type": self.family,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "bfloat16",
+        }
+        if self.rope_scaling:
+            hf["rope_scaling"] = {"rope_type": "llama3", **self.rope_scaling}
+        if self.family in ("llama", "mistral"):
+            hf["attention_bias"] = self.qkv_bias
+        if self.family == "mistral":
+            hf["sliding_window"] = None
+        return hf
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_LLAMA31_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192.0}
+
+PRESETS: dict[str, ModelConfig] = {
+    "llama-3.1-8b": ModelConfig("llama", 128256, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, _LLAMA31_ROPE,
+                                131072, name="llama-3.1-8b"),
+    "llama-3.1-70b": ModelConfig("llama", 128256, 8192, 28672, 80, 64, 8, 128, 1e-5, 500000.0, _LLAMA31_ROPE,
+                                 131072, name="llama-3.1-70b"),
+    "qwen3-8b": ModelConfig("qwen3", 151936, 4096, 12288, 36, 32, 8, 128, 1e-6, 1000000.0, None, 40960,
+                            qk_norm=True, name="qwen3-8b"),
+    "qwen3-14b": ModelConfig("qwen3", 151936, 5120, 17408, 40, 40, 8, 128, 1e-6, 1000000.0, None, 40960,
+                             qk_norm=True, name="qwen3-14b"),
+    "qwen2.5-32b": ModelConfig("qwen2", 152064, 5120, 27648, 64, 40, 8, 128, 1e-6, 1000000.0, None, 32768,
+                               qkv_bias=True, name="qwen2.5-32b"),
+    "mistral-large-123b": ModelConfig("mistral", 32768, 12288, 28672, 88, 96, 8, 128, 1e-5, 1000000.0, None,
+                                      131072, name="mistral-large-123b"),
+    # Tiny shapes of each family for tests and the CPU demo.
+    "tiny-llama": ModelConfig("llama", 256, 64, 176, 4, 4, 2, 16, 1e-5, 500000.0,
+                              {**_LLAMA31_ROPE, "original_max_position_embeddings": 64.0}, 256, name="tiny-llama"),
+    "tiny-qwen2": ModelConfig("qwen2", 256, 64, 160, 3, 4, 2, 16, 1e-6, 1000000.0, None, 256,
+                              tie_word_embeddings=True, qkv_bias=True, name="tiny-qwen2"),
+    "tiny-qwen3": ModelConfig("qwen3", 256, 64, 160, 3, 4, 2, 32, 1e-6, 1000000.0, None, 256,
+                              qk_norm=True, name="tiny-qwen3"),
+    "tiny-mistral": ModelConfig("mistral", 256, 64, 192, 3, 8, 2, 8, 1e-5, 1000000.0, None, 256,
+                                name="tiny-mistral"),
+}
+
+
+def parse_model_spec(spec: str) -> tuple[str, int | None]:
+    """'llama-3.1-8b' or 'llama-3.1-8b:16' (the shape cut to 16 layers)."""
+    name, _, layers = spec.partition(":")
+    if layers and not layers.isdigit():
+        raise ModelConfigError(f"bad layer count in model spec {spec!r}; expected NAME or NAME:LAYERS")
+    return name, int(layers) if layers else None
+
+
+def load_model_config(spec: str) -> ModelConfig:
+    """A preset name (optionally ':LAYERS'), a config.json path, or a model directory holding one."""
+    name, layers = parse_model_spec(spec)
+    path = Path(name)
+    if name in PRESETS:
+        cfg = PRESETS[name]
+    elif path.is_dir() and (path / "config.json").is_file():
+        cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()), name=path.name)
+    elif path.is_file():
+        cfg = ModelConfig.from_hf(json.loads(path.read_text()), name=path.stem)
+    else:
+        raise ModelConfigError(
+            f"unknown model {name!r}: not a preset ({', '.join(sorted(PRESETS))}) nor a config.json or model directory"
+        )
+    if layers is not None:
+        if not 1 <= layers <= cfg.num_layers:
+            raise ModelConfigError(f"{name} has {cfg.num_layers} layers; cannot cut to {layers}")
+        cfg = cfg.with_layers(layers)
+    return cfg
+
+

@@ -1,0 +1,55 @@
+"""Compute, host-to-device and device-to-host streams, and their completion handles.
+
+On a CPU device every op completes when issued, so the same executor runs unchanged in CI.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future
+from contextlib import contextmanager, nullcontext
+from typing import Iterator, Union
+
+import torch
+
+Handle = Union[torch.cuda.Event, Future, None]
+
+
+class Streams:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.by_resource = {"gpu": torch.cuda.current_stream(device), "h2d": torch.cuda.Stream(device),
+                                "d2h": torch.cuda.Stream(device)}
+
+    @contextmanager
+    def on(self, resource: str) -> Iterator[None]:
+        with torch.cuda.stream(self.by_resource[resource]) if self.cuda else nullcontext():
+            yield
+
+    def record(self, resource: str) -> Handle:
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(self.by_resource[resource])
+        return ev
+
+    def wait(self, resource: str, handle: Handle) -> None:
+        """Make `resource`'s later work wait for `handle` (blocking the issuing thread for host futures)."""
+        if isinstance(handle, Future):
+            handle.result()
+        elif handle is not None and self.cuda:
+            self.by_resource[resource].wait_event(handle)
+
+    def barrier(self) -> None:
+        """Copy streams wait for all compute issued so far (used between steps)."""
+        if self.cuda:
+            ev = self.record("gpu")
+            for r in ("h2d", "d2h"):
+                self.by_resource[r].wait_event(ev)
+
+
+def host_wait(handle: Handle) -> None:
+    """Block the calling host thread until `handle` completes."""
+    if isinstance(handle, Future):
+        handle.result()
+    elif handle is not None:
+        handle.synchronize()

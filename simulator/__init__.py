@@ -1,0 +1,1 @@
+"""Discrete-event simulation of a step's operation graph (issue 3)."""

@@ -1,0 +1,164 @@
+"""One training step as a dependency graph of operations, the contract between runtime and simulator.
+
+Each node is an op with: `seq` (program order; every resource serves its ops in this order, like a CUDA
+stream), `kind`, `resource` (gpu, h2d, d2h, cpu), the unit or layer and chunk it touches, its work
+(`flops`, `bytes` or `params`) and `alloc`/`free` (bytes per tier it takes and gives back). Edges are true
+data dependencies and buffer reuse (write-after-read) hazards; ops on one resource are also ordered by seq.
+Units: 0 is the embedding, 1..L the decoder layers, L+1 the final norm and LM head.
+"""
+from __future__ import annotations
+
+import networkx as nx
+
+from slideformer.models.config import ModelConfig
+
+from .plan import Plan
+
+RESOURCES = ("gpu", "h2d", "d2h", "cpu")
+
+
+def layer_unit(layer: int) -> int:
+    return layer + 1
+
+
+def unit_numels(cfg: ModelConfig) -> list[int]:
+    head = cfg.hidden_size + (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    return [cfg.vocab_size * cfg.hidden_size] + [cfg.layer_params] * cfg.num_layers + [head]
+
+
+def unit_name(u: int, num_layers: int) -> str:
+    return "embed" if u == 0 else "head" if u == num_layers + 1 else f"L{u - 1}"
+
+
+def activation_bytes_per_token(cfg: ModelConfig) -> int:
+    """GPU bytes autograd keeps for one layer's forward, per token (bf16 tensors saved for backward)."""
+    h, kv, ff = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    q = cfg.num_heads * cfg.head_dim
+    return 2 * (4 * h + 3 * q + 3 * kv + 4 * ff) + 8
+
+
+class _Builder:
+    def __init__(self, cfg: ModelConfig, plan: Plan) -> None:
+        self.cfg, self.plan = cfg, plan
+        self.g = nx.DiGraph()
+        self.seq = 0
+
+    def op(self, name: str, kind: str, resource: str, deps: list[str | None], **attrs) -> str:
+        attrs.setdefault("alloc", {})
+        attrs.setdefault("free", {})
+        self.g.add_node(name, seq=self.seq, kind=kind, resource=resource, **attrs)
+        self.seq += 1
+        for d in deps:
+            if d is not None:
+                assert d in self.g, f"{name} depends on unknown op {d}"
+                self.g.add_edge(d, name)
+        return name
+
+
+def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
+    """The operation graph of one optimizer step under `plan` (already validated)."""
+    b = _Builder(cfg, plan)
+    L, W, C = cfg.num_layers, plan.window, plan.chunks
+    numel = unit_numels(cfg)
+    tok = plan.chunk * plan.seq  # tokens per chunk
+    act_bytes = tok * cfg.hidden_size * 2
+    attn = 2 * plan.chunk * plan.seq**2 * cfg.num_heads * cfg.head_dim  # causal QK^T + AV, forward
+    fwd_flops = 2 * cfg.layer_params * tok + attn
+    graph_bytes = activation_bytes_per_token(cfg) * tok
+    last = C - 1
+
+    def load(u: int, tag: str, deps: list[str | None]) -> str:
+        on_gpu = plan.placement[u] == "gpu"
+        return b.op(f"load:{u}:{tag}", "load", "gpu" if on_gpu else "h2d", deps, unit=u, bytes=4 * numel[u])
+
+    # --- forward ---------------------------------------------------------------------------
+    load(0, "fwd", [])
+    load(L + 1, "fwd", [])
+    for lay in range(min(W - 1, L)):
+        load(layer_unit(lay), "fwd", [])
+    for c in range(C):
+        b.op(f"embed:{c}", "embed", "gpu", ["load:0:fwd"], chunk=c, bytes=act_bytes)
+
+    def producer(lay: int, c: int) -> str:
+        return f"embed:{c}" if lay == 0 else f"fwd:{lay - 1}:{c}"
+
+    for lay in range(L):
+        ahead = lay + W - 1
+        if ahead < L:  # into the slot of layer lay-1: wait until its forward is done
+            load(layer_unit(ahead), "fwd", [f"fwd:{lay - 1}:{last}" if lay else None])
+        policy = plan.activations[lay]
+        for c in range(C):
+            if policy == "offload":
+                b.op(f"save:{lay}:{c}", "save", "d2h", [producer(lay, c)], layer=lay, chunk=c, bytes=act_bytes)
+            war = f"save:{lay - 1}:{c}" if lay and plan.activations[lay - 1] == "offload" else None
+            b.op(f"fwd:{lay}:{c}", "fwd", "gpu", [producer(lay, c), f"load:{layer_unit(lay)}:fwd", war],
+                 layer=lay, chunk=c, flops=fwd_flops,
+                 alloc={"gpu": graph_bytes if policy == "keep" else act_bytes if policy == "recompute" else 0})
+    head_flops = 6 * cfg.vocab_size * cfg.hidden_size * tok
+    for c in range(C):
+        b.op(f"head:{c}", "head", "gpu", [f"fwd:{L - 1}:{c}", f"load:{L + 1}:fwd"], chunk=c, flops=head_flops)
+
+    # --- backward and updates ------------------------------------------------------------
+    ring: list[int] = []  # CPU-updated layers in gradient arrival order; they share `grad_ring` host buffers
+    grad_buffer_reader: dict[int, str] = {}  # last D2H of each of the two shared GPU gradient buffers
+    updates: dict[int, str] = {}
+
+    def grad_out_and_update(u: int, ready: str) -> None:
+        if plan.placement[u] == "gpu":
+            if plan.update == "during_backward":
+                updates[u] = b.op(f"update:{u}", "update", "gpu", [ready], unit=u, params=numel[u])
+            return
+        ring_war = None
+        if plan.update == "during_backward" and u not in (0, L + 1):
+            if len(ring) >= plan.grad_ring:
+                ring_war = f"update:{ring[-plan.grad_ring]}"
+            ring.append(u)
+        out = b.op(f"grad_out:{u}", "grad_out", "d2h", [ready, ring_war], unit=u, bytes=4 * numel[u])
+        if u not in (0, L + 1):
+            grad_buffer_reader[u % 2] = out
+        if plan.update == "during_backward":
+            updates[u] = b.op(f"update:{u}", "update", "cpu", [out], unit=u, params=numel[u])
+
+    grad_out_and_update(L + 1, f"head:{last}")
+    resident = set(range(max(L - W, 0), L))
+    for lay in reversed(range(L)):
+        if lay == L - 1 and plan.activations[lay] == "offload":
+            for c in range(C):
+                b.op(f"fetch:{lay}:{c}", "fetch", "h2d", [f"save:{lay}:{c}"], layer=lay, chunk=c, bytes=act_bytes)
+        ahead = lay - W + 1
+        if ahead >= 0 and ahead not in resident:
+            # Into the slot of layer lay+1, whose backward is done by now.
+            load(layer_unit(ahead), "bwd", [f"bwd:{lay + 1}:{last}"])
+        if lay > 0 and plan.activations[lay - 1] == "offload":
+            for c in range(C):
+                war = f"bwd:{lay + 1}:{c}" if lay + 1 < L else None
+                b.op(f"fetch:{lay - 1}:{c}", "fetch", "h2d", [f"save:{lay - 1}:{c}", war],
+                     layer=lay - 1, chunk=c, bytes=act_bytes)
+        weights = f"load:{layer_unit(lay)}:{'fwd' if lay in resident else 'bwd'}"
+        policy = plan.activations[lay]
+        shared_grad = plan.placement[layer_unit(lay)] == "cpu"
+        grad_war = grad_buffer_reader.get(layer_unit(lay) % 2) if shared_grad else None
+        for c in range(C):
+            upstream = f"head:{c}" if lay == L - 1 else f"bwd:{lay + 1}:{c}"
+            saved = f"fetch:{lay}:{c}" if policy == "offload" else f"fwd:{lay}:{c}"
+            flops = 2 * fwd_flops + (0 if policy == "keep" else fwd_flops)
+            b.op(f"bwd:{lay}:{c}", "bwd", "gpu", [upstream, saved, weights, grad_war if c == 0 else None],
+                 layer=lay, chunk=c, flops=flops,
+                 free={"gpu": graph_bytes if policy == "keep" else act_bytes if policy == "recompute" else 0})
+        grad_out_and_update(layer_unit(lay), f"bwd:{lay}:{last}")
+    for c in range(C):
+        b.op(f"embed_bwd:{c}", "embed_bwd", "gpu", [f"bwd:0:{c}"], chunk=c, bytes=act_bytes)
+    grad_out_and_update(0, f"embed_bwd:{last}")
+
+    if plan.update == "after_norm":
+        ready = [n for n, a in b.g.nodes(data=True) if a["kind"] in ("grad_out", "embed_bwd", "head", "bwd")]
+        norm = b.op("norm", "norm", "cpu", ready)
+        for u in range(L + 2):  # forward order, so the next step's forward can start early
+            res = "gpu" if plan.placement[u] == "gpu" else "cpu"
+            updates[u] = b.op(f"update:{u}", "update", res, [norm], unit=u, params=numel[u])
+    b.g.graph.update(cfg=cfg, plan=plan, updates=updates)
+    return b.g
+
+
+def issue_order(g: nx.DiGraph) -> list[str]:
+    return sorted(g.nodes, key=lambda n: g.nodes[n]["seq"])

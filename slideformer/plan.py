@@ -1,0 +1,91 @@
+"""The Plan: every decision the runtime and the simulator share, as one JSON-serialisable dataclass."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ACTIVATION_POLICIES = ("offload", "recompute", "keep")
+UPDATE_SCHEDULES = ("during_backward", "after_norm")
+PLACEMENTS = ("cpu", "gpu")
+
+
+class PlanError(ValueError):
+    """A plan that is malformed or does not fit; the message carries the numbers."""
+
+
+@dataclass
+class Plan:
+    model: str  # preset name (optionally ':LAYERS'), config.json or model directory
+    batch: int  # sequences per optimizer step
+    seq: int
+    chunk: int  # sequences a resident layer computes at once; batch/chunk chunks are accumulated layer-major
+    window: int = 2  # decoder layers resident on the GPU
+    # Per decoder layer, what happens to its input between forward and backward:
+    #   offload   - copied to pinned host memory, fetched back for backward, layer recomputed;
+    #   recompute - kept on the GPU, layer recomputed in backward;
+    #   keep      - the layer's whole autograd graph stays on the GPU (no recompute; last `window` layers only).
+    activations: list[str] = field(default_factory=list)
+    # Where each unit's fp32 master weights and AdamW states live and are updated, in unit order
+    # (embed, layer 0..L-1, head). 'gpu' units never cross PCIe.
+    placement: list[str] = field(default_factory=list)
+    update: str = "during_backward"  # or 'after_norm' (exact global-norm clipping, overlapped with next forward)
+    transfer_chunk_mb: int = 64  # fp32 weight streaming granularity (staging is two such buffers)
+    grad_ring: int = 4  # pinned host fp32 gradient buffers shared by the CPU-updated layers
+    loss_chunk_tokens: int = 4096  # tokens per LM-head/loss piece; logits never exceed this many rows
+    device: str = "cuda"
+
+    @property
+    def chunks(self) -> int:
+        return self.batch // self.chunk
+
+    def validate(self, num_layers: int) -> None:
+        problems = []
+        if self.batch < 1 or self.seq < 2:
+            problems.append(f"batch {self.batch} and seq {self.seq} must be >= 1 and >= 2")
+        if self.chunk < 1 or self.batch % self.chunk:
+            problems.append(f"chunk {self.chunk} must divide batch {self.batch}")
+        if not 1 <= self.window <= num_layers:
+            problems.append(f"window {self.window} must be between 1 and the {num_layers} layers")
+        if len(self.activations) != num_layers or set(self.activations) - set(ACTIVATION_POLICIES):
+            problems.append(f"activations needs {num_layers} entries from {ACTIVATION_POLICIES}")
+        elif any(p == "keep" for p in self.activations[: num_layers - self.window]):
+            problems.append("'keep' is allowed only for the last `window` layers, whose weights stay resident")
+        if len(self.placement) != num_layers + 2 or set(self.placement) - set(PLACEMENTS):
+            problems.append(f"placement needs {num_layers + 2} entries (embed, layers, head) from {PLACEMENTS}")
+        if self.update not in UPDATE_SCHEDULES:
+            problems.append(f"update must be one of {UPDATE_SCHEDULES}")
+        if self.grad_ring < 1 or self.transfer_chunk_mb < 1 or self.loss_chunk_tokens < 1:
+            problems.append("grad_ring, transfer_chunk_mb and loss_chunk_tokens must be positive")
+        if problems:
+            raise PlanError("invalid plan: " + "; ".join(problems))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls(**json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        return cls.from_json(Path(path).read_text())
+
+
+def uniform_plan(model: str, num_layers: int, batch: int, seq: int, chunk: int | None = None, window: int = 2,
+                 activation: str = "offload", keep_last: int = 0, gpu_units: int = 0, **kw) -> Plan:
+    """A plan with one policy for every layer; the last `keep_last` layers keep their graphs and the first
+    `gpu_units` units (embed, layer 0, ...) plus the head when gpu_units > 0 are updated on the GPU."""
+    acts = [activation] * num_layers
+    for i in range(num_layers - keep_last, num_layers):
+        acts[i] = "keep"
+    placement = ["cpu"] * (num_layers + 2)
+    for i in range(min(gpu_units, num_layers + 1)):
+        placement[i] = "gpu"
+    if gpu_units > 0:
+        placement[-1] = "gpu"
+    return Plan(model=model, batch=batch, seq=seq, chunk=chunk or batch, window=window, activations=acts,
+                placement=placement, **kw)

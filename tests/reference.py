@@ -1,0 +1,48 @@
+"""The independent reference: a plain PyTorch mixed-precision training loop (bf16 compute, fp32 master
+weights, torch AdamW), with micro-batch gradient accumulation and global-norm clipping."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slideformer.models import ModelConfig, Transformer
+from slideformer.runtime.engine import AdamWConfig, WeightSource
+
+IGNORE = -100
+
+
+def reference_train(cfg: ModelConfig, source: WeightSource, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                    optim: AdamWConfig, micro_batch: int, device: str = "cpu") -> tuple[list[float], dict[str, torch.Tensor]]:
+    master_model = Transformer(cfg)
+    master = master_model.named_hf_parameters()
+    with torch.no_grad():
+        for name, p in master.items():
+            p.copy_(source.get(name))
+    model = Transformer(cfg).to(device=device, dtype=torch.bfloat16)
+    compute = model.named_hf_parameters()
+    masters = [p for p in master.values()]
+    opt = torch.optim.AdamW(masters, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                            weight_decay=optim.weight_decay, fused=True)
+    losses = []
+    for input_ids, labels in batches:
+        with torch.no_grad():
+            for name, p in compute.items():
+                p.copy_(master[name])
+        for p in masters:
+            p.grad = torch.zeros_like(p)
+        total = int((labels != IGNORE).sum())
+        step_loss = 0.0
+        for ids, lab in zip(input_ids.split(micro_batch), labels.split(micro_batch)):
+            logits = model(ids.to(device))
+            loss = F.cross_entropy(logits.float().flatten(0, 1), lab.to(device).flatten(), ignore_index=IGNORE,
+                                   reduction="sum") / total
+            loss.backward()
+            step_loss += float(loss)
+            for name, p in compute.items():
+                master[name].grad += p.grad.float().cpu()
+                p.grad = None
+        if optim.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(masters, optim.max_grad_norm)
+        opt.step()
+        losses.append(step_loss)
+    return losses, {n: p.detach().clone() for n, p in master.items()}
