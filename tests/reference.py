@@ -37,7 +37,7 @@ def reference_train(cfg: ModelConfig, source: WeightSource, batches: list[tuple[
             loss = F.cross_entropy(logits.float().flatten(0, 1), lab.to(device).flatten(), ignore_index=IGNORE,
                                    reduction="sum") / total
             loss.backward()
-            step_loss += float(loss)
+            step_loss += float(loss.detach())
             for name, p in compute.items():
                 master[name].grad += p.grad.float().cpu()
                 p.grad = None
