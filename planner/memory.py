@@ -35,18 +35,5 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan) -> dict[str, int]:
     return need
 
 
-def host_bytes(cfg: ModelConfig, plan: Plan) -> dict[str, int]:
-    L, n = cfg.num_layers, unit_numels(cfg)
-    cpu_units = [u for u in range(L + 2) if plan.placement[u] == "cpu"]
-    cpu_layers = [u for u in cpu_units if 0 < u <= L]
-    dedicated = [u for u in cpu_units if plan.update == "after_norm" or u in (0, L + 1)]
-    ring = min(plan.grad_ring, len(cpu_layers)) if plan.update == "during_backward" else 0
-    return {
-        "master_weights_and_adamw": sum(12 * n[u] for u in cpu_units),
-        "gradient_buffers": 4 * (sum(n[u] for u in dedicated) + ring * n[1]),
-        "offloaded_activations": plan.activations.count("offload") * plan.batch * plan.seq * cfg.hidden_size * 2,
-    }
-
-
 def describe(need: dict[str, int]) -> str:
     return ", ".join(f"{k} {v / GiB:.2f}" for k, v in need.items() if v) + f" (total {sum(need.values()) / GiB:.2f} GiB)"

@@ -89,7 +89,6 @@ class Engine:
         self.cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-adamw")
         self._allocate(source)
         self.step_count = 0
-        self.op_times: dict[str, tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
     # --- buffers ---------------------------------------------------------------------------
     def _allocate(self, source: WeightSource) -> None:
@@ -157,7 +156,7 @@ class Engine:
             for group in unit.optimizer.param_groups:
                 group["lr"] = lr
 
-    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor, record_times: bool = False) -> StepResult:
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """One optimizer step over `plan.batch` sequences. labels[b, t] is the target for input_ids[b, t]."""
         plan = self.plan
         if input_ids.shape != (plan.batch, plan.seq) or labels.shape != input_ids.shape:
@@ -170,7 +169,6 @@ class Engine:
         self.sq_norm.zero_()
         self.streams.barrier()
         done: dict[str, Handle] = {}
-        self.op_times = {} if record_times and self.device.type == "cuda" else None
         for name in self.order:
             attrs = self.graph.nodes[name]
             resource = attrs["resource"]
@@ -185,28 +183,13 @@ class Engine:
                 done[name] = self.cpu.submit(self._run_cpu_op, attrs["kind"], args, preds)
                 continue
             with self.streams.on(resource):
-                timing = self._time_start(name)
                 getattr(self, "_" + attrs["kind"])(**args)
-                self._time_end(name, timing)
                 done[name] = self.streams.record(resource)
         self.pending_updates = {u: done[op] for u, op in self.graph.graph["updates"].items()}
         self.step_count += 1
         loss = float(self.loss)
         norm = done["norm"].result()[0] if "norm" in done else math.sqrt(float(self.sq_norm))
         return StepResult(loss=loss, grad_norm=norm, tokens=self.total_tokens)
-
-    def _time_start(self, name: str) -> torch.cuda.Event | None:
-        if self.op_times is None:
-            return None
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        return ev
-
-    def _time_end(self, name: str, start: torch.cuda.Event | None) -> None:
-        if start is not None:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.op_times[name] = (start, end)
 
     def _run_cpu_op(self, kind: str, args: dict, preds: list[Handle]):
         for h in preds:

@@ -14,9 +14,6 @@ from slideformer.models.config import ModelConfig
 
 from .plan import Plan
 
-RESOURCES = ("gpu", "h2d", "d2h", "cpu")
-
-
 def layer_unit(layer: int) -> int:
     return layer + 1
 
@@ -24,10 +21,6 @@ def layer_unit(layer: int) -> int:
 def unit_numels(cfg: ModelConfig) -> list[int]:
     head = cfg.hidden_size + (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
     return [cfg.vocab_size * cfg.hidden_size] + [cfg.layer_params] * cfg.num_layers + [head]
-
-
-def unit_name(u: int, num_layers: int) -> str:
-    return "embed" if u == 0 else "head" if u == num_layers + 1 else f"L{u - 1}"
 
 
 def activation_bytes_per_token(cfg: ModelConfig) -> int:
