@@ -19,14 +19,6 @@ SEQ = 2048
 BATCH = 8
 
 
-def batch_of_tokens(vocab: int, batch: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    labels = torch.roll(ids, -1, dims=1)
-    labels[:, -1] = -100
-    return ids, labels
-
-
 def time_steps(step: Callable[[int], float], warmup: int, steps: int, sync: Callable[[], None]) -> dict:
     """Run warmup steps, then `steps` timed steps back to back; step time is the mean of the timed span."""
     losses = [step(i) for i in range(warmup)]

@@ -6,7 +6,8 @@ import time
 
 import torch
 
-from bench.common import BATCH, MODEL, SEQ, batch_of_tokens, memory_readings, provenance, throughput, time_steps, write_result
+from bench.common import BATCH, MODEL, SEQ, memory_readings, provenance, throughput, time_steps, write_result
+from slideformer.data import random_next_token_batch
 from slideformer.models import RandomWeights, load_model_config
 from slideformer.plan import uniform_plan
 from slideformer.runtime import AdamWConfig, Engine
@@ -43,7 +44,7 @@ def main() -> None:
     budget = int(a.gpu_cap_gib * 2**30) if a.gpu_cap_gib else None
     engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5), gpu_budget_bytes=budget)
     init_s = time.perf_counter() - t0
-    data = [batch_of_tokens(cfg.vocab_size, a.batch, a.seq, seed=i) for i in range(2)]
+    data = [random_next_token_batch(cfg.vocab_size, a.batch, a.seq, seed=i) for i in range(2)]
     timing = time_steps(lambda i: engine.train_step(*data[i % 2]).loss, a.warmup, a.steps, engine.synchronize)
     write_result(a.out, {"system": "slideformer", "name": a.name, **provenance(), "plan": plan.__dict__,
                          "init_s": init_s, **timing, **throughput(a.model, a.batch, a.seq, timing["step_s"]),

@@ -6,7 +6,8 @@ import argparse
 import torch
 import transformers
 
-from bench.common import BATCH, MODEL, SEQ, batch_of_tokens, memory_readings, provenance, throughput, time_steps, write_result
+from bench.common import BATCH, MODEL, SEQ, memory_readings, provenance, throughput, time_steps, write_result
+from slideformer.data import random_next_token_batch
 from slideformer.models import load_model_config
 
 
@@ -25,7 +26,7 @@ def main() -> None:
     model.gradient_checkpointing_enable()
     model.config.use_cache = False
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    data = [tuple(t.cuda() for t in batch_of_tokens(cfg.vocab_size, BATCH, SEQ, seed=i)) for i in range(2)]
+    data = [tuple(t.cuda() for t in random_next_token_batch(cfg.vocab_size, BATCH, SEQ, seed=i)) for i in range(2)]
 
     def step(i: int) -> float:
         ids, labels = data[i % 2]

@@ -88,7 +88,6 @@ class Engine:
         self.streams = Streams(self.device)
         self.cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-adamw")
         self._allocate(source)
-        self.step_count = 0
 
     # --- buffers ---------------------------------------------------------------------------
     def _allocate(self, source: WeightSource) -> None:
@@ -186,7 +185,6 @@ class Engine:
                 getattr(self, "_" + attrs["kind"])(**args)
                 done[name] = self.streams.record(resource)
         self.pending_updates = {u: done[op] for u, op in self.graph.graph["updates"].items()}
-        self.step_count += 1
         loss = float(self.loss)
         norm = done["norm"].result()[0] if "norm" in done else math.sqrt(float(self.sq_norm))
         return StepResult(loss=loss, grad_norm=norm, tokens=self.total_tokens)

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from slideformer.data import random_next_token_batch
 from slideformer.models import ModelConfigError, RandomWeights, load_model_config
 from slideformer.plan import Plan, PlanError
 
@@ -24,16 +25,12 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     plan = Plan.load(a.plan)
     cfg = load_model_config(plan.model)
-    plan.validate(cfg.num_layers)
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise PlanError("plan.device is 'cuda' but no CUDA device is available (set device to 'cpu' to run on CPU)")
     source = SafetensorsReader(a.weights) if a.weights else RandomWeights(cfg, seed=a.seed)
     engine = Engine(cfg, plan, source, AdamWConfig(lr=a.lr, weight_decay=a.weight_decay,
                                                    max_grad_norm=a.max_grad_norm))
-    g = torch.Generator().manual_seed(a.seed)
-    ids = torch.randint(0, cfg.vocab_size, (plan.batch, plan.seq), generator=g)
-    labels = torch.roll(ids, -1, 1)
-    labels[:, -1] = -100
+    ids, labels = random_next_token_batch(cfg.vocab_size, plan.batch, plan.seq, a.seed)
     tokens_per_step = plan.batch * plan.seq
     for step in range(a.steps):
         t = time.perf_counter()

@@ -1,4 +1,6 @@
 """The Plan round-trips through JSON; the operation graph is well formed for every plan shape."""
+from dataclasses import replace
+
 import networkx as nx
 import pytest
 from hypothesis import given, settings
@@ -21,9 +23,7 @@ def test_plan_json_round_trip(tmp_path):
        policy=st.sampled_from(["offload", "recompute"]), keep=st.integers(0, 2), gpu_units=st.integers(0, 3),
        update=st.sampled_from(["during_backward", "after_norm"]))
 def test_graph_is_acyclic_and_updates_each_unit_once(layers, window, chunks, ring, policy, keep, gpu_units, update):
-    cfg = PRESETS["tiny-llama"].with_layers(4)
-    from dataclasses import replace
-    cfg = replace(cfg, num_layers=layers)
+    cfg = replace(PRESETS["tiny-llama"], num_layers=layers)
     window = min(window, layers)
     plan = uniform_plan("tiny-llama", layers, 2 * chunks, 16, chunk=2, window=window, activation=policy,
                         keep_last=min(keep, window), gpu_units=gpu_units, grad_ring=ring, update=update,
