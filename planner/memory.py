@@ -1,22 +1,59 @@
-"""Bytes a plan needs on the GPU and in host RAM, itemised, so a plan that does not fit is refused with numbers."""
+"""Bytes a plan needs on the GPU and in host RAM, itemised, so a plan that does not fit is refused with numbers.
+
+Workspace (a layer's recompute + backward, the loss piece) comes from the profile's measured peaks for
+the model's shape where there are any, else from a formula fitted to H100 measurements of Llama-3.1-8B.
+"""
 from __future__ import annotations
 
+import numpy as np
+
+from slideformer.calibrate.profile import Profile
 from slideformer.models.config import ModelConfig
 from slideformer.opgraph import activation_bytes_per_token, unit_numels
 from slideformer.plan import Plan
 
 GiB = 2**30
 RUNTIME_OVERHEAD = 512 * 2**20  # CUDA context allocations outside PyTorch's count, kernels' scratch
+BACKWARD_WORKSPACE_PER_GRAPH_BYTE = 3.2  # autograd temporaries of a recomputed layer, per byte of saved graph
 
 
-def gpu_bytes(cfg: ModelConfig, plan: Plan) -> dict[str, int]:
+def _fit(points: list[tuple[int, int]], x: int) -> int | None:
+    """Linear fit of measured (tokens, bytes), evaluated at x; None without measurements."""
+    points = [p for p in points if p[1] > 0]
+    if not points:
+        return None
+    if len(points) == 1:
+        return int(points[0][1] * x / points[0][0])
+    slope, intercept = np.polyfit([p[0] for p in points], [p[1] for p in points], 1)
+    return int(max(slope * x + intercept, 0))
+
+
+def layer_workspace(cfg: ModelConfig, seq: int, tokens: int, profile: Profile | None = None) -> int:
+    if profile is not None:
+        shape = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        got = _fit([(t.tokens, t.bwd_peak_bytes) for t in profile.layers if t.shape() == shape and t.seq == seq], tokens)
+        if got is not None:
+            return got
+    return int(BACKWARD_WORKSPACE_PER_GRAPH_BYTE * activation_bytes_per_token(cfg) * tokens) + cfg.layer_params * 2
+
+
+def head_workspace(cfg: ModelConfig, piece_tokens: int, tokens: int, profile: Profile | None = None) -> int:
+    if profile is not None:
+        got = _fit([(t.tokens, t.peak_bytes) for t in profile.heads
+                    if (t.hidden, t.vocab) == (cfg.hidden_size, cfg.vocab_size)], tokens)
+        if got is not None:
+            return got
+    # fp32 logits of one piece, their softmax gradient, and the head-weight gradient temporary
+    return piece_tokens * cfg.vocab_size * 8 + cfg.vocab_size * cfg.hidden_size * 2
+
+
+def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
     L, n = cfg.num_layers, unit_numels(cfg)
     layer_on_cpu = [p == "cpu" for p in plan.placement[1:-1]]
     hidden = plan.batch * plan.seq * cfg.hidden_size * 2
     chunk_tokens = plan.chunk * plan.seq
     graph = activation_bytes_per_token(cfg) * chunk_tokens
-    loss_piece = min(plan.loss_chunk_tokens, chunk_tokens)
-    need = {
+    return {
         "weight_window": plan.window * n[1] * 2,
         "transfer_staging": plan.transfer_chunk_mb * 2**20 if "cpu" in plan.placement else 0,
         "layer_grad_buffers": 2 * n[1] * 4 if any(layer_on_cpu) else 0,
@@ -26,13 +63,25 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan) -> dict[str, int]:
         "hidden_buffers": hidden * (4 + (2 if "offload" in plan.activations else 0)),
         "kept_inputs": plan.activations.count("recompute") * hidden,
         "kept_graphs": plan.activations.count("keep") * graph * plan.chunks,
-        # One layer's recomputed graph plus its backward temporaries, or the loss piece with its
-        # fp32 logits, softmax grad and the head-weight gradient temporary, whichever is larger.
-        "workspace": max(graph * 3 // 2 + n[1] * 2,
-                         loss_piece * cfg.vocab_size * 10 + cfg.vocab_size * cfg.hidden_size * 2),
+        "workspace": max(layer_workspace(cfg, plan.seq, chunk_tokens, profile),
+                         head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile)),
         "runtime_overhead": RUNTIME_OVERHEAD,
     }
-    return need
+
+
+def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
+    """Host RAM of the runtime's buffers: fp32 masters and gradients (pinned), AdamW states, offloaded activations."""
+    L, n = cfg.num_layers, unit_numels(cfg)
+    on_cpu = [u for u in range(L + 2) if plan.placement[u] == "cpu"]
+    ring = plan.update == "during_backward" and any(0 < u <= L for u in on_cpu)
+    own_grad = [u for u in on_cpu if not (ring and 0 < u <= L)]
+    return {
+        "master_weights": sum(4 * n[u] for u in on_cpu),
+        "optimizer_states": sum(8 * n[u] for u in on_cpu),
+        "gradients": (plan.grad_ring * 4 * n[1] if ring else 0) + sum(4 * n[u] for u in own_grad),
+        "offloaded_activations": plan.activations.count("offload") * plan.batch * plan.seq * cfg.hidden_size * 2,
+        "process": profile.process_baseline_bytes if profile is not None else 0,
+    }
 
 
 def describe(need: dict[str, int]) -> str:

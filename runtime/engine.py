@@ -22,7 +22,9 @@ from slideformer.plan import Plan, PlanError
 
 from .layout import UnitLayout, unit_layouts
 from .loss import IGNORE_INDEX, head_loss_and_grads
+from .pinned import PinnedPool
 from .streams import Handle, Streams, host_wait
+from .trace import OpTrace
 
 
 class WeightSource(Protocol):
@@ -49,11 +51,10 @@ class Unit:
     """One unit's fp32 master weights and AdamW state, on the host (pinned) or on the GPU."""
 
     def __init__(self, layout: UnitLayout, source: WeightSource, on_gpu: bool, device: torch.device,
-                 optim: AdamWConfig) -> None:
+                 optim: AdamWConfig, host: PinnedPool) -> None:
         self.layout = layout
         self.on_gpu = on_gpu
-        pin = device.type == "cuda" and not on_gpu
-        master = torch.empty(layout.numel, dtype=torch.float32, pin_memory=pin)
+        master = torch.empty(layout.numel, dtype=torch.float32) if on_gpu else host.empty(layout.numel, torch.float32)
         for name, view in layout.views(master).items():
             view.copy_(source.get(name))
         self.master = torch.nn.Parameter(master.to(device) if on_gpu else master)
@@ -87,18 +88,19 @@ class Engine:
         self.order = issue_order(self.graph)
         self.streams = Streams(self.device)
         self.cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-adamw")
+        self.trace: OpTrace | None = None
         self._allocate(source)
 
     # --- buffers ---------------------------------------------------------------------------
     def _allocate(self, source: WeightSource) -> None:
         cfg, plan, dev = self.cfg, self.plan, self.device
         L, W = cfg.num_layers, plan.window
-        pin = dev.type == "cuda"
+        self.host = host = PinnedPool(self, pinned=dev.type == "cuda")
         bf16, f32 = torch.bfloat16, torch.float32
         self.layouts = unit_layouts(cfg)
         with ThreadPoolExecutor(max_workers=min(16, len(self.layouts))) as pool:  # random init is single-threaded
             self.units = list(pool.map(lambda u: Unit(self.layouts[u], source, plan.placement[u] == "gpu", dev,
-                                                      self.optim), range(L + 2)))
+                                                      self.optim, host), range(L + 2)))
         n_layer = self.layouts[1].numel
 
         def leaves(layout: UnitLayout, flat: torch.Tensor, short: bool) -> dict[str, torch.Tensor]:
@@ -123,7 +125,7 @@ class Engine:
             self.gpu_grad.append(torch.empty(self.layouts[u].numel, dtype=f32, device=dev) if own else shared[u % 2])
         self.grad_views = [self.layouts[u].views(self.gpu_grad[u], short_names=True) for u in range(L + 2)]
         # Host gradient destinations: dedicated for edges and for every unit under after_norm, else a ring.
-        ring = [torch.empty(n_layer, dtype=f32, pin_memory=pin) for _ in range(plan.grad_ring)] \
+        ring = [host.empty(n_layer, f32) for _ in range(plan.grad_ring)] \
             if plan.update == "during_backward" and any(p == "cpu" for p in plan.placement[1:-1]) else []
         self.host_grad: dict[int, torch.Tensor] = {}
         k = 0
@@ -134,14 +136,14 @@ class Engine:
                 self.host_grad[u] = ring[k % len(ring)]
                 k += 1
             else:
-                self.host_grad[u] = torch.empty(self.layouts[u].numel, dtype=f32, pin_memory=pin)
+                self.host_grad[u] = host.empty(self.layouts[u].numel, f32)
 
         shape = (plan.batch, plan.seq, cfg.hidden_size)
         self.hidden = [torch.empty(shape, dtype=bf16, device=dev) for _ in range(2)]
         self.dgrad = [torch.empty(shape, dtype=bf16, device=dev) for _ in range(2)]
         offload = [lay for lay, p in enumerate(plan.activations) if p == "offload"]
         self.fetched = [torch.empty(shape, dtype=bf16, device=dev) for _ in range(2)] if offload else []
-        self.host_act = {lay: torch.empty(shape, dtype=bf16, pin_memory=pin) for lay in offload}
+        self.host_act = {lay: host.empty(shape, bf16) for lay in offload}
         self.kept_input = {lay: torch.empty(shape, dtype=bf16, device=dev)
                            for lay, p in enumerate(plan.activations) if p == "recompute"}
         self.kept_graph: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -179,20 +181,37 @@ class Engine:
                     self.streams.wait(resource, done[pred])
             if resource == "cpu":
                 preds = [done[p] for p in self.graph.predecessors(name)]
-                done[name] = self.cpu.submit(self._run_cpu_op, attrs["kind"], args, preds)
+                step = self.trace.step if self.trace else 0
+                done[name] = self.cpu.submit(self._run_cpu_op, name, step, attrs["kind"], args, preds)
                 continue
             with self.streams.on(resource):
+                start = self.trace.mark() if self.trace else None
                 getattr(self, "_" + attrs["kind"])(**args)
+                if self.trace:
+                    self.trace.add(name, self.trace.step, resource, attrs["kind"], start, self.trace.mark())
                 done[name] = self.streams.record(resource)
         self.pending_updates = {u: done[op] for u, op in self.graph.graph["updates"].items()}
         loss = float(self.loss)
         norm = done["norm"].result()[0] if "norm" in done else math.sqrt(float(self.sq_norm))
+        if self.trace:
+            self.trace.end_step()
         return StepResult(loss=loss, grad_norm=norm, tokens=self.total_tokens)
 
-    def _run_cpu_op(self, kind: str, args: dict, preds: list[Handle]):
+    def start_trace(self) -> OpTrace:
+        """Time every op of the following steps (see OpTrace.spans)."""
+        self.synchronize()
+        self.trace = OpTrace(self.device)
+        return self.trace
+
+    def _run_cpu_op(self, name: str, step: int, kind: str, args: dict, preds: list[Handle]):
         for h in preds:
             host_wait(h)
-        return getattr(self, "_" + kind)(**args)
+        trace = self.trace
+        start = trace.host_mark() if trace else None
+        out = getattr(self, "_" + kind)(**args)
+        if trace:
+            trace.add(name, step, "cpu", kind, start, trace.host_mark())
+        return out
 
     def _norm(self) -> tuple[float, torch.Tensor | None]:
         """The global gradient norm, and torch's clip coefficient min(1, max_norm / (norm + 1e-6))."""

@@ -5,16 +5,16 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 
+from slideformer.calibrate.profile import Profile
 from slideformer.data import random_next_token_batch
 from slideformer.models import ModelConfigError, RandomWeights, load_model_config
 from slideformer.plan import Plan, PlanError
+from slideformer.simulator import ProfileError
 
-LATER = {
-    "plan": "capacity reports and plan search arrive with issue 3 (calibrate, simulate, plan)",
-    "calibrate": "machine calibration arrives with issue 3 (calibrate, simulate, plan)",
-    "simulate": "the discrete-event simulator arrives with issue 3 (calibrate, simulate, plan)",
-}
+GiB = 2**30
+DEFAULT_PROFILE = "h100-80gb"
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -43,9 +43,65 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_later(a: argparse.Namespace) -> int:
-    print(f"slideformer {a.command}: not available yet: {LATER[a.command]}", file=sys.stderr)
-    return 3
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from slideformer.calibrate.run import calibrate
+
+    models = [load_model_config(m) for m in a.model]
+    prof = calibrate(models, a.seq, a.sequences, a.disk_dir, quick=a.quick, name=a.name)
+    prof.save(a.out)
+    print(f"wrote {a.out}: {prof.device}; " + ", ".join(filter(None, [
+        prof.h2d and f"H2D {prof.h2d.bandwidth / 1e9:.1f} GB/s", prof.d2h and f"D2H {prof.d2h.bandwidth / 1e9:.1f} GB/s",
+        prof.gpu_bf16_flops and f"GEMM {prof.gpu_bf16_flops / 1e12:.0f} TFLOPS",
+        f"CPU AdamW {prof.cpu_adamw_rate() / 1e9:.2f} Gparam/s",
+        prof.disk and f"disk read {prof.disk.read_bandwidth / 1e9:.2f} / write {prof.disk.write_bandwidth / 1e9:.2f} GB/s"])))
+    return 0
+
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    from slideformer.simulator import RESOURCE_NAMES, simulate
+    from slideformer.simulator.gantt import draw
+
+    plan = Plan.load(a.plan)
+    cfg = load_model_config(plan.model)
+    sim = simulate(cfg, plan, Profile.load(a.profile))
+    out = {"step_s": sim.step_s, "tokens_per_s": sim.tokens_per_s, "tflops": sim.tflops,
+           "utilisation": sim.utilisation, "bottleneck": RESOURCE_NAMES[sim.bottleneck],
+           "peak_gpu_bytes": sim.peak_gpu_bytes, "peak_host_bytes": sim.host_memory_bytes, "peak_disk_bytes": 0}
+    if a.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{plan.model} batch {plan.batch} x seq {plan.seq}: {sim.step_s:.3f} s/step, {sim.tokens_per_s:,.0f} "
+              f"tokens/s, {sim.tflops:.0f} TFLOPS; bottleneck {out['bottleneck']}\n"
+              "busy: " + ", ".join(f"{RESOURCE_NAMES[k]} {v:.0%}" for k, v in sim.utilisation.items()) +
+              f"\npeak GPU {sim.peak_gpu_bytes / GiB:.2f} GiB, host {sim.host_memory_bytes / GiB:.2f} GiB, disk 0")
+    if a.gantt:
+        lo, hi = sim.step_ends[-2], sim.step_ends[-1]
+        spans = [asdict(s) for s in sim.spans if s.end > lo and s.start < hi]
+        draw([(f"simulated step ({a.profile})", spans, sim.gpu_memory)], a.gantt, window=(lo, hi))
+        print(f"wrote {a.gantt}")
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from slideformer.planner.report import capacity_report, render
+    from slideformer.planner.search import Budgets
+
+    prof = Profile.load(a.profile)
+    cfg = load_model_config(a.model)
+    gpu = a.gpu_mem * GiB if a.gpu_mem else prof.gpu_memory_bytes
+    host = a.host_mem * GiB if a.host_mem else int(prof.host_memory_bytes * 0.9)
+    if gpu is None:
+        raise ProfileError(f"profile {prof.name!r} has no GPU; pass --gpu-mem and a GPU profile")
+    batch = None if a.batch == "auto" else int(a.batch)
+    report = capacity_report(cfg, a.model, a.seq, batch, prof, Budgets(int(gpu), int(host), int((a.disk or 0) * GiB)),
+                             clip=a.max_grad_norm is not None)
+    if a.out and report["fits"]:
+        plan = Plan(**report["plan"])
+        plan.save(a.out)
+    print(json.dumps(report, indent=2) if a.json else render(report))
+    if a.out and report["fits"] and not a.json:
+        print(f"wrote {a.out} (run it: slideformer train --plan {a.out})")
+    return 0 if report["fits"] else 2
 
 
 def cmd_model(a: argparse.Namespace) -> int:
@@ -57,8 +113,22 @@ def cmd_model(a: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slideformer", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="capacity report: does it fit, how fast, what limits it; --out writes the plan")
+    p.add_argument("--model", required=True, help="preset (optionally NAME:LAYERS), config.json or model directory")
+    p.add_argument("--seq", type=int, required=True)
+    p.add_argument("--batch", default="auto", help="sequences per step, or 'auto' (default)")
+    p.add_argument("--gpu-mem", type=float, help="GPU budget in GiB (default: the profile's GPU)")
+    p.add_argument("--host-mem", type=float, help="host RAM budget in GiB (default: 90%% of the profile's)")
+    p.add_argument("--disk", type=float, help="disk budget in GiB (the NVMe tier is not in the runtime yet: unused)")
+    p.add_argument("--max-grad-norm", type=float, help="plan for global-norm clipping (update after the norm)")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, help="profile JSON or committed name (h100-80gb, rtx4090-spec)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--out", help="write the chosen plan here when it fits")
+    p.set_defaults(func=cmd_plan)
+
     t = sub.add_parser("train", help="run a plan (random-token steps until the data pipeline of issue 6 lands)")
-    t.add_argument("--plan", required=True, help="plan JSON (see slideformer.plan.Plan)")
+    t.add_argument("--plan", required=True, help="plan JSON (from slideformer plan --out, or written by hand)")
     t.add_argument("--weights", help="Hugging Face model directory with safetensors (default: random weights)")
     t.add_argument("--steps", type=int, default=3)
     t.add_argument("--lr", type=float, default=1e-5)
@@ -66,19 +136,37 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--max-grad-norm", type=float, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("simulate", help="predict a plan's step: time, utilisation, bottleneck, memory; Gantt PNG")
+    s.add_argument("plan")
+    s.add_argument("--profile", default=DEFAULT_PROFILE)
+    s.add_argument("--gantt", help="write a Gantt chart with the GPU memory timeline (PNG)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_simulate)
+
+    c = sub.add_parser("calibrate", help="measure this machine into a profile JSON")
+    c.add_argument("--out", default="profile.json")
+    c.add_argument("--model", action="append", default=[], help="measure this model's layer shapes (repeatable)")
+    c.add_argument("--seq", type=int, action="append", help="sequence lengths for the layer timings (repeatable)")
+    c.add_argument("--sequences", type=int, nargs="+", default=[1, 2, 4, 8], help="sequences per chunk to time")
+    c.add_argument("--disk-dir", help="directory to measure disk read/write in (default: not measured)")
+    c.add_argument("--name", help="profile name (default: the GPU's name)")
+    c.add_argument("--quick", action="store_true", help="small sizes: a smoke run, rough numbers")
+    c.set_defaults(func=cmd_calibrate, seq=None)
+
     m = sub.add_parser("model", help="print a model's shape and parameter count")
     m.add_argument("model", help="preset (optionally NAME:LAYERS), config.json or model directory")
     m.set_defaults(func=cmd_model)
-    for name in LATER:
-        sub.add_parser(name, help=LATER[name]).set_defaults(func=cmd_later)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    if a.command == "calibrate" and not a.seq:
+        a.seq = [2048]
     try:
         return a.func(a)
-    except (ModelConfigError, PlanError, FileNotFoundError) as e:
+    except (ModelConfigError, PlanError, ProfileError, FileNotFoundError) as e:
         print(f"slideformer: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,134 @@
+"""Simulator fidelity: run plans with per-op CUDA-event timing and lay them beside the simulator's prediction.
+
+    python -m bench.fidelity --profile calibrate/profiles/h100-80gb.json --out bench/results/X.json
+
+Each plan runs in its own process (so its peak host RSS is its own): 2 warm-up steps, 3 timed steps
+(untraced: the measured step time), then 2 traced steps (the measured Gantt). The parent simulates the
+same plan with the profile, which is measured on the same machine beforehand and not fitted to these runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.common import BATCH, MODEL, SEQ, memory_readings, provenance
+from slideformer.calibrate.profile import Profile
+from slideformer.models import load_model_config
+from slideformer.plan import Plan, uniform_plan
+from slideformer.planner.memory import RUNTIME_OVERHEAD, GiB
+from slideformer.planner.search import Budgets, choose_plan
+from slideformer.simulator import simulate
+
+L16 = load_model_config(MODEL).num_layers
+
+
+def plans(profile: Profile) -> dict[str, Plan]:
+    def p(batch=BATCH, seq=SEQ, **kw) -> Plan:
+        return uniform_plan(MODEL, L16, batch, seq, **kw)
+    chosen = choose_plan(load_model_config(MODEL), MODEL, SEQ, BATCH, profile,
+                         Budgets(profile.gpu_memory_bytes - 2 * GiB, int(profile.host_memory_bytes * 0.9))).plan
+    return {
+        "offload-w2": p(window=2),
+        "offload-w3-keep1": p(window=3, keep_last=1),
+        "recompute-w2-gpu6": p(window=2, activation="recompute", gpu_units=6),
+        "after-norm-w3-keep1": p(window=3, keep_last=1, update="after_norm"),
+        "seq4096-b4-chunk2": p(batch=4, seq=4096, chunk=2, window=2),
+        "seq1024-b16-chunk8-recompute-keep2-gpu3": p(batch=16, seq=1024, chunk=8, window=3, activation="recompute",
+                                                     keep_last=2, gpu_units=3),
+        "planner-choice": chosen,
+    }
+
+
+def run_one(plan: Plan, out: Path) -> None:
+    from slideformer.data import random_next_token_batch
+    from slideformer.models import RandomWeights
+    from slideformer.runtime import AdamWConfig, Engine
+
+    cfg = load_model_config(plan.model)
+    engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5))
+    data = [random_next_token_batch(cfg.vocab_size, plan.batch, plan.seq, seed=i) for i in range(2)]
+    for i in range(2):
+        engine.train_step(*data[i % 2])
+    engine.synchronize()
+    t = time.perf_counter()
+    for i in range(3):
+        engine.train_step(*data[i % 2])
+    engine.synchronize()
+    step_s = (time.perf_counter() - t) / 3
+    trace = engine.start_trace()
+    for i in range(2):
+        engine.train_step(*data[i % 2])
+    engine.synchronize()
+    spans = trace.spans()
+    out.write_text(json.dumps({"step_s": step_s, "traced_step_ends": trace.step_ends, "spans": spans,
+                               **memory_readings()}))
+    engine.close()
+
+
+def last_step(spans: list[dict], lo: float, hi: float) -> list[dict]:
+    """Spans overlapping [lo, hi], shifted so the window starts at 0."""
+    return [{**s, "start": s["start"] - lo, "end": s["end"] - lo} for s in spans if s["end"] > lo and s["start"] < hi]
+
+
+def compare(name: str, plan: Plan, measured: dict, profile: Profile) -> dict:
+    cfg = load_model_config(plan.model)
+    sim = simulate(cfg, plan, profile)
+    predicted_gpu = (sim.peak_gpu_bytes - RUNTIME_OVERHEAD) / GiB
+    ends = measured["traced_step_ends"]
+    m_lo, m_hi = (0.0, ends[0]) if len(ends) < 2 else (ends[-2], ends[-1])
+    p_lo, p_hi = sim.step_ends[-2], sim.step_ends[-1]
+    row = {
+        "name": name, "plan": asdict(plan),
+        "measured_step_s": measured["step_s"], "predicted_step_s": sim.step_s,
+        "measured_peak_gpu_gib": measured["peak_gpu_allocated_gib"], "predicted_peak_gpu_gib": predicted_gpu,
+        "measured_peak_host_gib": measured["peak_host_rss_gib"], "predicted_peak_host_gib": sim.host_memory_bytes / GiB,
+        "predicted_bottleneck": sim.bottleneck, "predicted_utilisation": sim.utilisation,
+        "measured_spans": last_step(measured["spans"], m_lo, m_hi),
+        "predicted_spans": last_step([asdict(s) for s in sim.spans], p_lo, p_hi),
+    }
+    for k in ("step_s", "peak_gpu_gib", "peak_host_gib"):
+        row[f"error_{k}"] = row[f"predicted_{k}"] / row[f"measured_{k}"] - 1
+    row["within_10pct"] = all(abs(row[f"error_{k}"]) <= 0.10 for k in ("step_s", "peak_gpu_gib", "peak_host_gib"))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", help="comma-separated plan names")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # child mode: plan JSON path
+    a = ap.parse_args()
+    if a.one:
+        run_one(Plan.load(a.one), Path(a.out))
+        return
+    profile = Profile.load(a.profile)
+    record = {"command": " ".join(["python -m bench.fidelity", *sys.argv[1:]]), **provenance(),
+              "profile": asdict(profile), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, plan in plans(profile).items():
+            if a.only and name not in a.only.split(","):
+                continue
+            plan_path, out = Path(tmp) / f"{name}.plan.json", Path(tmp) / f"{name}.json"
+            plan.save(plan_path)
+            print("+", name, flush=True)
+            proc = subprocess.run([sys.executable, "-m", "bench.fidelity", "--profile", a.profile, "--one",
+                                   str(plan_path), "--out", str(out)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                record["runs"].append({"name": name, "plan": asdict(plan), "error": (proc.stdout + proc.stderr)[-3000:]})
+                print(record["runs"][-1]["error"], flush=True)
+            else:
+                row = compare(name, plan, json.loads(out.read_text()), profile)
+                record["runs"].append(row)
+                print(json.dumps({k: v for k, v in row.items() if not k.endswith("spans") and k != "plan"}), flush=True)
+            Path(a.out).write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

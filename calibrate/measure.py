@@ -1,0 +1,269 @@
+"""Measurements behind a profile. Each function measures one thing and returns plain numbers.
+
+Timings take the median of several repeats after a warm-up; GPU work is timed with CUDA events.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from slideformer.models.config import ModelConfig
+from slideformer.models.layers import decoder_layer, rope_tables
+from slideformer.runtime.loss import head_loss_and_grads
+
+from .profile import Disk, HeadTiming, LayerTiming, Link
+
+
+def median_time(fn: Callable[[], None], repeats: int = 5, cuda: bool = False) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (Linux /proc; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# --- host ------------------------------------------------------------------------------------
+def host_memcpy_bandwidth(nbytes: int) -> float:
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return nbytes / median_time(lambda: dst.copy_(src))
+
+
+def host_cast_bandwidth(nbytes: int) -> float:
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty(src.shape, dtype=torch.bfloat16)
+    return nbytes / median_time(lambda: dst.copy_(src))
+
+
+def cpu_adamw_rates(numel: int, thread_counts: list[int]) -> list[float]:
+    """Parameters/s of torch's fused AdamW on fp32 master weights and states, per intra-op thread count."""
+    param = torch.nn.Parameter(torch.zeros(numel))
+    param.grad = torch.full_like(param, 1e-3)
+    opt = torch.optim.AdamW([param], lr=1e-5, fused=True)
+    saved = torch.get_num_threads()
+    rates = []
+    try:
+        for t in thread_counts:
+            torch.set_num_threads(t)
+            rates.append(numel / median_time(opt.step, repeats=3))
+    finally:
+        torch.set_num_threads(saved)
+    return rates
+
+
+def disk_rates(directory: str | Path, nbytes: int, use_kvikio: bool = False) -> Disk:
+    """Sequential write then read of one file, bypassing the page cache (O_DIRECT) where the filesystem allows."""
+    directory = Path(directory)
+    block = 1 << 20
+    nbytes = max(block, nbytes // block * block)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".slideformer-calibrate-", delete=False) as f:
+        path = f.name
+    try:
+        if use_kvikio:
+            import kvikio
+            buf = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
+            t = time.perf_counter()
+            with kvikio.CuFile(path, "w") as fh:
+                fh.write(buf)
+            write_s = time.perf_counter() - t
+            t = time.perf_counter()
+            with kvikio.CuFile(path, "r") as fh:
+                fh.read(buf)
+            read_s = time.perf_counter() - t
+            return Disk(str(directory), "kvikio", nbytes / read_s, nbytes / write_s)
+        flags = getattr(os, "O_DIRECT", 0)
+        buf = mmap.mmap(-1, block)  # page aligned, as O_DIRECT needs
+        buf.write(b"\x5a" * block)
+        try:
+            fd = os.open(path, os.O_WRONLY | flags)
+        except OSError:  # tmpfs and some others refuse O_DIRECT
+            flags = 0
+            fd = os.open(path, os.O_WRONLY)
+        t = time.perf_counter()
+        for _ in range(nbytes // block):
+            os.write(fd, buf)
+        os.fsync(fd)
+        write_s = time.perf_counter() - t
+        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | flags)
+        t = time.perf_counter()
+        while os.readv(fd, [buf]) > 0:
+            pass
+        read_s = time.perf_counter() - t
+        os.close(fd)
+        method = "posix-odirect" if flags else "posix-buffered"
+        return Disk(str(directory), method, nbytes / read_s, nbytes / write_s)
+    finally:
+        os.unlink(path)
+
+
+# --- PCIe and GPU --------------------------------------------------------------------------------
+def pcie_link(direction: str, sizes: list[int]) -> Link:
+    """Fit time = latency + bytes / bandwidth over pinned copies of several sizes."""
+    times = []
+    for n in sizes:
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+        copy = (lambda: dev.copy_(host, non_blocking=True)) if direction == "h2d" else \
+            (lambda: host.copy_(dev, non_blocking=True))
+        times.append(median_time(copy, cuda=True))
+    slope, intercept = np.polyfit(np.array(sizes, dtype=float), np.array(times), 1)
+    return Link(bandwidth=float(1 / slope), latency_s=float(max(intercept, 0.0)))
+
+
+def duplex_bandwidth(nbytes: int) -> float:
+    """Bytes/s moved when H2D and D2H copies run at the same time on two streams."""
+    h_src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    h_dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    d_dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    d_src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def both() -> None:
+        with torch.cuda.stream(s1):
+            d_dst.copy_(h_src, non_blocking=True)
+        with torch.cuda.stream(s2):
+            h_dst.copy_(d_src, non_blocking=True)
+        torch.cuda.synchronize()
+    return 2 * nbytes / median_time(both)
+
+
+def gpu_gemm_flops(n: int) -> float:
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    return 2 * n**3 / median_time(lambda: a @ b, repeats=10, cuda=True)
+
+
+def gpu_memory_bandwidth(nbytes: int) -> float:
+    """Bytes read plus written per second by a device-to-device copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / median_time(lambda: dst.copy_(src), cuda=True)
+
+
+def gpu_adamw_rate(numel: int) -> float:
+    param = torch.nn.Parameter(torch.zeros(numel, device="cuda"))
+    param.grad = torch.full_like(param, 1e-3)
+    opt = torch.optim.AdamW([param], lr=1e-5, fused=True)
+    return numel / median_time(opt.step, cuda=True)
+
+
+# --- the model's own kernels ------------------------------------------------------------------------
+def peak_extra_bytes(fn: Callable[[], None]) -> int:
+    """GPU bytes `fn` allocates at its peak beyond what was allocated before it ran."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def _layer_weights(cfg: ModelConfig, device: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return {name: (torch.randn(shape, generator=g) * 0.02).to(device, torch.bfloat16).requires_grad_()
+            for name, shape in cfg.layer_param_shapes().items()}
+
+
+def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str) -> list[LayerTiming]:
+    """Forward, recompute+backward and kept-graph backward of one decoder layer per chunk size."""
+    cuda = device == "cuda"
+    params = _layer_weights(cfg, device)
+    cos, sin = rope_tables(cfg, seq, torch.device(device), torch.bfloat16)
+    out = []
+    for n in sequences:
+        x = torch.randn(n, seq, cfg.hidden_size, dtype=torch.bfloat16, device=device)
+        dy = torch.randn_like(x)
+
+        def fwd() -> None:
+            with torch.no_grad():
+                decoder_layer(params, x, cos, sin, cfg)
+
+        def recompute_bwd() -> None:
+            xi = x.detach().requires_grad_()
+            y = decoder_layer(params, xi, cos, sin, cfg)
+            torch.autograd.grad(y, [xi, *params.values()], dy)
+
+        def kept_bwd() -> None:
+            xi = x.detach().requires_grad_()
+            y = decoder_layer(params, xi, cos, sin, cfg)
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            torch.autograd.grad(y, [xi, *params.values()], dy)
+            if cuda:
+                torch.cuda.synchronize()
+            kept.append(time.perf_counter() - start)
+
+        kept: list[float] = []
+        for _ in range(4):
+            kept_bwd()
+        out.append(LayerTiming(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                               seq, n * seq, median_time(fwd, cuda=cuda), median_time(recompute_bwd, cuda=cuda),
+                               statistics.median(kept[1:]), peak_extra_bytes(recompute_bwd) if cuda else 0))
+    return out
+
+
+def head_timings(cfg: ModelConfig, token_counts: list[int], loss_chunk_tokens: int, device: str) -> list[HeadTiming]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    w = (torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g) * 0.02).to(device, torch.bfloat16)
+    norm_w = torch.ones(cfg.hidden_size, dtype=torch.bfloat16, device=device)
+    g_w = torch.zeros(cfg.vocab_size, cfg.hidden_size, dtype=torch.float32, device=device)
+    g_norm = torch.zeros(cfg.hidden_size, dtype=torch.float32, device=device)
+    out = []
+    for tokens in token_counts:
+        h = torch.randn(1, tokens, cfg.hidden_size, dtype=torch.bfloat16, device=device)
+        labels = torch.randint(0, cfg.vocab_size, (1, tokens), device=device)
+        def run() -> None:
+            head_loss_and_grads(h, labels, norm_w, w, cfg.rms_norm_eps, tokens, loss_chunk_tokens, g_norm, g_w)
+        cuda = device == "cuda"
+        out.append(HeadTiming(cfg.hidden_size, cfg.vocab_size, tokens, median_time(run, cuda=cuda),
+                              peak_extra_bytes(run) if cuda else 0))
+    return out
+
+
+def issue_time(cfg: ModelConfig, seq: int) -> float:
+    """Host seconds to launch one layer forward while the GPU is busy (the executor's per-op overhead)."""
+    params = _layer_weights(cfg, "cuda")
+    cos, sin = rope_tables(cfg, seq, torch.device("cuda"), torch.bfloat16)
+    x = torch.randn(1, seq, cfg.hidden_size, dtype=torch.bfloat16, device="cuda")
+    big = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        decoder_layer(params, x, cos, sin, cfg)
+        for _ in range(20):  # keep the GPU busy so launches do not wait on it
+            big @ big
+        t = time.perf_counter()
+        for _ in range(5):
+            decoder_layer(params, x, cos, sin, cfg)
+        spent = (time.perf_counter() - t) / 5
+    torch.cuda.synchronize()
+    return spent

@@ -1,0 +1,127 @@
+"""A machine profile: what `slideformer calibrate` measured (or a spec sheet says), as one JSON file.
+
+Rates are in bytes/s, parameters/s or flop/s; times in seconds. Entries a machine lacks (no GPU, no
+disk measured) are None. Kernel timings are per model shape, so the simulator can read the model's own
+layer times and fall back to flops at the measured efficiency for shapes not measured.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+@dataclass
+class Link:
+    bandwidth: float  # bytes/s for large pinned copies
+    latency_s: float  # fixed cost per copy
+
+
+@dataclass
+class LayerTiming:
+    """One decoder layer of this shape at `tokens` tokens (`tokens // seq` sequences of `seq`)."""
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    seq: int
+    tokens: int
+    fwd_s: float  # forward without autograd
+    bwd_recompute_s: float  # forward with autograd + backward (the offload and recompute policies)
+    bwd_kept_s: float  # backward from a kept graph
+    bwd_peak_bytes: int = 0  # GPU bytes recompute+backward allocates beyond its inputs and weights (0: unmeasured)
+
+    def shape(self) -> tuple[int, ...]:
+        return self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim
+
+
+@dataclass
+class HeadTiming:
+    """Final norm, LM head and loss with gradients, in `loss_chunk_tokens` pieces."""
+    hidden: int
+    vocab: int
+    tokens: int
+    s: float
+    peak_bytes: int = 0  # GPU bytes allocated beyond inputs, weights and gradient buffers (0: unmeasured)
+
+
+@dataclass
+class Disk:
+    path: str
+    method: str  # 'posix-odirect' or 'kvikio'
+    read_bandwidth: float
+    write_bandwidth: float
+
+
+@dataclass
+class Profile:
+    name: str
+    source: str  # 'measured' or 'spec' (derived from public specifications, not measured)
+    device: str
+    date: str
+    notes: str = ""
+    # host
+    host_memory_bytes: int = 0
+    host_cores: int = 1
+    host_memcpy_bandwidth: float = 0.0  # bytes copied per second
+    host_cast_bandwidth: float = 0.0  # fp32 bytes cast to bf16 per second
+    cpu_adamw_threads: list[int] = field(default_factory=list)
+    cpu_adamw_params_per_s: list[float] = field(default_factory=list)  # torch fused AdamW, fp32 states
+    runtime_threads: int = 1  # torch intra-op threads the runtime's optimizer worker uses
+    process_baseline_bytes: int = 0  # resident memory of a process with torch (and CUDA) initialised
+    disk: Disk | None = None
+    # GPU
+    gpu_memory_bytes: int | None = None
+    gpu_bf16_flops: float | None = None  # dense GEMM
+    gpu_memory_bandwidth: float | None = None
+    gpu_adamw_params_per_s: float | None = None
+    issue_s: float = 0.0  # host time to launch one layer's forward for one chunk
+    h2d: Link | None = None
+    d2h: Link | None = None
+    duplex_bandwidth: float | None = None  # both directions together
+    layers: list[LayerTiming] = field(default_factory=list)
+    heads: list[HeadTiming] = field(default_factory=list)
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.gpu_bf16_flops is not None
+
+    def cpu_adamw_rate(self, threads: int | None = None) -> float:
+        """Parameters/s of the CPU optimizer at `threads` (default: the runtime's)."""
+        threads = threads or self.runtime_threads
+        best = [r for t, r in zip(self.cpu_adamw_threads, self.cpu_adamw_params_per_s) if t <= threads]
+        return max(best) if best else self.cpu_adamw_params_per_s[0]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Profile:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown profile fields: {sorted(unknown)}")
+        d = dict(d)
+        for key, kind in (("h2d", Link), ("d2h", Link), ("disk", Disk)):
+            if d.get(key) is not None:
+                d[key] = kind(**d[key])
+        d["layers"] = [LayerTiming(**x) for x in d.get("layers", [])]
+        d["heads"] = [HeadTiming(**x) for x in d.get("heads", [])]
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path_or_name: str | Path) -> Profile:
+        """A profile file, or the name of a committed one (e.g. 'h100-80gb')."""
+        path = Path(path_or_name)
+        if not path.exists():
+            path = PROFILES_DIR / f"{path_or_name}.json"
+        if not path.exists():
+            names = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.json")))
+            raise FileNotFoundError(f"no profile {str(path_or_name)!r}: not a file nor a committed profile ({names})")
+        return cls.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,60 @@
+"""Measure this machine into a Profile (what `slideformer calibrate` runs)."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+import torch
+
+from slideformer.models.config import ModelConfig
+
+from . import measure
+from .profile import Profile
+
+MiB = 2**20
+
+
+def calibrate(models: list[ModelConfig], seqs: list[int], sequences_per_chunk: list[int], disk_dir: str | None,
+              quick: bool = False, name: str | None = None, loss_chunk_tokens: int = 4096) -> Profile:
+    """Everything the simulator reads. `quick` uses small sizes (tests, CPU smoke runs): its numbers are rough."""
+    cuda = torch.cuda.is_available()
+    scale = 1 if not quick else 1 / 64
+    cores = os.cpu_count() or 1
+    threads = sorted({1, 2, 4, 8, 16, 32, torch.get_num_threads()} & set(range(1, cores + 1)) | {torch.get_num_threads()})
+    if cuda:
+        torch.cuda.init()
+    prof = Profile(
+        name=name or (torch.cuda.get_device_name().lower().replace(" ", "-") if cuda else platform.node() or "cpu"),
+        source="measured",
+        device=torch.cuda.get_device_name() if cuda else f"CPU only ({platform.processor() or platform.machine()})",
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        notes="quick (small sizes, rough numbers)" if quick else "",
+        host_memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        host_cores=cores,
+        host_memcpy_bandwidth=measure.host_memcpy_bandwidth(int(1024 * MiB * scale)),
+        host_cast_bandwidth=measure.host_cast_bandwidth(int(1024 * MiB * scale)),
+        cpu_adamw_threads=threads,
+        cpu_adamw_params_per_s=measure.cpu_adamw_rates(int(64 * MiB * scale), threads),
+        runtime_threads=torch.get_num_threads(),
+        process_baseline_bytes=measure.resident_bytes(),
+    )
+    if disk_dir is not None:
+        prof.disk = measure.disk_rates(disk_dir, int(2048 * MiB * scale))
+    if cuda:
+        prof.gpu_memory_bytes = torch.cuda.get_device_properties(0).total_memory
+        prof.gpu_bf16_flops = measure.gpu_gemm_flops(8192 if not quick else 1024)
+        prof.gpu_memory_bandwidth = measure.gpu_memory_bandwidth(int(1024 * MiB * scale))
+        prof.gpu_adamw_params_per_s = measure.gpu_adamw_rate(int(256 * MiB * scale))
+        sizes = [int(s * MiB * scale) or 4096 for s in (1, 8, 64, 256)]
+        prof.h2d = measure.pcie_link("h2d", sizes)
+        prof.d2h = measure.pcie_link("d2h", sizes)
+        prof.duplex_bandwidth = measure.duplex_bandwidth(int(256 * MiB * scale))
+    device = "cuda" if cuda else "cpu"
+    for cfg in models:
+        for seq in seqs:
+            prof.layers += measure.layer_timings(cfg, seq, sequences_per_chunk, device)
+            prof.heads += measure.head_timings(cfg, [n * seq for n in sequences_per_chunk], loss_chunk_tokens, device)
+        if cuda:
+            prof.issue_s = max(prof.issue_s, measure.issue_time(cfg, seqs[0]))
+    return prof

@@ -1,0 +1,137 @@
+"""Seconds each operation of the step graph takes on a profiled machine.
+
+Layer and head times come from the profile's measurements of the model's own shapes (linear in tokens
+between measured chunk sizes); shapes it did not measure run at the measured efficiency of the shapes it
+did (or half of peak for a spec-sheet profile). Copies cost latency + bytes / bandwidth; copies in the
+backward half of the step share PCIe with the opposite direction and run at the duplex share.
+"""
+from __future__ import annotations
+
+import statistics
+
+import networkx as nx
+import numpy as np
+
+from slideformer.calibrate.profile import Profile
+from slideformer.models.config import ModelConfig
+
+SPEC_EFFICIENCY = 0.5  # achieved/peak GEMM rate assumed for layers no profile measured
+STAGING_PIECE_LAUNCH_S = 20e-6  # host cost of one staging copy + cast pair
+COPY_LAUNCH_S = 10e-6
+
+
+class ProfileError(ValueError):
+    """A profile that lacks what the simulator needs (e.g. a CPU-only profile for a GPU plan)."""
+
+
+def layer_flops(cfg: ModelConfig, seq: int, tokens: int) -> float:
+    """Forward flops of one decoder layer (matmuls and causal attention)."""
+    attn = 2 * tokens * seq * cfg.num_heads * cfg.head_dim
+    return 2 * cfg.layer_params * tokens + attn
+
+
+class CostModel:
+    def __init__(self, profile: Profile, cfg: ModelConfig, seq: int) -> None:
+        if not profile.has_gpu or profile.h2d is None or profile.d2h is None:
+            raise ProfileError(f"profile {profile.name!r} has no GPU measurements; calibrate on a GPU machine "
+                               "or pass a GPU profile (e.g. --profile h100-80gb)")
+        self.p, self.cfg, self.seq = profile, cfg, seq
+        shape = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.own = [t for t in profile.layers if t.shape() == shape and t.seq == seq]
+        self.heads = [t for t in profile.heads if (t.hidden, t.vocab) == (cfg.hidden_size, cfg.vocab_size)]
+        peak = profile.gpu_bf16_flops
+
+        def efficiency(work: float, key: str) -> float:
+            rates = [work * layer_flops(_cfg_of(t, cfg), t.seq, t.tokens) / getattr(t, key) / peak
+                     for t in profile.layers]
+            return statistics.median(rates) if rates else SPEC_EFFICIENCY
+        self.eff = {"fwd_s": efficiency(1, "fwd_s"), "bwd_recompute_s": efficiency(3, "bwd_recompute_s"),
+                    "bwd_kept_s": efficiency(2, "bwd_kept_s")}
+        d = profile.duplex_bandwidth or (profile.h2d.bandwidth + profile.d2h.bandwidth)
+        share = min(1.0, d / (profile.h2d.bandwidth + profile.d2h.bandwidth))
+        self.duplex_share = share
+
+    def layer(self, key: str, tokens: int) -> float:
+        """key: fwd_s, bwd_recompute_s or bwd_kept_s."""
+        pts = [(t.tokens, getattr(t, key)) for t in self.own]
+        if len(pts) >= 2:
+            slope, intercept = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
+            return float(max(slope * tokens + intercept, min(p[1] for p in pts) * tokens / max(p[0] for p in pts)))
+        if pts:
+            return pts[0][1] * tokens / pts[0][0]
+        work = {"fwd_s": 1, "bwd_recompute_s": 3, "bwd_kept_s": 2}[key]
+        return work * layer_flops(self.cfg, self.seq, tokens) / (self.p.gpu_bf16_flops * self.eff[key])
+
+    def head(self, tokens: int) -> float:
+        pts = [(t.tokens, t.s) for t in self.heads]
+        if len(pts) >= 2:
+            slope, intercept = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
+            return float(max(slope * tokens + intercept, 0.0))
+        if pts:
+            return pts[0][1] * tokens / pts[0][0]
+        flops = 6 * self.cfg.vocab_size * self.cfg.hidden_size * tokens
+        return flops / (self.p.gpu_bf16_flops * self.eff["bwd_kept_s"])
+
+    def copy(self, direction: str, nbytes: int, backward: bool) -> float:
+        link = self.p.h2d if direction == "h2d" else self.p.d2h
+        rate = link.bandwidth * (self.duplex_share if backward else 1.0)
+        return link.latency_s + nbytes / rate
+
+    def gpu_bytes_moved(self, nbytes: float) -> float:
+        return nbytes / self.p.gpu_memory_bandwidth
+
+
+def _cfg_of(t, like: ModelConfig) -> ModelConfig:
+    """A config with a timing entry's shape, for its flop count (layer_params needs the whole shape)."""
+    from dataclasses import replace
+    return replace(like, hidden_size=t.hidden, intermediate_size=t.intermediate, num_heads=t.heads,
+                   num_kv_heads=t.kv_heads, head_dim=t.head_dim)
+
+
+def op_seconds(g: nx.DiGraph, name: str, cost: CostModel, backward: bool) -> float:
+    """Duration of op `name` once it starts."""
+    a = g.nodes[name]
+    cfg, plan = g.graph["cfg"], g.graph["plan"]
+    tokens = plan.chunk * plan.seq
+    kind = a["kind"]
+    if kind == "load":
+        if a["resource"] == "gpu":  # fp32 master already on the GPU: read 4 bytes, write 2
+            return cost.gpu_bytes_moved(a["bytes"] * 1.5)
+        pieces = -(-a["bytes"] // (plan.transfer_chunk_mb * 2**20))
+        return cost.copy("h2d", a["bytes"], backward) + cost.gpu_bytes_moved(a["bytes"] * 1.5) \
+            + pieces * cost.p.h2d.latency_s
+    if kind in ("save", "grad_out"):
+        return cost.copy("d2h", a["bytes"], backward)
+    if kind == "fetch":
+        return cost.copy("h2d", a["bytes"], backward)
+    if kind == "fwd":
+        return cost.layer("fwd_s", tokens)
+    if kind == "bwd":
+        policy = plan.activations[a["layer"]]
+        t = cost.layer("bwd_kept_s" if policy == "keep" else "bwd_recompute_s", tokens)
+        # fp32 gradient accumulate (copy or add) and the squared-norm dot on the last chunk
+        return t + cost.gpu_bytes_moved(cfg.layer_params * (2 + 4 + 4))
+    if kind == "head":
+        return cost.head(tokens)
+    if kind in ("embed", "embed_bwd"):
+        return cost.gpu_bytes_moved(a["bytes"] * (2 if kind == "embed" else 6))
+    if kind == "update":
+        if a["resource"] == "gpu":
+            return a["params"] / cost.p.gpu_adamw_params_per_s
+        return a["params"] / cost.p.cpu_adamw_rate()
+    if kind == "norm":
+        return 0.0
+    raise ValueError(f"no cost for op kind {kind!r}")
+
+
+def issue_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
+    """Host time the executor's thread spends launching op `name`."""
+    a = g.nodes[name]
+    kind = a["kind"]
+    if kind == "fwd":
+        return cost.p.issue_s
+    if kind in ("bwd", "head"):
+        return 3 * cost.p.issue_s  # a forward with autograd, then its backward
+    if kind == "load" and a["resource"] == "h2d":
+        return STAGING_PIECE_LAUNCH_S * -(-a["bytes"] // (g.graph["plan"].transfer_chunk_mb * 2**20))
+    return COPY_LAUNCH_S

@@ -1,0 +1,45 @@
+"""Gantt charts of a step: one row per resource, ops coloured by kind, GPU memory over time underneath."""
+from __future__ import annotations
+
+from pathlib import Path
+
+RESOURCE_ROWS = ("gpu", "h2d", "d2h", "cpu")
+COLOURS = {"load": "#4e79a7", "fwd": "#59a14f", "bwd": "#e15759", "head": "#b07aa1", "save": "#f28e2b",
+           "fetch": "#edc948", "grad_out": "#76b7b2", "update": "#9c755f", "embed": "#bab0ac",
+           "embed_bwd": "#bab0ac", "norm": "#000000"}
+
+
+def draw(timelines: list[tuple[str, list[dict], list[tuple[float, int]] | None]], path: str | Path,
+         window: tuple[float, float] | None = None) -> None:
+    """timelines: (title, spans as dicts with resource/kind/start/end, GPU memory [(t, bytes)] or None).
+    Each gets a Gantt panel and, when it has memory, a memory panel; all share one time axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    panels = sum(2 if mem else 1 for _, _, mem in timelines)
+    fig, axes = plt.subplots(panels, 1, figsize=(14, 2.2 * panels), sharex=True, squeeze=False)
+    axes = iter(axes[:, 0])
+    for title, spans, memory in timelines:
+        ax = next(axes)
+        for row, res in enumerate(RESOURCE_ROWS):
+            bars = [(s["start"], s["end"] - s["start"]) for s in spans if s["resource"] == res]
+            colours = [COLOURS.get(s["kind"], "grey") for s in spans if s["resource"] == res]
+            ax.broken_barh(bars, (row - 0.4, 0.8), facecolors=colours, linewidth=0)
+        ax.set_yticks(range(len(RESOURCE_ROWS)), RESOURCE_ROWS)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10, loc="left")
+        if memory:
+            mx = next(axes)
+            mx.step([t for t, _ in memory], [b / 2**30 for _, b in memory], where="post", color="black")
+            mx.set_ylabel("GPU GiB")
+    last = ax if not timelines[-1][2] else mx
+    if window:
+        last.set_xlim(*window)
+    last.set_xlabel("seconds")
+    fig.legend(handles=[Patch(color=c, label=k) for k, c in COLOURS.items() if k != "embed_bwd"],
+               ncol=10, fontsize=7, loc="lower center")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
