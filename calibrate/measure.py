@@ -157,6 +157,88 @@ def duplex_bandwidth(nbytes: int) -> float:
     return 2 * nbytes / median_time(both)
 
 
+class BackgroundCopies:
+    """Keeps both PCIe directions busy (pinned copies on two side streams) while a measurement runs."""
+
+    def __init__(self, nbytes: int = 256 * 2**20) -> None:
+        self.h = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.d = [torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in range(2)]
+        self.streams = (torch.cuda.Stream(), torch.cuda.Stream())
+        self.nbytes = nbytes
+
+    def queue(self, seconds: float, bandwidth: float) -> None:
+        for _ in range(max(1, int(seconds * bandwidth / self.nbytes))):
+            with torch.cuda.stream(self.streams[0]):
+                self.d[0].copy_(self.h[0], non_blocking=True)
+            with torch.cuda.stream(self.streams[1]):
+                self.h[1].copy_(self.d[1], non_blocking=True)
+
+    def drain(self) -> None:
+        torch.cuda.synchronize()
+
+
+def cpu_adamw_rate_under_copies(numel: int, copies: BackgroundCopies, link_bandwidth: float) -> float:
+    """Fused CPU AdamW while DMA in both directions competes for host memory, as during the runtime's backward."""
+    param = torch.nn.Parameter(torch.zeros(numel))
+    param.grad = torch.full_like(param, 1e-3)
+    opt = torch.optim.AdamW([param], lr=1e-5, fused=True)
+    opt.step()
+    copies.queue(seconds=numel / 1e9 * 6, bandwidth=link_bandwidth)
+    t = time.perf_counter()
+    for _ in range(3):
+        opt.step()
+    rate = 3 * numel / (time.perf_counter() - t)
+    copies.drain()
+    return rate
+
+
+def staged_load_bandwidth(numel: int, piece_bytes: int) -> float:
+    """The runtime's weight load (fp32 pinned -> staging piece -> bf16 cast, one copy stream) while the
+    compute stream is busy: the cast kernels queue behind compute for SMs, so this is below the link rate."""
+    master = torch.ones(numel, dtype=torch.float32, pin_memory=True)
+    dst = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
+    staging = torch.empty(piece_bytes // 4, dtype=torch.float32, device="cuda")
+    big = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    side = torch.cuda.Stream()
+
+    def load() -> None:
+        step = staging.numel()
+        for start in range(0, numel, step):
+            piece = master[start: start + step]
+            staging[: piece.numel()].copy_(piece, non_blocking=True)
+            dst[start: start + piece.numel()].copy_(staging[: piece.numel()])
+    times = []
+    for _ in range(4):
+        for _ in range(int(numel * 4 / 20e9 / 1.4e-3) + 10):  # GEMMs lasting longer than the load
+            big @ big
+        with torch.cuda.stream(side):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            load()
+            end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return numel * 4 / statistics.median(times[1:])
+
+
+def compute_slowdown_under_copies(cfg: ModelConfig, seq: int, sequences: int, copies: BackgroundCopies,
+                                  link_bandwidth: float) -> float:
+    """Layer recompute+backward time with both PCIe directions busy, over its time without."""
+    params = _layer_weights(cfg, "cuda")
+    cos, sin = rope_tables(cfg, seq, torch.device("cuda"), torch.bfloat16)
+    x = torch.randn(sequences, seq, cfg.hidden_size, dtype=torch.bfloat16, device="cuda")
+    dy = torch.randn_like(x)
+
+    def bwd() -> None:
+        xi = x.detach().requires_grad_()
+        torch.autograd.grad(decoder_layer(params, xi, cos, sin, cfg), [xi, *params.values()], dy)
+    alone = median_time(bwd, cuda=True)
+    copies.queue(seconds=alone * 8, bandwidth=link_bandwidth)
+    busy = median_time(bwd, cuda=True)
+    copies.drain()
+    return busy / alone
+
+
 def gpu_gemm_flops(n: int) -> float:
     a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")

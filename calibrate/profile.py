@@ -71,6 +71,8 @@ class Profile:
     cpu_adamw_threads: list[int] = field(default_factory=list)
     cpu_adamw_params_per_s: list[float] = field(default_factory=list)  # torch fused AdamW, fp32 states
     runtime_threads: int = 1  # torch intra-op threads the runtime's optimizer worker uses
+    # The same AdamW on a layer-sized unit while PCIe DMA runs both ways (the runtime's backward); None: unmeasured
+    cpu_adamw_busy_params_per_s: float | None = None
     process_baseline_bytes: int = 0  # resident memory of a process with torch (and CUDA) initialised
     disk: Disk | None = None
     # GPU
@@ -82,6 +84,8 @@ class Profile:
     h2d: Link | None = None
     d2h: Link | None = None
     duplex_bandwidth: float | None = None  # both directions together
+    staged_load_bandwidth: float | None = None  # the runtime's fp32->bf16 weight load while the GPU computes
+    compute_slowdown_under_copies: float = 1.0  # layer time with both PCIe directions busy / alone
     layers: list[LayerTiming] = field(default_factory=list)
     heads: list[HeadTiming] = field(default_factory=list)
 
@@ -90,7 +94,9 @@ class Profile:
         return self.gpu_bf16_flops is not None
 
     def cpu_adamw_rate(self, threads: int | None = None) -> float:
-        """Parameters/s of the CPU optimizer at `threads` (default: the runtime's)."""
+        """Parameters/s of the CPU optimizer at `threads` (default: the runtime's, under PCIe traffic if measured)."""
+        if threads is None and self.cpu_adamw_busy_params_per_s:
+            return self.cpu_adamw_busy_params_per_s
         threads = threads or self.runtime_threads
         best = [r for t, r in zip(self.cpu_adamw_threads, self.cpu_adamw_params_per_s) if t <= threads]
         return max(best) if best else self.cpu_adamw_params_per_s[0]

@@ -16,7 +16,8 @@ MiB = 2**20
 
 
 def calibrate(models: list[ModelConfig], seqs: list[int], sequences_per_chunk: list[int], disk_dir: str | None,
-              quick: bool = False, name: str | None = None, loss_chunk_tokens: int = 4096) -> Profile:
+              quick: bool = False, name: str | None = None, loss_chunk_tokens: int = 4096,
+              transfer_chunk_mb: int = 64) -> Profile:
     """Everything the simulator reads. `quick` uses small sizes (tests, CPU smoke runs): its numbers are rough."""
     cuda = torch.cuda.is_available()
     scale = 1 if not quick else 1 / 64
@@ -50,6 +51,14 @@ def calibrate(models: list[ModelConfig], seqs: list[int], sequences_per_chunk: l
         prof.h2d = measure.pcie_link("h2d", sizes)
         prof.d2h = measure.pcie_link("d2h", sizes)
         prof.duplex_bandwidth = measure.duplex_bandwidth(int(256 * MiB * scale))
+        unit = min(max((m.layer_params for m in models), default=64 * MiB), 256 * MiB)
+        unit = int(unit * scale)
+        copies = measure.BackgroundCopies(int(256 * MiB * scale))
+        prof.cpu_adamw_busy_params_per_s = measure.cpu_adamw_rate_under_copies(unit, copies, prof.h2d.bandwidth)
+        prof.staged_load_bandwidth = measure.staged_load_bandwidth(unit, int(transfer_chunk_mb * MiB * scale))
+        if models:
+            prof.compute_slowdown_under_copies = measure.compute_slowdown_under_copies(
+                models[0], seqs[0], max(sequences_per_chunk), copies, prof.h2d.bandwidth)
     device = "cuda" if cuda else "cpu"
     for cfg in models:
         for seq in seqs:

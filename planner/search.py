@@ -2,10 +2,8 @@
 
 The space: batch (given, or the best of powers of two up to the largest that fits), chunk, window,
 activation policy (offload or recompute, with the last layers keeping their graphs), how many units
-keep their optimizer on the GPU, and the loss piece size. Memory rules candidates out in closed form;
-the simulator scores the ones left. Larger chunks, more kept layers and more GPU-resident optimizer
-states all trade GPU memory for time, so for each window and policy we take the largest chunk that
-fits and score a few splits of the remaining memory between kept graphs and GPU optimizer states.
+keep their optimizer on the GPU, and the loss piece size, on a fixed grid. Memory rules candidates out
+in closed form; the simulator scores every one left, so the choice is the best of the grid.
 """
 from __future__ import annotations
 
@@ -15,6 +13,7 @@ from slideformer.calibrate.profile import Profile
 from slideformer.models.config import ModelConfig
 from slideformer.plan import Plan, uniform_plan
 from slideformer.simulator import Simulation, simulate
+from slideformer.simulator.costs import CostModel, step_lower_bound
 
 from .memory import GiB, gpu_bytes, host_bytes
 
@@ -96,26 +95,25 @@ def largest(fits, hi: int) -> int:
 
 def candidates(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile, budgets: Budgets,
                update: str) -> list[Plan]:
+    """Every plan on a fixed grid that fits. The grid does not depend on the budgets, so a larger budget
+    only adds candidates and can never make the chosen plan slower."""
     L = cfg.num_layers
+    chunks = [c for c in _divisors(batch) if c & (c - 1) == 0 or c == batch]
+    units = sorted({0, L + 1} | {1 << k for k in range(L.bit_length()) if 1 << k <= L + 1})
     out = []
     for window in sorted({min(2, L), min(3, L)}):
         for activation in ("offload", "recompute"):
-            def plan(chunk, keep=0, gpu_units=0, piece=LOSS_PIECES[0]):
-                return uniform_plan(model, L, batch, seq, chunk=chunk, window=window, activation=activation,
-                                    keep_last=keep, gpu_units=gpu_units, update=update, loss_chunk_tokens=piece)
-
-            def ok(p: Plan) -> bool:
-                return not shortfalls(cfg, p, profile, budgets)
-            base = next((plan(c, piece=piece) for c in sorted(_divisors(batch), reverse=True)
-                         for piece in LOSS_PIECES if ok(plan(c, piece=piece))), None)
-            if base is None:
-                continue
-            c, piece = base.chunk, base.loss_chunk_tokens
-            kmax = largest(lambda k: ok(plan(c, k - 1, 0, piece)), window + 1) - 1
-            for keep in sorted({0, kmax}):
-                gmax = largest(lambda u: ok(plan(c, keep, u - 1, piece)), L + 2) - 1
-                for units in sorted({0, gmax // 2, gmax}):
-                    out.append(plan(c, keep, units, piece))
+            for chunk in chunks:
+                for keep in sorted({0, 1, window} & set(range(L + 1))):
+                    for gpu_units in units:  # GPU memory grows with each: stop at the first that does not fit
+                        fitting = [p for p in (uniform_plan(model, L, batch, seq, chunk=chunk, window=window,
+                                                            activation=activation, keep_last=keep,
+                                                            gpu_units=gpu_units, update=update,
+                                                            loss_chunk_tokens=piece) for piece in LOSS_PIECES)
+                                   if not shortfalls(cfg, p, profile, budgets)]
+                        if not fitting:
+                            break
+                        out.append(fitting[0])  # the largest loss piece that fits; it does not change the time
     return out
 
 
@@ -131,16 +129,24 @@ def choose_plan(cfg: ModelConfig, model: str, seq: int, batch: int | None, profi
     if batch is None:
         if max_batch == 0:
             return Verdict(False, None, None, refusal(cfg, model, 1, seq, profile, budgets, update))
-        batches = sorted({1 << k for k in range(max_batch.bit_length()) if 1 << k <= max_batch} | {max_batch})
+        # Throughput grows with batch (weights stream once per step): score the three largest powers of two.
+        batches = [1 << k for k in range(max_batch.bit_length())][-3:]
     else:
         if batch > max_batch:
             return Verdict(False, None, None, refusal(cfg, model, batch, seq, profile, budgets, update))
         batches = [batch]
+    # Branch and bound: simulate in order of a lower bound on time per token, stop once the bound
+    # cannot beat the best simulated so far (the result is the grid's best, as if all were simulated).
+    cost = CostModel(profile, cfg, seq)
+    bounded = sorted(((step_lower_bound(cfg, p, cost) / (p.batch * p.seq), i, p) for b in batches
+                      for i, p in enumerate(candidates(cfg, model, b, seq, profile, budgets, update))),
+                     key=lambda t: t[:2])
     best: tuple[float, Plan, Simulation] | None = None
-    for b in batches:
-        for p in candidates(cfg, model, b, seq, profile, budgets, update):
-            sim = simulate(cfg, p, profile)
-            if best is None or sim.tokens_per_s > best[0]:
-                best = (sim.tokens_per_s, p, sim)
+    for bound, _, p in bounded:
+        if best is not None and bound >= best[0]:
+            break
+        sim = simulate(cfg, p, profile, steps=2)  # the second step is already the steady state
+        if best is None or 1 / sim.tokens_per_s < best[0]:
+            best = (1 / sim.tokens_per_s, p, sim)
     assert best is not None, "a feasible batch always has a candidate plan"
-    return Verdict(True, best[1], best[2])
+    return Verdict(True, best[1], simulate(cfg, best[1], profile))

@@ -8,6 +8,7 @@ backward half of the step share PCIe with the opposite direction and run at the 
 from __future__ import annotations
 
 import statistics
+from functools import lru_cache
 
 import networkx as nx
 import numpy as np
@@ -51,6 +52,7 @@ class CostModel:
         share = min(1.0, d / (profile.h2d.bandwidth + profile.d2h.bandwidth))
         self.duplex_share = share
 
+    @lru_cache(maxsize=None)
     def layer(self, key: str, tokens: int) -> float:
         """key: fwd_s, bwd_recompute_s or bwd_kept_s."""
         pts = [(t.tokens, getattr(t, key)) for t in self.own]
@@ -62,6 +64,7 @@ class CostModel:
         work = {"fwd_s": 1, "bwd_recompute_s": 3, "bwd_kept_s": 2}[key]
         return work * layer_flops(self.cfg, self.seq, tokens) / (self.p.gpu_bf16_flops * self.eff[key])
 
+    @lru_cache(maxsize=None)
     def head(self, tokens: int) -> float:
         pts = [(t.tokens, t.s) for t in self.heads]
         if len(pts) >= 2:
@@ -76,6 +79,14 @@ class CostModel:
         link = self.p.h2d if direction == "h2d" else self.p.d2h
         rate = link.bandwidth * (self.duplex_share if backward else 1.0)
         return link.latency_s + nbytes / rate
+
+    def load(self, nbytes: int, backward: bool, piece_mb: int) -> float:
+        """A staged fp32 -> bf16 weight load; at the measured staged rate when the profile has it."""
+        share = self.duplex_share if backward else 1.0
+        if self.p.staged_load_bandwidth:
+            return nbytes / (self.p.staged_load_bandwidth * share)
+        pieces = -(-nbytes // (piece_mb * 2**20))
+        return self.copy("h2d", nbytes, backward) + self.gpu_bytes_moved(nbytes * 1.5) + pieces * self.p.h2d.latency_s
 
     def gpu_bytes_moved(self, nbytes: float) -> float:
         return nbytes / self.p.gpu_memory_bandwidth
@@ -97,22 +108,21 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel, backward: bool) -> flo
     if kind == "load":
         if a["resource"] == "gpu":  # fp32 master already on the GPU: read 4 bytes, write 2
             return cost.gpu_bytes_moved(a["bytes"] * 1.5)
-        pieces = -(-a["bytes"] // (plan.transfer_chunk_mb * 2**20))
-        return cost.copy("h2d", a["bytes"], backward) + cost.gpu_bytes_moved(a["bytes"] * 1.5) \
-            + pieces * cost.p.h2d.latency_s
+        return cost.load(a["bytes"], backward, plan.transfer_chunk_mb)
     if kind in ("save", "grad_out"):
         return cost.copy("d2h", a["bytes"], backward)
     if kind == "fetch":
         return cost.copy("h2d", a["bytes"], backward)
+    slow = cost.p.compute_slowdown_under_copies  # layers run beside the weight and gradient streams
     if kind == "fwd":
-        return cost.layer("fwd_s", tokens)
+        return cost.layer("fwd_s", tokens) * slow
     if kind == "bwd":
         policy = plan.activations[a["layer"]]
         t = cost.layer("bwd_kept_s" if policy == "keep" else "bwd_recompute_s", tokens)
         # fp32 gradient accumulate (copy or add) and the squared-norm dot on the last chunk
-        return t + cost.gpu_bytes_moved(cfg.layer_params * (2 + 4 + 4))
+        return (t + cost.gpu_bytes_moved(cfg.layer_params * (2 + 4 + 4))) * slow
     if kind == "head":
-        return cost.head(tokens)
+        return cost.head(tokens) * slow
     if kind in ("embed", "embed_bwd"):
         return cost.gpu_bytes_moved(a["bytes"] * (2 if kind == "embed" else 6))
     if kind == "update":
@@ -135,3 +145,15 @@ def issue_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     if kind == "load" and a["resource"] == "h2d":
         return STAGING_PIECE_LAUNCH_S * -(-a["bytes"] // (g.graph["plan"].transfer_chunk_mb * 2**20))
     return COPY_LAUNCH_S
+
+
+def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
+    """A bound no simulated step time of `plan` can beat: the GPU's compute alone, or the CPU's updates alone
+    (each op's cost is at least its term here)."""
+    tokens, slow = plan.chunk * plan.seq, cost.p.compute_slowdown_under_copies
+    layers = sum(cost.layer("fwd_s", tokens) + cost.layer("bwd_kept_s" if a == "keep" else "bwd_recompute_s", tokens)
+                 for a in plan.activations)
+    gpu = plan.chunks * (layers + cost.head(tokens)) * slow
+    numel = [cfg.vocab_size * cfg.hidden_size] + [cfg.layer_params] * cfg.num_layers + [cfg.hidden_size]
+    cpu = sum(n for n, where in zip(numel, plan.placement) if where == "cpu") / cost.p.cpu_adamw_rate()
+    return max(gpu, cpu)

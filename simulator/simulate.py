@@ -48,6 +48,7 @@ class Simulation:
     tokens_per_step: int
     flops_per_step: float
     utilisation: dict[str, float] = field(default_factory=dict)
+    critical: dict[str, float] = field(default_factory=dict)  # seconds of the last step's critical path per resource
 
     @property
     def step_s(self) -> float:
@@ -68,7 +69,8 @@ class Simulation:
 
     @property
     def bottleneck(self) -> str:
-        return max(self.utilisation, key=self.utilisation.get)
+        """The resource holding the largest share of the last step's critical path."""
+        return max(self.critical, key=self.critical.get)
 
 
 def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> Simulation:
@@ -85,42 +87,68 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     static = gpu_bytes(cfg, plan, profile)
     base = sum(v for k, v in static.items() if k not in ("kept_inputs", "kept_graphs", "workspace"))
 
-    issuer = 0.0
+    # The graph as flat arrays in issue order: the loop below runs once per op per step.
+    index = {n: i for i, n in enumerate(order)}
+    res = [g.nodes[n]["resource"] for n in order]
+    preds = [tuple(index[p] for p in g.predecessors(n)) for n in order]
+    blocking = [tuple(p for p in preds[i] if res[p] == "cpu") if res[i] != "cpu" else () for i in range(len(order))]
+    update_of = {u: index[op] for u, op in g.graph["updates"].items()}
+    after_update = [update_of[g.nodes[n]["unit"]] if g.nodes[n]["kind"] == "load" else -1 for n in order]
+    dur = [duration[n] for n in order]
+    iss = [issue[n] for n in order]
+    kinds = [g.nodes[n]["kind"] for n in order]
+    alloc = [g.nodes[n]["alloc"].get("gpu", 0) for n in order]
+    freed = [g.nodes[n]["free"].get("gpu", 0) for n in order]
+    norm = index.get("norm")
+
+    issuer, issuer_cause = 0.0, None
     free = dict.fromkeys(RESOURCES, 0.0)
-    last_update: dict[int, tuple[float, str]] = {}
+    last_on: dict[str, tuple[int, int] | None] = dict.fromkeys(RESOURCES)
+    cause: dict[tuple[int, int], tuple[int, int] | None] = {}  # the op whose end let each op start
+    ends: list[list[float]] = []
     spans: list[Span] = []
     step_ends: list[float] = []
     mem_events: list[tuple[float, int]] = []  # (time, +/- bytes)
     for step in range(steps):
         for r in ("h2d", "d2h"):  # the step's barrier: copy streams wait for compute issued so far
             free[r] = max(free[r], free["gpu"])
-        end: dict[str, float] = {}
-        for n in order:
-            a = g.nodes[n]
-            res = a["resource"]
-            ready = [end[p] for p in g.predecessors(n)]
-            if res != "cpu":
-                for p in g.predecessors(n):
-                    if g.nodes[p]["resource"] == "cpu":
-                        issuer = max(issuer, end[p])
-            if a["kind"] == "load" and a["unit"] in last_update:
-                t, r = last_update[a["unit"]]
-                if r == "cpu":
-                    issuer = max(issuer, t)
-                ready.append(t)
-            issuer += issue[n]
-            start = max(issuer, free[res], *ready)
-            end[n] = free[res] = start + duration[n]
-            spans.append(Span(n, step, res, a["kind"], start, end[n]))
-            if a["alloc"].get("gpu"):
-                mem_events.append((start, a["alloc"]["gpu"]))
-            if a["kind"] in workspace:
-                mem_events += [(start, workspace[a["kind"]]), (end[n], -workspace[a["kind"]])]
-            if a["free"].get("gpu"):
-                mem_events.append((end[n], -a["free"]["gpu"]))
-        issuer = max(issuer, free["gpu"], end.get("norm", 0.0))  # float(loss), and the norm under after_norm
+        end = [0.0] * len(order)
+        for i in range(len(order)):
+            r = res[i]
+            start, why = free[r], last_on[r]
+            for p in preds[i]:
+                if end[p] > start:
+                    start, why = end[p], (step, p)
+            u = after_update[i]
+            if u >= 0 and step:  # this step's load waits for last step's update of the unit
+                t = ends[-1][u]
+                if res[u] == "cpu" and t > issuer:  # waiting on a future blocks the issuing thread
+                    issuer, issuer_cause = t, (step - 1, u)
+                if t > start:
+                    start, why = t, (step - 1, u)
+            for p in blocking[i]:
+                if end[p] > issuer:
+                    issuer, issuer_cause = end[p], (step, p)
+            issuer += iss[i]
+            if issuer > start:
+                start, why = issuer, issuer_cause
+            cause[(step, i)] = why
+            end[i] = free[r] = start + dur[i]
+            last_on[r] = (step, i)
+            spans.append(Span(order[i], step, r, kinds[i], start, end[i]))
+            if alloc[i]:
+                mem_events.append((start, alloc[i]))
+            if kinds[i] in workspace:
+                mem_events += [(start, workspace[kinds[i]]), (end[i], -workspace[kinds[i]])]
+            if freed[i]:
+                mem_events.append((end[i], -freed[i]))
+        ends.append(end)
+        # train_step returns once the loss is read (compute stream) and, under after_norm, the norm is done
+        for key in [last_on["gpu"], (step, norm) if norm is not None else None]:
+            if key is not None and end[key[1]] > issuer:
+                issuer, issuer_cause = end[key[1]], key
         step_ends.append(issuer)
-        last_update = {u: (end[op], g.nodes[op]["resource"]) for u, op in g.graph["updates"].items()}
+    final = issuer_cause
 
     level, timeline = base, [(0.0, base)]
     for t, delta in sorted(mem_events, key=lambda e: (e[0], e[1] > 0)):  # at a tie, free first (same stream)
@@ -133,4 +161,10 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     for r in RESOURCES:
         busy = sum(max(0.0, min(s.end, hi) - max(s.start, lo)) for s in spans if s.resource == r)
         sim.utilisation[r] = busy / (hi - lo)
+    sim.critical = dict.fromkeys(RESOURCES, 0.0)
+    key = final
+    while key is not None and spans[key[0] * len(order) + key[1]].end > lo:
+        span = spans[key[0] * len(order) + key[1]]
+        sim.critical[span.resource] += min(span.end, hi) - max(span.start, lo)
+        key = cause[key]
     return sim
