@@ -165,25 +165,38 @@ class BackgroundCopies:
         self.d = [torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in range(2)]
         self.streams = (torch.cuda.Stream(), torch.cuda.Stream())
         self.nbytes = nbytes
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(10**7)
+        end.record()
+        end.synchronize()
+        self.sleep_cycles_per_s = 10**7 / (start.elapsed_time(end) / 1e3)
 
-    def queue(self, seconds: float, bandwidth: float) -> None:
-        for _ in range(max(1, int(seconds * bandwidth / self.nbytes))):
-            with torch.cuda.stream(self.streams[0]):
-                self.d[0].copy_(self.h[0], non_blocking=True)
-            with torch.cuda.stream(self.streams[1]):
-                self.h[1].copy_(self.d[1], non_blocking=True)
+    def queue(self, seconds: float, bandwidth: float, duty: float = 1.0) -> None:
+        """Copies for about `seconds`, each direction busy a `duty` share of the time (idle gaps between)."""
+        copy_s = self.nbytes / bandwidth
+        gap = int(copy_s * (1 / duty - 1) * self.sleep_cycles_per_s)
+        for _ in range(max(1, int(seconds / (copy_s / duty)))):
+            for stream, (src, dst) in zip(self.streams, ((self.h[0], self.d[0]), (self.d[1], self.h[1]))):
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+                    if gap:
+                        torch.cuda._sleep(gap)
 
     def drain(self) -> None:
         torch.cuda.synchronize()
 
 
-def cpu_adamw_rate_under_copies(numel: int, copies: BackgroundCopies, link_bandwidth: float) -> float:
-    """Fused CPU AdamW while DMA in both directions competes for host memory, as during the runtime's backward."""
+def cpu_adamw_rate_under_copies(numel: int, copies: BackgroundCopies, link_bandwidth: float,
+                                duty: float = 1 / 3) -> float:
+    """Fused CPU AdamW while DMA competes for host memory as during the runtime's backward, where weight loads
+    and gradient copies keep each PCIe direction about a third busy (one layer's 4 bytes/param each way
+    against its recompute + backward)."""
     param = torch.nn.Parameter(torch.zeros(numel))
     param.grad = torch.full_like(param, 1e-3)
     opt = torch.optim.AdamW([param], lr=1e-5, fused=True)
     opt.step()
-    copies.queue(seconds=numel / 1e9 * 6, bandwidth=link_bandwidth)
+    copies.queue(seconds=numel / 1e9 * 6, bandwidth=link_bandwidth, duty=duty)
     t = time.perf_counter()
     for _ in range(3):
         opt.step()

@@ -22,7 +22,7 @@ from slideformer.plan import Plan, PlanError
 
 from .layout import UnitLayout, unit_layouts
 from .loss import IGNORE_INDEX, head_loss_and_grads
-from .pinned import PinnedPool
+from .pinned import PinnedArena, page_round
 from .streams import Handle, Streams, host_wait
 from .trace import OpTrace
 
@@ -51,10 +51,10 @@ class Unit:
     """One unit's fp32 master weights and AdamW state, on the host (pinned) or on the GPU."""
 
     def __init__(self, layout: UnitLayout, source: WeightSource, on_gpu: bool, device: torch.device,
-                 optim: AdamWConfig, host: PinnedPool) -> None:
+                 optim: AdamWConfig, host: PinnedArena) -> None:
         self.layout = layout
         self.on_gpu = on_gpu
-        master = torch.empty(layout.numel, dtype=torch.float32) if on_gpu else host.empty(layout.numel, torch.float32)
+        master = torch.empty(layout.numel, dtype=torch.float32) if on_gpu else host.take(layout.numel, torch.float32)
         for name, view in layout.views(master).items():
             view.copy_(source.get(name))
         self.master = torch.nn.Parameter(master.to(device) if on_gpu else master)
@@ -92,12 +92,25 @@ class Engine:
         self._allocate(source)
 
     # --- buffers ---------------------------------------------------------------------------
+    def _ring(self) -> bool:
+        return self.plan.update == "during_backward" and "cpu" in self.plan.placement[1:-1]
+
+    def _pinned_bytes(self) -> int:
+        """Every pinned host buffer _allocate takes: masters and gradients of host units, offloaded activations."""
+        plan, L = self.plan, self.cfg.num_layers
+        on_host = [u for u in range(L + 2) if plan.placement[u] == "cpu"]
+        sizes = [4 * self.layouts[u].numel for u in on_host]
+        sizes += [4 * self.layouts[1].numel] * (plan.grad_ring if self._ring() else 0)
+        sizes += [4 * self.layouts[u].numel for u in on_host if not (self._ring() and 0 < u <= L)]
+        sizes += [plan.batch * plan.seq * self.cfg.hidden_size * 2] * plan.activations.count("offload")
+        return sum(page_round(n) for n in sizes)
+
     def _allocate(self, source: WeightSource) -> None:
         cfg, plan, dev = self.cfg, self.plan, self.device
         L, W = cfg.num_layers, plan.window
-        self.host = host = PinnedPool(self, pinned=dev.type == "cuda")
-        bf16, f32 = torch.bfloat16, torch.float32
         self.layouts = unit_layouts(cfg)
+        self.host = host = PinnedArena(self, self._pinned_bytes(), pinned=dev.type == "cuda")
+        bf16, f32 = torch.bfloat16, torch.float32
         with ThreadPoolExecutor(max_workers=min(16, len(self.layouts))) as pool:  # random init is single-threaded
             self.units = list(pool.map(lambda u: Unit(self.layouts[u], source, plan.placement[u] == "gpu", dev,
                                                       self.optim, host), range(L + 2)))
@@ -125,8 +138,7 @@ class Engine:
             self.gpu_grad.append(torch.empty(self.layouts[u].numel, dtype=f32, device=dev) if own else shared[u % 2])
         self.grad_views = [self.layouts[u].views(self.gpu_grad[u], short_names=True) for u in range(L + 2)]
         # Host gradient destinations: dedicated for edges and for every unit under after_norm, else a ring.
-        ring = [host.empty(n_layer, f32) for _ in range(plan.grad_ring)] \
-            if plan.update == "during_backward" and any(p == "cpu" for p in plan.placement[1:-1]) else []
+        ring = [host.take(n_layer, f32) for _ in range(plan.grad_ring)] if self._ring() else []
         self.host_grad: dict[int, torch.Tensor] = {}
         k = 0
         for u in [L + 1, *range(L, 0, -1), 0]:  # gradient arrival order
@@ -136,14 +148,14 @@ class Engine:
                 self.host_grad[u] = ring[k % len(ring)]
                 k += 1
             else:
-                self.host_grad[u] = host.empty(self.layouts[u].numel, f32)
+                self.host_grad[u] = host.take(self.layouts[u].numel, f32)
 
         shape = (plan.batch, plan.seq, cfg.hidden_size)
         self.hidden = [torch.empty(shape, dtype=bf16, device=dev) for _ in range(2)]
         self.dgrad = [torch.empty(shape, dtype=bf16, device=dev) for _ in range(2)]
         offload = [lay for lay, p in enumerate(plan.activations) if p == "offload"]
         self.fetched = [torch.empty(shape, dtype=bf16, device=dev) for _ in range(2)] if offload else []
-        self.host_act = {lay: host.empty(shape, bf16) for lay in offload}
+        self.host_act = {lay: host.take(shape, bf16) for lay in offload}
         self.kept_input = {lay: torch.empty(shape, dtype=bf16, device=dev)
                            for lay, p in enumerate(plan.activations) if p == "recompute"}
         self.kept_graph: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}

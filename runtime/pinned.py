@@ -1,12 +1,15 @@
-"""Page-locked host buffers registered in place.
+"""Page-locked host memory as one registered arena.
 
 PyTorch's pinned allocator rounds every buffer up to a power of two (a 0.87 GB layer of fp32 masters
-costs 1 GiB); registering ordinary allocations with cudaHostRegister pins exactly what is used.
+costs 1 GiB). Instead the engine sizes all its pinned buffers up front, allocates them as one ordinary
+buffer, page-locks it with a single cudaHostRegister before any worker thread starts, and hands out
+page-aligned views.
 """
 from __future__ import annotations
 
-import mmap
 import math
+import mmap
+import threading
 import weakref
 
 import torch
@@ -14,32 +17,30 @@ import torch
 PAGE = mmap.PAGESIZE
 
 
-class PinnedPool:
-    """Allocates host tensors, page-locked on CUDA machines; unregisters them when the owner goes away."""
+def page_round(nbytes: int) -> int:
+    return -(-max(nbytes, 1) // PAGE) * PAGE
 
-    def __init__(self, owner: object, pinned: bool) -> None:
-        self.pinned = pinned
-        self.registered: list[int] = []
-        if pinned:
-            weakref.finalize(owner, _unregister, self.registered)
 
-    def empty(self, shape: int | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if not self.pinned:
-            return torch.empty(shape, dtype=dtype)
+class PinnedArena:
+    """`capacity` bytes of host memory (page-locked when `pinned`), carved into tensors by `take`."""
+
+    def __init__(self, owner: object, capacity: int, pinned: bool) -> None:
+        self.raw = torch.empty(capacity + PAGE, dtype=torch.uint8)
+        self.offset = -self.raw.data_ptr() % PAGE
+        self.end = self.offset + capacity
+        self.lock = threading.Lock()
+        if pinned and capacity:
+            ptr = self.raw.data_ptr() + self.offset
+            err = torch.cuda.cudart().cudaHostRegister(ptr, capacity, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"page-locking {capacity / 2**30:.2f} GiB of host memory failed ({err})")
+            weakref.finalize(owner, torch.cuda.cudart().cudaHostUnregister, ptr)
+
+    def take(self, shape: int | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         nbytes = math.prod(shape) * dtype.itemsize
-        span = -(-max(nbytes, 1) // PAGE) * PAGE  # whole pages, so no two buffers share a registered page
-        raw = torch.empty(span + PAGE, dtype=torch.uint8)
-        start = -raw.data_ptr() % PAGE
-        err = torch.cuda.cudart().cudaHostRegister(raw.data_ptr() + start, span, 0)
-        if int(err) != 0:
-            raise RuntimeError(f"cudaHostRegister of {span} bytes failed ({err})")
-        self.registered.append(raw.data_ptr() + start)
-        return raw[start: start + nbytes].view(dtype).view(shape)
-
-
-def _unregister(pointers: list[int]) -> None:
-    cudart = torch.cuda.cudart()
-    for p in pointers:
-        cudart.cudaHostUnregister(p)
-    pointers.clear()
+        with self.lock:
+            start, self.offset = self.offset, self.offset + page_round(nbytes)
+        if self.offset > self.end:
+            raise RuntimeError("pinned arena overflow: the engine's buffer list and its sizing disagree")
+        return self.raw[start: start + nbytes].view(dtype).view(shape)
