@@ -32,7 +32,7 @@ def plans(profile: Profile) -> dict[str, Plan]:
     def p(batch=BATCH, seq=SEQ, **kw) -> Plan:
         return uniform_plan(MODEL, L16, batch, seq, **kw)
     chosen = choose_plan(load_model_config(MODEL), MODEL, SEQ, BATCH, profile,
-                         Budgets(profile.gpu_memory_bytes - 2 * GiB, int(profile.host_memory_bytes * 0.9))).plan
+                         Budgets(int(profile.gpu_memory_bytes * 0.92), int(profile.host_memory_bytes * 0.9))).plan
     return {
         "offload-w2": p(window=2),
         "offload-w3-keep1": p(window=3, keep_last=1),

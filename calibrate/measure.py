@@ -205,29 +205,28 @@ def cpu_adamw_rate_under_copies(numel: int, copies: BackgroundCopies, link_bandw
     return rate
 
 
-def staged_load_bandwidth(numel: int, piece_bytes: int) -> float:
-    """The runtime's weight load (fp32 pinned -> staging piece -> bf16 cast, one copy stream) while the
-    compute stream is busy: the cast kernels queue behind compute for SMs, so this is below the link rate."""
+def staged_load_bandwidth(cfg: ModelConfig, seq: int, sequences: int, piece_bytes: int) -> float:
+    """The runtime's weight load (fp32 pinned -> staging piece -> bf16 cast, one copy stream) of one layer
+    while the compute stream runs that layer's recompute + backward, as in the runtime's backward."""
+    numel = cfg.layer_params
     master = torch.ones(numel, dtype=torch.float32, pin_memory=True)
     dst = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
     staging = torch.empty(piece_bytes // 4, dtype=torch.float32, device="cuda")
-    big = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    params = _layer_weights(cfg, "cuda")
+    cos, sin = rope_tables(cfg, seq, torch.device("cuda"), torch.bfloat16)
+    x = torch.randn(sequences, seq, cfg.hidden_size, dtype=torch.bfloat16, device="cuda")
     side = torch.cuda.Stream()
-
-    def load() -> None:
-        step = staging.numel()
-        for start in range(0, numel, step):
-            piece = master[start: start + step]
-            staging[: piece.numel()].copy_(piece, non_blocking=True)
-            dst[start: start + piece.numel()].copy_(staging[: piece.numel()])
     times = []
     for _ in range(4):
-        for _ in range(int(numel * 4 / 20e9 / 1.4e-3) + 10):  # GEMMs lasting longer than the load
-            big @ big
+        xi = x.detach().requires_grad_()
+        torch.autograd.grad(decoder_layer(params, xi, cos, sin, cfg), [xi, *params.values()], x)
         with torch.cuda.stream(side):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            load()
+            for lo in range(0, numel, staging.numel()):
+                piece = master[lo: lo + staging.numel()]
+                staging[: piece.numel()].copy_(piece, non_blocking=True)
+                dst[lo: lo + piece.numel()].copy_(staging[: piece.numel()])
             end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
@@ -283,6 +282,19 @@ def peak_extra_bytes(fn: Callable[[], None]) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+def kept_bytes(params: dict[str, torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cfg: ModelConfig) -> int:
+    """GPU bytes a layer's forward with autograd holds (its saved tensors and output) until backward."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    xi = x.detach().requires_grad_()
+    y = decoder_layer(params, xi, cos, sin, cfg)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before
+    del y, xi
+    return held
+
+
 def _layer_weights(cfg: ModelConfig, device: str) -> dict[str, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(0)
     return {name: (torch.randn(shape, generator=g) * 0.02).to(device, torch.bfloat16).requires_grad_()
@@ -324,7 +336,8 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
             kept_bwd()
         out.append(LayerTiming(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                seq, n * seq, median_time(fwd, cuda=cuda), median_time(recompute_bwd, cuda=cuda),
-                               statistics.median(kept[1:]), peak_extra_bytes(recompute_bwd) if cuda else 0))
+                               statistics.median(kept[1:]), peak_extra_bytes(recompute_bwd) if cuda else 0,
+                               kept_bytes(params, x, cos, sin, cfg) if cuda else 0))
     return out
 
 

@@ -33,6 +33,7 @@ class LayerTiming:
     bwd_recompute_s: float  # forward with autograd + backward (the offload and recompute policies)
     bwd_kept_s: float  # backward from a kept graph
     bwd_peak_bytes: int = 0  # GPU bytes recompute+backward allocates beyond its inputs and weights (0: unmeasured)
+    kept_graph_bytes: int = 0  # GPU bytes a forward with autograd keeps until its backward (0: unmeasured)
 
     def shape(self) -> tuple[int, ...]:
         return self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim
@@ -84,7 +85,7 @@ class Profile:
     h2d: Link | None = None
     d2h: Link | None = None
     duplex_bandwidth: float | None = None  # both directions together
-    staged_load_bandwidth: float | None = None  # the runtime's fp32->bf16 weight load while the GPU computes
+    staged_load_bandwidth: float | None = None  # the runtime's fp32->bf16 weight load beside a layer's backward
     compute_slowdown_under_copies: float = 1.0  # layer time with both PCIe directions busy / alone
     layers: list[LayerTiming] = field(default_factory=list)
     heads: list[HeadTiming] = field(default_factory=list)

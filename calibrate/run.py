@@ -55,8 +55,9 @@ def calibrate(models: list[ModelConfig], seqs: list[int], sequences_per_chunk: l
         unit = int(unit * scale)
         copies = measure.BackgroundCopies(int(256 * MiB * scale))
         prof.cpu_adamw_busy_params_per_s = measure.cpu_adamw_rate_under_copies(unit, copies, prof.h2d.bandwidth)
-        prof.staged_load_bandwidth = measure.staged_load_bandwidth(unit, int(transfer_chunk_mb * MiB * scale))
         if models:
+            prof.staged_load_bandwidth = measure.staged_load_bandwidth(
+                models[0], seqs[0], max(sequences_per_chunk), int(transfer_chunk_mb * MiB * scale))
             prof.compute_slowdown_under_copies = measure.compute_slowdown_under_copies(
                 models[0], seqs[0], max(sequences_per_chunk), copies, prof.h2d.bandwidth)
     device = "cuda" if cuda else "cpu"

@@ -37,6 +37,17 @@ def layer_workspace(cfg: ModelConfig, seq: int, tokens: int, profile: Profile | 
     return int(BACKWARD_WORKSPACE_PER_GRAPH_BYTE * activation_bytes_per_token(cfg) * tokens) + cfg.layer_params * 2
 
 
+def kept_graph(cfg: ModelConfig, seq: int, tokens: int, profile: Profile | None = None) -> int:
+    """GPU bytes one kept layer-chunk graph holds (measured where the profile has this shape)."""
+    if profile is not None:
+        shape = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        got = _fit([(t.tokens, t.kept_graph_bytes) for t in profile.layers if t.shape() == shape and t.seq == seq],
+                   tokens)
+        if got is not None:
+            return got
+    return activation_bytes_per_token(cfg) * tokens
+
+
 def head_workspace(cfg: ModelConfig, piece_tokens: int, tokens: int, profile: Profile | None = None) -> int:
     if profile is not None:
         got = _fit([(t.tokens, t.peak_bytes) for t in profile.heads
@@ -52,7 +63,7 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
     layer_on_cpu = [p == "cpu" for p in plan.placement[1:-1]]
     hidden = plan.batch * plan.seq * cfg.hidden_size * 2
     chunk_tokens = plan.chunk * plan.seq
-    graph = activation_bytes_per_token(cfg) * chunk_tokens
+    graph = kept_graph(cfg, plan.seq, chunk_tokens, profile)
     return {
         "weight_window": plan.window * n[1] * 2,
         "transfer_staging": plan.transfer_chunk_mb * 2**20 if "cpu" in plan.placement else 0,

@@ -2,8 +2,9 @@
 
 Layer and head times come from the profile's measurements of the model's own shapes (linear in tokens
 between measured chunk sizes); shapes it did not measure run at the measured efficiency of the shapes it
-did (or half of peak for a spec-sheet profile). Copies cost latency + bytes / bandwidth; copies in the
-backward half of the step share PCIe with the opposite direction and run at the duplex share.
+did (or half of peak for a spec-sheet profile). Copies cost latency + bytes / bandwidth; weight loads
+run at the rate calibrate measured beside a layer's backward. Each direction runs at its own rate: in
+measured traces the two directions overlap only in part, so the duplex limit rarely binds.
 """
 from __future__ import annotations
 
@@ -48,9 +49,6 @@ class CostModel:
             return statistics.median(rates) if rates else SPEC_EFFICIENCY
         self.eff = {"fwd_s": efficiency(1, "fwd_s"), "bwd_recompute_s": efficiency(3, "bwd_recompute_s"),
                     "bwd_kept_s": efficiency(2, "bwd_kept_s")}
-        d = profile.duplex_bandwidth or (profile.h2d.bandwidth + profile.d2h.bandwidth)
-        share = min(1.0, d / (profile.h2d.bandwidth + profile.d2h.bandwidth))
-        self.duplex_share = share
 
     @lru_cache(maxsize=None)
     def layer(self, key: str, tokens: int) -> float:
@@ -75,18 +73,16 @@ class CostModel:
         flops = 6 * self.cfg.vocab_size * self.cfg.hidden_size * tokens
         return flops / (self.p.gpu_bf16_flops * self.eff["bwd_kept_s"])
 
-    def copy(self, direction: str, nbytes: int, backward: bool) -> float:
+    def copy(self, direction: str, nbytes: int) -> float:
         link = self.p.h2d if direction == "h2d" else self.p.d2h
-        rate = link.bandwidth * (self.duplex_share if backward else 1.0)
-        return link.latency_s + nbytes / rate
+        return link.latency_s + nbytes / link.bandwidth
 
-    def load(self, nbytes: int, backward: bool, piece_mb: int) -> float:
+    def load(self, nbytes: int, piece_mb: int) -> float:
         """A staged fp32 -> bf16 weight load; at the measured staged rate when the profile has it."""
-        share = self.duplex_share if backward else 1.0
         if self.p.staged_load_bandwidth:
-            return nbytes / (self.p.staged_load_bandwidth * share)
+            return nbytes / self.p.staged_load_bandwidth
         pieces = -(-nbytes // (piece_mb * 2**20))
-        return self.copy("h2d", nbytes, backward) + self.gpu_bytes_moved(nbytes * 1.5) + pieces * self.p.h2d.latency_s
+        return self.copy("h2d", nbytes) + self.gpu_bytes_moved(nbytes * 1.5) + pieces * self.p.h2d.latency_s
 
     def gpu_bytes_moved(self, nbytes: float) -> float:
         return nbytes / self.p.gpu_memory_bandwidth
@@ -99,7 +95,7 @@ def _cfg_of(t, like: ModelConfig) -> ModelConfig:
                    num_kv_heads=t.kv_heads, head_dim=t.head_dim)
 
 
-def op_seconds(g: nx.DiGraph, name: str, cost: CostModel, backward: bool) -> float:
+def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     """Duration of op `name` once it starts."""
     a = g.nodes[name]
     cfg, plan = g.graph["cfg"], g.graph["plan"]
@@ -108,11 +104,11 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel, backward: bool) -> flo
     if kind == "load":
         if a["resource"] == "gpu":  # fp32 master already on the GPU: read 4 bytes, write 2
             return cost.gpu_bytes_moved(a["bytes"] * 1.5)
-        return cost.load(a["bytes"], backward, plan.transfer_chunk_mb)
+        return cost.load(a["bytes"], plan.transfer_chunk_mb)
     if kind in ("save", "grad_out"):
-        return cost.copy("d2h", a["bytes"], backward)
+        return cost.copy("d2h", a["bytes"])
     if kind == "fetch":
-        return cost.copy("h2d", a["bytes"], backward)
+        return cost.copy("h2d", a["bytes"])
     slow = cost.p.compute_slowdown_under_copies  # layers run beside the weight and gradient streams
     if kind == "fwd":
         return cost.layer("fwd_s", tokens) * slow

@@ -17,7 +17,7 @@ from slideformer.calibrate.profile import Profile
 from slideformer.models.config import ModelConfig
 from slideformer.opgraph import build_step_graph, issue_order
 from slideformer.plan import Plan
-from slideformer.planner.memory import gpu_bytes, head_workspace, host_bytes, layer_workspace
+from slideformer.planner.memory import gpu_bytes, head_workspace, host_bytes, kept_graph, layer_workspace
 
 from .costs import CostModel, issue_seconds, op_seconds
 
@@ -78,8 +78,7 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     g = build_step_graph(cfg, plan)
     cost = CostModel(profile, cfg, plan.seq)
     order = issue_order(g)
-    head_last = g.nodes[f"head:{plan.chunks - 1}"]["seq"]
-    duration = {n: op_seconds(g, n, cost, backward=g.nodes[n]["seq"] > head_last) for n in order}
+    duration = {n: op_seconds(g, n, cost) for n in order}
     issue = {n: issue_seconds(g, n, cost) for n in order}
     tokens = plan.chunk * plan.seq
     workspace = {"bwd": layer_workspace(cfg, plan.seq, tokens, profile),
@@ -97,8 +96,15 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     dur = [duration[n] for n in order]
     iss = [issue[n] for n in order]
     kinds = [g.nodes[n]["kind"] for n in order]
-    alloc = [g.nodes[n]["alloc"].get("gpu", 0) for n in order]
-    freed = [g.nodes[n]["free"].get("gpu", 0) for n in order]
+    graph = kept_graph(cfg, plan.seq, tokens, profile)  # measured, where the graph's own figure is a formula
+
+    def gpu_delta(n: str, key: str) -> int:
+        a = g.nodes[n]
+        if a[key].get("gpu") and plan.activations[a["layer"]] == "keep":
+            return graph
+        return a[key].get("gpu", 0)
+    alloc = [gpu_delta(n, "alloc") for n in order]
+    freed = [gpu_delta(n, "free") for n in order]
     norm = index.get("norm")
 
     issuer, issuer_cause = 0.0, None

@@ -88,7 +88,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     prof = Profile.load(a.profile)
     cfg = load_model_config(a.model)
-    gpu = a.gpu_mem * GiB if a.gpu_mem else prof.gpu_memory_bytes
+    # By default leave 8% of the GPU to the caching allocator's fragmentation (reserved above allocated).
+    gpu = a.gpu_mem * GiB if a.gpu_mem else prof.gpu_memory_bytes and int(prof.gpu_memory_bytes * 0.92)
     host = a.host_mem * GiB if a.host_mem else int(prof.host_memory_bytes * 0.9)
     if gpu is None:
         raise ProfileError(f"profile {prof.name!r} has no GPU; pass --gpu-mem and a GPU profile")
@@ -118,7 +119,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="preset (optionally NAME:LAYERS), config.json or model directory")
     p.add_argument("--seq", type=int, required=True)
     p.add_argument("--batch", default="auto", help="sequences per step, or 'auto' (default)")
-    p.add_argument("--gpu-mem", type=float, help="GPU budget in GiB (default: the profile's GPU)")
+    p.add_argument("--gpu-mem", type=float, help="GPU budget in GiB (default: 92%% of the profile's GPU)")
     p.add_argument("--host-mem", type=float, help="host RAM budget in GiB (default: 90%% of the profile's)")
     p.add_argument("--disk", type=float, help="disk budget in GiB (the NVMe tier is not in the runtime yet: unused)")
     p.add_argument("--max-grad-norm", type=float, help="plan for global-norm clipping (update after the norm)")
