@@ -1,1 +1,1 @@
-"""Machine calibration: copy, disk, optimizer and kernel rates written to a profile (issue 3)."""
+"""Machine calibration: copy, disk, optimizer and kernel rates written to a profile (JSON)."""

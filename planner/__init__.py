@@ -1,1 +1,1 @@
-"""Plan search and fit checks. Today: memory accounting of a plan; the simulator-scored search is issue 3."""
+"""Plan search: memory accounting per tier, the simulator-scored search, and the capacity report."""

@@ -145,8 +145,8 @@ def choose_plan(cfg: ModelConfig, model: str, seq: int, batch: int | None, profi
     for bound, _, p in bounded:
         if best is not None and bound >= best[0]:
             break
-        sim = simulate(cfg, p, profile, steps=2)  # the second step is already the steady state
+        sim = simulate(cfg, p, profile)
         if best is None or 1 / sim.tokens_per_s < best[0]:
             best = (1 / sim.tokens_per_s, p, sim)
     assert best is not None, "a feasible batch always has a candidate plan"
-    return Verdict(True, best[1], simulate(cfg, best[1], profile))
+    return Verdict(True, best[1], best[2])

@@ -1,0 +1,47 @@
+"""The calibrate, simulate and plan commands end to end on a CPU machine."""
+import json
+
+from slideformer.calibrate.profile import Profile
+from slideformer.cli import main
+
+REPORT_FIELDS = {"fits", "batch", "seq", "predicted_step_s", "predicted_tokens_per_s", "predicted_tflops",
+                 "peak_gpu_bytes", "peak_host_bytes", "peak_disk_bytes", "bottleneck", "plan"}
+
+
+def test_calibrate_runs_without_a_gpu_and_writes_a_loadable_profile(tmp_path):
+    out = tmp_path / "p.json"
+    assert main(["calibrate", "--model", "tiny-llama", "--seq", "32", "--sequences", "1", "2", "--quick",
+                 "--disk-dir", str(tmp_path), "--out", str(out)]) == 0
+    prof = Profile.load(out)
+    assert prof.cpu_adamw_params_per_s and all(r > 0 for r in prof.cpu_adamw_params_per_s)
+    assert prof.disk.read_bandwidth > 0 and prof.disk.write_bandwidth > 0
+    assert [t.tokens for t in prof.layers] == [32, 64] and all(t.fwd_s > 0 for t in prof.layers)
+    assert not prof.has_gpu and prof.h2d is None
+
+
+def test_plan_for_8b_on_24_gib_fits_and_its_plan_simulates(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "llama-3.1-8b", "--seq", "2048", "--gpu-mem", "24", "--host-mem", "120",
+                 "--batch", "8", "--json", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert REPORT_FIELDS <= set(report) and report["fits"] and report["batch"] == 8
+    assert report["peak_gpu_bytes"] <= 24 * 2**30 and report["peak_host_bytes"] <= 120 * 2**30
+    assert report["predicted_tokens_per_s"] == 8 * 2048 / report["predicted_step_s"]
+    gantt = tmp_path / "g.png"
+    assert main(["simulate", str(out), "--gantt", str(gantt), "--json"]) == 0
+    sim = json.loads(capsys.readouterr().out.split("wrote")[0])
+    assert abs(sim["step_s"] - report["predicted_step_s"]) < 1e-9 and gantt.stat().st_size > 10_000
+
+
+def test_plan_for_123b_in_120_gib_without_disk_is_refused_with_numbers(capsys):
+    assert main(["plan", "--model", "mistral-large-123b", "--seq", "2048", "--host-mem", "120", "--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert not report["fits"] and report["plan"] is None and report["max_batch"] == 0
+    assert any("host RAM needs at least 1394" in s for s in report["shortfalls"])
+
+
+def test_simulate_with_a_cpu_only_profile_says_what_is_missing(tmp_path, capsys):
+    prof = tmp_path / "cpu.json"
+    main(["calibrate", "--model", "tiny-llama", "--seq", "32", "--sequences", "1", "--quick", "--out", str(prof)])
+    assert main(["simulate", "examples/llama-3.1-8b-16l-offload.json", "--profile", str(prof)]) == 2
+    assert "has no GPU measurements" in capsys.readouterr().err
