@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -21,7 +21,7 @@ from slideformer.opgraph import build_step_graph, issue_order
 from slideformer.plan import Plan, PlanError
 
 from .layout import UnitLayout, unit_layouts
-from .loss import IGNORE_INDEX, head_loss_and_grads
+from .loss import IGNORE_INDEX, head_loss_and_grads, head_loss_sum
 from .pinned import PinnedArena, page_round
 from .streams import Handle, Streams, host_wait
 from .trace import OpTrace
@@ -61,7 +61,9 @@ class Unit:
         self.optimizer = torch.optim.AdamW([self.master], lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                            weight_decay=optim.weight_decay, fused=True)
 
-    def step(self, grad: torch.Tensor, clip_coef: torch.Tensor | float | None) -> None:
+    def step(self, grad: torch.Tensor, clip_coef: torch.Tensor | float | None, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         if clip_coef is not None:
             grad.mul_(clip_coef)
         self.master.grad = grad
@@ -74,6 +76,7 @@ class Engine:
                  gpu_budget_bytes: int | None = None) -> None:
         plan.validate(cfg.num_layers)
         self.optim = optim or AdamWConfig()
+        self.lr = self.optim.lr
         if self.optim.max_grad_norm is not None and plan.update != "after_norm":
             raise PlanError("gradient clipping needs the global norm before any update: use update='after_norm'")
         self.device = torch.device(plan.device)
@@ -84,6 +87,7 @@ class Engine:
                 raise PlanError(f"plan does not fit the GPU: needs {describe(need)}, budget {budget / GiB:.2f} GiB; "
                                 f"lower chunk ({plan.chunk}), window ({plan.window}) or loss_chunk_tokens")
         self.cfg, self.plan = cfg, plan
+        self.compute_dtype = getattr(torch, plan.compute_dtype)
         self.graph = build_step_graph(cfg, plan)
         self.order = issue_order(self.graph)
         self.streams = Streams(self.device)
@@ -102,7 +106,8 @@ class Engine:
         sizes = [4 * self.layouts[u].numel for u in on_host]
         sizes += [4 * self.layouts[1].numel] * (plan.grad_ring if self._ring() else 0)
         sizes += [4 * self.layouts[u].numel for u in on_host if not (self._ring() and 0 < u <= L)]
-        sizes += [plan.batch * plan.seq * self.cfg.hidden_size * 2] * plan.activations.count("offload")
+        sizes += [plan.batch * plan.seq * self.cfg.hidden_size * self.compute_dtype.itemsize] \
+            * plan.activations.count("offload")
         return sum(page_round(n) for n in sizes)
 
     def _allocate(self, source: WeightSource) -> None:
@@ -110,7 +115,7 @@ class Engine:
         L, W = cfg.num_layers, plan.window
         self.layouts = unit_layouts(cfg)
         self.host = host = PinnedArena(self, self._pinned_bytes(), pinned=dev.type == "cuda")
-        bf16, f32 = torch.bfloat16, torch.float32
+        compute, f32 = self.compute_dtype, torch.float32  # bf16 unless a CPU plan asks for fp32
         with ThreadPoolExecutor(max_workers=min(16, len(self.layouts))) as pool:  # random init is single-threaded
             self.units = list(pool.map(lambda u: Unit(self.layouts[u], source, plan.placement[u] == "gpu", dev,
                                                       self.optim, host), range(L + 2)))
@@ -120,9 +125,9 @@ class Engine:
             # Detached views are autograd leaves sharing the buffer: backward differentiates w.r.t. them.
             return {k: v.detach().requires_grad_() for k, v in layout.views(flat, short).items()}
 
-        self.slots = [torch.empty(n_layer, dtype=bf16, device=dev) for _ in range(W)]
+        self.slots = [torch.empty(n_layer, dtype=compute, device=dev) for _ in range(W)]
         self.slot_params = [leaves(self.layouts[1], s, True) for s in self.slots]
-        self.edge_bf16 = {u: torch.empty(self.layouts[u].numel, dtype=bf16, device=dev) for u in (0, L + 1)}
+        self.edge_bf16 = {u: torch.empty(self.layouts[u].numel, dtype=compute, device=dev) for u in (0, L + 1)}
         embed_w = self.edge_bf16[0].view(cfg.vocab_size, cfg.hidden_size)
         head = self.layouts[L + 1].views(self.edge_bf16[L + 1])
         self.norm_w = head["model.norm.weight"]
@@ -151,23 +156,23 @@ class Engine:
                 self.host_grad[u] = host.take(self.layouts[u].numel, f32)
 
         shape = (plan.batch, plan.seq, cfg.hidden_size)
-        self.hidden = [torch.empty(shape, dtype=bf16, device=dev) for _ in range(2)]
-        self.dgrad = [torch.empty(shape, dtype=bf16, device=dev) for _ in range(2)]
+        self.hidden = [torch.empty(shape, dtype=compute, device=dev) for _ in range(2)]
+        self.dgrad = [torch.empty(shape, dtype=compute, device=dev) for _ in range(2)]
         offload = [lay for lay, p in enumerate(plan.activations) if p == "offload"]
-        self.fetched = [torch.empty(shape, dtype=bf16, device=dev) for _ in range(2)] if offload else []
-        self.host_act = {lay: host.take(shape, bf16) for lay in offload}
-        self.kept_input = {lay: torch.empty(shape, dtype=bf16, device=dev)
+        self.fetched = [torch.empty(shape, dtype=compute, device=dev) for _ in range(2)] if offload else []
+        self.host_act = {lay: host.take(shape, compute) for lay in offload}
+        self.kept_input = {lay: torch.empty(shape, dtype=compute, device=dev)
                            for lay, p in enumerate(plan.activations) if p == "recompute"}
         self.kept_graph: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.cos, self.sin = rope_tables(cfg, plan.seq, dev, bf16)
+        self.cos, self.sin = rope_tables(cfg, plan.seq, dev, compute)
         self.sq_norm = torch.zeros((), dtype=f32, device=dev)
         self.loss = torch.zeros((), dtype=f32, device=dev)
 
     # --- one step ---------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
-        for unit in self.units:
-            for group in unit.optimizer.param_groups:
-                group["lr"] = lr
+        """The learning rate of the following steps. Each step's updates keep the rate they were issued with,
+        though the last of them still run while the next step starts."""
+        self.lr = lr
 
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """One optimizer step over `plan.batch` sequences. labels[b, t] is the target for input_ids[b, t]."""
@@ -188,6 +193,7 @@ class Engine:
             args = {k: attrs[k] for k in ("unit", "layer", "chunk") if k in attrs}
             if attrs["kind"] == "update":
                 args["norm"] = done.get("norm")  # this step's (grad_norm, clip coefficient), after_norm only
+                args["lr"] = self.lr
             for pred in self.graph.predecessors(name):
                 if self.graph.nodes[pred]["resource"] != resource and resource != "cpu":
                     self.streams.wait(resource, done[pred])
@@ -346,13 +352,13 @@ class Engine:
         n = self.layouts[unit].numel
         self.host_grad[unit][:n].copy_(self.gpu_grad[unit][:n], non_blocking=True)
 
-    def _update(self, unit: int, norm: Future | None) -> None:
+    def _update(self, unit: int, norm: Future | None, lr: float) -> None:
         """AdamW on one unit: on the CPU worker for host units, on the compute stream for GPU units."""
         n = self.layouts[unit].numel
         u = self.units[unit]
         grad = (self.gpu_grad[unit] if u.on_gpu else self.host_grad[unit])[:n]
         clip = norm.result()[1] if norm is not None else None
-        u.step(grad, float(clip) if clip is not None and not u.on_gpu else clip)
+        u.step(grad, float(clip) if clip is not None and not u.on_gpu else clip, lr)
 
     # --- results -------------------------------------------------------------------------------
     def synchronize(self) -> None:
@@ -361,6 +367,48 @@ class Engine:
             host_wait(h)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
+        """Mean loss over non-ignored tokens with the current weights, changing nothing (any batch size)."""
+        self.synchronize()
+        cfg, L = self.cfg, self.cfg.num_layers
+        ids, labels = input_ids.to(self.device), labels.to(self.device)
+        cos, sin = rope_tables(cfg, ids.shape[1], self.device, self.compute_dtype)
+        with self.streams.on("gpu"):
+            for unit in (0, L + 1):
+                self._load(unit)
+            hidden = [torch.index_select(self.embed_w, 0, rows.flatten()).view(*rows.shape, -1)
+                      for rows in ids.split(self.plan.chunk)]
+            for lay in range(L):
+                self._load(lay + 1)
+                params = self._layer_params(lay)
+                hidden = [decoder_layer(params, x, cos, sin, cfg) for x in hidden]
+            total = sum(head_loss_sum(x, y, self.norm_w, self.head_w, cfg.rms_norm_eps, self.plan.loss_chunk_tokens)
+                        for x, y in zip(hidden, labels.split(self.plan.chunk)))
+        return float(total) / max(int((labels != IGNORE_INDEX).sum()), 1)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """fp32 master weights and AdamW states of every unit, for checkpoints. Host units are returned without
+        copying (views of the live state): write them out before the next step."""
+        self.synchronize()
+        out = {}
+        for u, unit in enumerate(self.units):
+            out[f"unit{u}.master"] = unit.master.detach().cpu()
+            for key, value in unit.optimizer.state.get(unit.master, {}).items():
+                out[f"unit{u}.{key}"] = value.detach().cpu().reshape(-1)
+        return out
+
+    def load_training_state(self, get: Callable[[str], torch.Tensor], names: set[str]) -> None:
+        """Restore what training_state saved; `get(name)` returns one tensor at a time."""
+        self.synchronize()
+        for u, unit in enumerate(self.units):
+            unit.master.detach().copy_(get(f"unit{u}.master"))
+            state = {key: get(f"unit{u}.{key}").to(unit.master.device).reshape(() if key == "step" else -1)
+                     for key in ("step", "exp_avg", "exp_avg_sq") if f"unit{u}.{key}" in names}
+            if state:
+                unit.optimizer.state[unit.master] = state
+        self.pending_updates = {}
 
     def hf_state(self) -> dict[str, torch.Tensor]:
         """fp32 master weights under Hugging Face names (host copies)."""

@@ -43,3 +43,17 @@ def head_loss_and_grads(x: torch.Tensor, labels: torch.Tensor, norm_w: torch.Ten
     dx, d_norm = torch.autograd.grad(xn, [x, nw], d_flat.view_as(xn))
     grad_norm_w += d_norm
     return loss, dx
+
+
+@torch.no_grad()
+def head_loss_sum(x: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, eps: float,
+                  piece_tokens: int) -> torch.Tensor:
+    """Summed cross-entropy over non-ignored tokens, without gradients (evaluation), in pieces."""
+    flat = rms_norm(x, norm_w, eps).flatten(0, 1)
+    lab = labels.flatten()
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for start in range(0, flat.shape[0], piece_tokens):
+        logits = F.linear(flat[start: start + piece_tokens], head_w)
+        total += F.cross_entropy(logits.float(), lab[start: start + piece_tokens], ignore_index=IGNORE_INDEX,
+                                 reduction="sum")
+    return total

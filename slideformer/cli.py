@@ -4,42 +4,41 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import asdict
 
 from slideformer.calibrate.profile import Profile
-from slideformer.data import random_next_token_batch
-from slideformer.models import ModelConfigError, RandomWeights, load_model_config
+from slideformer.dataset import DataError
+from slideformer.models import ModelConfigError, load_model_config
 from slideformer.plan import Plan, PlanError
 from slideformer.simulator import ProfileError
+from slideformer.train_config import ConfigError, add_flags
 
 GiB = 2**30
 DEFAULT_PROFILE = "h100-80gb"
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from slideformer.recipes.train import print_summary, train_from_config
+    from slideformer.train_config import EXAMPLE, load_config
+
+    if a.print_config:
+        print(EXAMPLE, end="")
+        return 0
+    print_summary(train_from_config(load_config(a.config, a)))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
     import torch
 
-    from slideformer.models.weights import SafetensorsReader
-    from slideformer.runtime import AdamWConfig, Engine
+    from slideformer.recipes.demo import demo
 
-    plan = Plan.load(a.plan)
-    cfg = load_model_config(plan.model)
-    if plan.device == "cuda" and not torch.cuda.is_available():
-        raise PlanError("plan.device is 'cuda' but no CUDA device is available (set device to 'cpu' to run on CPU)")
-    source = SafetensorsReader(a.weights) if a.weights else RandomWeights(cfg, seed=a.seed)
-    engine = Engine(cfg, plan, source, AdamWConfig(lr=a.lr, weight_decay=a.weight_decay,
-                                                   max_grad_norm=a.max_grad_norm))
-    ids, labels = random_next_token_batch(cfg.vocab_size, plan.batch, plan.seq, a.seed)
-    tokens_per_step = plan.batch * plan.seq
-    for step in range(a.steps):
-        t = time.perf_counter()
-        r = engine.train_step(ids, labels)
-        dt = time.perf_counter() - t
-        print(f"step {step + 1}/{a.steps}  loss {r.loss:.4f}  grad-norm {r.grad_norm:.3f}  {dt:.2f} s  "
-              f"{tokens_per_step / dt:.0f} tok/s  "
-              f"{cfg.model_flops_per_token(plan.seq) * tokens_per_step / dt / 1e12:.1f} TFLOPS", flush=True)
-    engine.close()
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"slideformer demo: a 2-layer model learns two-digit addition on {device} ({a.steps} steps)", flush=True)
+    r = demo(a.steps, device, a.out)
+    print(f"\nloss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, held-out loss {r['eval_loss_before']:.3f} -> "
+          f"{r['eval_loss_after']:.3f}\nexact-match accuracy on 500 new problems: {r['accuracy_before']:.1%} -> "
+          f"{r['accuracy_after']:.1%}  ({r['demo_seconds']:.0f} s)\ncheckpoint: {r['checkpoint']}")
     return 0
 
 
@@ -101,7 +100,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         plan.save(a.out)
     print(json.dumps(report, indent=2) if a.json else render(report))
     if a.out and report["fits"] and not a.json:
-        print(f"wrote {a.out} (run it: slideformer train --plan {a.out})")
+        print(f"wrote {a.out} (use it: slideformer train --config CONFIG --plan {a.out})")
     return 0 if report["fits"] else 2
 
 
@@ -128,15 +127,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the chosen plan here when it fits")
     p.set_defaults(func=cmd_plan)
 
-    t = sub.add_parser("train", help="run a plan (random-token steps until the data pipeline of issue 6 lands)")
-    t.add_argument("--plan", required=True, help="plan JSON (from slideformer plan --out, or written by hand)")
-    t.add_argument("--weights", help="Hugging Face model directory with safetensors (default: random weights)")
-    t.add_argument("--steps", type=int, default=3)
-    t.add_argument("--lr", type=float, default=1e-5)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--max-grad-norm", type=float, default=None)
-    t.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train", help="fine-tune from a YAML config (every key is also a flag)")
+    t.add_argument("--config", help="YAML config (see --print-config)")
+    t.add_argument("--print-config", action="store_true", help="print a commented example config and exit")
+    add_flags(t)
     t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="train a small model on generated addition problems (about a minute on CPU)")
+    d.add_argument("--steps", type=int, default=500)
+    d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("simulate", help="predict a plan's step: time, utilisation, bottleneck, memory; Gantt PNG")
     s.add_argument("plan")
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         a.seq = [2048]
     try:
         return a.func(a)
-    except (ModelConfigError, PlanError, ProfileError, FileNotFoundError) as e:
+    except (ModelConfigError, PlanError, ProfileError, ConfigError, DataError, FileNotFoundError) as e:
         print(f"slideformer: error: {e}", file=sys.stderr)
         return 2
 

@@ -34,6 +34,9 @@ class Plan:
     grad_ring: int = 4  # pinned host fp32 gradient buffers shared by the CPU-updated layers
     loss_chunk_tokens: int = 4096  # tokens per LM-head/loss piece; logits never exceed this many rows
     device: str = "cuda"
+    # 'bfloat16' (mixed precision, the default) or 'float32' compute; float32 only on the CPU, whose bf16
+    # matmuls are slow where the processor lacks bf16 instructions (the demo). fp32 masters and states either way.
+    compute_dtype: str = "bfloat16"
 
     @property
     def chunks(self) -> int:
@@ -55,6 +58,8 @@ class Plan:
             problems.append(f"placement needs {num_layers + 2} entries (embed, layers, head) from {PLACEMENTS}")
         if self.update not in UPDATE_SCHEDULES:
             problems.append(f"update must be one of {UPDATE_SCHEDULES}")
+        if self.compute_dtype not in ("bfloat16", "float32") or (self.compute_dtype == "float32" and self.device != "cpu"):
+            problems.append("compute_dtype is 'bfloat16', or 'float32' on device 'cpu'")
         if self.grad_ring < 1 or self.transfer_chunk_mb < 1 or self.loss_chunk_tokens < 1:
             problems.append("grad_ring, transfer_chunk_mb and loss_chunk_tokens must be positive")
         if problems:

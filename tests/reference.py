@@ -12,7 +12,8 @@ IGNORE = -100
 
 
 def reference_train(cfg: ModelConfig, source: WeightSource, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                    optim: AdamWConfig, micro_batch: int, device: str = "cpu") -> tuple[list[float], dict[str, torch.Tensor]]:
+                    optim: AdamWConfig, micro_batch: int, device: str = "cpu",
+                    lrs: list[float] | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
     master_model = Transformer(cfg)
     master = master_model.named_hf_parameters()
     with torch.no_grad():
@@ -24,7 +25,10 @@ def reference_train(cfg: ModelConfig, source: WeightSource, batches: list[tuple[
     opt = torch.optim.AdamW(masters, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                             weight_decay=optim.weight_decay, fused=True)
     losses = []
-    for input_ids, labels in batches:
+    for step, (input_ids, labels) in enumerate(batches):
+        if lrs is not None:
+            for group in opt.param_groups:
+                group["lr"] = lrs[step]
         with torch.no_grad():
             for name, p in compute.items():
                 p.copy_(master[name])

@@ -31,17 +31,21 @@ def relative_weight_error(ours: dict, ref: dict, init: dict) -> float:
     return num / den
 
 
-def run_both(name: str, device: str, optim: AdamWConfig, **plan_kw):
+def run_both(name: str, device: str, optim: AdamWConfig, lrs: list[float] | None = None, **plan_kw):
     cfg = PRESETS[name]
     data = batches(cfg.vocab_size)
     src = RandomWeights(cfg, seed=3)
     chunk = plan_kw.pop("chunk", B)
     plan = uniform_plan(name, cfg.num_layers, B, S, chunk=chunk, device=device, **plan_kw)
     engine = Engine(cfg, plan, src, optim)
-    losses = [engine.train_step(ids, labels).loss for ids, labels in data]
+    losses = []
+    for step, (ids, labels) in enumerate(data):
+        if lrs is not None:
+            engine.set_lr(lrs[step])
+        losses.append(engine.train_step(ids, labels).loss)
     ours = engine.hf_state()
     engine.close()
-    ref_losses, ref = reference_train(cfg, src, data, optim, micro_batch=chunk, device=device)
+    ref_losses, ref = reference_train(cfg, src, data, optim, micro_batch=chunk, device=device, lrs=lrs)
     init = {n: src.get(n) for n in ref}
     return losses, ref_losses, relative_weight_error(ours, ref, init)
 
@@ -77,6 +81,15 @@ def test_global_norm_clipping_after_norm_schedule(max_norm, device):
     optim = AdamWConfig(lr=1e-3, max_grad_norm=max_norm)
     losses, ref_losses, werr = run_both("tiny-llama", device, optim, window=2, activation="offload",
                                         update="after_norm", chunk=2, gpu_units=1)
+    assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL)
+    assert werr < WEIGHT_TOL
+
+
+@pytest.mark.parametrize("update", ["during_backward", "after_norm"])
+def test_learning_rate_schedule_applies_to_the_step_it_was_set_for(update, device):
+    """A schedule changes the rate every step while the last updates of the step before still run."""
+    losses, ref_losses, werr = run_both("tiny-llama", device, AdamWConfig(lr=1e-3), lrs=[3e-3, 1e-4, 2e-3, 5e-4],
+                                        window=2, activation="offload", update=update, chunk=2)
     assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL)
     assert werr < WEIGHT_TOL
 

@@ -1,0 +1,181 @@
+"""Fine-tuning data: local JSONL / JSON / Parquet files (or a `datasets` directory) in the common shapes,
+tokenized, prompt-masked and packed into fixed-length sequences.
+
+Row shapes: {"text"}; chat {"messages": [{"role", "content"}, ...]} rendered with the tokenizer's chat
+template, trained on assistant turns only; instruction {"instruction", "input"?, "output"}, trained on
+the output only. Packing concatenates samples (each ending in EOS) and cuts the stream into sequences;
+attention is causal over the whole packed sequence, so a sample can attend to the samples before it in
+the same sequence (their tokens are never its labels). Without packing, each sample is truncated or
+padded to one sequence.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from slideformer.runtime.loss import IGNORE_INDEX
+
+from .tokenizer import Tokenizer
+
+
+class DataError(ValueError):
+    """A file or row we cannot use; the message names the file and line."""
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    trained: list[bool]  # per token: is it a training target
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(location, row) for each row; location is 'file:line' (or 'file:row N')."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_dir():
+        try:
+            from datasets import load_from_disk
+        except ImportError as e:
+            raise DataError(f"{path}: a directory needs the `datasets` package (pip install datasets)") from e
+        for i, row in enumerate(load_from_disk(str(path))):
+            yield f"{path}:row {i}", row
+    elif path.suffix == ".jsonl":
+        with path.open() as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield f"{path}:{n}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    elif path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of rows")
+        for i, row in enumerate(rows):
+            yield f"{path}:row {i}", row
+    elif path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise DataError(f"{path}: Parquet needs pyarrow (pip install pyarrow)") from e
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}:row {i}", row
+    else:
+        raise DataError(f"{path}: unsupported file type (use .jsonl, .json, .parquet or a datasets directory)")
+
+
+def to_example(row: dict, where: str, tok: Tokenizer) -> Example:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
+    if "messages" in row:
+        return _chat(row["messages"], where, tok)
+    if "instruction" in row or "output" in row:
+        missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
+        if missing:
+            raise DataError(f"{where}: instruction rows need string fields {missing}")
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        if tok.has_chat_template:
+            return _chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}],
+                         where, tok)
+        head = tok.encode(f"### Instruction:\n{prompt}\n\n### Response:\n")
+        answer = tok.encode(row["output"]) + [tok.eos_id]
+        return Example(head + answer, [False] * len(head) + [True] * len(answer))
+    if "text" in row:
+        if not isinstance(row["text"], str):
+            raise DataError(f"{where}: 'text' must be a string")
+        ids = tok.encode(row["text"]) + [tok.eos_id]
+        return Example(ids, [True] * len(ids))
+    raise DataError(f"{where}: a row needs 'text', 'messages', or 'instruction' and 'output'; got {sorted(row)}")
+
+
+def _chat(messages, where: str, tok: Tokenizer) -> Example:
+    if not tok.has_chat_template:
+        raise DataError(f"{where}: chat rows need a tokenizer with a chat template")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m)
+                                                 for m in messages):
+        raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: a chat row needs at least one assistant message")
+    ids = tok.chat(messages, add_generation_prompt=False)
+    trained = [False] * len(ids)
+    # Each assistant turn is what its conversation prefix + generation prompt leaves to be generated.
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tok.chat(messages[:i], add_generation_prompt=True))
+        end = len(tok.chat(messages[: i + 1], add_generation_prompt=False))
+        if ids[:start] != tok.chat(messages[:i], add_generation_prompt=True):
+            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix")
+        trained[start:end] = [True] * (end - start)
+    return Example(ids, trained)
+
+
+def load_examples(paths: list[str | Path], tok: Tokenizer) -> list[Example]:
+    out = [to_example(row, where, tok) for p in paths for where, row in read_rows(p)]
+    if not out:
+        raise DataError(f"{', '.join(map(str, paths))}: no rows")
+    return out
+
+
+def to_sequences(examples: list[Example], seq: int, tok: Tokenizer, pack: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and labels [N, seq]; labels[t] is token t+1 when that token is trained, else IGNORE_INDEX."""
+    windows: list[tuple[list[int], list[bool]]] = []
+    if pack:
+        ids = [t for e in examples for t in e.ids]
+        trained = [m for e in examples for m in e.trained]
+        for start in range(0, max(len(ids) - 1, 0), seq):
+            w, m = ids[start: start + seq + 1], trained[start: start + seq + 1]
+            if len(w) < 2:
+                break
+            windows.append((w + [tok.pad_id] * (seq + 1 - len(w)), m + [False] * (seq + 1 - len(m))))
+    else:
+        for e in examples:
+            w, m = e.ids[: seq + 1], e.trained[: seq + 1]
+            windows.append((w + [tok.pad_id] * (seq + 1 - len(w)), m + [False] * (seq + 1 - len(m))))
+    ids = torch.tensor([w for w, _ in windows], dtype=torch.long)
+    mask = torch.tensor([m for _, m in windows], dtype=torch.bool)
+    labels = torch.where(mask[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
+    keep = (labels != IGNORE_INDEX).any(dim=1)  # a sequence with nothing to learn is dropped
+    return ids[keep, :-1].contiguous(), labels[keep].contiguous()
+
+
+class Batches:
+    """Sequences in a seeded order per epoch; the position (epoch, index) is part of a checkpoint."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor, batch: int, seed: int) -> None:
+        if len(ids) < batch:
+            raise DataError(f"{len(ids)} training sequences, fewer than one batch of {batch}: "
+                            "lower batch/accumulation or seq, or add data")
+        self.ids, self.labels, self.batch, self.seed = ids, labels, batch, seed
+        self.epoch, self.index = 0, 0
+        self.order = self._order()
+
+    def _order(self) -> torch.Tensor:
+        return torch.randperm(len(self.ids), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.ids) // self.batch
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.index + self.batch > len(self.ids):  # drop the ragged tail, start the next epoch
+            self.epoch, self.index = self.epoch + 1, 0
+            self.order = self._order()
+        rows = self.order[self.index: self.index + self.batch]
+        self.index += self.batch
+        return self.ids[rows], self.labels[rows]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self.order = self._order()

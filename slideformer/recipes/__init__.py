@@ -1,0 +1,1 @@
+"""Recipes: whole jobs assembled from the components (fine-tuning, the demo)."""

@@ -1,0 +1,192 @@
+"""Fine-tuning: config -> data -> plan -> engine -> steps with eval, checkpoints and records."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from slideformer.calibrate.profile import Profile
+from slideformer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from slideformer.dataset import Batches, load_examples, to_sequences
+from slideformer.models import RandomWeights, load_model_config
+from slideformer.models.config import ModelConfig
+from slideformer.plan import Plan, PlanError, uniform_plan
+from slideformer.planner.search import Budgets, choose_plan
+from slideformer.progress import RunLog, loss_curve
+from slideformer.runtime import AdamWConfig, Engine
+from slideformer.schedule import learning_rate
+from slideformer.tokenizer import HFTokenizer, Tokenizer
+from slideformer.train_config import ConfigError, TrainConfig
+
+GiB = 2**30
+
+
+@dataclass
+class Sequences:
+    ids: torch.Tensor
+    labels: torch.Tensor
+
+
+def weights_for(cfg: TrainConfig, model_cfg: ModelConfig):
+    """Safetensors of a model directory, or seeded random weights for a preset."""
+    from slideformer.models.weights import SafetensorsReader
+
+    path = Path(cfg.model)
+    if path.is_dir() and (any(path.glob("*.safetensors"))):
+        return SafetensorsReader(path)
+    return RandomWeights(model_cfg, seed=cfg.seed)
+
+
+def tokenized_data(cfg: TrainConfig, tok: Tokenizer) -> tuple[Sequences, Sequences | None]:
+    train_ids, train_labels = to_sequences(load_examples(cfg.data, tok), cfg.seq, tok, cfg.pack)
+    if cfg.eval_data:
+        ids, labels = to_sequences(load_examples(cfg.eval_data, tok), cfg.seq, tok, cfg.pack)
+        return Sequences(train_ids, train_labels), Sequences(ids, labels)
+    if cfg.eval_fraction:
+        order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(cfg.seed))
+        n_eval = max(1, int(len(order) * cfg.eval_fraction))
+        held, kept = order[:n_eval], order[n_eval:]
+        return Sequences(train_ids[kept], train_labels[kept]), Sequences(train_ids[held], train_labels[held])
+    return Sequences(train_ids, train_labels), None
+
+
+def device_of(cfg: TrainConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is 'cuda' but no CUDA device is available")
+    return cfg.device
+
+
+def available_host_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str) -> Plan:
+    batch = cfg.sequences_per_step
+    if cfg.plan != "auto":
+        plan = Plan.load(cfg.plan)
+        plan.validate(model_cfg.num_layers)
+        if (plan.batch, plan.seq) != (batch, cfg.seq):
+            raise PlanError(f"{cfg.plan}: plan is for batch {plan.batch} x seq {plan.seq}, the config asks for "
+                            f"{batch} (batch x accumulation) x {cfg.seq}")
+        return plan
+    update = "after_norm" if cfg.max_grad_norm is not None else "during_backward"
+    if device == "cpu":
+        return uniform_plan(cfg.model, model_cfg.num_layers, batch, cfg.seq, chunk=cfg.batch,
+                            window=min(2, model_cfg.num_layers), activation="recompute", update=update, device="cpu")
+    budgets = Budgets(int(torch.cuda.mem_get_info()[0] * 0.92), int(available_host_bytes() * 0.9))
+    verdict = choose_plan(model_cfg, cfg.model, cfg.seq, batch, Profile.load(cfg.profile), budgets,
+                          clip=cfg.max_grad_norm is not None)
+    if not verdict.fits:
+        raise PlanError(f"no plan fits batch {batch} x seq {cfg.seq}: " + "; ".join(verdict.shortfalls))
+    return verdict.plan
+
+
+def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train: Sequences, held_out: Sequences | None,
+        tokenizer_files: list[Path], plan: Plan) -> dict:
+    """The training loop; returns the run's summary (also written to output_dir/summary.json)."""
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    batches = Batches(train.ids, train.labels, cfg.sequences_per_step, cfg.seed)
+    total = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
+    engine = Engine(model_cfg, plan, source, AdamWConfig(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm))
+    start = 0
+    if cfg.resume:
+        path = latest_checkpoint(ckpt_root)
+        if path is None:
+            raise ConfigError(f"resume: no checkpoint under {ckpt_root}")
+        state = load_checkpoint(path, engine)
+        if state["config"]["seq"] != cfg.seq or state["config"]["data"] != cfg.data:
+            raise ConfigError(f"resume: {path} was trained with another seq or data")
+        start = state["step"]
+        batches.restore(state["data"])
+    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    (out / "plan.json").write_text(plan.to_json())
+    log = RunLog(out, total, start)
+    flops_per_step = model_cfg.model_flops_per_token(cfg.seq) * cfg.sequences_per_step * cfg.seq
+
+    def evaluate(step: int) -> float | None:
+        if held_out is None:
+            return None
+        n = cfg.sequences_per_step
+        total_loss = total_tokens = 0.0
+        for i in range(0, len(held_out.ids), n):
+            labels = held_out.labels[i: i + n]
+            tokens = int((labels >= 0).sum())
+            total_loss += engine.eval_loss(held_out.ids[i: i + n], labels) * tokens
+            total_tokens += tokens
+        value = total_loss / max(total_tokens, 1)
+        log.record({"step": step, "eval_loss": value})
+        return value
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(ckpt_root, step, model_cfg, engine, tokenizer_files,
+                               {"step": step, "data": batches.state(), "config": dataclasses.asdict(cfg)},
+                               cfg.keep_checkpoints)
+
+    first_eval = evaluate(start) if start == 0 else None
+    started, losses = time.perf_counter(), []
+    saved_at = None
+    for step in range(start, total):
+        lr = learning_rate(step, cfg.lr, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+        engine.set_lr(lr)
+        ids, labels = batches.next()
+        t = time.perf_counter()
+        r = engine.train_step(ids, labels)
+        dt = time.perf_counter() - t
+        losses.append(r.loss)
+        log.step({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": lr, "trained_tokens": r.tokens,
+                  "step_s": dt, "tokens_per_s": ids.numel() / dt, "tflops": flops_per_step / dt / 1e12,
+                  "epoch": batches.epoch})
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+            evaluate(step + 1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            saved_at = checkpoint(step + 1)
+    last_eval = evaluate(total)
+    if saved_at is None or not saved_at.name.endswith(f"{total:06d}"):
+        saved_at = checkpoint(total)
+    log.close()
+    engine.close()
+    loss_curve(out / "metrics.jsonl", out / "loss.png")
+    summary = {"steps": total, "resumed_from": start or None, "first_loss": losses[0] if losses else None,
+               "last_loss": losses[-1] if losses else None, "eval_loss_before": first_eval, "eval_loss_after": last_eval,
+               "seconds": time.perf_counter() - started, "checkpoint": str(saved_at), "plan": str(out / "plan.json")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def train_from_config(cfg: TrainConfig) -> dict:
+    """Everything `slideformer train --config` does."""
+    model_cfg = load_model_config(cfg.model)
+    tok_dir = cfg.tokenizer or (cfg.model if Path(cfg.model).is_dir() else None)
+    if tok_dir is None:
+        raise ConfigError(f"model {cfg.model!r} is a preset: set tokenizer to a directory with tokenizer.json")
+    tok = HFTokenizer(tok_dir)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, the model's embedding {model_cfg.vocab_size}")
+    device = device_of(cfg)
+    plan = make_plan(cfg, model_cfg, device)  # refuses a job that does not fit before any data or weights load
+    train, held_out = tokenized_data(cfg, tok)
+    return run(cfg, model_cfg, tok, weights_for(cfg, model_cfg), train, held_out, tok.files(), plan)
+
+
+def print_summary(summary: dict) -> None:
+    def fmt(x):
+        return "-" if x is None else f"{x:.4f}"
+    print(f"\n{summary['steps']} steps in {summary['seconds']:.0f} s"
+          + (f" (resumed at step {summary['resumed_from']})" if summary["resumed_from"] else "")
+          + f"; train loss {fmt(summary['first_loss'])} -> {fmt(summary['last_loss'])}; "
+          f"eval loss {fmt(summary['eval_loss_before'])} -> {fmt(summary['eval_loss_after'])}\n"
+          f"checkpoint (Hugging Face directory): {summary['checkpoint']}")
