@@ -117,9 +117,9 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
     log = RunLog(out, total, start)
     flops_per_step = model_cfg.model_flops_per_token(cfg.seq) * cfg.sequences_per_step * cfg.seq
 
-    def evaluate(step: int) -> float | None:
+    def evaluate(step: int) -> None:
         if held_out is None:
-            return None
+            return
         n = cfg.sequences_per_step
         total_loss = total_tokens = 0.0
         for i in range(0, len(held_out.ids), n):
@@ -127,17 +127,16 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
             tokens = int((labels >= 0).sum())
             total_loss += engine.eval_loss(held_out.ids[i: i + n], labels) * tokens
             total_tokens += tokens
-        value = total_loss / max(total_tokens, 1)
-        log.record({"step": step, "eval_loss": value})
-        return value
+        log.record({"step": step, "eval_loss": total_loss / max(total_tokens, 1)})
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(ckpt_root, step, model_cfg, engine, tokenizer_files,
                                {"step": step, "data": batches.state(), "config": dataclasses.asdict(cfg)},
                                cfg.keep_checkpoints)
 
-    first_eval = evaluate(start) if start == 0 else None
-    started, losses = time.perf_counter(), []
+    if start == 0:
+        evaluate(0)
+    started = time.perf_counter()
     saved_at = None
     for step in range(start, total):
         lr = learning_rate(step, cfg.lr, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
@@ -146,7 +145,6 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
         t = time.perf_counter()
         r = engine.train_step(ids, labels)
         dt = time.perf_counter() - t
-        losses.append(r.loss)
         log.step({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": lr, "trained_tokens": r.tokens,
                   "step_s": dt, "tokens_per_s": ids.numel() / dt, "tflops": flops_per_step / dt / 1e12,
                   "epoch": batches.epoch})
@@ -154,15 +152,19 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
             evaluate(step + 1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             saved_at = checkpoint(step + 1)
-    last_eval = evaluate(total)
+    evaluate(total)
     if saved_at is None or not saved_at.name.endswith(f"{total:06d}"):
         saved_at = checkpoint(total)
     log.close()
     engine.close()
     loss_curve(out / "metrics.jsonl", out / "loss.png")
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # resumed runs too
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     summary = {"steps": total, "resumed_from": start or None, "first_loss": losses[0] if losses else None,
-               "last_loss": losses[-1] if losses else None, "eval_loss_before": first_eval, "eval_loss_after": last_eval,
-               "seconds": time.perf_counter() - started, "checkpoint": str(saved_at), "plan": str(out / "plan.json")}
+               "last_loss": losses[-1] if losses else None, "eval_loss_before": evals[0] if evals else None,
+               "eval_loss_after": evals[-1] if evals else None, "seconds": time.perf_counter() - started,
+               "checkpoint": str(saved_at), "plan": str(out / "plan.json")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
