@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from slideformer import kernels
 from bench.common import BATCH, MODEL, SEQ, memory_readings, provenance, throughput, time_steps, write_result
 from slideformer.data import random_next_token_batch
 from slideformer.models import RandomWeights, load_model_config
@@ -47,7 +48,7 @@ def main() -> None:
     data = [random_next_token_batch(cfg.vocab_size, a.batch, a.seq, seed=i) for i in range(2)]
     timing = time_steps(lambda i: engine.train_step(*data[i % 2]).loss, a.warmup, a.steps, engine.synchronize)
     write_result(a.out, {"system": "slideformer", "name": a.name, **provenance(), "plan": plan.__dict__,
-                         "init_s": init_s, **timing, **throughput(a.model, a.batch, a.seq, timing["step_s"]),
+                         "init_s": init_s, "triton_kernels": kernels.active(torch.empty(0, device="cuda")), **timing, **throughput(a.model, a.batch, a.seq, timing["step_s"]),
                          **memory_readings(), "gpu_cap_gib": a.gpu_cap_gib})
     engine.close()
 

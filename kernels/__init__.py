@@ -1,1 +1,36 @@
-"""Triton kernels for the runtime's bottlenecks (issue 4)."""
+"""Triton kernels for the step's bottlenecks, each with its backward, and the switch that turns them on.
+
+On CUDA the model's layers and the LM-head loss use them by default; the plain PyTorch code in
+`models/layers.py` and `runtime/loss.py` stays the reference and the CPU path. `SLIDEFORMER_KERNELS=0`
+turns them off; tests run the kernels on the CPU through `TRITON_INTERPRET=1`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+_enabled = os.environ.get("SLIDEFORMER_KERNELS", "1") != "0"
+
+
+def active(x: torch.Tensor) -> bool:
+    """Whether ops on `x` take the Triton path: enabled, and on CUDA (or forced on CPU by the interpreter)."""
+    return _enabled and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" and _forced_on_cpu)
+
+
+_forced_on_cpu = False
+
+
+@contextlib.contextmanager
+def use(enabled: bool, on_cpu: bool = False) -> Iterator[None]:
+    """Turn the kernels on or off within a block (the reference loop runs with them off);
+    `on_cpu` also routes CPU tensors to them, for interpreter tests."""
+    global _enabled, _forced_on_cpu
+    saved = _enabled, _forced_on_cpu
+    _enabled, _forced_on_cpu = enabled, on_cpu
+    try:
+        yield
+    finally:
+        _enabled, _forced_on_cpu = saved

@@ -11,12 +11,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+from slideformer import kernels
+
 from .config import ModelConfig
 
 Params = dict[str, torch.Tensor]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if kernels.active(x):
+        from slideformer.kernels.rms_norm import rms_norm as fused
+        return fused(x, weight, eps)
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -52,7 +57,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, S, D]."""
+    """x: [B, heads, S, D]; cos, sin: [S, D]."""
+    if kernels.active(x):
+        from slideformer.kernels.rope import rope
+        return rope(x, cos, sin)
     return x * cos + _rotate_half(x) * sin
 
 
@@ -77,6 +85,9 @@ def attention(p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
 def mlp(p: Params, x: torch.Tensor) -> torch.Tensor:
     gate = F.linear(x, p["mlp.gate_proj.weight"])
     up = F.linear(x, p["mlp.up_proj.weight"])
+    if kernels.active(x):
+        from slideformer.kernels.swiglu import swiglu
+        return F.linear(swiglu(gate, up), p["mlp.down_proj.weight"])
     return F.linear(F.silu(gate) * up, p["mlp.down_proj.weight"])
 
 

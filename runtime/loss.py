@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slideformer import kernels
 from slideformer.models.layers import rms_norm
 
 IGNORE_INDEX = -100
@@ -27,6 +28,12 @@ def head_loss_and_grads(x: torch.Tensor, labels: torch.Tensor, norm_w: torch.Ten
         xn = rms_norm(x, nw, eps)
     flat = xn.detach().flatten(0, 1)
     lab = labels.flatten()
+    if kernels.active(flat):  # fused: logits of one piece in bf16, overwritten by their gradient
+        from slideformer.kernels.cross_entropy import linear_cross_entropy
+        loss, d_flat = linear_cross_entropy(flat, head_w.detach(), lab, 1.0 / total_tokens, piece_tokens, grad_head_w)
+        dx, d_norm = torch.autograd.grad(xn, [x, nw], d_flat.view_as(xn))
+        grad_norm_w += d_norm
+        return loss, dx
     d_flat = torch.empty_like(flat)
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     hw = head_w.detach().requires_grad_()

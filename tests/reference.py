@@ -1,17 +1,24 @@
 """The independent reference: a plain PyTorch mixed-precision training loop (bf16 compute, fp32 master
-weights, torch AdamW), with micro-batch gradient accumulation and global-norm clipping."""
+weights, torch AdamW), with micro-batch gradient accumulation and global-norm clipping. It runs with the
+Triton kernels off, so on the GPU the runtime (kernels on) is checked against plain PyTorch."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from slideformer import kernels
 from slideformer.models import ModelConfig, Transformer
 from slideformer.runtime.engine import AdamWConfig, WeightSource
 
 IGNORE = -100
 
 
-def reference_train(cfg: ModelConfig, source: WeightSource, batches: list[tuple[torch.Tensor, torch.Tensor]],
+def reference_train(*args, **kwargs) -> tuple[list[float], dict[str, torch.Tensor]]:
+    with kernels.use(False):
+        return _train(*args, **kwargs)
+
+
+def _train(cfg: ModelConfig, source: WeightSource, batches: list[tuple[torch.Tensor, torch.Tensor]],
                     optim: AdamWConfig, micro_batch: int, device: str = "cpu",
                     lrs: list[float] | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
     master_model = Transformer(cfg)
