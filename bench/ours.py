@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from slideformer import kernels
 from bench.common import BATCH, MODEL, SEQ, memory_readings, provenance, throughput, time_steps, write_result
+from slideformer import kernels
 from slideformer.data import random_next_token_batch
 from slideformer.models import RandomWeights, load_model_config
 from slideformer.plan import uniform_plan
