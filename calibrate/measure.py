@@ -80,26 +80,15 @@ def cpu_adamw_rates(numel: int, thread_counts: list[int]) -> list[float]:
     return rates
 
 
-def disk_rates(directory: str | Path, nbytes: int, use_kvikio: bool = False) -> Disk:
-    """Sequential write then read of one file, bypassing the page cache (O_DIRECT) where the filesystem allows."""
+def disk_rates(directory: str | Path, nbytes: int) -> Disk:
+    """Sequential write then read of one file through POSIX calls, bypassing the page cache (O_DIRECT)
+    where the filesystem allows it."""
     directory = Path(directory)
     block = 1 << 20
     nbytes = max(block, nbytes // block * block)
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".slideformer-calibrate-", delete=False) as f:
         path = f.name
     try:
-        if use_kvikio:
-            import kvikio
-            buf = torch.ones(nbytes // 4, dtype=torch.float32, device="cuda")
-            t = time.perf_counter()
-            with kvikio.CuFile(path, "w") as fh:
-                fh.write(buf)
-            write_s = time.perf_counter() - t
-            t = time.perf_counter()
-            with kvikio.CuFile(path, "r") as fh:
-                fh.read(buf)
-            read_s = time.perf_counter() - t
-            return Disk(str(directory), "kvikio", nbytes / read_s, nbytes / write_s)
         flags = getattr(os, "O_DIRECT", 0)
         buf = mmap.mmap(-1, block)  # page aligned, as O_DIRECT needs
         buf.write(b"\x5a" * block)

@@ -52,7 +52,7 @@ class HeadTiming:
 @dataclass
 class Disk:
     path: str
-    method: str  # 'posix-odirect' or 'kvikio'
+    method: str  # 'posix-odirect', 'posix-buffered' (the filesystem refused O_DIRECT) or 'spec'
     read_bandwidth: float
     write_bandwidth: float
 
@@ -94,12 +94,12 @@ class Profile:
     def has_gpu(self) -> bool:
         return self.gpu_bf16_flops is not None
 
-    def cpu_adamw_rate(self, threads: int | None = None) -> float:
-        """Parameters/s of the CPU optimizer at `threads` (default: the runtime's, under PCIe traffic if measured)."""
-        if threads is None and self.cpu_adamw_busy_params_per_s:
+    def cpu_adamw_rate(self) -> float:
+        """Parameters/s of the runtime's CPU optimizer: under PCIe traffic where measured, else idle at the
+        runtime's thread count."""
+        if self.cpu_adamw_busy_params_per_s:
             return self.cpu_adamw_busy_params_per_s
-        threads = threads or self.runtime_threads
-        best = [r for t, r in zip(self.cpu_adamw_threads, self.cpu_adamw_params_per_s) if t <= threads]
+        best = [r for t, r in zip(self.cpu_adamw_threads, self.cpu_adamw_params_per_s) if t <= self.runtime_threads]
         return max(best) if best else self.cpu_adamw_params_per_s[0]
 
     def to_json(self) -> str:

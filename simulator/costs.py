@@ -9,6 +9,7 @@ measured traces the two directions overlap only in part, so the duplex limit rar
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from functools import lru_cache
 
 import networkx as nx
@@ -16,6 +17,7 @@ import numpy as np
 
 from slideformer.calibrate.profile import Profile
 from slideformer.models.config import ModelConfig
+from slideformer.opgraph import unit_numels
 
 SPEC_EFFICIENCY = 0.5  # achieved/peak GEMM rate assumed for layers no profile measured
 STAGING_PIECE_LAUNCH_S = 20e-6  # host cost of one staging copy + cast pair
@@ -90,7 +92,6 @@ class CostModel:
 
 def _cfg_of(t, like: ModelConfig) -> ModelConfig:
     """A config with a timing entry's shape, for its flop count (layer_params needs the whole shape)."""
-    from dataclasses import replace
     return replace(like, hidden_size=t.hidden, intermediate_size=t.intermediate, num_heads=t.heads,
                    num_kv_heads=t.kv_heads, head_dim=t.head_dim)
 
@@ -150,6 +151,5 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
     layers = sum(cost.layer("fwd_s", tokens) + cost.layer("bwd_kept_s" if a == "keep" else "bwd_recompute_s", tokens)
                  for a in plan.activations)
     gpu = plan.chunks * (layers + cost.head(tokens)) * slow
-    numel = [cfg.vocab_size * cfg.hidden_size] + [cfg.layer_params] * cfg.num_layers + [cfg.hidden_size]
-    cpu = sum(n for n, where in zip(numel, plan.placement) if where == "cpu") / cost.p.cpu_adamw_rate()
+    cpu = sum(n for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu") / cost.p.cpu_adamw_rate()
     return max(gpu, cpu)

@@ -12,6 +12,7 @@ from slideformer.plan import uniform_plan
 from slideformer.planner.memory import host_bytes
 from slideformer.planner.search import Budgets, choose_plan, gpu_need, least_needs
 from slideformer.simulator import simulate
+from slideformer.simulator.costs import CostModel, step_lower_bound
 
 GiB = 2**30
 
@@ -73,6 +74,8 @@ def test_simulation_honours_dependencies_resources_and_updates(data, cfg, profil
         for a, b in zip(spans, spans[1:]):
             assert b.start >= a.end - 1e-12
     assert all(b > a for a, b in zip(sim.step_ends, sim.step_ends[1:]))
+    # the planner's branch and bound is exact only if its bound never exceeds a simulated step
+    assert step_lower_bound(cfg, plan, CostModel(profile, cfg, plan.seq)) <= sim.step_s * (1 + 1e-9)
 
 
 @settings(max_examples=80, deadline=None)
