@@ -20,13 +20,14 @@ def reference_train(*args, **kwargs) -> tuple[list[float], dict[str, torch.Tenso
 
 def _train(cfg: ModelConfig, source: WeightSource, batches: list[tuple[torch.Tensor, torch.Tensor]],
                     optim: AdamWConfig, micro_batch: int, device: str = "cpu",
-                    lrs: list[float] | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+                    lrs: list[float] | None = None, compute_dtype: torch.dtype = torch.bfloat16,
+                    ) -> tuple[list[float], dict[str, torch.Tensor]]:
     master_model = Transformer(cfg)
     master = master_model.named_hf_parameters()
     with torch.no_grad():
         for name, p in master.items():
             p.copy_(source.get(name))
-    model = Transformer(cfg).to(device=device, dtype=torch.bfloat16)
+    model = Transformer(cfg).to(device=device, dtype=compute_dtype)
     compute = model.named_hf_parameters()
     masters = [p for p in master.values()]
     opt = torch.optim.AdamW(masters, lr=optim.lr, betas=optim.betas, eps=optim.eps,
