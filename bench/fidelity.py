@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.common import BATCH, MODEL, SEQ, memory_readings, provenance
+from bench.common import BATCH, MODEL, SEQ, memory_readings, provenance, time_steps
 from slideformer.calibrate.profile import Profile
 from slideformer.models import load_model_config
 from slideformer.plan import Plan, uniform_plan
@@ -53,14 +53,7 @@ def run_one(plan: Plan, out: Path) -> None:
     cfg = load_model_config(plan.model)
     engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5))
     data = [random_next_token_batch(cfg.vocab_size, plan.batch, plan.seq, seed=i) for i in range(2)]
-    for i in range(2):
-        engine.train_step(*data[i % 2])
-    engine.synchronize()
-    t = time.perf_counter()
-    for i in range(3):
-        engine.train_step(*data[i % 2])
-    engine.synchronize()
-    step_s = (time.perf_counter() - t) / 3
+    step_s = time_steps(lambda i: engine.train_step(*data[i % 2]).loss, 2, 3, engine.synchronize)["step_s"]
     trace = engine.start_trace()
     for i in range(2):
         engine.train_step(*data[i % 2])

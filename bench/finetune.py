@@ -72,6 +72,7 @@ def main() -> None:
     loss_after = {m["step"]: m["loss"] for m in after if "loss" in m}
     replayed = {s: (loss_before[s], loss_after[s]) for s in loss_before if s > a.save_every and s in loss_after}
     ckpt = work / "run" / "checkpoints" / (work / "run" / "checkpoints" / "LATEST").read_text()
+    resumed_step_s = [m["step_s"] for m in after if m.get("step", 0) > a.save_every + 1 and "step_s" in m]
     record = {
         "command": "python -m bench.finetune " + " ".join(sys.argv[1:]), **provenance(), "config": config,
         "plan": json.loads((work / "run" / "plan.json").read_text()),
@@ -79,8 +80,7 @@ def main() -> None:
         "resume_returncode": resumed.returncode, "resume_s": time.time() - t1,
         "losses": loss_after, "eval": [m for m in after if "eval_loss" in m],
         "replayed_steps": replayed, "replay_identical": all(x == y for x, y in replayed.values()),
-        "mean_step_s_resumed": sum(m["step_s"] for m in after if m.get("step", 0) > a.save_every + 1 and "step_s" in m)
-        / max(1, sum(1 for m in after if m.get("step", 0) > a.save_every + 1 and "step_s" in m)),
+        "mean_step_s_resumed": sum(resumed_step_s) / max(1, len(resumed_step_s)),
         "tokens_per_s": [m["tokens_per_s"] for m in after if "tokens_per_s" in m],
         "peak_gpu_gib": max((m["gpu_gib"] for m in after if "gpu_gib" in m), default=None),
         "peak_host_gib": max((m["host_gib"] for m in after if "host_gib" in m), default=None),

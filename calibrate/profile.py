@@ -10,7 +10,21 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+
 PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+def fit_at(points: list[tuple[int, float]], x: int) -> float | None:
+    """A measured quantity at x: the least-squares line through (x, value) points (clamped at 0), proportional
+    from a single point; None without points. Zero values mean unmeasured and are skipped."""
+    points = [p for p in points if p[1] > 0]
+    if not points:
+        return None
+    if len(points) == 1:
+        return points[0][1] * x / points[0][0]
+    slope, intercept = np.polyfit([p[0] for p in points], [p[1] for p in points], 1)
+    return float(max(slope * x + intercept, 0.0))
 
 
 @dataclass

@@ -15,14 +15,12 @@ from typing import Iterator
 import torch
 
 _enabled = os.environ.get("SLIDEFORMER_KERNELS", "0") == "1"
+_forced_on_cpu = False
 
 
 def active(x: torch.Tensor) -> bool:
     """Whether ops on `x` take the Triton path: enabled, and on CUDA (or forced on CPU by the interpreter)."""
     return _enabled and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" and _forced_on_cpu)
-
-
-_forced_on_cpu = False
 
 
 @contextlib.contextmanager

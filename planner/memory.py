@@ -5,9 +5,8 @@ the model's shape where there are any, else from a formula fitted to H100 measur
 """
 from __future__ import annotations
 
-import numpy as np
 
-from slideformer.calibrate.profile import Profile
+from slideformer.calibrate.profile import Profile, fit_at
 from slideformer.models.config import ModelConfig
 from slideformer.opgraph import activation_bytes_per_token, unit_numels
 from slideformer.plan import Plan
@@ -18,14 +17,9 @@ BACKWARD_WORKSPACE_PER_GRAPH_BYTE = 3.2  # autograd temporaries of a recomputed 
 
 
 def _fit(points: list[tuple[int, int]], x: int) -> int | None:
-    """Linear fit of measured (tokens, bytes), evaluated at x; None without measurements."""
-    points = [p for p in points if p[1] > 0]
-    if not points:
-        return None
-    if len(points) == 1:
-        return int(points[0][1] * x / points[0][0])
-    slope, intercept = np.polyfit([p[0] for p in points], [p[1] for p in points], 1)
-    return int(max(slope * x + intercept, 0))
+    """Measured bytes at x tokens (see fit_at); None without measurements."""
+    got = fit_at(points, x)
+    return None if got is None else int(got)
 
 
 def layer_workspace(cfg: ModelConfig, seq: int, tokens: int, profile: Profile | None = None) -> int:
@@ -80,17 +74,31 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
     }
 
 
-def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
-    """Host RAM of the runtime's buffers: fp32 masters and gradients (pinned), AdamW states, offloaded activations."""
+def pinned_host_buffers(cfg: ModelConfig, plan: Plan) -> dict[str, list[int]]:
+    """Bytes of every pinned host buffer the runtime allocates, by kind: fp32 masters of host-updated units,
+    their fp32 gradient destinations (a shared ring for layers during backward), offloaded activations."""
     L, n = cfg.num_layers, unit_numels(cfg)
     on_cpu = [u for u in range(L + 2) if plan.placement[u] == "cpu"]
-    ring = plan.update == "during_backward" and any(0 < u <= L for u in on_cpu)
-    own_grad = [u for u in on_cpu if not (ring and 0 < u <= L)]
+    ring = plan.shares_grad_ring
+    act_itemsize = 4 if plan.compute_dtype == "float32" else 2
     return {
-        "master_weights": sum(4 * n[u] for u in on_cpu),
-        "optimizer_states": sum(8 * n[u] for u in on_cpu),
-        "gradients": (plan.grad_ring * 4 * n[1] if ring else 0) + sum(4 * n[u] for u in own_grad),
-        "offloaded_activations": plan.activations.count("offload") * plan.batch * plan.seq * cfg.hidden_size * 2,
+        "master_weights": [4 * n[u] for u in on_cpu],
+        "gradients": [4 * n[1]] * (plan.grad_ring if ring else 0)
+        + [4 * n[u] for u in on_cpu if not (ring and 0 < u <= L)],
+        "offloaded_activations": [plan.batch * plan.seq * cfg.hidden_size * act_itemsize]
+        * plan.activations.count("offload"),
+    }
+
+
+def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
+    """Host RAM of the runtime's buffers: fp32 masters and gradients (pinned), AdamW states, offloaded activations."""
+    pinned = {kind: sum(sizes) for kind, sizes in pinned_host_buffers(cfg, plan).items()}
+    states = sum(8 * n for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu")
+    return {
+        "master_weights": pinned["master_weights"],
+        "optimizer_states": states,
+        "gradients": pinned["gradients"],
+        "offloaded_activations": pinned["offloaded_activations"],
         "process": profile.process_baseline_bytes if profile is not None else 0,
     }
 

@@ -15,13 +15,12 @@ def capacity_report(cfg: ModelConfig, model: str, seq: int, batch: int | None, p
                     clip: bool = False) -> dict:
     update = "after_norm" if clip else "during_backward"
     verdict = choose_plan(cfg, model, seq, batch, profile, budgets, clip)
-    max_batch = largest(lambda b: feasible(cfg, model, b, seq, profile, budgets, update), 1 << 16)
     max_seq = largest(lambda s: feasible(cfg, model, 1, s, profile, budgets, update), cfg.max_position_embeddings)
     least_gpu, least_host = least_needs(cfg, model, batch or 1, seq, profile, update)
     report = {
         "model": model, "params": cfg.total_params, "seq": seq, "fits": verdict.fits,
         "batch": verdict.plan.batch if verdict.plan else batch,
-        "max_batch": max_batch, "max_seq_at_batch_1": max_seq,
+        "max_batch": verdict.max_batch, "max_seq_at_batch_1": max_seq,
         "predicted_step_s": None, "predicted_tokens_per_s": None, "predicted_tflops": None,
         "peak_gpu_bytes": None, "peak_host_bytes": None, "peak_disk_bytes": 0, "bottleneck": None,
         "utilisation": None, "gpu_breakdown": None, "host_breakdown": None,

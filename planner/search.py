@@ -32,6 +32,7 @@ class Verdict:
     fits: bool
     plan: Plan | None
     simulation: Simulation | None
+    max_batch: int  # the largest batch any plan fits at this seq (0: none)
     shortfalls: list[str] = field(default_factory=list)  # what does not fit, with numbers
 
 
@@ -40,14 +41,17 @@ def gpu_need(cfg: ModelConfig, plan: Plan, profile: Profile | None) -> int:
     return max(sum(gpu_bytes(cfg, plan, None).values()), sum(gpu_bytes(cfg, plan, profile).values()))
 
 
-def shortfalls(cfg: ModelConfig, plan: Plan, profile: Profile | None, budgets: Budgets) -> list[str]:
+def _over_budget(gpu: int, host: int, budgets: Budgets, needs: str) -> list[str]:
     out = []
-    gpu, host = gpu_need(cfg, plan, profile), sum(host_bytes(cfg, plan, profile).values())
     if gpu > budgets.gpu_bytes:
-        out.append(f"GPU needs {gpu / GiB:.1f} GiB, budget {budgets.gpu_bytes / GiB:.1f} GiB")
+        out.append(f"GPU {needs} {gpu / GiB:.1f} GiB, budget {budgets.gpu_bytes / GiB:.1f} GiB")
     if host > budgets.host_bytes:
-        out.append(f"host RAM needs {host / GiB:.1f} GiB, budget {budgets.host_bytes / GiB:.1f} GiB")
+        out.append(f"host RAM {needs} {host / GiB:.1f} GiB, budget {budgets.host_bytes / GiB:.1f} GiB")
     return out
+
+
+def shortfalls(cfg: ModelConfig, plan: Plan, profile: Profile | None, budgets: Budgets) -> list[str]:
+    return _over_budget(gpu_need(cfg, plan, profile), sum(host_bytes(cfg, plan, profile).values()), budgets, "needs")
 
 
 def smallest_plan(cfg: ModelConfig, model: str, batch: int, seq: int, activation: str, update: str) -> Plan:
@@ -73,12 +77,7 @@ def least_needs(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Pro
 def refusal(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile | None, budgets: Budgets,
             update: str) -> list[str]:
     gpu, host = least_needs(cfg, model, batch, seq, profile, update)
-    out = []
-    if gpu > budgets.gpu_bytes:
-        out.append(f"GPU needs at least {gpu / GiB:.1f} GiB, budget {budgets.gpu_bytes / GiB:.1f} GiB")
-    if host > budgets.host_bytes:
-        out.append(f"host RAM needs at least {host / GiB:.1f} GiB, budget {budgets.host_bytes / GiB:.1f} GiB")
-    return out or [f"no single plan fits both budgets at batch {batch}, seq {seq} "
+    return _over_budget(gpu, host, budgets, "needs at least") or [f"no single plan fits both budgets at batch {batch}, seq {seq} "
                    f"(least GPU {gpu / GiB:.1f} GiB and least host {host / GiB:.1f} GiB come from different plans)"]
 
 
@@ -128,12 +127,12 @@ def choose_plan(cfg: ModelConfig, model: str, seq: int, batch: int | None, profi
     max_batch = largest(lambda b: feasible(cfg, model, b, seq, profile, budgets, update), 1 << 16)
     if batch is None:
         if max_batch == 0:
-            return Verdict(False, None, None, refusal(cfg, model, 1, seq, profile, budgets, update))
+            return Verdict(False, None, None, 0, refusal(cfg, model, 1, seq, profile, budgets, update))
         # Throughput grows with batch (weights stream once per step): score the three largest powers of two.
         batches = [1 << k for k in range(max_batch.bit_length())][-3:]
     else:
         if batch > max_batch:
-            return Verdict(False, None, None, refusal(cfg, model, batch, seq, profile, budgets, update))
+            return Verdict(False, None, None, max_batch, refusal(cfg, model, batch, seq, profile, budgets, update))
         batches = [batch]
     # Branch and bound: simulate in order of a lower bound on time per token, stop once the bound
     # cannot beat the best simulated so far (the result is the grid's best, as if all were simulated).
@@ -149,4 +148,4 @@ def choose_plan(cfg: ModelConfig, model: str, seq: int, batch: int | None, profi
         if best is None or 1 / sim.tokens_per_s < best[0]:
             best = (1 / sim.tokens_per_s, p, sim)
     assert best is not None, "a feasible batch always has a candidate plan"
-    return Verdict(True, best[1], best[2])
+    return Verdict(True, best[1], best[2], max_batch)

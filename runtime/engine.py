@@ -16,7 +16,7 @@ import torch
 
 from slideformer.models.config import ModelConfig
 from slideformer.models.layers import decoder_layer, rope_tables
-from slideformer.planner.memory import GiB, describe, gpu_bytes
+from slideformer.planner.memory import GiB, describe, gpu_bytes, pinned_host_buffers
 from slideformer.opgraph import build_step_graph, issue_order
 from slideformer.plan import Plan, PlanError
 
@@ -96,25 +96,13 @@ class Engine:
         self._allocate(source)
 
     # --- buffers ---------------------------------------------------------------------------
-    def _ring(self) -> bool:
-        return self.plan.update == "during_backward" and "cpu" in self.plan.placement[1:-1]
-
-    def _pinned_bytes(self) -> int:
-        """Every pinned host buffer _allocate takes: masters and gradients of host units, offloaded activations."""
-        plan, L = self.plan, self.cfg.num_layers
-        on_host = [u for u in range(L + 2) if plan.placement[u] == "cpu"]
-        sizes = [4 * self.layouts[u].numel for u in on_host]
-        sizes += [4 * self.layouts[1].numel] * (plan.grad_ring if self._ring() else 0)
-        sizes += [4 * self.layouts[u].numel for u in on_host if not (self._ring() and 0 < u <= L)]
-        sizes += [plan.batch * plan.seq * self.cfg.hidden_size * self.compute_dtype.itemsize] \
-            * plan.activations.count("offload")
-        return sum(page_round(n) for n in sizes)
-
     def _allocate(self, source: WeightSource) -> None:
         cfg, plan, dev = self.cfg, self.plan, self.device
         L, W = cfg.num_layers, plan.window
         self.layouts = unit_layouts(cfg)
-        self.host = host = PinnedArena(self, self._pinned_bytes(), pinned=dev.type == "cuda")
+        # Every buffer _allocate takes from the arena, each on its own pages.
+        arena_bytes = sum(page_round(n) for sizes in pinned_host_buffers(cfg, plan).values() for n in sizes)
+        self.host = host = PinnedArena(self, arena_bytes, pinned=dev.type == "cuda")
         compute, f32 = self.compute_dtype, torch.float32  # bf16 unless a CPU plan asks for fp32
         with ThreadPoolExecutor(max_workers=min(16, len(self.layouts))) as pool:  # random init is single-threaded
             self.units = list(pool.map(lambda u: Unit(self.layouts[u], source, plan.placement[u] == "gpu", dev,
@@ -143,7 +131,7 @@ class Engine:
             self.gpu_grad.append(torch.empty(self.layouts[u].numel, dtype=f32, device=dev) if own else shared[u % 2])
         self.grad_views = [self.layouts[u].views(self.gpu_grad[u], short_names=True) for u in range(L + 2)]
         # Host gradient destinations: dedicated for edges and for every unit under after_norm, else a ring.
-        ring = [host.take(n_layer, f32) for _ in range(plan.grad_ring)] if self._ring() else []
+        ring = [host.take(n_layer, f32) for _ in range(plan.grad_ring)] if plan.shares_grad_ring else []
         self.host_grad: dict[int, torch.Tensor] = {}
         k = 0
         for u in [L + 1, *range(L, 0, -1), 0]:  # gradient arrival order

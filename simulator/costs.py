@@ -15,7 +15,7 @@ from functools import lru_cache
 import networkx as nx
 import numpy as np
 
-from slideformer.calibrate.profile import Profile
+from slideformer.calibrate.profile import Profile, fit_at
 from slideformer.models.config import ModelConfig
 from slideformer.opgraph import unit_numels
 
@@ -66,12 +66,9 @@ class CostModel:
 
     @lru_cache(maxsize=None)
     def head(self, tokens: int) -> float:
-        pts = [(t.tokens, t.s) for t in self.heads]
-        if len(pts) >= 2:
-            slope, intercept = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
-            return float(max(slope * tokens + intercept, 0.0))
-        if pts:
-            return pts[0][1] * tokens / pts[0][0]
+        measured = fit_at([(t.tokens, t.s) for t in self.heads], tokens)
+        if measured is not None:
+            return measured
         flops = 6 * self.cfg.vocab_size * self.cfg.hidden_size * tokens
         return flops / (self.p.gpu_bf16_flops * self.eff["bwd_kept_s"])
 

@@ -78,8 +78,6 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     g = build_step_graph(cfg, plan)
     cost = CostModel(profile, cfg, plan.seq)
     order = issue_order(g)
-    duration = {n: op_seconds(g, n, cost) for n in order}
-    issue = {n: issue_seconds(g, n, cost) for n in order}
     tokens = plan.chunk * plan.seq
     workspace = {"bwd": layer_workspace(cfg, plan.seq, tokens, profile),
                  "head": head_workspace(cfg, min(plan.loss_chunk_tokens, tokens), tokens, profile)}
@@ -93,8 +91,8 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     blocking = [tuple(p for p in preds[i] if res[p] == "cpu") if res[i] != "cpu" else () for i in range(len(order))]
     update_of = {u: index[op] for u, op in g.graph["updates"].items()}
     after_update = [update_of[g.nodes[n]["unit"]] if g.nodes[n]["kind"] == "load" else -1 for n in order]
-    dur = [duration[n] for n in order]
-    iss = [issue[n] for n in order]
+    dur = [op_seconds(g, n, cost) for n in order]
+    iss = [issue_seconds(g, n, cost) for n in order]
     kinds = [g.nodes[n]["kind"] for n in order]
     graph = kept_graph(cfg, plan.seq, tokens, profile)  # measured, where the graph's own figure is a formula
 
@@ -160,8 +158,8 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     for t, delta in sorted(mem_events, key=lambda e: (e[0], e[1] > 0)):  # at a tie, free first (same stream)
         level += delta
         timeline.append((t, level))
-    sim = Simulation(plan, spans, step_ends, timeline, sum(host_bytes(cfg, plan, profile).values()), static,
-                     host_bytes(cfg, plan, profile), plan.batch * plan.seq,
+    host = host_bytes(cfg, plan, profile)
+    sim = Simulation(plan, spans, step_ends, timeline, sum(host.values()), static, host, plan.batch * plan.seq,
                      cfg.model_flops_per_token(plan.seq) * plan.batch * plan.seq)
     lo, hi = step_ends[-2], step_ends[-1]
     for r in RESOURCES:

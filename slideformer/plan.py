@@ -42,6 +42,11 @@ class Plan:
     def chunks(self) -> int:
         return self.batch // self.chunk
 
+    @property
+    def shares_grad_ring(self) -> bool:
+        """CPU-updated layers pass their gradients through `grad_ring` shared host buffers (during_backward)."""
+        return self.update == "during_backward" and "cpu" in self.placement[1:-1]
+
     def validate(self, num_layers: int) -> None:
         problems = []
         if self.batch < 1 or self.seq < 2:
