@@ -16,7 +16,7 @@ from slideformer import kernels
 from slideformer.kernels.cross_entropy import linear_cross_entropy
 from slideformer.kernels.swiglu import swiglu
 from slideformer.models import PRESETS
-from slideformer.models.layers import apply_rope, rms_norm, rope_tables
+from slideformer.models.layers import add_rms_norm, apply_rope, rms_norm, rope_tables
 from slideformer.runtime.loss import head_loss_and_grads
 
 CFG = PRESETS["llama-3.1-8b"]
@@ -72,9 +72,19 @@ def main() -> None:
         a, b = t.chunk(2, dim=-1)
         return t * cos + torch.cat((-b, a), dim=-1) * sin
 
+    def fused_add_norm(t, delta, weight):
+        total, normed = add_rms_norm(t, delta, weight, 1e-5)
+        return total + normed
+
+    def eager_add_norm(t, delta, weight):
+        total = t + delta
+        return total + eager_norm(total, weight)  # both outputs feed the backward, as in the block
+
     results = {}
     cases = {
         "rms_norm": (lambda t, weight: rms_norm(t, weight, 1e-5), eager_norm, (x, w)),
+        "add_rms_norm": (fused_add_norm, eager_add_norm,
+                         (x, torch.randn_like(x), w)),
         "swiglu": (swiglu, lambda g, u: F.silu(g) * u, (gate, up)),
         "rope": (lambda t: apply_rope(t, cos, sin), eager_rope, (q,)),
     }

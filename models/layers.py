@@ -28,6 +28,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum x + delta and its RMSNorm (one fused pass under the kernels)."""
+    if kernels.active(x):
+        from slideformer.kernels.rms_norm import add_rms_norm as fused
+        return fused(x, delta, weight, eps)
+    total = x + delta
+    return total, rms_norm(total, weight, eps)
+
+
 def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
     dim = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -92,8 +101,9 @@ def mlp(p: Params, x: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_layer(p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    x = x + attention(p, rms_norm(x, p["input_layernorm.weight"], cfg.rms_norm_eps), cos, sin, cfg)
-    return x + mlp(p, rms_norm(x, p["post_attention_layernorm.weight"], cfg.rms_norm_eps))
+    attn = attention(p, rms_norm(x, p["input_layernorm.weight"], cfg.rms_norm_eps), cos, sin, cfg)
+    x, normed = add_rms_norm(x, attn, p["post_attention_layernorm.weight"], cfg.rms_norm_eps)
+    return x + mlp(p, normed)
 
 
 def head_logits(norm_weight: torch.Tensor, head_weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,8 +1,13 @@
-"""The runtime trains exactly like a plain PyTorch mixed-precision loop (within bf16 tolerance)."""
+"""The runtime trains exactly like a plain PyTorch mixed-precision loop (within bf16 tolerance).
+
+With the Triton kernels on (the default on CUDA) the runtime rounds in fp32 where eager bf16 rounds each
+op, so the two differ by bf16 noise that AdamW amplifies; there the claim checked is that the runtime is
+no farther from an fp32 training loop than the eager bf16 loop is (see `check_against_references`)."""
 import pytest
 import torch
 
 from reference import reference_train
+from slideformer import kernels
 from slideformer.models import PRESETS, RandomWeights
 from slideformer.plan import uniform_plan
 from slideformer.runtime import AdamWConfig, Engine
@@ -10,6 +15,7 @@ from slideformer.runtime import AdamWConfig, Engine
 B, S, STEPS = 4, 32, 4
 LOSS_RTOL = 2e-4
 WEIGHT_TOL = 0.03  # |w - w_ref| over |w_ref - w_init|, all parameters together
+KERNEL_SLACK = 1.25  # with kernels: at most this many times eager bf16's distance from the fp32 loop
 
 
 def batches(vocab: int, ignore_some: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -31,7 +37,8 @@ def relative_weight_error(ours: dict, ref: dict, init: dict) -> float:
     return num / den
 
 
-def run_both(name: str, device: str, optim: AdamWConfig, lrs: list[float] | None = None, **plan_kw):
+def check_against_references(name: str, device: str, optim: AdamWConfig, lrs: list[float] | None = None,
+                             **plan_kw) -> None:
     cfg = PRESETS[name]
     data = batches(cfg.vocab_size)
     src = RandomWeights(cfg, seed=3)
@@ -45,9 +52,29 @@ def run_both(name: str, device: str, optim: AdamWConfig, lrs: list[float] | None
         losses.append(engine.train_step(ids, labels).loss)
     ours = engine.hf_state()
     engine.close()
+    assert_trains_like_reference(cfg, src, data, optim, chunk, device, lrs, losses, ours)
+
+
+def assert_trains_like_reference(cfg, src, data, optim, chunk, device, lrs, losses, ours) -> None:
+    if device == "cuda" and kernels.active(torch.empty(0, device=device)):
+        return assert_no_farther_from_fp32_than_eager(cfg, src, data, optim, chunk, device, lrs, losses, ours)
     ref_losses, ref = reference_train(cfg, src, data, optim, micro_batch=chunk, device=device, lrs=lrs)
-    init = {n: src.get(n) for n in ref}
-    return losses, ref_losses, relative_weight_error(ours, ref, init)
+    assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL)
+    werr = relative_weight_error(ours, ref, {n: src.get(n) for n in ref})
+    assert werr < WEIGHT_TOL, f"weights {werr:.4f} from the reference loop"
+
+
+def assert_no_farther_from_fp32_than_eager(cfg, src, data, optim, chunk, device, lrs, losses, ours) -> None:
+    """Losses and final weights no farther from an fp32 loop's than the eager bf16 loop's are (with slack)."""
+    eager_losses, eager = reference_train(cfg, src, data, optim, micro_batch=chunk, device=device, lrs=lrs)
+    exact_losses, exact = reference_train(cfg, src, data, optim, micro_batch=chunk, device=device, lrs=lrs,
+                                          compute_dtype=torch.float32)
+    for step, (got, bf16, want) in enumerate(zip(losses, eager_losses, exact_losses)):
+        allowed = max(LOSS_RTOL * abs(want), KERNEL_SLACK * abs(bf16 - want))
+        assert abs(got - want) <= allowed, f"step {step}: loss {got} vs fp32 {want}, eager bf16 {bf16}"
+    init = {n: src.get(n) for n in exact}
+    ours_off, eager_off = relative_weight_error(ours, exact, init), relative_weight_error(eager, exact, init)
+    assert ours_off <= KERNEL_SLACK * eager_off, f"weights {ours_off:.4f} from fp32, eager bf16 {eager_off:.4f}"
 
 
 PLANS = {
@@ -62,36 +89,28 @@ PLANS = {
 
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
 def test_runtime_matches_reference_loop(plan_name, device):
-    losses, ref_losses, werr = run_both("tiny-llama", device, AdamWConfig(lr=1e-3, weight_decay=0.01),
+    check_against_references("tiny-llama", device, AdamWConfig(lr=1e-3, weight_decay=0.01),
                                         **dict(PLANS[plan_name]))
-    assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL)
-    assert werr < WEIGHT_TOL
 
 
 @pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-qwen3", "tiny-mistral"])
 def test_every_family_trains_exactly(family, device):
-    losses, ref_losses, werr = run_both(family, device, AdamWConfig(lr=1e-3), window=2, activation="offload",
+    check_against_references(family, device, AdamWConfig(lr=1e-3), window=2, activation="offload",
                                         chunk=2)
-    assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL)
-    assert werr < WEIGHT_TOL
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e9])  # clipping active, and inactive
 def test_global_norm_clipping_after_norm_schedule(max_norm, device):
     optim = AdamWConfig(lr=1e-3, max_grad_norm=max_norm)
-    losses, ref_losses, werr = run_both("tiny-llama", device, optim, window=2, activation="offload",
+    check_against_references("tiny-llama", device, optim, window=2, activation="offload",
                                         update="after_norm", chunk=2, gpu_units=1)
-    assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL)
-    assert werr < WEIGHT_TOL
 
 
 @pytest.mark.parametrize("update", ["during_backward", "after_norm"])
 def test_learning_rate_schedule_applies_to_the_step_it_was_set_for(update, device):
     """A schedule changes the rate every step while the last updates of the step before still run."""
-    losses, ref_losses, werr = run_both("tiny-llama", device, AdamWConfig(lr=1e-3), lrs=[3e-3, 1e-4, 2e-3, 5e-4],
+    check_against_references("tiny-llama", device, AdamWConfig(lr=1e-3), lrs=[3e-3, 1e-4, 2e-3, 5e-4],
                                         window=2, activation="offload", update=update, chunk=2)
-    assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL)
-    assert werr < WEIGHT_TOL
 
 
 def test_tolerance_detects_a_real_difference():
@@ -125,6 +144,4 @@ def test_weights_streamed_in_many_pieces_match_reference():
     losses = [engine.train_step(ids, labels).loss for ids, labels in data]
     ours = engine.hf_state()
     engine.close()
-    ref_losses, ref = reference_train(cfg, src, data, optim, micro_batch=2, device="cuda")
-    assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL)
-    assert relative_weight_error(ours, ref, {n: src.get(n) for n in ref}) < WEIGHT_TOL
+    assert_trains_like_reference(cfg, src, data, optim, 2, "cuda", None, losses, ours)
