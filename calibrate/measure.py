@@ -4,8 +4,6 @@ Timings take the median of several repeats after a warm-up; GPU work is timed wi
 """
 from __future__ import annotations
 
-import mmap
-import os
 import statistics
 import tempfile
 import time
@@ -18,6 +16,8 @@ import torch
 from slideformer.models.config import ModelConfig
 from slideformer.models.layers import decoder_layer, rope_tables
 from slideformer.runtime.loss import head_loss_and_grads
+
+from slideformer.planner.memory import DISK_ALIGN, padded
 
 from .profile import Disk, HeadTiming, LayerTiming, Link
 
@@ -80,39 +80,21 @@ def cpu_adamw_rates(numel: int, thread_counts: list[int]) -> list[float]:
     return rates
 
 
-def disk_rates(directory: str | Path, nbytes: int) -> Disk:
-    """Sequential write then read of one file through POSIX calls, bypassing the page cache (O_DIRECT)
-    where the filesystem allows it."""
-    directory = Path(directory)
-    block = 1 << 20
-    nbytes = max(block, nbytes // block * block)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".slideformer-calibrate-", delete=False) as f:
-        path = f.name
-    try:
-        flags = getattr(os, "O_DIRECT", 0)
-        buf = mmap.mmap(-1, block)  # page aligned, as O_DIRECT needs
-        buf.write(b"\x5a" * block)
+def disk_rates(directory: str | Path, nbytes: int, io: str = "auto") -> Disk:
+    """Write then read one file through the disk tier itself (its pieces, threads, checksums and I/O path:
+    kvikio when installed, else POSIX with O_DIRECT), as the runtime moves layers' states."""
+    from slideformer.runtime.disk import DiskTier
+
+    buf = torch.empty(padded(nbytes) + DISK_ALIGN, dtype=torch.uint8)
+    buf = buf[-buf.data_ptr() % DISK_ALIGN:][: padded(nbytes)].fill_(0x5A)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".slideformer-calibrate-") as d:
+        tier = DiskTier(d, {0: nbytes}, io)
         try:
-            fd = os.open(path, os.O_WRONLY | flags)
-        except OSError:  # tmpfs and some others refuse O_DIRECT
-            flags = 0
-            fd = os.open(path, os.O_WRONLY)
-        t = time.perf_counter()
-        for _ in range(nbytes // block):
-            os.write(fd, buf)
-        os.fsync(fd)
-        write_s = time.perf_counter() - t
-        os.close(fd)
-        fd = os.open(path, os.O_RDONLY | flags)
-        t = time.perf_counter()
-        while os.readv(fd, [buf]) > 0:
-            pass
-        read_s = time.perf_counter() - t
-        os.close(fd)
-        method = "posix-odirect" if flags else "posix-buffered"
-        return Disk(str(directory), method, nbytes / read_s, nbytes / write_s)
-    finally:
-        os.unlink(path)
+            write_s = median_time(lambda: tier.write(0, buf), repeats=2)
+            read_s = median_time(lambda: tier.read(0, buf), repeats=2)
+        finally:
+            tier.close()
+    return Disk(str(directory), tier.method, nbytes / read_s, nbytes / write_s)
 
 
 # --- PCIe and GPU --------------------------------------------------------------------------------

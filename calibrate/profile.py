@@ -66,7 +66,7 @@ class HeadTiming:
 @dataclass
 class Disk:
     path: str
-    method: str  # 'posix-odirect', 'posix-buffered' (the filesystem refused O_DIRECT) or 'spec'
+    method: str  # the tier's I/O path: 'kvikio', 'posix-odirect', 'posix-buffered' (O_DIRECT refused) or 'spec'
     read_bandwidth: float
     write_bandwidth: float
 

@@ -12,6 +12,12 @@ from slideformer.opgraph import activation_bytes_per_token, unit_numels
 from slideformer.plan import Plan
 
 GiB = 2**30
+DISK_ALIGN = 4096  # disk-tier files and their buffers, for O_DIRECT
+
+
+def padded(nbytes: int) -> int:
+    """Bytes a disk-tier file of `nbytes` takes (and the buffer it is read into)."""
+    return -(-nbytes // DISK_ALIGN) * DISK_ALIGN
 RUNTIME_OVERHEAD = 512 * 2**20  # CUDA context allocations outside PyTorch's count, kernels' scratch
 BACKWARD_WORKSPACE_PER_GRAPH_BYTE = 3.2  # autograd temporaries of a recomputed layer, per byte of saved graph
 
@@ -54,14 +60,14 @@ def head_workspace(cfg: ModelConfig, piece_tokens: int, tokens: int, profile: Pr
 
 def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
     L, n = cfg.num_layers, unit_numels(cfg)
-    layer_on_cpu = [p == "cpu" for p in plan.placement[1:-1]]
+    layer_on_host = [p != "gpu" for p in plan.placement[1:-1]]
     hidden = plan.batch * plan.seq * cfg.hidden_size * 2
     chunk_tokens = plan.chunk * plan.seq
     graph = kept_graph(cfg, plan.seq, chunk_tokens, profile)
     return {
         "weight_window": plan.window * n[1] * 2,
         "transfer_staging": plan.transfer_chunk_mb * 2**20 if "cpu" in plan.placement else 0,
-        "layer_grad_buffers": 2 * n[1] * 4 if any(layer_on_cpu) else 0,
+        "layer_grad_buffers": 2 * n[1] * 4 if any(layer_on_host) else 0,
         "edge_weights_and_grads": (n[0] + n[L + 1]) * (2 + 4),
         "gpu_optimizer_states": sum(n[u] * (12 + (4 if 0 < u <= L else 0))
                                     for u in range(L + 2) if plan.placement[u] == "gpu"),
@@ -75,23 +81,28 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
 
 
 def pinned_host_buffers(cfg: ModelConfig, plan: Plan) -> dict[str, list[int]]:
-    """Bytes of every pinned host buffer the runtime allocates, by kind: fp32 masters of host-updated units,
-    their fp32 gradient destinations (a shared ring for layers during backward), offloaded activations."""
+    """Bytes of every pinned host buffer the runtime allocates, by kind: fp32 masters of RAM-updated units,
+    fp32 gradient destinations of host-updated units (a shared ring for layers during backward), offloaded
+    activations, disk units' bf16 weights and the ring of buffers their states pass through."""
     L, n = cfg.num_layers, unit_numels(cfg)
     on_cpu = [u for u in range(L + 2) if plan.placement[u] == "cpu"]
+    on_host = [u for u in range(L + 2) if plan.placement[u] != "gpu"]
     ring = plan.shares_grad_ring
-    act_itemsize = 4 if plan.compute_dtype == "float32" else 2
+    itemsize = 4 if plan.compute_dtype == "float32" else 2
     return {
         "master_weights": [4 * n[u] for u in on_cpu],
         "gradients": [4 * n[1]] * (plan.grad_ring if ring else 0)
-        + [4 * n[u] for u in on_cpu if not (ring and 0 < u <= L)],
-        "offloaded_activations": [plan.batch * plan.seq * cfg.hidden_size * act_itemsize]
+        + [4 * n[u] for u in on_host if not (ring and 0 < u <= L)],
+        "offloaded_activations": [plan.batch * plan.seq * cfg.hidden_size * itemsize]
         * plan.activations.count("offload"),
+        "disk_unit_weights": [itemsize * n[u] for u in plan.disk_units],
+        "disk_ring": [padded(12 * n[1])] * (plan.disk_ring if plan.disk_units else 0),
     }
 
 
 def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
-    """Host RAM of the runtime's buffers: fp32 masters and gradients (pinned), AdamW states, offloaded activations."""
+    """Host RAM of the runtime's buffers: fp32 masters and gradients (pinned), AdamW states, offloaded
+    activations, and the disk tier's bf16 weights and state ring."""
     pinned = {kind: sum(sizes) for kind, sizes in pinned_host_buffers(cfg, plan).items()}
     states = sum(8 * n for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu")
     return {
@@ -99,8 +110,16 @@ def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> 
         "optimizer_states": states,
         "gradients": pinned["gradients"],
         "offloaded_activations": pinned["offloaded_activations"],
+        "disk_unit_weights": pinned["disk_unit_weights"],
+        "disk_ring": pinned["disk_ring"],
         "process": profile.process_baseline_bytes if profile is not None else 0,
     }
+
+
+def disk_bytes(cfg: ModelConfig, plan: Plan) -> int:
+    """The disk tier's files: each disk unit's fp32 master weights and AdamW states."""
+    n = unit_numels(cfg)
+    return sum(padded(12 * n[u]) for u in plan.disk_units)
 
 
 def describe(need: dict[str, int]) -> str:

@@ -16,7 +16,7 @@ def capacity_report(cfg: ModelConfig, model: str, seq: int, batch: int | None, p
     update = "after_norm" if clip else "during_backward"
     verdict = choose_plan(cfg, model, seq, batch, profile, budgets, clip)
     max_seq = largest(lambda s: feasible(cfg, model, 1, s, profile, budgets, update), cfg.max_position_embeddings)
-    least_gpu, least_host = least_needs(cfg, model, batch or 1, seq, profile, update)
+    least_gpu, least_host = least_needs(cfg, model, batch or 1, seq, profile, budgets, update)
     report = {
         "model": model, "params": cfg.total_params, "seq": seq, "fits": verdict.fits,
         "batch": verdict.plan.batch if verdict.plan else batch,
@@ -33,7 +33,7 @@ def capacity_report(cfg: ModelConfig, model: str, seq: int, batch: int | None, p
         report |= {
             "predicted_step_s": sim.step_s, "predicted_tokens_per_s": sim.tokens_per_s, "predicted_tflops": sim.tflops,
             "peak_gpu_bytes": sim.peak_gpu_bytes, "peak_host_bytes": sim.host_memory_bytes,
-            "bottleneck": RESOURCE_NAMES[sim.bottleneck], "utilisation": sim.utilisation,
+            "peak_disk_bytes": sim.disk_bytes, "bottleneck": RESOURCE_NAMES[sim.bottleneck], "utilisation": sim.utilisation,
             "gpu_breakdown": sim.gpu_static, "host_breakdown": sim.host_static, "plan": asdict(verdict.plan),
         }
         report["levers"] = _levers_when_fitting(cfg, report, sim)
@@ -45,7 +45,10 @@ def capacity_report(cfg: ModelConfig, model: str, seq: int, batch: int | None, p
 def _levers_when_fitting(cfg: ModelConfig, report: dict, sim) -> list[str]:
     plan = sim.plan
     out = []
-    if sim.bottleneck == "cpu":
+    if sim.bottleneck == "disk":
+        out.append(f"the disk tier bounds the step ({len(plan.disk_units)} layers' states on disk): more host RAM "
+                   "keeps more layers off the disk; a faster disk helps in proportion")
+    elif sim.bottleneck == "cpu":
         on_cpu = plan.placement.count("cpu")
         out.append(f"the CPU optimizer bounds the step ({on_cpu} of {cfg.num_layers + 2} units update on the host): "
                    "more GPU memory moves more units' AdamW to the GPU")
@@ -64,7 +67,9 @@ def _levers_when_not(report: dict) -> list[str]:
     if report["least_host_bytes"] > b["host_bytes"]:
         out.append(f"host RAM: even the leanest plan needs {report['least_host_bytes'] / GiB:.0f} GiB "
                    f"(fp32 master weights and AdamW states take 12 bytes per parameter); "
-                   f"budget {b['host_bytes'] / GiB:.0f} GiB. An NVMe tier for optimizer states is not in the runtime yet")
+                   f"budget {b['host_bytes'] / GiB:.0f} GiB"
+                   + (f" with {b['disk_bytes'] / GiB:.0f} GiB of disk" if b["disk_bytes"] else
+                      ". A disk budget (--disk GiB, --disk-dir at train time) moves layers' states to disk"))
     if report["least_gpu_bytes"] > b["gpu_bytes"]:
         out.append(f"GPU: the leanest plan (window 2, chunk 1) needs {report['least_gpu_bytes'] / GiB:.1f} GiB; "
                    f"budget {b['gpu_bytes'] / GiB:.1f} GiB")
@@ -79,18 +84,20 @@ def render(report: dict) -> str:
     g = lambda n: f"{n / GiB:.1f} GiB"  # noqa: E731
     b = report["budgets"]
     lines = [f"{report['model']} ({report['params'] / 1e9:.2f} B params), seq {report['seq']}, "
-             f"budgets GPU {g(b['gpu_bytes'])} / host {g(b['host_bytes'])}; profile {report['profile']}"
+             f"budgets GPU {g(b['gpu_bytes'])} / host {g(b['host_bytes'])} / disk {g(b['disk_bytes'])}; profile {report['profile']}"
              + (" (spec sheet, not measured)" if report["profile_source"] == "spec" else "")]
     if report["fits"]:
         p = report["plan"]
         lines += [
             f"FITS   batch {report['batch']}: {report['predicted_step_s']:.2f} s/step, "
             f"{report['predicted_tokens_per_s']:,.0f} tokens/s, {report['predicted_tflops']:.0f} TFLOPS (predicted)",
-            f"       peak GPU {g(report['peak_gpu_bytes'])}, host {g(report['peak_host_bytes'])}, disk 0",
+            f"       peak GPU {g(report['peak_gpu_bytes'])}, host {g(report['peak_host_bytes'])}, "
+            f"disk {g(report['peak_disk_bytes'])}",
             f"       bottleneck: {report['bottleneck']} ("
             + ", ".join(f"{k} {v:.0%}" for k, v in report["utilisation"].items()) + " busy)",
             f"       plan: chunk {p['chunk']}, window {p['window']}, activations "
             f"{_runs(p['activations'])}, optimizer on GPU for {p['placement'].count('gpu')} units, "
+            f"states on disk for {p['placement'].count('disk')} layers, "
             f"update {p['update']}",
         ]
     else:

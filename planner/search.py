@@ -2,7 +2,8 @@
 
 The space: batch (given, or the best of powers of two up to the largest that fits), chunk, window,
 activation policy (offload or recompute, with the last layers keeping their graphs), how many units
-keep their optimizer on the GPU, and the loss piece size, on a fixed grid. Memory rules candidates out
+keep their optimizer on the GPU, how many layers keep their states in the disk tier, and the loss piece
+size, on a fixed grid. Memory rules candidates out
 in closed form; the simulator scores every one left, so the choice is the best of the grid.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from slideformer.plan import Plan, uniform_plan
 from slideformer.simulator import Simulation, simulate
 from slideformer.simulator.costs import CostModel, step_lower_bound
 
-from .memory import GiB, gpu_bytes, host_bytes
+from .memory import GiB, disk_bytes, gpu_bytes, host_bytes, padded
 
 LOSS_PIECES = (4096, 2048, 1024, 512)
 
@@ -24,7 +25,7 @@ LOSS_PIECES = (4096, 2048, 1024, 512)
 class Budgets:
     gpu_bytes: int
     host_bytes: int
-    disk_bytes: int = 0  # the disk tier arrives with the NVMe issue; no plan uses disk yet
+    disk_bytes: int = 0  # for the disk tier's files (0: no layer's states on disk)
 
 
 @dataclass
@@ -41,43 +42,62 @@ def gpu_need(cfg: ModelConfig, plan: Plan, profile: Profile | None) -> int:
     return max(sum(gpu_bytes(cfg, plan, None).values()), sum(gpu_bytes(cfg, plan, profile).values()))
 
 
-def _over_budget(gpu: int, host: int, budgets: Budgets, needs: str) -> list[str]:
+def _over_budget(gpu: int, host: int, disk: int, budgets: Budgets, needs: str) -> list[str]:
     out = []
     if gpu > budgets.gpu_bytes:
         out.append(f"GPU {needs} {gpu / GiB:.1f} GiB, budget {budgets.gpu_bytes / GiB:.1f} GiB")
     if host > budgets.host_bytes:
         out.append(f"host RAM {needs} {host / GiB:.1f} GiB, budget {budgets.host_bytes / GiB:.1f} GiB")
+    if disk > budgets.disk_bytes:
+        out.append(f"disk {needs} {disk / GiB:.1f} GiB, budget {budgets.disk_bytes / GiB:.1f} GiB")
     return out
 
 
 def shortfalls(cfg: ModelConfig, plan: Plan, profile: Profile | None, budgets: Budgets) -> list[str]:
-    return _over_budget(gpu_need(cfg, plan, profile), sum(host_bytes(cfg, plan, profile).values()), budgets, "needs")
+    return _over_budget(gpu_need(cfg, plan, profile), sum(host_bytes(cfg, plan, profile).values()),
+                        disk_bytes(cfg, plan), budgets, "needs")
 
 
-def smallest_plan(cfg: ModelConfig, model: str, batch: int, seq: int, activation: str, update: str) -> Plan:
-    """The least GPU memory a plan at this batch and seq can take (host memory depends on `activation`)."""
-    return uniform_plan(model, cfg.num_layers, batch, seq, chunk=1, window=min(2, cfg.num_layers),
-                        activation=activation, update=update, loss_chunk_tokens=LOSS_PIECES[-1])
+def disk_layers_that_fit(cfg: ModelConfig, budgets: Budgets) -> int:
+    return min(cfg.num_layers, budgets.disk_bytes // padded(12 * cfg.layer_params))
+
+
+def lean_plans(cfg: ModelConfig, model: str, batch: int, seq: int, update: str, budgets: Budgets) -> list[Plan]:
+    """The plans with the least GPU memory at this batch and seq (window 2, chunk 1, smallest loss piece) for
+    either activation policy, each number of GPU-updated units on the grid (they trade GPU for host memory),
+    and no layer or as many layers as the disk budget holds on disk: one of them fits if any plan does."""
+    L = cfg.num_layers
+    return [uniform_plan(model, L, batch, seq, chunk=1, window=min(2, L), activation=act, update=update,
+                         loss_chunk_tokens=LOSS_PIECES[-1], gpu_units=units, disk_layers=disk)
+            for act in ("offload", "recompute") for units in gpu_unit_grid(L)
+            for disk in sorted({0, min(disk_layers_that_fit(cfg, budgets), L + 1 - units if units else L)})]
+
+
+def gpu_unit_grid(num_layers: int) -> list[int]:
+    """Numbers of units whose optimizer runs on the GPU: none, powers of two, all."""
+    L = num_layers
+    return sorted({0, L + 1} | {1 << k for k in range(L.bit_length()) if 1 << k <= L + 1})
 
 
 def feasible(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile | None, budgets: Budgets,
              update: str = "during_backward") -> bool:
-    return any(not shortfalls(cfg, smallest_plan(cfg, model, batch, seq, act, update), profile, budgets)
-               for act in ("offload", "recompute"))
+    return any(not shortfalls(cfg, p, profile, budgets) for p in lean_plans(cfg, model, batch, seq, update, budgets))
 
 
-def least_needs(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile | None,
+def least_needs(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile | None, budgets: Budgets,
                 update: str = "during_backward") -> tuple[int, int]:
-    """The least GPU bytes and the least host bytes any plan at this batch and seq needs (maybe not the same plan)."""
-    plans = [smallest_plan(cfg, model, batch, seq, act, update) for act in ("offload", "recompute")]
-    return (min(gpu_need(cfg, p, profile) for p in plans),
-            min(sum(host_bytes(cfg, p, profile).values()) for p in plans))
+    """The least GPU bytes any plan at this batch and seq needs, and the least host bytes of those within the
+    GPU budget (of all, if none is)."""
+    plans = lean_plans(cfg, model, batch, seq, update, budgets)
+    gpu = {id(p): gpu_need(cfg, p, profile) for p in plans}
+    within = [p for p in plans if gpu[id(p)] <= budgets.gpu_bytes] or plans
+    return min(gpu.values()), min(sum(host_bytes(cfg, p, profile).values()) for p in within)
 
 
 def refusal(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile | None, budgets: Budgets,
             update: str) -> list[str]:
-    gpu, host = least_needs(cfg, model, batch, seq, profile, update)
-    return _over_budget(gpu, host, budgets, "needs at least") or [f"no single plan fits both budgets at batch {batch}, seq {seq} "
+    gpu, host = least_needs(cfg, model, batch, seq, profile, budgets, update)
+    return _over_budget(gpu, host, 0, budgets, "needs at least") or [f"no single plan fits both budgets at batch {batch}, seq {seq} "
                    f"(least GPU {gpu / GiB:.1f} GiB and least host {host / GiB:.1f} GiB come from different plans)"]
 
 
@@ -94,26 +114,36 @@ def largest(fits, hi: int) -> int:
 
 def candidates(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile, budgets: Budgets,
                update: str) -> list[Plan]:
-    """Every plan on a fixed grid that fits. The grid does not depend on the budgets, so a larger budget
-    only adds candidates and can never make the chosen plan slower."""
+    """Every plan on a fixed grid that fits, each with the fewest layers on disk that make it fit. The grid
+    does not depend on the budgets, so a larger budget only adds candidates or moves layers off the disk."""
     L = cfg.num_layers
     chunks = [c for c in _divisors(batch) if c & (c - 1) == 0 or c == batch]
-    units = sorted({0, L + 1} | {1 << k for k in range(L.bit_length()) if 1 << k <= L + 1})
+    units = gpu_unit_grid(L)
     out = []
     for window in sorted({min(2, L), min(3, L)}):
         for activation in ("offload", "recompute"):
             for chunk in chunks:
                 for keep in sorted({0, 1, window} & set(range(L + 1))):
-                    for gpu_units in units:  # GPU memory grows with each: stop at the first that does not fit
-                        fitting = [p for p in (uniform_plan(model, L, batch, seq, chunk=chunk, window=window,
-                                                            activation=activation, keep_last=keep,
-                                                            gpu_units=gpu_units, update=update,
-                                                            loss_chunk_tokens=piece) for piece in LOSS_PIECES)
-                                   if not shortfalls(cfg, p, profile, budgets)]
-                        if not fitting:
-                            break
-                        out.append(fitting[0])  # the largest loss piece that fits; it does not change the time
+                    for gpu_units in units:  # each trades GPU memory for host memory
+                        plan = _fewest_disk_layers(cfg, budgets, gpu_units, lambda disk, piece: uniform_plan(
+                            model, L, batch, seq, chunk=chunk, window=window, activation=activation,
+                            keep_last=keep, gpu_units=gpu_units, disk_layers=disk, update=update,
+                            loss_chunk_tokens=piece), profile)
+                        if plan is not None:
+                            out.append(plan)
     return out
+
+
+def _fewest_disk_layers(cfg: ModelConfig, budgets: Budgets, gpu_units: int, make, profile: Profile) -> Plan | None:
+    """The plan with the fewest layers on disk that fits (disk only adds time; each layer there frees host
+    RAM), with the largest loss piece that fits (the piece does not change the time); None if none fits."""
+    most = min(disk_layers_that_fit(cfg, budgets), cfg.num_layers + 1 - gpu_units if gpu_units else cfg.num_layers)
+    for disk in range(most + 1):
+        for piece in LOSS_PIECES:
+            plan = make(disk, piece)
+            if not shortfalls(cfg, plan, profile, budgets):
+                return plan
+    return None
 
 
 def _divisors(n: int) -> list[int]:

@@ -3,7 +3,9 @@
 The GPU holds a window of decoder layers in pre-allocated bf16 slots, streamed in from fp32 master
 weights in pinned host memory (cast on the GPU, so the host keeps no bf16 copy); activations are
 offloaded or kept per the plan; fp32 gradients come back into pinned host buffers where a fused AdamW
-updates master weights and states layer by layer while the GPU works on.
+updates master weights and states layer by layer while the GPU works on. Layers placed on disk keep their
+master weights and states in the disk tier (read ahead, written behind by a disk worker) and only their
+bf16 weights in RAM.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import torch
 
 from slideformer.models.config import ModelConfig
 from slideformer.models.layers import decoder_layer, rope_tables
-from slideformer.planner.memory import GiB, describe, gpu_bytes, pinned_host_buffers
+from slideformer.planner.memory import GiB, describe, gpu_bytes, padded, pinned_host_buffers
 from slideformer.opgraph import build_step_graph, issue_order
 from slideformer.plan import Plan, PlanError
 
+from .disk import DeferredTensor, DiskTier
 from .layout import UnitLayout, unit_layouts
 from .loss import IGNORE_INDEX, head_loss_and_grads, head_loss_sum
 from .pinned import PinnedArena, page_round
@@ -47,6 +50,17 @@ class StepResult:
     tokens: int
 
 
+def adamw_step(optimizer: torch.optim.AdamW, param: torch.nn.Parameter, grad: torch.Tensor,
+               clip_coef: torch.Tensor | float | None, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if clip_coef is not None:
+        grad.mul_(clip_coef)
+    param.grad = grad
+    optimizer.step()
+    param.grad = None
+
+
 class Unit:
     """One unit's fp32 master weights and AdamW state, on the host (pinned) or on the GPU."""
 
@@ -62,19 +76,45 @@ class Unit:
                                            weight_decay=optim.weight_decay, fused=True)
 
     def step(self, grad: torch.Tensor, clip_coef: torch.Tensor | float | None, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if clip_coef is not None:
-            grad.mul_(clip_coef)
-        self.master.grad = grad
-        self.optimizer.step()
-        self.master.grad = None
+        adamw_step(self.optimizer, self.master, grad, clip_coef, lr)
+
+
+class DiskUnit:
+    """A decoder layer whose fp32 master weights and AdamW state live in the disk tier; the host keeps its
+    bf16 weights (pinned), refreshed by every update, for the GPU's loads."""
+
+    on_gpu = False
+
+    def __init__(self, layout: UnitLayout, optim: AdamWConfig, host: PinnedArena, compute: torch.dtype) -> None:
+        self.layout = layout
+        self.weights = host.take(layout.numel, compute)
+        self.param = torch.nn.Parameter(torch.empty(0))
+        self.optimizer = torch.optim.AdamW([self.param], lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                           weight_decay=optim.weight_decay, fused=True)
+        self.steps = torch.zeros((), dtype=torch.float32)  # AdamW's step count, kept in RAM
+
+    def states(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Master, exp_avg and exp_avg_sq as views of a tier buffer (the file's layout)."""
+        n = self.layout.numel
+        return buf[: 12 * n].view(torch.float32).split(n)
+
+    def step(self, buf: torch.Tensor, grad: torch.Tensor, clip_coef: float | None, lr: float) -> None:
+        master, exp_avg, exp_avg_sq = self.states(buf)
+        self.param.data = master
+        self.optimizer.state[self.param] = {"step": self.steps, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        adamw_step(self.optimizer, self.param, grad, clip_coef, lr)
+        self.weights.copy_(master)
+        self.param.data = torch.empty(0)
 
 
 class Engine:
     def __init__(self, cfg: ModelConfig, plan: Plan, source: WeightSource, optim: AdamWConfig | None = None,
-                 gpu_budget_bytes: int | None = None) -> None:
+                 gpu_budget_bytes: int | None = None, disk_dir: str | None = None, disk_io: str = "auto") -> None:
+        """`disk_dir`: the disk tier's directory, needed when the plan places layers on disk; `disk_io`:
+        'auto' (kvikio when installed), 'kvikio' or 'posix'."""
         plan.validate(cfg.num_layers)
+        if plan.disk_units and disk_dir is None:
+            raise PlanError(f"the plan keeps {len(plan.disk_units)} layers' states on disk: give a disk directory")
         self.optim = optim or AdamWConfig()
         self.lr = self.optim.lr
         if self.optim.max_grad_norm is not None and plan.update != "after_norm":
@@ -90,24 +130,44 @@ class Engine:
         self.compute_dtype = getattr(torch, plan.compute_dtype)
         self.graph = build_step_graph(cfg, plan)
         self.order = issue_order(self.graph)
+        self.layouts = unit_layouts(cfg)
+        # Opening the tier checks the directory and preallocates its files: before any GPU memory is taken.
+        self.tier = DiskTier(disk_dir, {u: 12 * self.layouts[u].numel for u in plan.disk_units}, disk_io) \
+            if plan.disk_units else None
         self.streams = Streams(self.device)
-        self.cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-adamw")
+        self.host_workers = {"cpu": ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-adamw"),
+                             "disk": ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-tier")}
         self.trace: OpTrace | None = None
+        self.pending_updates: dict[int, Handle] = {}
+        self.pending_disk: dict[object, Future] = {}  # write-backs nothing in the step waits on
         self._allocate(source)
 
     # --- buffers ---------------------------------------------------------------------------
     def _allocate(self, source: WeightSource) -> None:
         cfg, plan, dev = self.cfg, self.plan, self.device
         L, W = cfg.num_layers, plan.window
-        self.layouts = unit_layouts(cfg)
         # Every buffer _allocate takes from the arena, each on its own pages.
         arena_bytes = sum(page_round(n) for sizes in pinned_host_buffers(cfg, plan).values() for n in sizes)
         self.host = host = PinnedArena(self, arena_bytes, pinned=dev.type == "cuda")
         compute, f32 = self.compute_dtype, torch.float32  # bf16 unless a CPU plan asks for fp32
-        with ThreadPoolExecutor(max_workers=min(16, len(self.layouts))) as pool:  # random init is single-threaded
-            self.units = list(pool.map(lambda u: Unit(self.layouts[u], source, plan.placement[u] == "gpu", dev,
-                                                      self.optim, host), range(L + 2)))
         n_layer = self.layouts[1].numel
+        self.disk_ring = [host.take(padded(12 * n_layer), torch.uint8) for _ in range(plan.disk_ring)] \
+            if self.tier else []
+
+        def make(u: int) -> Unit | DiskUnit:
+            if plan.placement[u] != "disk":
+                return Unit(self.layouts[u], source, plan.placement[u] == "gpu", dev, self.optim, host)
+            return DiskUnit(self.layouts[u], self.optim, host, compute)
+        with ThreadPoolExecutor(max_workers=min(16, len(self.layouts))) as pool:  # random init is single-threaded
+            self.units = list(pool.map(make, range(L + 2)))
+        for u in plan.disk_units:  # initial states to disk
+            def fill(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, u: int = u) -> None:
+                for name, view in self.layouts[u].views(master).items():
+                    view.copy_(source.get(name))
+                exp_avg.zero_()
+                exp_avg_sq.zero_()
+            self._write_disk_unit(u, fill)
+        self.synchronize()
 
         def leaves(layout: UnitLayout, flat: torch.Tensor, short: bool) -> dict[str, torch.Tensor]:
             # Detached views are autograd leaves sharing the buffer: backward differentiates w.r.t. them.
@@ -135,7 +195,7 @@ class Engine:
         self.host_grad: dict[int, torch.Tensor] = {}
         k = 0
         for u in [L + 1, *range(L, 0, -1), 0]:  # gradient arrival order
-            if plan.placement[u] != "cpu":
+            if plan.placement[u] == "gpu":
                 continue
             if ring and 0 < u <= L:
                 self.host_grad[u] = ring[k % len(ring)]
@@ -156,6 +216,24 @@ class Engine:
         self.sq_norm = torch.zeros((), dtype=f32, device=dev)
         self.loss = torch.zeros((), dtype=f32, device=dev)
 
+    def _write_disk_unit(self, unit: int, fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]) -> None:
+        """`fill(master, exp_avg, exp_avg_sq)` a ring buffer with a disk unit's state, refresh its bf16 weights
+        and queue the write on the disk worker (ring buffers alternate, so filling overlaps writing)."""
+        k = self.plan.disk_units.index(unit) % len(self.disk_ring)
+        if k in self.pending_disk:
+            self.pending_disk.pop(k).result()
+        buf = self.disk_ring[k]
+        master, exp_avg, exp_avg_sq = self.units[unit].states(buf)
+        fill(master, exp_avg, exp_avg_sq)
+        self.units[unit].weights.copy_(master)
+        self.pending_disk[k] = self.host_workers["disk"].submit(self.tier.write, unit, buf)
+
+    def _read_disk_unit(self, unit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A disk unit's (master, exp_avg, exp_avg_sq), read into the first ring buffer (engine idle);
+        valid until the next read."""
+        self.tier.read(unit, self.disk_ring[0])
+        return self.units[unit].states(self.disk_ring[0])
+
     # --- one step ---------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
         """The learning rate of the following steps. Each step's updates keep the rate they were issued with,
@@ -170,6 +248,9 @@ class Engine:
                              f"got {tuple(input_ids.shape)} and {tuple(labels.shape)}")
         self.tokens = input_ids.to(self.device, non_blocking=True).split(plan.chunk)
         self.labels = labels.to(self.device, non_blocking=True).split(plan.chunk)
+        for write in self.pending_disk.values():  # a failed write-back of the last step stops the run here
+            if write.done():
+                write.result()
         self.total_tokens = max(int((labels != IGNORE_INDEX).sum()), 1)
         self.loss.zero_()
         self.sq_norm.zero_()
@@ -178,17 +259,19 @@ class Engine:
         for name in self.order:
             attrs = self.graph.nodes[name]
             resource = attrs["resource"]
-            args = {k: attrs[k] for k in ("unit", "layer", "chunk") if k in attrs}
+            args = {k: attrs[k] for k in ("unit", "layer", "chunk", "slot") if k in attrs}
             if attrs["kind"] == "update":
                 args["norm"] = done.get("norm")  # this step's (grad_norm, clip coefficient), after_norm only
                 args["lr"] = self.lr
+            on_host = resource in self.host_workers
             for pred in self.graph.predecessors(name):
-                if self.graph.nodes[pred]["resource"] != resource and resource != "cpu":
+                if self.graph.nodes[pred]["resource"] != resource and not on_host:
                     self.streams.wait(resource, done[pred])
-            if resource == "cpu":
+            if on_host:  # the CPU optimizer or the disk worker, each serving its ops in order
                 preds = [done[p] for p in self.graph.predecessors(name)]
                 step = self.trace.step if self.trace else 0
-                done[name] = self.cpu.submit(self._run_cpu_op, name, step, attrs["kind"], args, preds)
+                done[name] = self.host_workers[resource].submit(self._run_host_op, name, step, resource,
+                                                                attrs["kind"], args, preds)
                 continue
             with self.streams.on(resource):
                 start = self.trace.mark() if self.trace else None
@@ -197,6 +280,7 @@ class Engine:
                     self.trace.add(name, self.trace.step, resource, attrs["kind"], start, self.trace.mark())
                 done[name] = self.streams.record(resource)
         self.pending_updates = {u: done[op] for u, op in self.graph.graph["updates"].items()}
+        self.pending_disk = {op: done[op] for op in self.order if self.graph.nodes[op]["kind"] == "disk_write"}
         loss = float(self.loss)
         norm = done["norm"].result()[0] if "norm" in done else math.sqrt(float(self.sq_norm))
         if self.trace:
@@ -209,14 +293,14 @@ class Engine:
         self.trace = OpTrace(self.device)
         return self.trace
 
-    def _run_cpu_op(self, name: str, step: int, kind: str, args: dict, preds: list[Handle]):
+    def _run_host_op(self, name: str, step: int, resource: str, kind: str, args: dict, preds: list[Handle]):
         for h in preds:
             host_wait(h)
         trace = self.trace
         start = trace.host_mark() if trace else None
         out = getattr(self, "_" + kind)(**args)
         if trace:
-            trace.add(name, step, "cpu", kind, start, trace.host_mark())
+            trace.add(name, step, resource, kind, start, trace.host_mark())
         return out
 
     def _norm(self) -> tuple[float, torch.Tensor | None]:
@@ -234,9 +318,13 @@ class Engine:
 
     def _load(self, unit: int) -> None:
         """fp32 master -> bf16 weights on the GPU, streamed through the staging buffer when on the host."""
-        prev = getattr(self, "pending_updates", {}).get(unit)
+        prev = self.pending_updates.get(unit)
         if prev is not None:
             self.streams.wait("gpu" if self.units[unit].on_gpu else "h2d", prev)
+        if isinstance(self.units[unit], DiskUnit):  # bf16 already: straight into the slot
+            weights = self.units[unit].weights
+            self._destination(unit)[: weights.numel()].copy_(weights, non_blocking=True)
+            return
         master = self.units[unit].master.detach()
         dst = self._destination(unit)[: master.numel()]
         if self.units[unit].on_gpu or self.device.type != "cuda":
@@ -346,13 +434,24 @@ class Engine:
         u = self.units[unit]
         grad = (self.gpu_grad[unit] if u.on_gpu else self.host_grad[unit])[:n]
         clip = norm.result()[1] if norm is not None else None
-        u.step(grad, float(clip) if clip is not None and not u.on_gpu else clip, lr)
+        clip = float(clip) if clip is not None and not u.on_gpu else clip
+        if isinstance(u, DiskUnit):
+            u.step(self.disk_ring[self.graph.graph["disk_slot"][unit]], grad, clip, lr)
+        else:
+            u.step(grad, clip, lr)
+
+    def _disk_read(self, unit: int, slot: int) -> None:
+        self.tier.read(unit, self.disk_ring[slot])
+
+    def _disk_write(self, unit: int, slot: int) -> None:
+        self.tier.write(unit, self.disk_ring[slot])
 
     # --- results -------------------------------------------------------------------------------
     def synchronize(self) -> None:
-        """Wait for every pending update (before reading weights or saving)."""
-        for h in getattr(self, "pending_updates", {}).values():
+        """Wait for every pending update and disk write-back (before reading weights or saving)."""
+        for h in [*self.pending_updates.values(), *self.pending_disk.values()]:
             host_wait(h)
+        self.pending_disk = {}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -376,12 +475,21 @@ class Engine:
                         for x, y in zip(hidden, labels.split(self.plan.chunk)))
         return float(total) / max(int((labels != IGNORE_INDEX).sum()), 1)
 
-    def training_state(self) -> dict[str, torch.Tensor]:
+    def training_state(self) -> dict[str, torch.Tensor | DeferredTensor]:
         """fp32 master weights and AdamW states of every unit, for checkpoints. Host units are returned without
-        copying (views of the live state): write them out before the next step."""
+        copying (views of the live state) and disk units as deferred reads, one unit at a time: write them
+        out, in order, before the next step."""
         self.synchronize()
-        out = {}
+        out: dict[str, torch.Tensor | DeferredTensor] = {}
         for u, unit in enumerate(self.units):
+            if isinstance(unit, DiskUnit):
+                out[f"unit{u}.step"] = unit.steps.reshape(-1)
+                for i, key in enumerate(("master", "exp_avg", "exp_avg_sq")):
+                    # master triggers the read; the two states are views of the same buffer, written next
+                    load = (lambda u=u: self._read_disk_unit(u)[0]) if i == 0 else \
+                        (lambda u=u, i=i: self.units[u].states(self.disk_ring[0])[i])
+                    out[f"unit{u}.{key}"] = DeferredTensor((unit.layout.numel,), torch.float32, load)
+                continue
             out[f"unit{u}.master"] = unit.master.detach().cpu()
             for key, value in unit.optimizer.state.get(unit.master, {}).items():
                 out[f"unit{u}.{key}"] = value.detach().cpu().reshape(-1)
@@ -391,21 +499,38 @@ class Engine:
         """Restore what training_state saved; `get(name)` returns one tensor at a time."""
         self.synchronize()
         for u, unit in enumerate(self.units):
+            if isinstance(unit, DiskUnit):
+                unit.steps.copy_(get(f"unit{u}.step").reshape(()))
+
+                def fill(master, exp_avg, exp_avg_sq, u=u):
+                    for key, view in (("master", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+                        view.copy_(get(f"unit{u}.{key}"))
+                self._write_disk_unit(u, fill)
+                continue
             unit.master.detach().copy_(get(f"unit{u}.master"))
             state = {key: get(f"unit{u}.{key}").to(unit.master.device).reshape(() if key == "step" else -1)
                      for key in ("step", "exp_avg", "exp_avg_sq") if f"unit{u}.{key}" in names}
             if state:
                 unit.optimizer.state[unit.master] = state
+        self.synchronize()
         self.pending_updates = {}
 
-    def hf_state(self) -> dict[str, torch.Tensor]:
-        """fp32 master weights under Hugging Face names (host copies)."""
+    def hf_state(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Master weights under Hugging Face names (host copies, in `dtype`; in bf16, disk units' come from
+        their bf16 weights in RAM, which are exactly their rounded masters)."""
         self.synchronize()
         out = {}
-        for unit, layout in zip(self.units, self.layouts):
-            out |= {k: v.detach().to("cpu", copy=True) for k, v in layout.views(unit.master.detach()).items()}
+        for u, (unit, layout) in enumerate(zip(self.units, self.layouts)):
+            if isinstance(unit, DiskUnit):
+                flat = unit.weights if dtype == unit.weights.dtype else self._read_disk_unit(u)[0]
+            else:
+                flat = unit.master.detach()
+            out |= {k: v.to("cpu", dtype, copy=True) for k, v in layout.views(flat).items()}
         return out
 
     def close(self) -> None:
         self.synchronize()
-        self.cpu.shutdown()
+        for worker in self.host_workers.values():
+            worker.shutdown()
+        if self.tier:
+            self.tier.close()

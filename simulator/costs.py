@@ -86,6 +86,16 @@ class CostModel:
     def gpu_bytes_moved(self, nbytes: float) -> float:
         return nbytes / self.p.gpu_memory_bandwidth
 
+    def disk(self, direction: str, nbytes: int) -> float:
+        if self.p.disk is None:
+            raise ProfileError(f"profile {self.p.name!r} has no disk measurements; calibrate with --disk-dir "
+                               "on the disk the tier will use")
+        return nbytes / (self.p.disk.read_bandwidth if direction == "read" else self.p.disk.write_bandwidth)
+
+    def host_update(self, params: int, disk: bool) -> float:
+        """CPU AdamW; a disk unit's update also casts its new master to the bf16 weights kept in RAM."""
+        return params / self.p.cpu_adamw_rate() + (4 * params / self.p.host_cast_bandwidth if disk else 0.0)
+
 
 def _cfg_of(t, like: ModelConfig) -> ModelConfig:
     """A config with a timing entry's shape, for its flop count (layer_params needs the whole shape)."""
@@ -122,7 +132,9 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     if kind == "update":
         if a["resource"] == "gpu":
             return a["params"] / cost.p.gpu_adamw_params_per_s
-        return a["params"] / cost.p.cpu_adamw_rate()
+        return cost.host_update(a["params"], a["disk"])
+    if kind in ("disk_read", "disk_write"):
+        return cost.disk(kind[5:], a["bytes"])
     if kind == "norm":
         return 0.0
     raise ValueError(f"no cost for op kind {kind!r}")
@@ -142,11 +154,13 @@ def issue_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
 
 
 def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
-    """A bound no simulated step time of `plan` can beat: the GPU's compute alone, or the CPU's updates alone
-    (each op's cost is at least its term here)."""
+    """A bound no simulated step time of `plan` can beat: the GPU's compute alone, the CPU's updates alone,
+    or the disk tier's reads and writes alone (each op's cost is at least its term here)."""
     tokens, slow = plan.chunk * plan.seq, cost.p.compute_slowdown_under_copies
     layers = sum(cost.layer("fwd_s", tokens) + cost.layer("bwd_kept_s" if a == "keep" else "bwd_recompute_s", tokens)
                  for a in plan.activations)
     gpu = plan.chunks * (layers + cost.head(tokens)) * slow
-    cpu = sum(n for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu") / cost.p.cpu_adamw_rate()
-    return max(gpu, cpu)
+    numels = unit_numels(cfg)
+    cpu = sum(cost.host_update(n, where == "disk") for n, where in zip(numels, plan.placement) if where != "gpu")
+    disk = sum(cost.disk("read", 12 * numels[u]) + cost.disk("write", 12 * numels[u]) for u in plan.disk_units)
+    return max(gpu, cpu, disk)

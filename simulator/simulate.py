@@ -1,9 +1,9 @@
 """Discrete-event replay of the runtime's step graph on a profiled machine.
 
 The executor's model, as the runtime behaves: one host thread issues ops in `seq` order; each of the
-GPU's streams (gpu, h2d, d2h) and the single CPU optimizer worker serves its ops one at a time in that
-order; an op starts once issued, its resource is free and its dependencies are done. A GPU-side op that
-waits for a CPU op (a weight load after last step's host update, a gradient copy into a ring buffer the
+GPU's streams (gpu, h2d, d2h), the single CPU optimizer worker and the disk-tier worker serves its ops one
+at a time in that order; an op starts once issued, its resource is free and its dependencies are done. A
+GPU-side op that waits for a host op (a weight load after last step's host update, a gradient copy into a ring buffer the
 optimizer still reads) blocks the issuing thread, as a Python future does. Steps run back to back (the
 next step's loads wait for this step's updates) and a step ends when its loss is read. Memory is tracked
 per tier: the plan's static buffers, kept activations from their forward to their backward, and each
@@ -17,13 +17,14 @@ from slideformer.calibrate.profile import Profile
 from slideformer.models.config import ModelConfig
 from slideformer.opgraph import build_step_graph, issue_order
 from slideformer.plan import Plan
-from slideformer.planner.memory import gpu_bytes, head_workspace, host_bytes, kept_graph, layer_workspace
+from slideformer.planner.memory import disk_bytes, gpu_bytes, head_workspace, host_bytes, kept_graph, layer_workspace
 
 from .costs import CostModel, issue_seconds, op_seconds
 
-RESOURCES = ("gpu", "h2d", "d2h", "cpu")
+RESOURCES = ("gpu", "h2d", "d2h", "cpu", "disk")
+HOST_RESOURCES = ("cpu", "disk")  # served by worker threads; the GPU's streams wait on them through futures
 RESOURCE_NAMES = {"gpu": "GPU compute", "h2d": "PCIe host-to-device", "d2h": "PCIe device-to-host",
-                  "cpu": "CPU optimizer"}
+                  "cpu": "CPU optimizer", "disk": "disk tier"}
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Simulation:
     host_static: dict[str, int]
     tokens_per_step: int
     flops_per_step: float
+    disk_bytes: int = 0  # the disk tier's files
     utilisation: dict[str, float] = field(default_factory=dict)
     critical: dict[str, float] = field(default_factory=dict)  # seconds of the last step's critical path per resource
 
@@ -88,7 +90,8 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     index = {n: i for i, n in enumerate(order)}
     res = [g.nodes[n]["resource"] for n in order]
     preds = [tuple(index[p] for p in g.predecessors(n)) for n in order]
-    blocking = [tuple(p for p in preds[i] if res[p] == "cpu") if res[i] != "cpu" else () for i in range(len(order))]
+    blocking = [tuple(p for p in preds[i] if res[p] in HOST_RESOURCES) if res[i] not in HOST_RESOURCES else ()
+                for i in range(len(order))]
     update_of = {u: index[op] for u, op in g.graph["updates"].items()}
     after_update = [update_of[g.nodes[n]["unit"]] if g.nodes[n]["kind"] == "load" else -1 for n in order]
     dur = [op_seconds(g, n, cost) for n in order]
@@ -160,7 +163,7 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
         timeline.append((t, level))
     host = host_bytes(cfg, plan, profile)
     sim = Simulation(plan, spans, step_ends, timeline, sum(host.values()), static, host, plan.batch * plan.seq,
-                     cfg.model_flops_per_token(plan.seq) * plan.batch * plan.seq)
+                     cfg.model_flops_per_token(plan.seq) * plan.batch * plan.seq, disk_bytes(cfg, plan))
     lo, hi = step_ends[-2], step_ends[-1]
     for r in RESOURCES:
         busy = sum(max(0.0, min(s.end, hi) - max(s.start, lo)) for s in spans if s.resource == r)

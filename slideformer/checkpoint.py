@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import shutil
 import struct
@@ -23,23 +24,27 @@ from safetensors import safe_open
 
 from slideformer.models.config import ModelConfig
 from slideformer.models.weights import save_hf_checkpoint
+from slideformer.runtime.disk import DeferredTensor
 
 STATE_FILE = "training_state.safetensors"
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
 
 
-def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """The safetensors format written tensor by tensor, without copying (views of one buffer are fine)."""
-    items = [(n, t.detach().contiguous()) for n, t in tensors]
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor | DeferredTensor]]) -> None:
+    """The safetensors format written tensor by tensor, in order, without copying (views of one buffer are
+    fine); deferred tensors are loaded only when their turn comes."""
+    items = list(tensors)
     header, offset = {}, 0
     for name, t in items:
-        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
+        nbytes = math.prod(t.shape) * t.dtype.itemsize
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for _, t in items:
+            t = (t.load() if isinstance(t, DeferredTensor) else t).detach().contiguous()
             f.write(t.view(torch.uint8).reshape(-1).numpy().data if t.nbytes else b"")
         f.flush()
         os.fsync(f.fileno())
@@ -50,7 +55,7 @@ def save_checkpoint(root: Path, step: int, model_cfg: ModelConfig, engine, token
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_hf_checkpoint(model_cfg, engine.hf_state(), tmp)
+    save_hf_checkpoint(model_cfg, engine.hf_state(torch.bfloat16), tmp)  # the model files are bf16
     for f in tokenizer_files:
         shutil.copy2(f, tmp / f.name)
     write_safetensors(tmp / STATE_FILE, engine.training_state().items())

@@ -65,14 +65,15 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     sim = simulate(cfg, plan, Profile.load(a.profile))
     out = {"step_s": sim.step_s, "tokens_per_s": sim.tokens_per_s, "tflops": sim.tflops,
            "utilisation": sim.utilisation, "bottleneck": RESOURCE_NAMES[sim.bottleneck],
-           "peak_gpu_bytes": sim.peak_gpu_bytes, "peak_host_bytes": sim.host_memory_bytes, "peak_disk_bytes": 0}
+           "peak_gpu_bytes": sim.peak_gpu_bytes, "peak_host_bytes": sim.host_memory_bytes, "peak_disk_bytes": sim.disk_bytes}
     if a.json:
         print(json.dumps(out, indent=2))
     else:
         print(f"{plan.model} batch {plan.batch} x seq {plan.seq}: {sim.step_s:.3f} s/step, {sim.tokens_per_s:,.0f} "
               f"tokens/s, {sim.tflops:.0f} TFLOPS; bottleneck {out['bottleneck']}\n"
               "busy: " + ", ".join(f"{RESOURCE_NAMES[k]} {v:.0%}" for k, v in sim.utilisation.items()) +
-              f"\npeak GPU {sim.peak_gpu_bytes / GiB:.2f} GiB, host {sim.host_memory_bytes / GiB:.2f} GiB, disk 0")
+              f"\npeak GPU {sim.peak_gpu_bytes / GiB:.2f} GiB, host {sim.host_memory_bytes / GiB:.2f} GiB, "
+              f"disk {sim.disk_bytes / GiB:.2f} GiB")
     if a.gantt:
         lo, hi = sim.step_ends[-2], sim.step_ends[-1]
         spans = [asdict(s) for s in sim.spans if s.end > lo and s.start < hi]
@@ -120,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="auto", help="sequences per step, or 'auto' (default)")
     p.add_argument("--gpu-mem", type=float, help="GPU budget in GiB (default: 92%% of the profile's GPU)")
     p.add_argument("--host-mem", type=float, help="host RAM budget in GiB (default: 90%% of the profile's)")
-    p.add_argument("--disk", type=float, help="disk budget in GiB (the NVMe tier is not in the runtime yet: unused)")
+    p.add_argument("--disk", type=float, help="disk budget in GiB for layers' states (default 0: none on disk)")
     p.add_argument("--max-grad-norm", type=float, help="plan for global-norm clipping (update after the norm)")
     p.add_argument("--profile", default=DEFAULT_PROFILE, help="profile JSON or committed name (h100-80gb, rtx4090-spec)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")

@@ -1,7 +1,7 @@
 """One training step as a dependency graph of operations, the contract between runtime and simulator.
 
 Each node is an op with: `seq` (program order; every resource serves its ops in this order, like a CUDA
-stream), `kind`, `resource` (gpu, h2d, d2h, cpu), the unit or layer and chunk it touches, its work
+stream), `kind`, `resource` (gpu, h2d, d2h, cpu, disk), the unit or layer and chunk it touches, its work
 (`flops`, `bytes` or `params`) and `alloc`/`free` (bytes per tier it takes and gives back). Edges are true
 data dependencies and buffer reuse (write-after-read) hazards; ops on one resource are also ordered by seq.
 Units: 0 is the embedding, 1..L the decoder layers, L+1 the final norm and LM head.
@@ -62,7 +62,20 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
 
     def load(u: int, tag: str, deps: list[str | None]) -> str:
         on_gpu = plan.placement[u] == "gpu"
-        return b.op(f"load:{u}:{tag}", "load", "gpu" if on_gpu else "h2d", deps, unit=u, bytes=4 * numel[u])
+        itemsize = 2 if plan.placement[u] == "disk" else 4  # disk units' bf16 weights wait in RAM
+        return b.op(f"load:{u}:{tag}", "load", "gpu" if on_gpu else "h2d", deps, unit=u, bytes=itemsize * numel[u])
+
+    # Disk-tier units, in update order, cycle through `disk_ring` host buffers: the first reads start with the
+    # step, each later one as soon as the write-back of the unit before it in its buffer is done.
+    update_order = [L + 1, *range(L, 0, -1), 0] if plan.update == "during_backward" else list(range(L + 2))
+    disk_order = [u for u in update_order if plan.placement[u] == "disk"]
+    disk_slot = {u: k % plan.disk_ring for k, u in enumerate(disk_order)}
+
+    def disk_read(u: int, after: str | None) -> None:
+        b.op(f"disk_read:{u}", "disk_read", "disk", [after], unit=u, slot=disk_slot[u], bytes=12 * numel[u])
+
+    for u in disk_order[: plan.disk_ring]:
+        disk_read(u, None)
 
     # --- forward ---------------------------------------------------------------------------
     load(0, "fwd", [])
@@ -110,7 +123,19 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
         if u not in (0, L + 1):
             grad_buffer_reader[u % 2] = out
         if plan.update == "during_backward":
-            updates[u] = b.op(f"update:{u}", "update", "cpu", [out], unit=u, params=numel[u])
+            host_update(u, [out])
+
+    def host_update(u: int, deps: list[str]) -> None:
+        """A CPU AdamW update; a disk unit's reads its states first and writes them back after."""
+        on_disk = plan.placement[u] == "disk"
+        updates[u] = b.op(f"update:{u}", "update", "cpu", [*deps, f"disk_read:{u}" if on_disk else None],
+                          unit=u, params=numel[u], disk=on_disk)
+        if on_disk:
+            write = b.op(f"disk_write:{u}", "disk_write", "disk", [updates[u]], unit=u, slot=disk_slot[u],
+                         bytes=12 * numel[u])
+            k = disk_order.index(u) + plan.disk_ring
+            if k < len(disk_order):
+                disk_read(disk_order[k], write)
 
     grad_out_and_update(L + 1, f"head:{last}")
     resident = set(range(max(L - W, 0), L))
@@ -147,9 +172,11 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
         ready = [n for n, a in b.g.nodes(data=True) if a["kind"] in ("grad_out", "embed_bwd", "head", "bwd")]
         norm = b.op("norm", "norm", "cpu", ready)
         for u in range(L + 2):  # forward order, so the next step's forward can start early
-            res = "gpu" if plan.placement[u] == "gpu" else "cpu"
-            updates[u] = b.op(f"update:{u}", "update", res, [norm], unit=u, params=numel[u])
-    b.g.graph.update(cfg=cfg, plan=plan, updates=updates)
+            if plan.placement[u] == "gpu":
+                updates[u] = b.op(f"update:{u}", "update", "gpu", [norm], unit=u, params=numel[u])
+            else:
+                host_update(u, [norm])
+    b.g.graph.update(cfg=cfg, plan=plan, updates=updates, disk_slot=disk_slot)
     return b.g
 
 

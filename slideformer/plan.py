@@ -7,7 +7,7 @@ from pathlib import Path
 
 ACTIVATION_POLICIES = ("offload", "recompute", "keep")
 UPDATE_SCHEDULES = ("during_backward", "after_norm")
-PLACEMENTS = ("cpu", "gpu")
+PLACEMENTS = ("cpu", "gpu", "disk")
 
 
 class PlanError(ValueError):
@@ -27,11 +27,14 @@ class Plan:
     #   keep      - the layer's whole autograd graph stays on the GPU (no recompute; last `window` layers only).
     activations: list[str] = field(default_factory=list)
     # Where each unit's fp32 master weights and AdamW states live and are updated, in unit order
-    # (embed, layer 0..L-1, head). 'gpu' units never cross PCIe.
+    # (embed, layer 0..L-1, head): 'cpu' (host RAM, CPU AdamW), 'gpu' (never cross PCIe), or 'disk'
+    # (decoder layers only: files in the disk tier, read ahead into `disk_ring` host buffers, updated by the
+    # CPU AdamW and written back; the host keeps their bf16 weights for the GPU's loads).
     placement: list[str] = field(default_factory=list)
     update: str = "during_backward"  # or 'after_norm' (exact global-norm clipping, overlapped with next forward)
     transfer_chunk_mb: int = 64  # fp32 weight streaming granularity (staging is two such buffers)
     grad_ring: int = 4  # pinned host fp32 gradient buffers shared by the CPU-updated layers
+    disk_ring: int = 2  # host buffers for disk-tier units' states (read-ahead depth)
     loss_chunk_tokens: int = 4096  # tokens per LM-head/loss piece; logits never exceed this many rows
     device: str = "cuda"
     # 'bfloat16' (mixed precision, the default) or 'float32' compute; float32 only on the CPU, whose bf16
@@ -45,7 +48,11 @@ class Plan:
     @property
     def shares_grad_ring(self) -> bool:
         """CPU-updated layers pass their gradients through `grad_ring` shared host buffers (during_backward)."""
-        return self.update == "during_backward" and "cpu" in self.placement[1:-1]
+        return self.update == "during_backward" and any(p != "gpu" for p in self.placement[1:-1])
+
+    @property
+    def disk_units(self) -> list[int]:
+        return [u for u, p in enumerate(self.placement) if p == "disk"]
 
     def validate(self, num_layers: int) -> None:
         problems = []
@@ -61,12 +68,14 @@ class Plan:
             problems.append("'keep' is allowed only for the last `window` layers, whose weights stay resident")
         if len(self.placement) != num_layers + 2 or set(self.placement) - set(PLACEMENTS):
             problems.append(f"placement needs {num_layers + 2} entries (embed, layers, head) from {PLACEMENTS}")
+        elif "disk" in (self.placement[0], self.placement[-1]):
+            problems.append("'disk' placement is for decoder layers; the embedding and head stay in RAM or on the GPU")
         if self.update not in UPDATE_SCHEDULES:
             problems.append(f"update must be one of {UPDATE_SCHEDULES}")
         if self.compute_dtype not in ("bfloat16", "float32") or (self.compute_dtype == "float32" and self.device != "cpu"):
             problems.append("compute_dtype is 'bfloat16', or 'float32' on device 'cpu'")
-        if self.grad_ring < 1 or self.transfer_chunk_mb < 1 or self.loss_chunk_tokens < 1:
-            problems.append("grad_ring, transfer_chunk_mb and loss_chunk_tokens must be positive")
+        if min(self.grad_ring, self.disk_ring, self.transfer_chunk_mb, self.loss_chunk_tokens) < 1:
+            problems.append("grad_ring, disk_ring, transfer_chunk_mb and loss_chunk_tokens must be positive")
         if problems:
             raise PlanError("invalid plan: " + "; ".join(problems))
 
@@ -86,9 +95,11 @@ class Plan:
 
 
 def uniform_plan(model: str, num_layers: int, batch: int, seq: int, chunk: int | None = None, window: int = 2,
-                 activation: str = "offload", keep_last: int = 0, gpu_units: int = 0, **kw) -> Plan:
-    """A plan with one policy for every layer; the last `keep_last` layers keep their graphs and the first
-    `gpu_units` units (embed, layer 0, ...) plus the head when gpu_units > 0 are updated on the GPU."""
+                 activation: str = "offload", keep_last: int = 0, gpu_units: int = 0, disk_layers: int = 0,
+                 **kw) -> Plan:
+    """A plan with one policy for every layer; the last `keep_last` layers keep their graphs, the first
+    `gpu_units` units (embed, layer 0, ...) plus the head when gpu_units > 0 are updated on the GPU, and the
+    last `disk_layers` layers keep their states on disk (updated first in backward, needed last in forward)."""
     acts = [activation] * num_layers
     for i in range(num_layers - keep_last, num_layers):
         acts[i] = "keep"
@@ -97,5 +108,7 @@ def uniform_plan(model: str, num_layers: int, batch: int, seq: int, chunk: int |
         placement[i] = "gpu"
     if gpu_units > 0:
         placement[-1] = "gpu"
+    for i in range(num_layers + 1 - disk_layers, num_layers + 1):
+        placement[i] = "disk"
     return Plan(model=model, batch=batch, seq=seq, chunk=chunk or batch, window=window, activations=acts,
                 placement=placement, **kw)

@@ -42,6 +42,8 @@ class TrainConfig:
     seed: int = 0
     plan: str = "auto"  # 'auto' (the planner picks the fastest plan that fits) or a plan JSON
     profile: str = "h100-80gb"  # machine profile the planner scores plans with
+    disk_dir: str | None = None  # the disk tier's directory (on a local NVMe), for layers' states
+    disk_budget_gb: float | None = None  # GiB of it plan 'auto' may use (default: 90% of its free space)
     device: str = "auto"  # 'auto', 'cuda' or 'cpu'
     resume: bool = False  # continue from output_dir's latest checkpoint
 
@@ -138,6 +140,8 @@ output_dir: runs/llama-chat
 seed: 0
 plan: auto                  # or a plan JSON from `slideformer plan --out`
 profile: h100-80gb          # machine profile the planner uses (slideformer calibrate makes one)
+disk_dir: null              # e.g. /nvme/slideformer: lets the planner keep layers' states on disk when RAM is short
+disk_budget_gb: null        # default: 90% of disk_dir's free space
 device: auto
 resume: false               # true: continue from output_dir's latest checkpoint
 """

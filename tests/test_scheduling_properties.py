@@ -96,7 +96,7 @@ def test_layers_compute_only_on_their_own_resident_weights(data, cfg, profile):
 
 def budget_for(cfg, profile, batch, gpu_scale, host_scale) -> Budgets:
     """Budgets around the least this model needs, so that some fit and some do not."""
-    gpu, host = least_needs(cfg, "random", batch, 64, profile)
+    gpu, host = least_needs(cfg, "random", batch, 64, profile, Budgets(0, 0))
     return Budgets(int(gpu * gpu_scale), int(host * host_scale))
 
 

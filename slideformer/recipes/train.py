@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +85,21 @@ def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str) -> Plan:
     if device == "cpu":
         return uniform_plan(cfg.model, model_cfg.num_layers, batch, cfg.seq, chunk=cfg.batch,
                             window=min(2, model_cfg.num_layers), activation="recompute", update=update, device="cpu")
-    budgets = Budgets(int(torch.cuda.mem_get_info()[0] * 0.92), int(available_host_bytes() * 0.9))
+    budgets = Budgets(int(torch.cuda.mem_get_info()[0] * 0.92), int(available_host_bytes() * 0.9), disk_budget(cfg))
     verdict = choose_plan(model_cfg, cfg.model, cfg.seq, batch, Profile.load(cfg.profile), budgets,
                           clip=cfg.max_grad_norm is not None)
     if not verdict.fits:
         raise PlanError(f"no plan fits batch {batch} x seq {cfg.seq}: " + "; ".join(verdict.shortfalls))
     return verdict.plan
+
+
+def disk_budget(cfg: TrainConfig) -> int:
+    if cfg.disk_dir is None:
+        return 0
+    if cfg.disk_budget_gb is not None:
+        return int(cfg.disk_budget_gb * 2**30)
+    Path(cfg.disk_dir).mkdir(parents=True, exist_ok=True)
+    return int(shutil.disk_usage(cfg.disk_dir).free * 0.9)
 
 
 def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train: Sequences, held_out: Sequences | None,
@@ -101,7 +111,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
     batches = Batches(train.ids, train.labels, cfg.sequences_per_step, cfg.seed)
     total = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     engine = Engine(model_cfg, plan, source, AdamWConfig(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm))
+                                                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm),
+                    disk_dir=cfg.disk_dir)
     start = 0
     if cfg.resume:
         path = latest_checkpoint(ckpt_root)
