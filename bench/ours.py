@@ -10,7 +10,7 @@ from bench.common import BATCH, MODEL, SEQ, memory_readings, provenance, through
 from slideformer import kernels
 from slideformer.data import random_next_token_batch
 from slideformer.models import RandomWeights, load_model_config
-from slideformer.plan import uniform_plan
+from slideformer.plan import Plan, uniform_plan
 from slideformer.runtime import AdamWConfig, Engine
 
 
@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--update", default="during_backward")
     ap.add_argument("--grad-ring", type=int, default=4)
     ap.add_argument("--loss-chunk", type=int, default=4096)
+    ap.add_argument("--bf16-host-weights", action="store_true", help="RAM-updated units keep bf16 weights in RAM")
+    ap.add_argument("--plan", help="a plan JSON (overrides the plan flags)")
     ap.add_argument("--gpu-cap-gib", type=float, default=None)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
@@ -37,10 +39,15 @@ def main() -> None:
     if a.gpu_cap_gib:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(a.gpu_cap_gib * 2**30 / total)
+    if a.plan:
+        plan = Plan.load(a.plan)
+        a.model, a.batch, a.seq = plan.model, plan.batch, plan.seq
     cfg = load_model_config(a.model)
-    plan = uniform_plan(a.model, cfg.num_layers, a.batch, a.seq, chunk=a.chunk, window=a.window,
-                        activation=a.activation, keep_last=a.keep_last, gpu_units=a.gpu_units, update=a.update,
-                        grad_ring=a.grad_ring, loss_chunk_tokens=a.loss_chunk)
+    if not a.plan:
+        plan = uniform_plan(a.model, cfg.num_layers, a.batch, a.seq, chunk=a.chunk, window=a.window,
+                            activation=a.activation, keep_last=a.keep_last, gpu_units=a.gpu_units, update=a.update,
+                            grad_ring=a.grad_ring, loss_chunk_tokens=a.loss_chunk,
+                            host_bf16_weights=a.bf16_host_weights)
     t0 = time.perf_counter()
     budget = int(a.gpu_cap_gib * 2**30) if a.gpu_cap_gib else None
     engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5), gpu_budget_bytes=budget)

@@ -66,7 +66,7 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
     graph = kept_graph(cfg, plan.seq, chunk_tokens, profile)
     return {
         "weight_window": plan.window * n[1] * 2,
-        "transfer_staging": plan.transfer_chunk_mb * 2**20 if "cpu" in plan.placement else 0,
+        "transfer_staging": plan.transfer_chunk_mb * 2**20 if plan.stages_fp32_loads else 0,
         "layer_grad_buffers": 2 * n[1] * 4 if any(layer_on_host) else 0,
         "edge_weights_and_grads": (n[0] + n[L + 1]) * (2 + 4),
         "gpu_optimizer_states": sum(n[u] * (12 + (4 if 0 < u <= L else 0))
@@ -83,7 +83,8 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
 def pinned_host_buffers(cfg: ModelConfig, plan: Plan) -> dict[str, list[int]]:
     """Bytes of every pinned host buffer the runtime allocates, by kind: fp32 masters of RAM-updated units,
     fp32 gradient destinations of host-updated units (a shared ring for layers during backward), offloaded
-    activations, disk units' bf16 weights and the ring of buffers their states pass through."""
+    activations, bf16 weights kept in RAM (disk units', and CPU units' under host_bf16_weights) and the ring
+    of buffers disk units' states pass through."""
     L, n = cfg.num_layers, unit_numels(cfg)
     on_cpu = [u for u in range(L + 2) if plan.placement[u] == "cpu"]
     on_host = [u for u in range(L + 2) if plan.placement[u] != "gpu"]
@@ -95,14 +96,14 @@ def pinned_host_buffers(cfg: ModelConfig, plan: Plan) -> dict[str, list[int]]:
         + [4 * n[u] for u in on_host if not (ring and 0 < u <= L)],
         "offloaded_activations": [plan.batch * plan.seq * cfg.hidden_size * itemsize]
         * plan.activations.count("offload"),
-        "disk_unit_weights": [itemsize * n[u] for u in plan.disk_units],
+        "bf16_weights": [itemsize * n[u] for u in range(L + 2) if plan.bf16_in_ram(u)],
         "disk_ring": [padded(12 * n[1])] * (plan.disk_ring if plan.disk_units else 0),
     }
 
 
 def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
     """Host RAM of the runtime's buffers: fp32 masters and gradients (pinned), AdamW states, offloaded
-    activations, and the disk tier's bf16 weights and state ring."""
+    activations, bf16 weights kept in RAM, and the disk tier's state ring."""
     pinned = {kind: sum(sizes) for kind, sizes in pinned_host_buffers(cfg, plan).items()}
     states = sum(8 * n for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu")
     return {
@@ -110,7 +111,7 @@ def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> 
         "optimizer_states": states,
         "gradients": pinned["gradients"],
         "offloaded_activations": pinned["offloaded_activations"],
-        "disk_unit_weights": pinned["disk_unit_weights"],
+        "bf16_weights": pinned["bf16_weights"],
         "disk_ring": pinned["disk_ring"],
         "process": profile.process_baseline_bytes if profile is not None else 0,
     }

@@ -92,9 +92,10 @@ class CostModel:
                                "on the disk the tier will use")
         return nbytes / (self.p.disk.read_bandwidth if direction == "read" else self.p.disk.write_bandwidth)
 
-    def host_update(self, params: int, disk: bool) -> float:
-        """CPU AdamW; a disk unit's update also casts its new master to the bf16 weights kept in RAM."""
-        return params / self.p.cpu_adamw_rate() + (4 * params / self.p.host_cast_bandwidth if disk else 0.0)
+    def host_update(self, params: int, cast: bool) -> float:
+        """CPU AdamW, plus the cast of the new master to bf16 weights kept in RAM where the unit has them."""
+        rate = self.p.host_cast_bandwidth or self.p.host_memcpy_bandwidth  # spec sheets give only the latter
+        return params / self.p.cpu_adamw_rate() + (4 * params / rate if cast and rate else 0.0)
 
 
 def _cfg_of(t, like: ModelConfig) -> ModelConfig:
@@ -112,7 +113,7 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     if kind == "load":
         if a["resource"] == "gpu":  # fp32 master already on the GPU: read 4 bytes, write 2
             return cost.gpu_bytes_moved(a["bytes"] * 1.5)
-        return cost.load(a["bytes"], plan.transfer_chunk_mb)
+        return cost.load(a["bytes"], plan.transfer_chunk_mb) if a["staged"] else cost.copy("h2d", a["bytes"])
     if kind in ("save", "grad_out"):
         return cost.copy("d2h", a["bytes"])
     if kind == "fetch":
@@ -132,7 +133,7 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     if kind == "update":
         if a["resource"] == "gpu":
             return a["params"] / cost.p.gpu_adamw_params_per_s
-        return cost.host_update(a["params"], a["disk"])
+        return cost.host_update(a["params"], a["cast"])
     if kind in ("disk_read", "disk_write"):
         return cost.disk(kind[5:], a["bytes"])
     if kind == "norm":
@@ -148,7 +149,7 @@ def issue_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
         return cost.p.issue_s
     if kind in ("bwd", "head"):
         return 3 * cost.p.issue_s  # a forward with autograd, then its backward
-    if kind == "load" and a["resource"] == "h2d":
+    if kind == "load" and a["staged"]:
         return STAGING_PIECE_LAUNCH_S * -(-a["bytes"] // (g.graph["plan"].transfer_chunk_mb * 2**20))
     return COPY_LAUNCH_S
 
@@ -161,6 +162,6 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
                  for a in plan.activations)
     gpu = plan.chunks * (layers + cost.head(tokens)) * slow
     numels = unit_numels(cfg)
-    cpu = sum(cost.host_update(n, where == "disk") for n, where in zip(numels, plan.placement) if where != "gpu")
+    cpu = sum(cost.host_update(n, plan.bf16_in_ram(u)) for u, n in enumerate(numels) if plan.placement[u] != "gpu")
     disk = sum(cost.disk("read", 12 * numels[u]) + cost.disk("write", 12 * numels[u]) for u in plan.disk_units)
     return max(gpu, cpu, disk)

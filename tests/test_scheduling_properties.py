@@ -5,7 +5,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slideformer.calibrate.profile import Link, Profile
+from slideformer.calibrate.profile import Disk, Link, Profile
 from slideformer.models import PRESETS
 from slideformer.opgraph import build_step_graph
 from slideformer.plan import uniform_plan
@@ -36,7 +36,8 @@ def profiles(draw):
         gpu_memory_bytes=80 * GiB, gpu_bf16_flops=rate(1e9, 1e15), gpu_memory_bandwidth=rate(1e9, 3e12),
         gpu_adamw_params_per_s=rate(1e7, 1e11), issue_s=rate(0, 1e-3),
         h2d=Link(rate(1e7, 6e10), rate(0, 1e-4)), d2h=Link(rate(1e7, 6e10), rate(0, 1e-4)),
-        staged_load_bandwidth=draw(st.none() | st.floats(1e7, 6e10)),
+        staged_load_bandwidth=draw(st.none() | st.floats(1e7, 6e10)), host_cast_bandwidth=rate(1e8, 1e11),
+        disk=Disk("-", "spec", rate(1e7, 1e10), rate(1e7, 1e10)),
         compute_slowdown_under_copies=rate(1.0, 1.3))
 
 
@@ -49,7 +50,8 @@ def plans(draw, cfg):
                         window=window, activation=draw(st.sampled_from(["offload", "recompute"])),
                         keep_last=draw(st.integers(0, window)), gpu_units=draw(st.integers(0, L + 2)),
                         update=draw(st.sampled_from(["during_backward", "after_norm"])),
-                        grad_ring=draw(st.integers(1, 4)), device="cpu")
+                        grad_ring=draw(st.integers(1, 4)), disk_layers=draw(st.integers(0, L)),
+                        disk_ring=draw(st.integers(1, 3)), host_bf16_weights=draw(st.booleans()), device="cpu")
 
 
 @settings(max_examples=80, deadline=None)
@@ -69,13 +71,33 @@ def test_simulation_honours_dependencies_resources_and_updates(data, cfg, profil
                 for n in g.nodes:
                     if n.startswith(f"load:{unit}:"):
                         assert at[(step, n)].start >= at[(step - 1, op)].end - 1e-12
-    for res in ("gpu", "h2d", "d2h", "cpu"):  # one op at a time per resource
+    for res in ("gpu", "h2d", "d2h", "cpu", "disk"):  # one op at a time per resource
         spans = sorted((s for s in sim.spans if s.resource == res), key=lambda s: s.start)
         for a, b in zip(spans, spans[1:]):
             assert b.start >= a.end - 1e-12
     assert all(b > a for a, b in zip(sim.step_ends, sim.step_ends[1:]))
     # the planner's branch and bound is exact only if its bound never exceeds a simulated step
     assert step_lower_bound(cfg, plan, CostModel(profile, cfg, plan.seq)) <= sim.step_s * (1 + 1e-9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), cfg=models(), profile=profiles())
+def test_a_disk_ring_buffer_serves_one_unit_at_a_time(data, cfg, profile):
+    """From its read to the end of its write-back a disk unit owns its ring buffer, across steps too."""
+    plan = data.draw(plans(cfg))
+    sim = simulate(cfg, plan, profile, steps=2)
+    slot = build_step_graph(cfg, plan).graph["disk_slot"]
+    at = {(s.step, s.name): s for s in sim.spans}
+    held = sorted((at[(k, f"disk_read:{u}")].start, at[(k, f"disk_write:{u}")].end, slot[u])
+                  for k in range(2) for u in plan.disk_units)
+    for k in set(slot.values()):
+        spans = [(a, b) for a, b, s in held if s == k]
+        for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
+            assert a1 >= b0 - 1e-12
+        for u in plan.disk_units:  # the update runs inside its unit's hold
+            for step in range(2):
+                assert at[(step, f"disk_read:{u}")].end <= at[(step, f"update:{u}")].start + 1e-12
+                assert at[(step, f"update:{u}")].end <= at[(step, f"disk_write:{u}")].start + 1e-12
 
 
 @settings(max_examples=80, deadline=None)
