@@ -24,11 +24,11 @@ from slideformer.simulator import simulate
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--model", default="llama-3.1-8b:16")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--gpu-gib", type=float, default=24.0)
-    ap.add_argument("--host-gib", type=float, default=110.0)
+    ap.add_argument("--host-gib", type=float, default=100.0)
     ap.add_argument("--profile", default="h100-80gb")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
