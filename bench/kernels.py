@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from bench.common import provenance
 from slideformer import kernels
 from slideformer.kernels.cross_entropy import linear_cross_entropy
+from slideformer.kernels.rope import Rope
 from slideformer.kernels.swiglu import swiglu
 from slideformer.models import PRESETS
 from slideformer.models.layers import add_rms_norm, apply_rope, rms_norm, rope_tables
@@ -62,6 +63,7 @@ def main() -> None:
     w = 1 + 0.1 * torch.randn(h, device=dev, dtype=bf16)
     gate, up = torch.randn(TOKENS, ff, device=dev, dtype=bf16), torch.randn(TOKENS, ff, device=dev, dtype=bf16)
     q = torch.randn(BATCH, CFG.num_heads, SEQ, CFG.head_dim, device=dev, dtype=bf16)
+    q_proj = torch.randn(BATCH, SEQ, CFG.num_heads * CFG.head_dim, device=dev, dtype=bf16)
     cos, sin = rope_tables(CFG, SEQ, dev, bf16)
 
     def eager_norm(t, weight):
@@ -71,6 +73,14 @@ def main() -> None:
     def eager_rope(t):
         a, b = t.chunk(2, dim=-1)
         return t * cos + torch.cat((-b, a), dim=-1) * sin
+
+    heads, d = CFG.num_heads, CFG.head_dim
+
+    def from_projection(t):  # the attention's q: the projection output, viewed per head and transposed
+        return t.view(BATCH, SEQ, heads, d).transpose(1, 2)
+
+    def rope_copying_first(t):  # the kernel's previous path: make the transposed q contiguous, rope, copy back
+        return Rope.apply(from_projection(t).contiguous(), cos, sin)
 
     def fused_add_norm(t, delta, weight):
         total, normed = add_rms_norm(t, delta, weight, 1e-5)
@@ -87,12 +97,16 @@ def main() -> None:
                          (x, torch.randn_like(x), w)),
         "swiglu": (swiglu, lambda g, u: F.silu(g) * u, (gate, up)),
         "rope": (lambda t: apply_rope(t, cos, sin), eager_rope, (q,)),
+        "rope_from_projection": (lambda t: apply_rope(from_projection(t), cos, sin),
+                                 lambda t: eager_rope(from_projection(t)), (q_proj,)),
     }
     for name, (ours, eager, inputs) in cases.items():
         with kernels.use(True):
             results[name] = {"triton": measure(fwd_bwd(ours, *inputs))}
         results[name]["eager"] = measure(fwd_bwd(eager, *inputs))
         results[name]["torch_compile"] = measure(fwd_bwd(torch.compile(eager), *inputs))
+    with kernels.use(True):
+        results["rope_from_projection"]["triton_copying_first"] = measure(fwd_bwd(rope_copying_first, q_proj))
 
     head = (0.02 * torch.randn(CFG.vocab_size, h, device=dev)).to(bf16)
     labels = torch.randint(0, CFG.vocab_size, (TOKENS,), device=dev)

@@ -28,7 +28,6 @@ def main() -> None:
     ap.add_argument("--update", default="during_backward")
     ap.add_argument("--grad-ring", type=int, default=4)
     ap.add_argument("--loss-chunk", type=int, default=4096)
-    ap.add_argument("--bf16-host-weights", action="store_true", help="RAM-updated units keep bf16 weights in RAM")
     ap.add_argument("--plan", help="a plan JSON (overrides the plan flags)")
     ap.add_argument("--gpu-cap-gib", type=float, default=None)
     ap.add_argument("--warmup", type=int, default=2)
@@ -46,8 +45,7 @@ def main() -> None:
     if not a.plan:
         plan = uniform_plan(a.model, cfg.num_layers, a.batch, a.seq, chunk=a.chunk, window=a.window,
                             activation=a.activation, keep_last=a.keep_last, gpu_units=a.gpu_units, update=a.update,
-                            grad_ring=a.grad_ring, loss_chunk_tokens=a.loss_chunk,
-                            host_bf16_weights=a.bf16_host_weights)
+                            grad_ring=a.grad_ring, loss_chunk_tokens=a.loss_chunk)
     t0 = time.perf_counter()
     budget = int(a.gpu_cap_gib * 2**30) if a.gpu_cap_gib else None
     engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5), gpu_budget_bytes=budget)

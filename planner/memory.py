@@ -83,8 +83,7 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
 def pinned_host_buffers(cfg: ModelConfig, plan: Plan) -> dict[str, list[int]]:
     """Bytes of every pinned host buffer the runtime allocates, by kind: fp32 masters of RAM-updated units,
     fp32 gradient destinations of host-updated units (a shared ring for layers during backward), offloaded
-    activations, bf16 weights kept in RAM (disk units', and CPU units' under host_bf16_weights) and the ring
-    of buffers disk units' states pass through."""
+    activations, disk units' bf16 weights and the ring of buffers their states pass through."""
     L, n = cfg.num_layers, unit_numels(cfg)
     on_cpu = [u for u in range(L + 2) if plan.placement[u] == "cpu"]
     on_host = [u for u in range(L + 2) if plan.placement[u] != "gpu"]

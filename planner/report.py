@@ -98,7 +98,7 @@ def render(report: dict) -> str:
             f"       plan: chunk {p['chunk']}, window {p['window']}, activations "
             f"{_runs(p['activations'])}, optimizer on GPU for {p['placement'].count('gpu')} units, "
             f"states on disk for {p['placement'].count('disk')} layers, "
-            + ("bf16 weights in RAM, " if p["host_bf16_weights"] else "") + f"update {p['update']}",
+            f"update {p['update']}",
         ]
     else:
         lines.append("DOES NOT FIT" + (f" at batch {report['batch']}" if report["batch"] else "") + ": "

@@ -2,13 +2,12 @@
 
 The space: batch (given, or the best of powers of two up to the largest that fits), chunk, window,
 activation policy (offload or recompute, with the last layers keeping their graphs), how many units
-keep their optimizer on the GPU, whether RAM-updated units keep bf16 weights in RAM, how many layers keep
-their states in the disk tier, and the loss piece size, on a fixed grid. Memory rules candidates out
+keep their optimizer on the GPU, how many layers keep their states in the disk tier, and the loss piece
+size, on a fixed grid. Memory rules candidates out
 in closed form; the simulator scores every one left, so the choice is the best of the grid.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 from slideformer.calibrate.profile import Profile
@@ -125,11 +124,11 @@ def candidates(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Prof
         for activation in ("offload", "recompute"):
             for chunk in chunks:
                 for keep in sorted({0, 1, window} & set(range(L + 1))):
-                    for gpu_units, bf16 in itertools.product(units, (False, True)):
+                    for gpu_units in units:  # each trades GPU memory for host memory
                         plan = _fewest_disk_layers(cfg, budgets, gpu_units, lambda disk, piece: uniform_plan(
                             model, L, batch, seq, chunk=chunk, window=window, activation=activation,
                             keep_last=keep, gpu_units=gpu_units, disk_layers=disk, update=update,
-                            loss_chunk_tokens=piece, host_bf16_weights=bf16), profile)
+                            loss_chunk_tokens=piece), profile)
                         if plan is not None:
                             out.append(plan)
     return out

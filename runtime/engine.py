@@ -62,11 +62,12 @@ def adamw_step(optimizer: torch.optim.AdamW, param: torch.nn.Parameter, grad: to
 
 
 class Unit:
-    """One unit's fp32 master weights and AdamW state, on the host (pinned) or on the GPU; host units may also
-    keep bf16 `weights` (pinned) that every update refreshes, for the GPU's loads."""
+    """One unit's fp32 master weights and AdamW state, on the host (pinned) or on the GPU."""
+
+    weights = None  # no bf16 copy in RAM: loads stream and cast the master
 
     def __init__(self, layout: UnitLayout, source: WeightSource, on_gpu: bool, device: torch.device,
-                 optim: AdamWConfig, host: PinnedArena, weights_dtype: torch.dtype | None = None) -> None:
+                 optim: AdamWConfig, host: PinnedArena) -> None:
         self.layout = layout
         self.on_gpu = on_gpu
         master = torch.empty(layout.numel, dtype=torch.float32) if on_gpu else host.take(layout.numel, torch.float32)
@@ -75,16 +76,9 @@ class Unit:
         self.master = torch.nn.Parameter(master.to(device) if on_gpu else master)
         self.optimizer = torch.optim.AdamW([self.master], lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                            weight_decay=optim.weight_decay, fused=True)
-        self.weights = host.take(layout.numel, weights_dtype) if weights_dtype is not None else None
-        self.refresh_weights()
-
-    def refresh_weights(self) -> None:
-        if self.weights is not None:
-            self.weights.copy_(self.master.detach())
 
     def step(self, grad: torch.Tensor, clip_coef: torch.Tensor | float | None, lr: float) -> None:
         adamw_step(self.optimizer, self.master, grad, clip_coef, lr)
-        self.refresh_weights()
 
 
 class DiskUnit:
@@ -165,8 +159,7 @@ class Engine:
         def make(u: int) -> Unit | DiskUnit:
             if plan.placement[u] == "disk":
                 return DiskUnit(self.layouts[u], self.optim, host, compute)
-            return Unit(self.layouts[u], source, plan.placement[u] == "gpu", dev, self.optim, host,
-                        compute if plan.bf16_in_ram(u) else None)
+            return Unit(self.layouts[u], source, plan.placement[u] == "gpu", dev, self.optim, host)
         with ThreadPoolExecutor(max_workers=min(16, len(self.layouts))) as pool:  # random init is single-threaded
             self.units = list(pool.map(make, range(L + 2)))
         for u in plan.disk_units:  # initial states to disk
@@ -332,7 +325,7 @@ class Engine:
         if prev is not None:
             self.streams.wait("gpu" if self.units[unit].on_gpu else "h2d", prev)
         weights = self.units[unit].weights
-        if weights is not None:  # bf16 already, in RAM: straight into the slot
+        if weights is not None:  # a disk unit's bf16 weights, in RAM: straight into the slot
             self._destination(unit)[: weights.numel()].copy_(weights, non_blocking=True)
             return
         master = self.units[unit].master.detach()
@@ -522,7 +515,6 @@ class Engine:
                      for key in ("step", "exp_avg", "exp_avg_sq") if f"unit{u}.{key}" in names}
             if state:
                 unit.optimizer.state[unit.master] = state
-            unit.refresh_weights()
         self.synchronize()
         self.pending_updates = {}
 

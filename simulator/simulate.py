@@ -49,13 +49,16 @@ class Simulation:
     tokens_per_step: int
     flops_per_step: float
     disk_bytes: int = 0  # the disk tier's files
+    work_per_step: dict[str, float] = field(default_factory=dict)  # seconds of ops per step on each resource
     utilisation: dict[str, float] = field(default_factory=dict)
     critical: dict[str, float] = field(default_factory=dict)  # seconds of the last step's critical path per resource
 
     @property
     def step_s(self) -> float:
-        """Steady-state step time: the last step, after the pipeline has filled."""
-        return self.step_ends[-1] - self.step_ends[-2]
+        """Steady-state step time: the last step, after the pipeline has filled, and never less than any
+        resource's work per step (a step can return before its disk write-backs finish; over many steps
+        they catch up)."""
+        return max(self.step_ends[-1] - self.step_ends[-2], *self.work_per_step.values())
 
     @property
     def tokens_per_s(self) -> float:
@@ -164,6 +167,7 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     host = host_bytes(cfg, plan, profile)
     sim = Simulation(plan, spans, step_ends, timeline, sum(host.values()), static, host, plan.batch * plan.seq,
                      cfg.model_flops_per_token(plan.seq) * plan.batch * plan.seq, disk_bytes(cfg, plan))
+    sim.work_per_step = {r: sum(d for d, x in zip(dur, res) if x == r) for r in RESOURCES}
     lo, hi = step_ends[-2], step_ends[-1]
     for r in RESOURCES:
         busy = sum(max(0.0, min(s.end, hi) - max(s.start, lo)) for s in spans if s.resource == r)

@@ -35,10 +35,6 @@ class Plan:
     transfer_chunk_mb: int = 64  # fp32 weight streaming granularity (staging is two such buffers)
     grad_ring: int = 4  # pinned host fp32 gradient buffers shared by the CPU-updated layers
     disk_ring: int = 2  # host buffers for disk-tier units' states (read-ahead depth)
-    # CPU-updated units also keep bf16 weights in pinned RAM, written by each update (the fp32 -> bf16 cast
-    # on the CPU, in the update's pass): loads then move 2 bytes per parameter instead of 4, for 2 bytes
-    # per parameter of RAM and a longer update. Exact: the same round-to-nearest-even as the GPU's cast.
-    host_bf16_weights: bool = False
     loss_chunk_tokens: int = 4096  # tokens per LM-head/loss piece; logits never exceed this many rows
     device: str = "cuda"
     # 'bfloat16' (mixed precision, the default) or 'float32' compute; float32 only on the CPU, whose bf16
@@ -56,12 +52,12 @@ class Plan:
 
     @property
     def stages_fp32_loads(self) -> bool:
-        """Some unit streams fp32 masters through the GPU staging buffer (RAM-updated, no bf16 copy)."""
-        return "cpu" in self.placement and not self.host_bf16_weights
+        """Some unit streams fp32 masters through the GPU staging buffer (the RAM-updated ones)."""
+        return "cpu" in self.placement
 
     def bf16_in_ram(self, unit: int) -> bool:
-        """Whether the unit's loads read bf16 weights kept in host RAM (disk units always do)."""
-        return self.placement[unit] == "disk" or (self.placement[unit] == "cpu" and self.host_bf16_weights)
+        """Whether the unit's loads read bf16 weights kept in host RAM (disk units: their masters are on disk)."""
+        return self.placement[unit] == "disk"
 
     @property
     def disk_units(self) -> list[int]:

@@ -84,7 +84,6 @@ PLANS = {
     "gpu-placed-share": dict(window=2, activation="offload", gpu_units=2),
     "accumulate-4-chunks": dict(window=2, activation="offload", chunk=1),
     "ring-of-1": dict(window=2, activation="offload", grad_ring=1),
-    "bf16-weights-in-ram": dict(window=2, activation="offload", host_bf16_weights=True),
 }
 
 

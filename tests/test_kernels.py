@@ -1,5 +1,7 @@
 """Each Triton kernel against the PyTorch reference on fresh random inputs, forward and gradients, at the
 tolerance of bf16 (on CPU through TRITON_INTERPRET=1, set in conftest; on the GPU natively)."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,12 +78,29 @@ def test_swiglu(shape):
 
 @pytest.mark.parametrize("b, heads, seq, d", [(2, 4, 16, 16), (1, 3, 33, 128), (1, 2, 7, 64)])
 def test_rope_with_llama3_scaling(b, heads, seq, d):
-    from dataclasses import replace
     cfg = replace(PRESETS["llama-3.1-8b"], head_dim=d)
     cos, sin = rope_tables(cfg, seq, device(), torch.bfloat16)
     x = torch.randn(b, heads, seq, d, generator=torch.Generator().manual_seed(0)).to(device(), torch.bfloat16)
     ref_out, (ref_grad,) = run(lambda a: apply_rope(a, cos.float(), sin.float()), x, use=False, fp32=True)
     out, (grad,) = run(lambda a: apply_rope(a, cos, sin), x, use=True)
+    close(out, ref_out)
+    close(grad, ref_grad)
+
+
+def test_rope_reads_the_projection_layout_and_writes_its_gradient_back_in_it():
+    """q as the attention makes it: the projection's [B, S, heads, D] output, transposed. No copy either way:
+    the output is [B, heads, S, D] contiguous, the gradient has the projection's layout."""
+    cfg = replace(PRESETS["llama-3.1-8b"], head_dim=64)
+    cos, sin = rope_tables(cfg, 9, device(), torch.bfloat16)
+    projected = torch.randn(2, 9, 3, 64, generator=torch.Generator().manual_seed(0)).to(device(), torch.bfloat16)
+    ref_out, (ref_grad,) = run(lambda a: apply_rope(a.transpose(1, 2), cos.float(), sin.float()), projected,
+                               use=False, fp32=True)
+    leaf = projected.detach().clone().requires_grad_()
+    with kernels.use(True, on_cpu=True):
+        out = apply_rope(leaf.transpose(1, 2), cos, sin)
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, torch.bfloat16)
+    (grad,) = torch.autograd.grad(out, [leaf], d_out)
+    assert out.is_contiguous() and grad.is_contiguous()
     close(out, ref_out)
     close(grad, ref_grad)
 
@@ -110,8 +129,6 @@ def test_training_with_kernels_is_as_close_to_fp32_as_eager_bf16():
     """The kernels round once in fp32 where eager bf16 rounds every op, so a run with them differs from the
     eager bf16 loop by bf16 noise (AdamW turns rounding differences in tiny gradients into full steps). The
     claim that matters: they are no farther from the fp32 trajectory than eager bf16 itself is."""
-    from dataclasses import replace
-
     from slideformer.models import RandomWeights
     from slideformer.plan import uniform_plan
     from slideformer.runtime import AdamWConfig, Engine

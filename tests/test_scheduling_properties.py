@@ -51,7 +51,7 @@ def plans(draw, cfg):
                         keep_last=draw(st.integers(0, window)), gpu_units=draw(st.integers(0, L + 2)),
                         update=draw(st.sampled_from(["during_backward", "after_norm"])),
                         grad_ring=draw(st.integers(1, 4)), disk_layers=draw(st.integers(0, L)),
-                        disk_ring=draw(st.integers(1, 3)), host_bf16_weights=draw(st.booleans()), device="cpu")
+                        disk_ring=draw(st.integers(1, 3)), device="cpu")
 
 
 @settings(max_examples=80, deadline=None)
