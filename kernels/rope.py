@@ -15,21 +15,23 @@ import triton.language as tl
 
 @triton.jit
 def _rope(x_ptr, cos_ptr, sin_ptr, o_ptr, heads, seq, half, xb, xh, xs, ob, oh, os, backward: tl.constexpr,
-          BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # one (batch, head, position) row of D = 2 * half values
-    pos = row % seq
-    head = (row // seq) % heads
-    b = row // (seq * heads)
-    x_row = x_ptr + b * xb + head * xh + pos * xs
-    o_row = o_ptr + b * ob + head * oh + pos * os
-    j = tl.arange(0, BLOCK)
-    mask = j < half
+          BLOCK_H: tl.constexpr, BLOCK: tl.constexpr):
+    # One (batch, position) per program, all its heads at once: one load of the position's cos/sin, and in
+    # the projection's layout one contiguous [heads, D] read.
+    pid = tl.program_id(0).to(tl.int64)
+    pos = pid % seq
+    b = pid // seq
+    h = tl.arange(0, BLOCK_H)[:, None]
+    j = tl.arange(0, BLOCK)[None, :]
+    mask = (h < heads) & (j < half)
+    x_row = x_ptr + b * xb + h * xh + pos * xs
+    o_row = o_ptr + b * ob + h * oh + pos * os
     x1 = tl.load(x_row + j, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + half + j, mask=mask, other=0.0).to(tl.float32)
-    c1 = tl.load(cos_ptr + pos * 2 * half + j, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + pos * 2 * half + half + j, mask=mask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + pos * 2 * half + j, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + pos * 2 * half + half + j, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_ptr + pos * 2 * half + j, mask=j < half, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + pos * 2 * half + half + j, mask=j < half, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + pos * 2 * half + j, mask=j < half, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + pos * 2 * half + half + j, mask=j < half, other=0.0).to(tl.float32)
     dt = o_ptr.dtype.element_ty
     if backward:  # the transpose of the rotation
         o1 = x1 * c1 + x2 * s2
@@ -45,8 +47,9 @@ def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
     if x.stride(-1) != 1:
         x = x.contiguous()
     b, heads, seq, d = x.shape
-    _rope[(x.numel() // d,)](x, cos.contiguous(), sin.contiguous(), out, heads, seq, d // 2, *x.stride()[:3],
-                             *out.stride()[:3], backward=backward, BLOCK=triton.next_power_of_2(d // 2))
+    _rope[(b * seq,)](x, cos.contiguous(), sin.contiguous(), out, heads, seq, d // 2, *x.stride()[:3],
+                      *out.stride()[:3], backward=backward, BLOCK_H=triton.next_power_of_2(heads),
+                      BLOCK=triton.next_power_of_2(d // 2))
     return out
 
 
