@@ -1,6 +1,7 @@
 """The NVMe tier on the GPU machine, in one command: the tier alone (write and read GB/s through kvikio and
 through POSIX), then the largest model shape that fits GPU + RAM + disk, shown not to fit without the
-disk, trained for a few steps with its states partly on disk, beside the simulator's prediction.
+disk, trained for a few steps with its states (and, where the planner finds it pays, its layers' saved
+activations) partly on disk, beside the simulator's prediction.
 
     python -m bench.nvme --dir /nvme/scratch --out bench/results/X.json
 
@@ -81,7 +82,8 @@ def main() -> None:
     shape, cfg, verdict = chosen
     plan, sim = verdict.plan, verdict.simulation
     record |= {"model": shape, "params": cfg.total_params, "plan": dataclasses.asdict(plan),
-               "disk_layers": len(plan.disk_units), "disk_tier_bytes": disk_bytes(cfg, plan),
+               "disk_layers": len(plan.disk_units), "disk_activation_layers": plan.activations.count("disk"),
+               "disk_tier_bytes": disk_bytes(cfg, plan),
                "predicted": {"step_s": sim.step_s, "bottleneck": RESOURCE_NAMES[sim.bottleneck],
                              "utilisation": sim.utilisation, "peak_host_gib": sim.host_memory_bytes / GiB,
                              "peak_gpu_gib": sim.peak_gpu_bytes / GiB},

@@ -88,10 +88,10 @@ def disk_rates(directory: str | Path, nbytes: int, io: str = "auto") -> Disk:
     buf = torch.empty(padded(nbytes) + DISK_ALIGN, dtype=torch.uint8)
     buf = buf[-buf.data_ptr() % DISK_ALIGN:][: padded(nbytes)].fill_(0x5A)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".slideformer-calibrate-") as d:
-        tier = DiskTier(d, {0: nbytes}, io)
+        tier = DiskTier(d, {"calibrate": nbytes}, io)
         try:
-            write_s = median_time(lambda: tier.write(0, buf), repeats=2)
-            read_s = median_time(lambda: tier.read(0, buf), repeats=2)
+            write_s = median_time(lambda: tier.write("calibrate", buf), repeats=2)
+            read_s = median_time(lambda: tier.read("calibrate", buf), repeats=2)
         finally:
             tier.close()
     return Disk(str(directory), tier.method, nbytes / read_s, nbytes / write_s)

@@ -71,7 +71,7 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
         "edge_weights_and_grads": (n[0] + n[L + 1]) * (2 + 4),
         "gpu_optimizer_states": sum(n[u] * (12 + (4 if 0 < u <= L else 0))
                                     for u in range(L + 2) if plan.placement[u] == "gpu"),
-        "hidden_buffers": hidden * (4 + (2 if "offload" in plan.activations else 0)),
+        "hidden_buffers": hidden * (4 + (2 if {"offload", "disk"} & set(plan.activations) else 0)),
         "kept_inputs": plan.activations.count("recompute") * hidden,
         "kept_graphs": plan.activations.count("keep") * graph * plan.chunks,
         "workspace": max(layer_workspace(cfg, plan.seq, chunk_tokens, profile),
@@ -95,6 +95,8 @@ def pinned_host_buffers(cfg: ModelConfig, plan: Plan) -> dict[str, list[int]]:
         + [4 * n[u] for u in on_host if not (ring and 0 < u <= L)],
         "offloaded_activations": [plan.batch * plan.seq * cfg.hidden_size * itemsize]
         * plan.activations.count("offload"),
+        "disk_activation_ring": [padded(plan.batch * plan.seq * cfg.hidden_size * itemsize)]
+        * (plan.disk_ring if "disk" in plan.activations else 0),
         "bf16_weights": [itemsize * n[u] for u in range(L + 2) if plan.bf16_in_ram(u)],
         "disk_ring": [padded(12 * n[1])] * (plan.disk_ring if plan.disk_units else 0),
     }
@@ -111,15 +113,17 @@ def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> 
         "gradients": pinned["gradients"],
         "offloaded_activations": pinned["offloaded_activations"],
         "bf16_weights": pinned["bf16_weights"],
-        "disk_ring": pinned["disk_ring"],
+        "disk_ring": pinned["disk_ring"] + pinned["disk_activation_ring"],
         "process": profile.process_baseline_bytes if profile is not None else 0,
     }
 
 
 def disk_bytes(cfg: ModelConfig, plan: Plan) -> int:
-    """The disk tier's files: each disk unit's fp32 master weights and AdamW states."""
+    """The disk tier's files: each disk unit's fp32 master weights and AdamW states, and each disk-bound
+    layer's saved input."""
     n = unit_numels(cfg)
-    return sum(padded(12 * n[u]) for u in plan.disk_units)
+    act = padded(plan.batch * plan.seq * cfg.hidden_size * (4 if plan.compute_dtype == "float32" else 2))
+    return sum(padded(12 * n[u]) for u in plan.disk_units) + act * plan.activations.count("disk")
 
 
 def describe(need: dict[str, int]) -> str:

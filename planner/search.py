@@ -1,7 +1,7 @@
 """Choose the plan with the highest simulated throughput that fits the GPU, host-RAM and disk budgets.
 
 The space: batch (given, or the best of powers of two up to the largest that fits), chunk, window,
-activation policy (offload or recompute, with the last layers keeping their graphs), how many units
+activation policy (offload, recompute or disk, with the last layers keeping their graphs), how many units
 keep their optimizer on the GPU, how many layers keep their states in the disk tier, and the loss piece
 size, on a fixed grid. Memory rules candidates out
 in closed form; the simulator scores every one left, so the choice is the best of the grid.
@@ -64,13 +64,19 @@ def disk_layers_that_fit(cfg: ModelConfig, budgets: Budgets) -> int:
 
 def lean_plans(cfg: ModelConfig, model: str, batch: int, seq: int, update: str, budgets: Budgets) -> list[Plan]:
     """The plans with the least GPU memory at this batch and seq (window 2, chunk 1, smallest loss piece) for
-    either activation policy, each number of GPU-updated units on the grid (they trade GPU for host memory),
+    each activation policy, each number of GPU-updated units on the grid (they trade GPU for host memory),
     and no layer or as many layers as the disk budget holds on disk: one of them fits if any plan does."""
     L = cfg.num_layers
     return [uniform_plan(model, L, batch, seq, chunk=1, window=min(2, L), activation=act, update=update,
                          loss_chunk_tokens=LOSS_PIECES[-1], gpu_units=units, disk_layers=disk)
-            for act in ("offload", "recompute") for units in gpu_unit_grid(L)
+            for act in activation_policies(budgets) for units in gpu_unit_grid(L)
             for disk in sorted({0, min(disk_layers_that_fit(cfg, budgets), L + 1 - units if units else L)})]
+
+
+def activation_policies(budgets: Budgets) -> tuple[str, ...]:
+    """Uniform policies to consider: saved inputs to host RAM, recomputed from GPU copies, or (given a disk
+    budget) on to the disk, which frees RAM at the disk's speed."""
+    return ("offload", "recompute", "disk") if budgets.disk_bytes else ("offload", "recompute")
 
 
 def gpu_unit_grid(num_layers: int) -> list[int]:
@@ -121,7 +127,7 @@ def candidates(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Prof
     units = gpu_unit_grid(L)
     out = []
     for window in sorted({min(2, L), min(3, L)}):
-        for activation in ("offload", "recompute"):
+        for activation in activation_policies(budgets):
             for chunk in chunks:
                 for keep in sorted({0, 1, window} & set(range(L + 1))):
                     for gpu_units in units:  # each trades GPU memory for host memory

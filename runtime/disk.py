@@ -1,7 +1,8 @@
-"""The disk tier: one file per unit holding its fp32 master weights and AdamW states, checksummed.
+"""The disk tier: named files, checksummed: one per disk unit holding its fp32 master weights and AdamW
+states ([master | exp_avg | exp_avg_sq], `unitN.bin`), one per layer whose activations go to disk (`actN.bin`).
 
-A unit's file is [master | exp_avg | exp_avg_sq] (fp32), padded to 4 KiB, moved in 16 MiB pieces by a pool
-of threads; every piece's CRC32 goes into a sidecar `unitN.json` written (atomically) after the data and
+Files are padded to 4 KiB and moved in 16 MiB pieces by a pool of threads; every piece's CRC32 goes into a
+sidecar `NAME.json` written (atomically) after the data and
 checked on every read, together with the run id and a write generation, so a corrupt, truncated, stale,
 missing or foreign file is a TierError naming the file, never silently read. Files are preallocated when
 the tier opens, so a disk too small fails then, with the numbers, not mid-run.
@@ -103,13 +104,13 @@ class KvikioIO:
 
 
 class DiskTier:
-    """Files for `unit_bytes` (unit -> bytes of its states) in `directory`, created and preallocated here."""
+    """Files of `file_bytes` (name -> bytes) in `directory`, created and preallocated here."""
 
-    def __init__(self, directory: str | Path, unit_bytes: dict[int, int], io: str = "auto", threads: int = 8) -> None:
+    def __init__(self, directory: str | Path, file_bytes: dict[str, int], io: str = "auto", threads: int = 8) -> None:
         self.dir = Path(directory)
-        self.unit_bytes = unit_bytes
+        self.file_bytes = file_bytes
         self.run = uuid.uuid4().hex
-        self.generation = dict.fromkeys(unit_bytes, 0)
+        self.generation = dict.fromkeys(file_bytes, 0)
         if io == "auto":
             io = "kvikio" if kvikio_available() else "posix"
         if io not in ("kvikio", "posix"):
@@ -122,8 +123,8 @@ class DiskTier:
     def method(self) -> str:
         return self.io.method
 
-    def path(self, unit: int) -> Path:
-        return self.dir / f"unit{unit}.bin"
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.bin"
 
     def _open_directory(self) -> None:
         try:
@@ -138,37 +139,37 @@ class DiskTier:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise TierError(f"disk tier directory {self.dir} is in use by another run; give each run its own") from None
-        need = sum(padded(n) for n in self.unit_bytes.values())
-        have = sum(self.path(u).stat().st_size for u in self.unit_bytes if self.path(u).exists())
+        need = sum(padded(n) for n in self.file_bytes.values())
+        have = sum(self.path(n).stat().st_size for n in self.file_bytes if self.path(n).exists())
         free = shutil.disk_usage(self.dir).free + have
         if need > free:
             raise TierError(f"disk tier needs {need / GiB:.1f} GiB in {self.dir}, but only {free / GiB:.1f} GiB "
                             "are free: free space, choose another directory, or lower the disk budget")
-        for unit, nbytes in self.unit_bytes.items():
-            fd = os.open(self.path(unit), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        for name, nbytes in self.file_bytes.items():
+            fd = os.open(self.path(name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.posix_fallocate(fd, 0, padded(nbytes))
             except OSError as e:
-                raise TierError(f"disk tier: preallocating {padded(nbytes) / GiB:.2f} GiB for {self.path(unit)} "
+                raise TierError(f"disk tier: preallocating {padded(nbytes) / GiB:.2f} GiB for {self.path(name)} "
                                 f"failed ({e.strerror})") from e
             finally:
                 os.close(fd)
-            self._sidecar(unit).unlink(missing_ok=True)
+            self._sidecar(name).unlink(missing_ok=True)
 
-    def _sidecar(self, unit: int) -> Path:
-        return self.dir / f"unit{unit}.json"
+    def _sidecar(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
 
-    def _pieces(self, buf: torch.Tensor, unit: int) -> tuple[memoryview, list[tuple[int, int]]]:
-        n = padded(self.unit_bytes[unit])
+    def _pieces(self, buf: torch.Tensor, name: str) -> tuple[memoryview, list[tuple[int, int]]]:
+        n = padded(self.file_bytes[name])
         if buf.dtype != torch.uint8 or buf.numel() < n or buf.data_ptr() % ALIGN:
-            raise ValueError(f"unit {unit} needs a {ALIGN}-aligned uint8 buffer of at least {n} bytes")
+            raise ValueError(f"{name} needs a {ALIGN}-aligned uint8 buffer of at least {n} bytes")
         view = memoryview(buf.numpy()).cast("B")
         return view, [(start, min(start + PIECE, n)) for start in range(0, n, PIECE)]
 
-    def write(self, unit: int, buf: torch.Tensor) -> None:
-        """Write the unit's bytes from `buf` (page aligned), then its sidecar of piece checksums."""
-        view, pieces = self._pieces(buf, unit)
-        path = self.path(unit)
+    def write(self, name: str, buf: torch.Tensor) -> None:
+        """Write the file's bytes from `buf` (page aligned), then its sidecar of piece checksums."""
+        view, pieces = self._pieces(buf, name)
+        path = self.path(name)
         handle = self._open(path, write=True)
 
         def put(span: tuple[int, int]) -> int:
@@ -185,33 +186,33 @@ class DiskTier:
             crcs = list(self.pool.map(put, pieces))
         finally:
             self.io.close(handle)
-        self.generation[unit] += 1
-        record = {"run": self.run, "unit": unit, "bytes": self.unit_bytes[unit], "generation": self.generation[unit],
+        self.generation[name] += 1
+        record = {"run": self.run, "file": name, "bytes": self.file_bytes[name], "generation": self.generation[name],
                   "piece": PIECE, "crc32": crcs}
-        tmp = self._sidecar(unit).with_suffix(".tmp")
+        tmp = self._sidecar(name).with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
-        os.replace(tmp, self._sidecar(unit))
+        os.replace(tmp, self._sidecar(name))
 
-    def read(self, unit: int, buf: torch.Tensor) -> None:
-        """Read the unit's bytes into `buf` (page aligned), verifying every piece against the sidecar."""
-        view, pieces = self._pieces(buf, unit)
-        path, sidecar = self.path(unit), self._sidecar(unit)
+    def read(self, name: str, buf: torch.Tensor) -> None:
+        """Read the file's bytes into `buf` (page aligned), verifying every piece against the sidecar."""
+        view, pieces = self._pieces(buf, name)
+        path, sidecar = self.path(name), self._sidecar(name)
         try:
             record = json.loads(sidecar.read_text())
         except FileNotFoundError:
             raise TierError(f"{sidecar} is missing: the disk tier was changed or cleaned during the run; "
                             "resume from the last checkpoint") from None
-        expected = {"run": self.run, "unit": unit, "bytes": self.unit_bytes[unit], "generation": self.generation[unit]}
+        expected = {"run": self.run, "file": name, "bytes": self.file_bytes[name], "generation": self.generation[name]}
         got = {k: record.get(k) for k in expected}
         if got != expected:
-            raise TierError(f"{sidecar} does not belong to this run's latest write of unit {unit} "
+            raise TierError(f"{sidecar} does not belong to this run's latest write of {name} "
                             f"(found {got}, expected {expected}); resume from the last checkpoint")
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise TierError(f"{path} is missing; resume from the last checkpoint") from None
-        if size < padded(self.unit_bytes[unit]):
-            raise TierError(f"{path} is truncated: {size} bytes, expected {padded(self.unit_bytes[unit])}; "
+        if size < padded(self.file_bytes[name]):
+            raise TierError(f"{path} is truncated: {size} bytes, expected {padded(self.file_bytes[name])}; "
                             "resume from the last checkpoint")
         handle = self._open(path, write=False)
 

@@ -115,8 +115,8 @@ class Engine:
         """`disk_dir`: the disk tier's directory, needed when the plan places layers on disk; `disk_io`:
         'auto' (kvikio when installed), 'kvikio' or 'posix'."""
         plan.validate(cfg.num_layers)
-        if plan.disk_units and disk_dir is None:
-            raise PlanError(f"the plan keeps {len(plan.disk_units)} layers' states on disk: give a disk directory")
+        if (plan.disk_units or "disk" in plan.activations) and disk_dir is None:
+            raise PlanError("the plan keeps layers' states or activations on disk: give a disk directory")
         self.optim = optim or AdamWConfig()
         self.lr = self.optim.lr
         if self.optim.max_grad_norm is not None and plan.update != "after_norm":
@@ -134,8 +134,10 @@ class Engine:
         self.order = issue_order(self.graph)
         self.layouts = unit_layouts(cfg)
         # Opening the tier checks the directory and preallocates its files: before any GPU memory is taken.
-        self.tier = DiskTier(disk_dir, {u: 12 * self.layouts[u].numel for u in plan.disk_units}, disk_io) \
-            if plan.disk_units else None
+        act_bytes = plan.batch * plan.seq * cfg.hidden_size * self.compute_dtype.itemsize
+        files = {f"unit{u}": 12 * self.layouts[u].numel for u in plan.disk_units} | \
+            {f"act{lay}": act_bytes for lay, p in enumerate(plan.activations) if p == "disk"}
+        self.tier = DiskTier(disk_dir, files, disk_io) if files else None
         self.streams = Streams(self.device)
         self.host_workers = {"cpu": ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-adamw"),
                              "disk": ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-tier")}
@@ -154,7 +156,7 @@ class Engine:
         compute, f32 = self.compute_dtype, torch.float32  # bf16 unless a CPU plan asks for fp32
         n_layer = self.layouts[1].numel
         self.disk_ring = [host.take(padded(12 * n_layer), torch.uint8) for _ in range(plan.disk_ring)] \
-            if self.tier else []
+            if plan.disk_units else []
 
         def make(u: int) -> Unit | DiskUnit:
             if plan.placement[u] == "disk":
@@ -210,8 +212,14 @@ class Engine:
         self.hidden = [torch.empty(shape, dtype=compute, device=dev) for _ in range(2)]
         self.dgrad = [torch.empty(shape, dtype=compute, device=dev) for _ in range(2)]
         offload = [lay for lay, p in enumerate(plan.activations) if p == "offload"]
-        self.fetched = [torch.empty(shape, dtype=compute, device=dev) for _ in range(2)] if offload else []
+        self.fetched = [torch.empty(shape, dtype=compute, device=dev) for _ in range(2)] \
+            if set(plan.activations) & {"offload", "disk"} else []
         self.host_act = {lay: host.take(shape, compute) for lay in offload}
+        # Activations bound for disk pass through a ring of host buffers (uint8, padded for the tier).
+        act_bytes = math.prod(shape) * compute.itemsize
+        self.act_ring = [host.take(padded(act_bytes), torch.uint8) for _ in range(plan.disk_ring)] \
+            if "disk" in plan.activations else []
+        self.act_views = [buf[:act_bytes].view(compute).view(shape) for buf in self.act_ring]
         self.kept_input = {lay: torch.empty(shape, dtype=compute, device=dev)
                            for lay, p in enumerate(plan.activations) if p == "recompute"}
         self.kept_graph: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -229,12 +237,12 @@ class Engine:
         master, exp_avg, exp_avg_sq = self.units[unit].states(buf)
         fill(master, exp_avg, exp_avg_sq)
         self.units[unit].weights.copy_(master)
-        self.pending_disk[k] = self.host_workers["disk"].submit(self.tier.write, unit, buf)
+        self.pending_disk[k] = self.host_workers["disk"].submit(self.tier.write, f"unit{unit}", buf)
 
     def _read_disk_unit(self, unit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A disk unit's (master, exp_avg, exp_avg_sq), read into the first ring buffer (engine idle);
         valid until the next read."""
-        self.tier.read(unit, self.disk_ring[0])
+        self.tier.read(f"unit{unit}", self.disk_ring[0])
         return self.units[unit].states(self.disk_ring[0])
 
     # --- one step ---------------------------------------------------------------------------
@@ -347,9 +355,10 @@ class Engine:
     def _rows(self, chunk: int) -> slice:
         return slice(chunk * self.plan.chunk, (chunk + 1) * self.plan.chunk)
 
-    def _save(self, layer: int, chunk: int) -> None:
+    def _save(self, layer: int, chunk: int, slot: int | None = None) -> None:
         rows = self._rows(chunk)
-        self.host_act[layer][rows].copy_(self.hidden[layer % 2][rows], non_blocking=True)
+        dst = self.host_act[layer] if slot is None else self.act_views[slot]
+        dst[rows].copy_(self.hidden[layer % 2][rows], non_blocking=True)
 
     def _layer_params(self, layer: int) -> dict[str, torch.Tensor]:
         return self.slot_params[layer % self.plan.window]
@@ -389,9 +398,10 @@ class Engine:
         if chunk == self.plan.chunks - 1:
             self._accumulate_norm(L + 1)
 
-    def _fetch(self, layer: int, chunk: int) -> None:
+    def _fetch(self, layer: int, chunk: int, slot: int | None = None) -> None:
         rows = self._rows(chunk)
-        self.fetched[layer % 2][rows].copy_(self.host_act[layer][rows], non_blocking=True)
+        src = self.host_act[layer] if slot is None else self.act_views[slot]
+        self.fetched[layer % 2][rows].copy_(src[rows], non_blocking=True)
 
     def _bwd(self, layer: int, chunk: int) -> None:
         rows = self._rows(chunk)
@@ -400,7 +410,7 @@ class Engine:
         if policy == "keep":
             x, y = self.kept_graph.pop((layer, chunk))
         else:
-            saved = self.fetched[layer % 2] if policy == "offload" else self.kept_input[layer]
+            saved = self.kept_input[layer] if policy == "recompute" else self.fetched[layer % 2]
             x = saved[rows].detach().requires_grad_()
             with torch.enable_grad():
                 y = decoder_layer(params, x, self.cos, self.sin, self.cfg)
@@ -444,10 +454,16 @@ class Engine:
             u.step(grad, clip, lr)
 
     def _disk_read(self, unit: int, slot: int) -> None:
-        self.tier.read(unit, self.disk_ring[slot])
+        self.tier.read(f"unit{unit}", self.disk_ring[slot])
 
     def _disk_write(self, unit: int, slot: int) -> None:
-        self.tier.write(unit, self.disk_ring[slot])
+        self.tier.write(f"unit{unit}", self.disk_ring[slot])
+
+    def _act_write(self, layer: int, slot: int) -> None:
+        self.tier.write(f"act{layer}", self.act_ring[slot])
+
+    def _act_read(self, layer: int, slot: int) -> None:
+        self.tier.read(f"act{layer}", self.act_ring[slot])
 
     # --- results -------------------------------------------------------------------------------
     def synchronize(self) -> None:

@@ -134,8 +134,10 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
         if a["resource"] == "gpu":
             return a["params"] / cost.p.gpu_adamw_params_per_s
         return cost.host_update(a["params"], a["cast"])
-    if kind in ("disk_read", "disk_write"):
-        return cost.disk(kind[5:], a["bytes"])
+    if kind in ("disk_read", "act_read"):
+        return cost.disk("read", a["bytes"])
+    if kind in ("disk_write", "act_write"):
+        return cost.disk("write", a["bytes"])
     if kind == "norm":
         return 0.0
     raise ValueError(f"no cost for op kind {kind!r}")
@@ -163,5 +165,7 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
     gpu = plan.chunks * (layers + cost.head(tokens)) * slow
     numels = unit_numels(cfg)
     cpu = sum(cost.host_update(n, plan.bf16_in_ram(u)) for u, n in enumerate(numels) if plan.placement[u] != "gpu")
-    disk = sum(cost.disk("read", 12 * numels[u]) + cost.disk("write", 12 * numels[u]) for u in plan.disk_units)
+    act = plan.batch * plan.seq * cfg.hidden_size * 2 * plan.activations.count("disk")
+    disk = sum(cost.disk("read", 12 * numels[u]) + cost.disk("write", 12 * numels[u]) for u in plan.disk_units) \
+        + cost.disk("read", act) + cost.disk("write", act)
     return max(gpu, cpu, disk)

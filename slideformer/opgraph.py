@@ -78,6 +78,27 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
     for u in disk_order[: plan.disk_ring]:
         disk_read(u, None)
 
+    # Layers whose saved inputs go to disk pass them through `disk_ring` host buffers, in forward order on
+    # the way out and in backward order on the way back (the disk serves its ops in order, so a read into a
+    # buffer follows the write out of it).
+    act_out = [lay for lay in range(L) if plan.activations[lay] == "disk"]
+    act_back = act_out[::-1]
+    layer_bytes = C * act_bytes
+
+    def act_read(lay: int, after: list[str | None]) -> None:
+        b.op(f"act_read:{lay}", "act_read", "disk", after, layer=lay, slot=act_back.index(lay) % plan.disk_ring,
+             bytes=layer_bytes)
+
+    def fetch(lay: int, c: int, war: str | None) -> None:
+        if plan.activations[lay] == "offload":
+            b.op(f"fetch:{lay}:{c}", "fetch", "h2d", [f"save:{lay}:{c}", war], layer=lay, chunk=c, bytes=act_bytes)
+            return
+        k = act_back.index(lay)
+        b.op(f"fetch:{lay}:{c}", "fetch", "h2d", [f"act_read:{lay}", war], layer=lay, chunk=c, bytes=act_bytes,
+             slot=k % plan.disk_ring)
+        if c == C - 1 and k + plan.disk_ring < len(act_back):  # the buffer is free: read ahead into it
+            act_read(act_back[k + plan.disk_ring], [f"fetch:{lay}:{cc}" for cc in range(C)])
+
     # --- forward ---------------------------------------------------------------------------
     load(0, "fwd", [])
     load(L + 1, "fwd", [])
@@ -97,10 +118,19 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
         for c in range(C):
             if policy == "offload":
                 b.op(f"save:{lay}:{c}", "save", "d2h", [producer(lay, c)], layer=lay, chunk=c, bytes=act_bytes)
-            war = f"save:{lay - 1}:{c}" if lay and plan.activations[lay - 1] == "offload" else None
+            if policy == "disk":
+                k = act_out.index(lay)
+                ring_war = f"act_write:{act_out[k - plan.disk_ring]}" if k >= plan.disk_ring else None
+                b.op(f"save:{lay}:{c}", "save", "d2h", [producer(lay, c), ring_war], layer=lay, chunk=c,
+                     bytes=act_bytes, slot=k % plan.disk_ring)
+            saved_before = lay and plan.activations[lay - 1] in ("offload", "disk")
+            war = f"save:{lay - 1}:{c}" if saved_before else None
             b.op(f"fwd:{lay}:{c}", "fwd", "gpu", [producer(lay, c), f"load:{layer_unit(lay)}:fwd", war],
                  layer=lay, chunk=c, flops=fwd_flops,
                  alloc={"gpu": graph_bytes if policy == "keep" else act_bytes if policy == "recompute" else 0})
+        if policy == "disk":
+            b.op(f"act_write:{lay}", "act_write", "disk", [f"save:{lay}:{c}" for c in range(C)], layer=lay,
+                 slot=act_out.index(lay) % plan.disk_ring, bytes=layer_bytes)
     head_flops = 6 * cfg.vocab_size * cfg.hidden_size * tok
     for c in range(C):
         b.op(f"head:{c}", "head", "gpu", [f"fwd:{L - 1}:{c}", f"load:{L + 1}:fwd"], chunk=c, flops=head_flops)
@@ -139,28 +169,28 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
             if k < len(disk_order):
                 disk_read(disk_order[k], write)
 
+    for lay in act_back[: plan.disk_ring]:
+        act_read(lay, [f"act_write:{lay}"])
     grad_out_and_update(L + 1, f"head:{last}")
     resident = set(range(max(L - W, 0), L))
     for lay in reversed(range(L)):
-        if lay == L - 1 and plan.activations[lay] == "offload":
+        if lay == L - 1 and plan.activations[lay] in ("offload", "disk"):
             for c in range(C):
-                b.op(f"fetch:{lay}:{c}", "fetch", "h2d", [f"save:{lay}:{c}"], layer=lay, chunk=c, bytes=act_bytes)
+                fetch(lay, c, None)
         ahead = lay - W + 1
         if ahead >= 0 and ahead not in resident:
             # Into the slot of layer lay+1, whose backward is done by now.
             load(layer_unit(ahead), "bwd", [f"bwd:{lay + 1}:{last}"])
-        if lay > 0 and plan.activations[lay - 1] == "offload":
+        if lay > 0 and plan.activations[lay - 1] in ("offload", "disk"):
             for c in range(C):
-                war = f"bwd:{lay + 1}:{c}" if lay + 1 < L else None
-                b.op(f"fetch:{lay - 1}:{c}", "fetch", "h2d", [f"save:{lay - 1}:{c}", war],
-                     layer=lay - 1, chunk=c, bytes=act_bytes)
+                fetch(lay - 1, c, f"bwd:{lay + 1}:{c}" if lay + 1 < L else None)
         weights = f"load:{layer_unit(lay)}:{'fwd' if lay in resident else 'bwd'}"
         policy = plan.activations[lay]
-        shared_grad = plan.placement[layer_unit(lay)] == "cpu"
+        shared_grad = plan.placement[layer_unit(lay)] != "gpu"
         grad_war = grad_buffer_reader.get(layer_unit(lay) % 2) if shared_grad else None
         for c in range(C):
             upstream = f"head:{c}" if lay == L - 1 else f"bwd:{lay + 1}:{c}"
-            saved = f"fetch:{lay}:{c}" if policy == "offload" else f"fwd:{lay}:{c}"
+            saved = f"fetch:{lay}:{c}" if policy in ("offload", "disk") else f"fwd:{lay}:{c}"
             flops = 2 * fwd_flops + (0 if policy == "keep" else fwd_flops)
             b.op(f"bwd:{lay}:{c}", "bwd", "gpu", [upstream, saved, weights, grad_war if c == 0 else None],
                  layer=lay, chunk=c, flops=flops,

@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ACTIVATION_POLICIES = ("offload", "recompute", "keep")
+ACTIVATION_POLICIES = ("offload", "recompute", "keep", "disk")
 UPDATE_SCHEDULES = ("during_backward", "after_norm")
 PLACEMENTS = ("cpu", "gpu", "disk")
 
@@ -24,7 +24,8 @@ class Plan:
     # Per decoder layer, what happens to its input between forward and backward:
     #   offload   - copied to pinned host memory, fetched back for backward, layer recomputed;
     #   recompute - kept on the GPU, layer recomputed in backward;
-    #   keep      - the layer's whole autograd graph stays on the GPU (no recompute; last `window` layers only).
+    #   keep      - the layer's whole autograd graph stays on the GPU (no recompute; last `window` layers only);
+    #   disk      - as offload, but on through `disk_ring` host buffers to the disk tier and back.
     activations: list[str] = field(default_factory=list)
     # Where each unit's fp32 master weights and AdamW states live and are updated, in unit order
     # (embed, layer 0..L-1, head): 'cpu' (host RAM, CPU AdamW), 'gpu' (never cross PCIe), or 'disk'
@@ -34,7 +35,7 @@ class Plan:
     update: str = "during_backward"  # or 'after_norm' (exact global-norm clipping, overlapped with next forward)
     transfer_chunk_mb: int = 64  # fp32 weight streaming granularity (staging is two such buffers)
     grad_ring: int = 4  # pinned host fp32 gradient buffers shared by the CPU-updated layers
-    disk_ring: int = 2  # host buffers for disk-tier units' states (read-ahead depth)
+    disk_ring: int = 2  # host buffers for each kind of disk traffic (states, activations): the read-ahead depth
     loss_chunk_tokens: int = 4096  # tokens per LM-head/loss piece; logits never exceed this many rows
     device: str = "cuda"
     # 'bfloat16' (mixed precision, the default) or 'float32' compute; float32 only on the CPU, whose bf16

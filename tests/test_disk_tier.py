@@ -29,71 +29,71 @@ def aligned(nbytes: int, fill: int | None = None) -> torch.Tensor:
 
 @pytest.fixture(params=IO_PATHS)
 def tier(request, tmp_path):
-    t = DiskTier(tmp_path / "tier", {7: NBYTES}, io=request.param)
+    t = DiskTier(tmp_path / "tier", {"unit7": NBYTES}, io=request.param)
     yield t
     t.close()
 
 
 def test_round_trip(tier):
     data, back = aligned(NBYTES), aligned(NBYTES, 0)
-    tier.write(7, data)
-    tier.read(7, back)
+    tier.write("unit7", data)
+    tier.read("unit7", back)
     assert torch.equal(back[:NBYTES], data[:NBYTES])
 
 
 def test_flipped_byte_is_a_checksum_error(tier):
-    tier.write(7, aligned(NBYTES))
-    with open(tier.path(7), "r+b") as f:
+    tier.write("unit7", aligned(NBYTES))
+    with open(tier.path("unit7"), "r+b") as f:
         f.seek(20 * 2**20 + 5)
         byte = f.read(1)
         f.seek(20 * 2**20 + 5)
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(TierError, match=r"unit7.bin: checksum mismatch in bytes \[16777216, 33554432\)"):
-        tier.read(7, aligned(NBYTES, 0))
+        tier.read("unit7", aligned(NBYTES, 0))
 
 
 def test_truncated_missing_and_stale_files_are_named(tier):
-    tier.write(7, aligned(NBYTES))
-    os.truncate(tier.path(7), 2**20)
+    tier.write("unit7", aligned(NBYTES))
+    os.truncate(tier.path("unit7"), 2**20)
     with pytest.raises(TierError, match="unit7.bin is truncated"):
-        tier.read(7, aligned(NBYTES, 0))
-    tier.write(7, aligned(NBYTES))
+        tier.read("unit7", aligned(NBYTES, 0))
+    tier.write("unit7", aligned(NBYTES))
     record = json.loads((tier.dir / "unit7.json").read_text())
-    tier.write(7, aligned(NBYTES))
+    tier.write("unit7", aligned(NBYTES))
     (tier.dir / "unit7.json").write_text(json.dumps(record))  # an older write's sidecar
-    with pytest.raises(TierError, match="does not belong to this run's latest write of unit 7"):
-        tier.read(7, aligned(NBYTES, 0))
+    with pytest.raises(TierError, match="does not belong to this run's latest write of unit7"):
+        tier.read("unit7", aligned(NBYTES, 0))
     (tier.dir / "unit7.json").unlink()
     with pytest.raises(TierError, match="unit7.json is missing"):
-        tier.read(7, aligned(NBYTES, 0))
+        tier.read("unit7", aligned(NBYTES, 0))
 
 
 def test_directory_in_use_by_another_run_is_refused(tier):
     with pytest.raises(TierError, match="in use by another run"):
-        DiskTier(tier.dir, {1: 4096}, io="posix")
+        DiskTier(tier.dir, {"unit1": 4096}, io="posix")
 
 
 def test_too_little_free_space_is_refused_with_numbers(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100 * 2**30, 99 * 2**30, 2**30))
     with pytest.raises(TierError, match=r"needs 2\.0 GiB in .*only 1\.0 GiB are free"):
-        DiskTier(tmp_path, {1: 2**30, 2: 2**30}, io="posix")
+        DiskTier(tmp_path, {"unit1": 2**30, "unit2": 2**30}, io="posix")
 
 
 def test_full_disk_during_a_write_is_a_clear_error(tmp_path, monkeypatch):
-    t = DiskTier(tmp_path, {1: NBYTES}, io="posix")
+    t = DiskTier(tmp_path, {"unit1": NBYTES}, io="posix")
 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(TierError, match="writing .*unit1.bin failed: the disk is full"):
-        t.write(1, aligned(NBYTES))
+        t.write("unit1", aligned(NBYTES))
     t.close()
 
 
 def test_a_file_that_is_not_a_directory_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(TierError, match="cannot create it"):
-        DiskTier(tmp_path / "f" / "tier", {1: 4096})
+        DiskTier(tmp_path / "f" / "tier", {"unit1": 4096})
 
 
 def test_disk_plan_without_a_directory_is_refused():
@@ -103,19 +103,22 @@ def test_disk_plan_without_a_directory_is_refused():
         Engine(cfg, plan, RandomWeights(cfg))
 
 
-@pytest.mark.parametrize("update", ["during_backward", "after_norm"])
-def test_training_with_states_on_disk_matches_the_reference_loop(update, device, tmp_path):
+@pytest.mark.parametrize("update, activation, ring", [("during_backward", "offload", 2), ("after_norm", "offload", 2),
+                                                       ("during_backward", "disk", 1), ("after_norm", "disk", 2)])
+def test_training_with_states_and_activations_on_disk_matches_the_reference_loop(update, activation, ring, device,
+                                                                                 tmp_path):
     from test_exactness import B, S, assert_trains_like_reference, batches
     cfg = PRESETS["tiny-llama"]
     data = batches(cfg.vocab_size)
     src, optim = RandomWeights(cfg, seed=3), AdamWConfig(lr=1e-3, weight_decay=0.01)
     plan = uniform_plan("tiny-llama", cfg.num_layers, B, S, chunk=2, device=device, disk_layers=3, update=update,
-                        disk_ring=2)
+                        activation=activation, disk_ring=ring)
     engine = Engine(cfg, plan, src, optim, disk_dir=tmp_path)
     losses = [engine.train_step(ids, labels).loss for ids, labels in data]
     ours = engine.hf_state()
     engine.close()
-    assert sorted(p.name for p in tmp_path.glob("unit*.bin")) == ["unit2.bin", "unit3.bin", "unit4.bin"]
+    acts = [f"act{lay}.bin" for lay in range(cfg.num_layers)] if activation == "disk" else []
+    assert sorted(p.name for p in tmp_path.glob("*.bin")) == sorted(["unit2.bin", "unit3.bin", "unit4.bin", *acts])
     assert_trains_like_reference(cfg, src, data, optim, 2, device, None, losses, ours)
 
 

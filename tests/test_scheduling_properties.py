@@ -47,7 +47,7 @@ def plans(draw, cfg):
     window = draw(st.integers(1, min(4, L)))
     chunk = draw(st.sampled_from([1, 2]))
     return uniform_plan("random", L, chunk * draw(st.integers(1, 3)), draw(st.sampled_from([16, 64])), chunk=chunk,
-                        window=window, activation=draw(st.sampled_from(["offload", "recompute"])),
+                        window=window, activation=draw(st.sampled_from(["offload", "recompute", "disk"])),
                         keep_last=draw(st.integers(0, window)), gpu_units=draw(st.integers(0, L + 2)),
                         update=draw(st.sampled_from(["during_backward", "after_norm"])),
                         grad_ring=draw(st.integers(1, 4)), disk_layers=draw(st.integers(0, L)),
@@ -82,16 +82,26 @@ def test_simulation_honours_dependencies_resources_and_updates(data, cfg, profil
 
 @settings(max_examples=80, deadline=None)
 @given(data=st.data(), cfg=models(), profile=profiles())
-def test_a_disk_ring_buffer_serves_one_unit_at_a_time(data, cfg, profile):
-    """From its read to the end of its write-back a disk unit owns its ring buffer, across steps too."""
+def test_a_disk_ring_buffer_serves_one_unit_or_layer_at_a_time(data, cfg, profile):
+    """From its read to the end of its write-back a disk unit owns its ring buffer; from the first save to
+    the write, and from the read to the last fetch, a disk-bound layer's activations own theirs; across
+    steps too."""
     plan = data.draw(plans(cfg))
     sim = simulate(cfg, plan, profile, steps=2)
-    slot = build_step_graph(cfg, plan).graph["disk_slot"]
+    g = build_step_graph(cfg, plan)
+    slot = g.graph["disk_slot"]
     at = {(s.step, s.name): s for s in sim.spans}
-    held = sorted((at[(k, f"disk_read:{u}")].start, at[(k, f"disk_write:{u}")].end, slot[u])
-                  for k in range(2) for u in plan.disk_units)
-    for k in set(slot.values()):
-        spans = [(a, b) for a, b, s in held if s == k]
+    held = [(at[(k, f"disk_read:{u}")].start, at[(k, f"disk_write:{u}")].end, "state", slot[u])
+            for k in range(2) for u in plan.disk_units]
+    C = plan.chunks
+    for lay in (lay for lay, p in enumerate(plan.activations) if p == "disk"):
+        for k in range(2):
+            held.append((at[(k, f"save:{lay}:0")].start, at[(k, f"act_write:{lay}")].end, "act",
+                         g.nodes[f"save:{lay}:0"]["slot"]))
+            held.append((at[(k, f"act_read:{lay}")].start, at[(k, f"fetch:{lay}:{C - 1}")].end, "act",
+                         g.nodes[f"act_read:{lay}"]["slot"]))
+    for ring in {(kind, s) for _, _, kind, s in held}:
+        spans = sorted((a, b) for a, b, kind, s in held if (kind, s) == ring)
         for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
             assert a1 >= b0 - 1e-12
         for u in plan.disk_units:  # the update runs inside its unit's hold
