@@ -242,5 +242,10 @@ class DiskTier:
             raise TierError(f"opening {path} failed: {e}") from e
 
     def close(self) -> None:
+        """Remove the tier's files (scratch: a run resumes from its checkpoints) and release the directory."""
         self.pool.shutdown()
+        for name in self.file_bytes:
+            self.path(name).unlink(missing_ok=True)
+            self._sidecar(name).unlink(missing_ok=True)
+        (self.dir / "tier.lock").unlink(missing_ok=True)
         self.lock.close()

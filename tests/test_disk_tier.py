@@ -116,9 +116,10 @@ def test_training_with_states_and_activations_on_disk_matches_the_reference_loop
     engine = Engine(cfg, plan, src, optim, disk_dir=tmp_path)
     losses = [engine.train_step(ids, labels).loss for ids, labels in data]
     ours = engine.hf_state()
-    engine.close()
     acts = [f"act{lay}.bin" for lay in range(cfg.num_layers)] if activation == "disk" else []
     assert sorted(p.name for p in tmp_path.glob("*.bin")) == sorted(["unit2.bin", "unit3.bin", "unit4.bin", *acts])
+    engine.close()
+    assert not list(tmp_path.iterdir())  # scratch files removed
     assert_trains_like_reference(cfg, src, data, optim, 2, device, None, losses, ours)
 
 
