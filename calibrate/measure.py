@@ -81,20 +81,28 @@ def cpu_adamw_rates(numel: int, thread_counts: list[int]) -> list[float]:
 
 
 def disk_rates(directory: str | Path, nbytes: int, io: str = "auto") -> Disk:
-    """Write then read one file through the disk tier itself (its pieces, threads, checksums and I/O path:
-    kvikio when installed, else POSIX with O_DIRECT), as the runtime moves layers' states."""
+    """Write then read files of two sizes through the disk tier itself (its pieces, threads, checksums and
+    I/O path: kvikio when installed, else POSIX with O_DIRECT), fitting time = latency + bytes / bandwidth
+    per direction: layers' states move in large files, activations in small ones."""
     from slideformer.runtime.disk import DiskTier
 
+    sizes = [max(nbytes // 16, 4 * DISK_ALIGN), nbytes]
     buf = torch.empty(padded(nbytes) + DISK_ALIGN, dtype=torch.uint8)
     buf = buf[-buf.data_ptr() % DISK_ALIGN:][: padded(nbytes)].fill_(0x5A)
+    times = {"read": [], "write": []}
     with tempfile.TemporaryDirectory(dir=directory, prefix=".slideformer-calibrate-") as d:
-        tier = DiskTier(d, {"calibrate": nbytes}, io)
+        tier = DiskTier(d, {f"calibrate{n}": n for n in sizes}, io)
         try:
-            write_s = median_time(lambda: tier.write("calibrate", buf), repeats=2)
-            read_s = median_time(lambda: tier.read("calibrate", buf), repeats=2)
+            for n in sizes:
+                times["write"].append(median_time(lambda: tier.write(f"calibrate{n}", buf), repeats=2))
+                times["read"].append(median_time(lambda: tier.read(f"calibrate{n}", buf), repeats=2))
         finally:
             tier.close()
-    return Disk(str(directory), tier.method, nbytes / read_s, nbytes / write_s)
+    fits = {}
+    for direction, (small_s, large_s) in times.items():
+        bandwidth = (sizes[1] - sizes[0]) / max(large_s - small_s, 1e-9)
+        fits[direction] = (bandwidth, max(small_s - sizes[0] / bandwidth, 0.0))
+    return Disk(str(directory), tier.method, fits["read"][0], fits["write"][0], fits["read"][1], fits["write"][1])
 
 
 # --- PCIe and GPU --------------------------------------------------------------------------------

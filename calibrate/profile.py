@@ -69,6 +69,8 @@ class Disk:
     method: str  # the tier's I/O path: 'kvikio', 'posix-odirect', 'posix-buffered' (O_DIRECT refused) or 'spec'
     read_bandwidth: float
     write_bandwidth: float
+    read_latency_s: float = 0.0  # fixed cost per file read or written (open, sidecar, a partly busy pool)
+    write_latency_s: float = 0.0
 
 
 @dataclass

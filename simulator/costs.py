@@ -90,7 +90,10 @@ class CostModel:
         if self.p.disk is None:
             raise ProfileError(f"profile {self.p.name!r} has no disk measurements; calibrate with --disk-dir "
                                "on the disk the tier will use")
-        return nbytes / (self.p.disk.read_bandwidth if direction == "read" else self.p.disk.write_bandwidth)
+        d = self.p.disk
+        if direction == "read":
+            return d.read_latency_s + nbytes / d.read_bandwidth
+        return d.write_latency_s + nbytes / d.write_bandwidth
 
     def host_update(self, params: int, cast: bool) -> float:
         """CPU AdamW, plus the cast of the new master to bf16 weights kept in RAM where the unit has them."""
@@ -165,7 +168,7 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
     gpu = plan.chunks * (layers + cost.head(tokens)) * slow
     numels = unit_numels(cfg)
     cpu = sum(cost.host_update(n, plan.bf16_in_ram(u)) for u, n in enumerate(numels) if plan.placement[u] != "gpu")
-    act = plan.batch * plan.seq * cfg.hidden_size * 2 * plan.activations.count("disk")
-    disk = sum(cost.disk("read", 12 * numels[u]) + cost.disk("write", 12 * numels[u]) for u in plan.disk_units) \
-        + cost.disk("read", act) + cost.disk("write", act)
+    act = plan.batch * plan.seq * cfg.hidden_size * 2  # one disk-bound layer's saved input
+    files = [12 * numels[u] for u in plan.disk_units] + [act] * plan.activations.count("disk")
+    disk = sum(cost.disk("read", n) + cost.disk("write", n) for n in files)
     return max(gpu, cpu, disk)
