@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--host-fraction", type=float, default=0.85, help="of available RAM, for the host budget")
-    ap.add_argument("--disk-margin-gib", type=float, default=4.0, help="free space left on the disk")
+    ap.add_argument("--disk-fraction", type=float, default=0.9,
+                    help="of the disk's free space, for the disk budget (the train recipe's default)")
     ap.add_argument("--tier-gib", type=float, default=4.0, help="file size for the tier-alone rates")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
@@ -61,7 +62,7 @@ def main() -> None:
     engine_io = paths[0]
     profile.disk = Disk(**record["tier"][engine_io])
     budgets = Budgets(int(torch.cuda.mem_get_info()[0] * 0.92), int(available_host_bytes() * a.host_fraction),
-                      int(shutil.disk_usage(root).free - a.disk_margin_gib * GiB))
+                      int(shutil.disk_usage(root).free * a.disk_fraction))
     record["budgets_gib"] = {k: v / GiB for k, v in dataclasses.asdict(budgets).items()}
     tried = []
     chosen = None
