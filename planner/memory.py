@@ -58,6 +58,11 @@ def head_workspace(cfg: ModelConfig, piece_tokens: int, tokens: int, profile: Pr
     return piece_tokens * cfg.vocab_size * 8 + cfg.vocab_size * cfg.hidden_size * 2
 
 
+def saved_input_bytes(cfg: ModelConfig, plan: Plan) -> int:
+    """Bytes of one layer's input over the whole batch, as offload and disk save it (in the compute dtype)."""
+    return plan.batch * plan.seq * cfg.hidden_size * (4 if plan.compute_dtype == "float32" else 2)
+
+
 def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
     L, n = cfg.num_layers, unit_numels(cfg)
     layer_on_host = [p != "gpu" for p in plan.placement[1:-1]]
@@ -89,22 +94,21 @@ def pinned_host_buffers(cfg: ModelConfig, plan: Plan) -> dict[str, list[int]]:
     on_host = [u for u in range(L + 2) if plan.placement[u] != "gpu"]
     ring = plan.shares_grad_ring
     itemsize = 4 if plan.compute_dtype == "float32" else 2
+    saved = saved_input_bytes(cfg, plan)
     return {
         "master_weights": [4 * n[u] for u in on_cpu],
         "gradients": [4 * n[1]] * (plan.grad_ring if ring else 0)
         + [4 * n[u] for u in on_host if not (ring and 0 < u <= L)],
-        "offloaded_activations": [plan.batch * plan.seq * cfg.hidden_size * itemsize]
-        * plan.activations.count("offload"),
-        "disk_activation_ring": [padded(plan.batch * plan.seq * cfg.hidden_size * itemsize)]
-        * (plan.disk_ring if "disk" in plan.activations else 0),
-        "bf16_weights": [itemsize * n[u] for u in range(L + 2) if plan.bf16_in_ram(u)],
+        "offloaded_activations": [saved] * plan.activations.count("offload"),
+        "disk_activation_ring": [padded(saved)] * (plan.disk_ring if "disk" in plan.activations else 0),
+        "bf16_weights": [itemsize * n[u] for u in plan.disk_units],
         "disk_ring": [padded(12 * n[1])] * (plan.disk_ring if plan.disk_units else 0),
     }
 
 
 def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
     """Host RAM of the runtime's buffers: fp32 masters and gradients (pinned), AdamW states, offloaded
-    activations, bf16 weights kept in RAM, and the disk tier's state ring."""
+    activations, disk units' bf16 weights, and the disk tier's rings."""
     pinned = {kind: sum(sizes) for kind, sizes in pinned_host_buffers(cfg, plan).items()}
     states = sum(8 * n for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu")
     return {
@@ -122,8 +126,8 @@ def disk_bytes(cfg: ModelConfig, plan: Plan) -> int:
     """The disk tier's files: each disk unit's fp32 master weights and AdamW states, and each disk-bound
     layer's saved input."""
     n = unit_numels(cfg)
-    act = padded(plan.batch * plan.seq * cfg.hidden_size * (4 if plan.compute_dtype == "float32" else 2))
-    return sum(padded(12 * n[u]) for u in plan.disk_units) + act * plan.activations.count("disk")
+    return sum(padded(12 * n[u]) for u in plan.disk_units) + padded(saved_input_bytes(cfg, plan)) * \
+        plan.activations.count("disk")
 
 
 def describe(need: dict[str, int]) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from slideformer.models.config import ModelConfig
 from slideformer.models.layers import decoder_layer, rope_tables
-from slideformer.planner.memory import GiB, describe, gpu_bytes, padded, pinned_host_buffers
+from slideformer.planner.memory import GiB, describe, gpu_bytes, padded, pinned_host_buffers, saved_input_bytes
 from slideformer.opgraph import build_step_graph, issue_order
 from slideformer.plan import Plan, PlanError
 
@@ -134,9 +134,8 @@ class Engine:
         self.order = issue_order(self.graph)
         self.layouts = unit_layouts(cfg)
         # Opening the tier checks the directory and preallocates its files: before any GPU memory is taken.
-        act_bytes = plan.batch * plan.seq * cfg.hidden_size * self.compute_dtype.itemsize
         files = {f"unit{u}": 12 * self.layouts[u].numel for u in plan.disk_units} | \
-            {f"act{lay}": act_bytes for lay, p in enumerate(plan.activations) if p == "disk"}
+            {f"act{lay}": saved_input_bytes(cfg, plan) for lay, p in enumerate(plan.activations) if p == "disk"}
         self.tier = DiskTier(disk_dir, files, disk_io) if files else None
         self.streams = Streams(self.device)
         self.host_workers = {"cpu": ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-adamw"),
@@ -216,7 +215,7 @@ class Engine:
             if set(plan.activations) & {"offload", "disk"} else []
         self.host_act = {lay: host.take(shape, compute) for lay in offload}
         # Activations bound for disk pass through a ring of host buffers (uint8, padded for the tier).
-        act_bytes = math.prod(shape) * compute.itemsize
+        act_bytes = saved_input_bytes(cfg, plan)
         self.act_ring = [host.take(padded(act_bytes), torch.uint8) for _ in range(plan.disk_ring)] \
             if "disk" in plan.activations else []
         self.act_views = [buf[:act_bytes].view(compute).view(shape) for buf in self.act_ring]

@@ -18,6 +18,7 @@ import numpy as np
 from slideformer.calibrate.profile import Profile, fit_at
 from slideformer.models.config import ModelConfig
 from slideformer.opgraph import unit_numels
+from slideformer.planner.memory import saved_input_bytes
 
 SPEC_EFFICIENCY = 0.5  # achieved/peak GEMM rate assumed for layers no profile measured
 STAGING_PIECE_LAUNCH_S = 20e-6  # host cost of one staging copy + cast pair
@@ -167,8 +168,7 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
                  for a in plan.activations)
     gpu = plan.chunks * (layers + cost.head(tokens)) * slow
     numels = unit_numels(cfg)
-    cpu = sum(cost.host_update(n, plan.bf16_in_ram(u)) for u, n in enumerate(numels) if plan.placement[u] != "gpu")
-    act = plan.batch * plan.seq * cfg.hidden_size * 2  # one disk-bound layer's saved input
-    files = [12 * numels[u] for u in plan.disk_units] + [act] * plan.activations.count("disk")
+    cpu = sum(cost.host_update(n, where == "disk") for n, where in zip(numels, plan.placement) if where != "gpu")
+    files = [12 * numels[u] for u in plan.disk_units] + [saved_input_bytes(cfg, plan)] * plan.activations.count("disk")
     disk = sum(cost.disk("read", n) + cost.disk("write", n) for n in files)
     return max(gpu, cpu, disk)

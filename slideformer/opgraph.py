@@ -61,8 +61,8 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
     last = C - 1
 
     def load(u: int, tag: str, deps: list[str | None]) -> str:
-        """fp32 masters staged and cast on the GPU, or bf16 weights already cast in RAM, or GPU-resident."""
-        on_gpu, bf16 = plan.placement[u] == "gpu", plan.bf16_in_ram(u)
+        """fp32 masters staged and cast on the GPU, a disk unit's bf16 weights kept in RAM, or GPU-resident."""
+        on_gpu, bf16 = plan.placement[u] == "gpu", plan.placement[u] == "disk"
         return b.op(f"load:{u}:{tag}", "load", "gpu" if on_gpu else "h2d", deps, unit=u,
                     bytes=(2 if bf16 else 4) * numel[u], staged=not (on_gpu or bf16))
 
@@ -157,11 +157,11 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
             host_update(u, [out])
 
     def host_update(u: int, deps: list[str]) -> None:
-        """A CPU AdamW update (casting to bf16 weights in RAM where the unit keeps them); a disk unit's reads
-        its states first and writes them back after."""
+        """A CPU AdamW update; a disk unit's reads its states first, casts its new master to the bf16 weights
+        kept in RAM and writes its states back after."""
         on_disk = plan.placement[u] == "disk"
         updates[u] = b.op(f"update:{u}", "update", "cpu", [*deps, f"disk_read:{u}" if on_disk else None],
-                          unit=u, params=numel[u], cast=plan.bf16_in_ram(u))
+                          unit=u, params=numel[u], cast=on_disk)
         if on_disk:
             write = b.op(f"disk_write:{u}", "disk_write", "disk", [updates[u]], unit=u, slot=disk_slot[u],
                          bytes=12 * numel[u])

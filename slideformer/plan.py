@@ -56,10 +56,6 @@ class Plan:
         """Some unit streams fp32 masters through the GPU staging buffer (the RAM-updated ones)."""
         return "cpu" in self.placement
 
-    def bf16_in_ram(self, unit: int) -> bool:
-        """Whether the unit's loads read bf16 weights kept in host RAM (disk units: their masters are on disk)."""
-        return self.placement[unit] == "disk"
-
     @property
     def disk_units(self) -> list[int]:
         return [u for u, p in enumerate(self.placement) if p == "disk"]
