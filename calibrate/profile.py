@@ -10,7 +10,6 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
@@ -23,8 +22,11 @@ def fit_at(points: list[tuple[int, float]], x: int) -> float | None:
         return None
     if len(points) == 1:
         return points[0][1] * x / points[0][0]
-    slope, intercept = np.polyfit([p[0] for p in points], [p[1] for p in points], 1)
-    return float(max(slope * x + intercept, 0.0))
+    # The least-squares line in closed form: the planner asks this tens of thousands of times per search.
+    n = len(points)
+    mean_x, mean_y = sum(p[0] for p in points) / n, sum(p[1] for p in points) / n
+    slope = sum((p[0] - mean_x) * (p[1] - mean_y) for p in points) / sum((p[0] - mean_x) ** 2 for p in points)
+    return float(max(mean_y + slope * (x - mean_x), 0.0))
 
 
 @dataclass
