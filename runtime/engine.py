@@ -132,6 +132,7 @@ class Engine:
         self.compute_dtype = getattr(torch, plan.compute_dtype)
         self.graph = build_step_graph(cfg, plan)
         self.order = issue_order(self.graph)
+        self.write_backs = [op for op in self.order if self.graph.nodes[op]["kind"] == "disk_write"]
         self.layouts = unit_layouts(cfg)
         # Opening the tier checks the directory and preallocates its files: before any GPU memory is taken.
         files = {f"unit{u}": 12 * self.layouts[u].numel for u in plan.disk_units} | \
@@ -290,7 +291,7 @@ class Engine:
                     self.trace.add(name, self.trace.step, resource, attrs["kind"], start, self.trace.mark())
                 done[name] = self.streams.record(resource)
         self.pending_updates = {u: done[op] for u, op in self.graph.graph["updates"].items()}
-        self.pending_disk = {op: done[op] for op in self.order if self.graph.nodes[op]["kind"] == "disk_write"}
+        self.pending_disk = {op: done[op] for op in self.write_backs}
         loss = float(self.loss)
         norm = done["norm"].result()[0] if "norm" in done else math.sqrt(float(self.sq_norm))
         if self.trace:
