@@ -40,7 +40,9 @@ def _rms_norm_bwd(dy_ptr, dsum_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_p
     dw = tl.zeros((BLOCK,), tl.float32)
     for i in range(0, rows_per_program):
         row = (pid * rows_per_program + i).to(tl.int64)
-        live = mask & (row < rows)  # the last program's rows may run past the end
+        # the last program's rows may run past the end; one comparison, not `mask & (row < rows)`, whose
+        # scalar-broadcast mask Triton 3.9's interpreter rejects
+        live = cols < tl.where(row < rows, n, 0)
         x = tl.load(x_ptr + row * n + cols, mask=live, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + row * n + cols, mask=live, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row, mask=row < rows, other=0.0)
