@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from slideformer.models.config import ModelConfig
-from slideformer.models.layers import decoder_layer, rope_tables
+from slideformer.models.layers import decoder_layer, decoder_layer_backward, rope_tables
 from slideformer.runtime.loss import head_loss_and_grads
 
 from slideformer.planner.memory import DISK_ALIGN, padded
@@ -294,10 +294,8 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
             with torch.no_grad():
                 decoder_layer(params, x, cos, sin, cfg)
 
-        def recompute_bwd() -> None:
-            xi = x.detach().requires_grad_()
-            y = decoder_layer(params, xi, cos, sin, cfg)
-            torch.autograd.grad(y, [xi, *params.values()], dy)
+        def recompute_bwd() -> None:  # as the runtime's offload and recompute policies run it
+            decoder_layer_backward(params, x, dy, cos, sin, cfg, 0, lambda name, g: None)
 
         def kept_bwd() -> None:
             xi = x.detach().requires_grad_()

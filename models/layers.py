@@ -7,6 +7,7 @@ them on its own parameters, so both compute the same maths. Numerics follow Hugg
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -84,26 +85,79 @@ def attention(p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
         k = rms_norm(k, p["self_attn.k_norm.weight"], cfg.rms_norm_eps)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    groups = cfg.num_heads // cfg.num_kv_heads
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d**-0.5)
+    # GQA inside SDPA: k and v are never repeated per query head
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d**-0.5,
+                                       enable_gqa=cfg.num_heads != cfg.num_kv_heads)
     return F.linear(o.transpose(1, 2).reshape(b, s, cfg.num_heads * d), p["self_attn.o_proj.weight"])
 
 
-def mlp(p: Params, x: torch.Tensor) -> torch.Tensor:
+def gated_activation(p: Params, x: torch.Tensor) -> torch.Tensor:
+    """silu(gate_proj(x)) * up_proj(x): the MLP's wide intermediate, before down_proj."""
     gate = F.linear(x, p["mlp.gate_proj.weight"])
     up = F.linear(x, p["mlp.up_proj.weight"])
     if kernels.active(x):
         from slideformer.kernels.swiglu import swiglu
-        return F.linear(swiglu(gate, up), p["mlp.down_proj.weight"])
-    return F.linear(F.silu(gate) * up, p["mlp.down_proj.weight"])
+        return swiglu(gate, up)
+    return F.silu(gate) * up
+
+
+def mlp(p: Params, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(gated_activation(p, x), p["mlp.down_proj.weight"])
+
+
+def attention_block(p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream after attention, and its post-attention norm (the MLP's input)."""
+    attn = attention(p, rms_norm(x, p["input_layernorm.weight"], cfg.rms_norm_eps), cos, sin, cfg)
+    return add_rms_norm(x, attn, p["post_attention_layernorm.weight"], cfg.rms_norm_eps)
 
 
 def decoder_layer(p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    attn = attention(p, rms_norm(x, p["input_layernorm.weight"], cfg.rms_norm_eps), cos, sin, cfg)
-    x, normed = add_rms_norm(x, attn, p["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-    return x + mlp(p, normed)
+    h, normed = attention_block(p, x, cos, sin, cfg)
+    return h + mlp(p, normed)
+
+
+MLP_WEIGHTS = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+Accumulate = Callable[[str, torch.Tensor], None]
+
+
+def decoder_layer_backward(p: Params, x: torch.Tensor, dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           cfg: ModelConfig, tile_tokens: int, accumulate: Accumulate) -> torch.Tensor:
+    """Recompute one layer from its input x and back-propagate dy: returns dx and hands every weight's
+    gradient to `accumulate(name, grad)` (the MLP's once per token tile, to be summed).
+
+    The same maths as autograd through `decoder_layer`, arranged for memory and work: the attention block is
+    recomputed with autograd, while the MLP runs tile by tile (`tile_tokens` tokens; 0 = all at once), so its
+    wide intermediates exist for one tile only, and its output is never computed (backward needs only its
+    input's and weights' gradients: down_proj's forward matmul is skipped).
+    """
+    x = x.detach().requires_grad_()
+    with torch.enable_grad():
+        h, normed = attention_block(p, x, cos, sin, cfg)
+    hidden = normed.shape[-1]
+    flat_in, flat_dy = normed.detach().view(-1, hidden), dy.reshape(-1, hidden)
+    d_normed = torch.empty_like(flat_in)
+    tokens = flat_in.shape[0]
+    step = tile_tokens or tokens
+    gate_up = [p[MLP_WEIGHTS[0]], p[MLP_WEIGHTS[1]]]
+    down = p[MLP_WEIGHTS[2]]
+    for start in range(0, tokens, step):
+        rows = slice(start, min(start + step, tokens))
+        xi = flat_in[rows].requires_grad_()
+        with torch.enable_grad():
+            act = gated_activation(p, xi)
+        dyi = flat_dy[rows]
+        accumulate(MLP_WEIGHTS[2], dyi.t() @ act.detach())
+        dx_i, dg, du = torch.autograd.grad(act, [xi, *gate_up], dyi @ down)
+        d_normed[rows] = dx_i
+        accumulate(MLP_WEIGHTS[0], dg)
+        accumulate(MLP_WEIGHTS[1], du)
+        del act, dx_i, dg, du
+    rest = [name for name in p if name not in MLP_WEIGHTS]
+    grads = torch.autograd.grad([h, normed], [x, *(p[n] for n in rest)], [dy, d_normed.view_as(normed)])
+    for name, g in zip(rest, grads[1:]):
+        accumulate(name, g)
+    return grads[0]
 
 
 def head_logits(norm_weight: torch.Tensor, head_weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:

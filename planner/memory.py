@@ -1,7 +1,8 @@
 """Bytes a plan needs on the GPU and in host RAM, itemised, so a plan that does not fit is refused with numbers.
 
-Workspace (a layer's recompute + backward, the loss piece) comes from the profile's measured peaks for
-the model's shape where there are any, else from a formula fitted to H100 measurements of Llama-3.1-8B.
+A recomputed layer's workspace comes from the layer's dimensions (checked against H100 measurements of
+several shapes, `bench.layer_memory`); a kept graph and the loss piece from the profile's measured peaks for
+the model's shape where there are any, else from formulas.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ def padded(nbytes: int) -> int:
     """Bytes a disk-tier file of `nbytes` takes (and the buffer it is read into)."""
     return -(-nbytes // DISK_ALIGN) * DISK_ALIGN
 RUNTIME_OVERHEAD = 512 * 2**20  # CUDA context allocations outside PyTorch's count, kernels' scratch
-BACKWARD_WORKSPACE_PER_GRAPH_BYTE = 3.2  # autograd temporaries of a recomputed layer, per byte of saved graph
 
 
 def _fit(points: list[tuple[int, int]], x: int) -> int | None:
@@ -28,13 +28,19 @@ def _fit(points: list[tuple[int, int]], x: int) -> int | None:
     return None if got is None else int(got)
 
 
-def layer_workspace(cfg: ModelConfig, seq: int, tokens: int, profile: Profile | None = None) -> int:
-    if profile is not None:
-        shape = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        got = _fit([(t.tokens, t.bwd_peak_bytes) for t in profile.layers if t.shape() == shape and t.seq == seq], tokens)
-        if got is not None:
-            return got
-    return int(BACKWARD_WORKSPACE_PER_GRAPH_BYTE * activation_bytes_per_token(cfg) * tokens) + cfg.layer_params * 2
+def layer_workspace(cfg: ModelConfig, tokens: int, mlp_tile_tokens: int) -> int:
+    """GPU bytes a recomputed layer's backward (`decoder_layer_backward`) allocates beyond its input, output
+    gradient and weights, from the layer's dimensions (bf16). Per token of the chunk: the attention block's
+    saved tensors (both norms' outputs, rotated q and k, v, the attention output and its flattened copy, the
+    residual sum) and its backward's temporaries (dq, dk, dv, the output's gradient, one hidden-sized sum), plus
+    the MLP input's gradient; per token of one MLP tile: gate, up, their product and three gradients of that
+    width; once: the weight gradients autograd returns together (attention's, or two MLP matrices)."""
+    h, ff = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_token = 2 * (4 * h + 5 * q + 4 * kv) + 4 * cfg.num_heads  # + SDPA's fp32 log-sum-exp per head
+    tile = min(mlp_tile_tokens or tokens, tokens)
+    weight_grads = 2 * max(h * (2 * q + 2 * kv), 2 * h * ff)
+    return per_token * tokens + 2 * 6 * ff * tile + weight_grads
 
 
 def kept_graph(cfg: ModelConfig, seq: int, tokens: int, profile: Profile | None = None) -> int:
@@ -79,7 +85,7 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
         "hidden_buffers": hidden * (4 + (2 if {"offload", "disk"} & set(plan.activations) else 0)),
         "kept_inputs": plan.activations.count("recompute") * hidden,
         "kept_graphs": plan.activations.count("keep") * graph * plan.chunks,
-        "workspace": max(layer_workspace(cfg, plan.seq, chunk_tokens, profile),
+        "workspace": max(layer_workspace(cfg, chunk_tokens, plan.mlp_tile_tokens),
                          head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile)),
         "runtime_overhead": RUNTIME_OVERHEAD,
     }
@@ -98,7 +104,8 @@ def pinned_host_buffers(cfg: ModelConfig, plan: Plan) -> dict[str, list[int]]:
     return {
         "master_weights": [4 * n[u] for u in on_cpu],
         "gradients": [4 * n[1]] * (plan.grad_ring if ring else 0)
-        + [4 * n[u] for u in on_host if not (ring and 0 < u <= L)],
+        + [4 * n[u] for u in on_host if not (ring and 0 < u <= L) and u not in (0, L + 1)]
+        + ([4 * max(n[0], n[L + 1])] if plan.shares_edge_grad else [4 * n[u] for u in (0, L + 1) if u in on_host]),
         "offloaded_activations": [saved] * plan.activations.count("offload"),
         "disk_activation_ring": [padded(saved)] * (plan.disk_ring if "disk" in plan.activations else 0),
         "bf16_weights": [itemsize * n[u] for u in plan.disk_units],

@@ -19,6 +19,8 @@ from slideformer.simulator.costs import CostModel, step_lower_bound
 from .memory import GiB, disk_bytes, gpu_bytes, host_bytes, padded
 
 LOSS_PIECES = (4096, 2048, 1024, 512)
+GRAD_RINGS = (4, 2)  # pinned fp32 gradient buffers shared by the host-updated layers
+MLP_TILES = (0, 8192, 4096, 2048, 1024)  # 0: the whole chunk at once; each tile costs an MLP-gradient accumulate
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,8 @@ def lean_plans(cfg: ModelConfig, model: str, batch: int, seq: int, update: str, 
     and no layer or as many layers as the disk budget holds on disk: one of them fits if any plan does."""
     L = cfg.num_layers
     return [uniform_plan(model, L, batch, seq, chunk=1, window=min(2, L), activation=act, update=update,
-                         loss_chunk_tokens=LOSS_PIECES[-1], gpu_units=units, disk_layers=disk)
+                         loss_chunk_tokens=LOSS_PIECES[-1], mlp_tile_tokens=MLP_TILES[-1], grad_ring=GRAD_RINGS[-1],
+                         gpu_units=units, disk_layers=disk)
             for act in activation_policies(budgets) for units in gpu_unit_grid(L)
             for disk in sorted({0, min(disk_layers_that_fit(cfg, budgets), L + 1 - units if units else L)})]
 
@@ -131,10 +134,10 @@ def candidates(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Prof
             for chunk in chunks:
                 for keep in sorted({0, 1, window} & set(range(L + 1))):
                     for gpu_units in units:  # each trades GPU memory for host memory
-                        plan = _fewest_disk_layers(cfg, budgets, gpu_units, lambda disk, piece: uniform_plan(
+                        plan = _fewest_disk_layers(cfg, budgets, gpu_units, lambda disk, piece, tile, ring: uniform_plan(
                             model, L, batch, seq, chunk=chunk, window=window, activation=activation,
                             keep_last=keep, gpu_units=gpu_units, disk_layers=disk, update=update,
-                            loss_chunk_tokens=piece), profile)
+                            loss_chunk_tokens=piece, mlp_tile_tokens=tile, grad_ring=ring), profile)
                         if plan is not None:
                             out.append(plan)
     return out
@@ -142,13 +145,16 @@ def candidates(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Prof
 
 def _fewest_disk_layers(cfg: ModelConfig, budgets: Budgets, gpu_units: int, make, profile: Profile) -> Plan | None:
     """The plan with the fewest layers on disk that fits (disk only adds time; each layer there frees host
-    RAM), with the largest loss piece that fits (the piece does not change the time); None if none fits."""
+    RAM), with the largest MLP tile (smaller ones add time), loss piece (the piece does not change the time)
+    and gradient ring (a shorter one can stall the stream) that fit; None if none fits."""
     most = min(disk_layers_that_fit(cfg, budgets), cfg.num_layers + 1 - gpu_units if gpu_units else cfg.num_layers)
     for disk in range(most + 1):
-        for piece in LOSS_PIECES:
-            plan = make(disk, piece)
-            if not shortfalls(cfg, plan, profile, budgets):
-                return plan
+        for ring in GRAD_RINGS:
+            for tile in MLP_TILES:
+                for piece in LOSS_PIECES:
+                    plan = make(disk, piece, tile, ring)
+                    if not shortfalls(cfg, plan, profile, budgets):
+                        return plan
     return None
 
 

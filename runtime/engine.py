@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 import torch
 
 from slideformer.models.config import ModelConfig
-from slideformer.models.layers import decoder_layer, rope_tables
+from slideformer.models.layers import decoder_layer, decoder_layer_backward, rope_tables
 from slideformer.planner.memory import GiB, describe, gpu_bytes, padded, pinned_host_buffers, saved_input_bytes
 from slideformer.opgraph import build_step_graph, issue_order
 from slideformer.plan import Plan, PlanError
@@ -127,7 +127,7 @@ class Engine:
             budget = gpu_budget_bytes if gpu_budget_bytes is not None else torch.cuda.mem_get_info(self.device)[0]
             if sum(need.values()) > budget:
                 raise PlanError(f"plan does not fit the GPU: needs {describe(need)}, budget {budget / GiB:.2f} GiB; "
-                                f"lower chunk ({plan.chunk}), window ({plan.window}) or loss_chunk_tokens")
+                                f"lower chunk ({plan.chunk}), window ({plan.window}), mlp_tile_tokens or loss_chunk_tokens")
         self.cfg, self.plan = cfg, plan
         self.compute_dtype = getattr(torch, plan.compute_dtype)
         self.graph = build_step_graph(cfg, plan)
@@ -205,6 +205,10 @@ class Engine:
             if ring and 0 < u <= L:
                 self.host_grad[u] = ring[k % len(ring)]
                 k += 1
+            elif u == 0 and plan.shares_edge_grad:  # the head's buffer, free once its update is done
+                self.host_grad[0] = self.host_grad[L + 1]
+            elif u == L + 1 and plan.shares_edge_grad:
+                self.host_grad[u] = host.take(max(self.layouts[0].numel, self.layouts[L + 1].numel), f32)
             else:
                 self.host_grad[u] = host.take(self.layouts[u].numel, f32)
 
@@ -407,20 +411,27 @@ class Engine:
         rows = self._rows(chunk)
         params = self._layer_params(layer)
         policy = self.plan.activations[layer]
+        unit = layer + 1
+        acc, written = self.grad_views[unit], set()
+
+        def accumulate(name: str, g: torch.Tensor) -> None:  # fp32 sum over chunks (and MLP tiles)
+            if chunk == 0 and name not in written:
+                acc[name].copy_(g)
+                written.add(name)
+            else:
+                acc[name].add_(g)
+        dy = self.dgrad[(layer + 1) % 2][rows]
         if policy == "keep":
             x, y = self.kept_graph.pop((layer, chunk))
+            grads = torch.autograd.grad(y, [x, *params.values()], dy)
+            for name, g in zip(params, grads[1:]):
+                accumulate(name, g)
+            dx = grads[0]
         else:
             saved = self.kept_input[layer] if policy == "recompute" else self.fetched[layer % 2]
-            x = saved[rows].detach().requires_grad_()
-            with torch.enable_grad():
-                y = decoder_layer(params, x, self.cos, self.sin, self.cfg)
-        names = list(params)
-        grads = torch.autograd.grad(y, [x, *params.values()], self.dgrad[(layer + 1) % 2][rows])
-        self.dgrad[layer % 2][rows].copy_(grads[0])
-        unit = layer + 1
-        acc = self.grad_views[unit]
-        for name, g in zip(names, grads[1:]):
-            acc[name].copy_(g) if chunk == 0 else acc[name].add_(g)
+            dx = decoder_layer_backward(params, saved[rows], dy, self.cos, self.sin, self.cfg,
+                                        self.plan.mlp_tile_tokens, accumulate)
+        self.dgrad[layer % 2][rows].copy_(dx)
         if chunk == self.plan.chunks - 1:
             self._accumulate_norm(unit)
 

@@ -128,8 +128,11 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     if kind == "bwd":
         policy = plan.activations[a["layer"]]
         t = cost.layer("bwd_kept_s" if policy == "keep" else "bwd_recompute_s", tokens)
-        # fp32 gradient accumulate (copy or add) and the squared-norm dot on the last chunk
-        return (t + cost.gpu_bytes_moved(cfg.layer_params * (2 + 4 + 4))) * slow
+        # fp32 gradient accumulate (copy or add) and the squared-norm dot on the last chunk, and one more
+        # accumulate of the three MLP matrices for every further MLP tile
+        tiles = -(-tokens // plan.mlp_tile_tokens) if plan.mlp_tile_tokens and policy != "keep" else 1
+        mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+        return (t + cost.gpu_bytes_moved((cfg.layer_params + (tiles - 1) * mlp) * (2 + 4 + 4))) * slow
     if kind == "head":
         return cost.head(tokens) * slow
     if kind in ("embed", "embed_bwd"):

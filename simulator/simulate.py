@@ -84,7 +84,7 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     cost = CostModel(profile, cfg, plan.seq)
     order = issue_order(g)
     tokens = plan.chunk * plan.seq
-    workspace = {"bwd": layer_workspace(cfg, plan.seq, tokens, profile),
+    workspace = {"bwd": layer_workspace(cfg, tokens, plan.mlp_tile_tokens),
                  "head": head_workspace(cfg, min(plan.loss_chunk_tokens, tokens), tokens, profile)}
     static = gpu_bytes(cfg, plan, profile)
     base = sum(v for k, v in static.items() if k not in ("kept_inputs", "kept_graphs", "workspace"))

@@ -145,7 +145,7 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
             if plan.update == "during_backward":
                 updates[u] = b.op(f"update:{u}", "update", "gpu", [ready], unit=u, params=numel[u])
             return
-        ring_war = None
+        ring_war = f"update:{L + 1}" if u == 0 and plan.shares_edge_grad else None
         if plan.update == "during_backward" and u not in (0, L + 1):
             if len(ring) >= plan.grad_ring:
                 ring_war = f"update:{ring[-plan.grad_ring]}"

@@ -37,6 +37,9 @@ class Plan:
     grad_ring: int = 4  # pinned host fp32 gradient buffers shared by the CPU-updated layers
     disk_ring: int = 2  # host buffers for each kind of disk traffic (states, activations): the read-ahead depth
     loss_chunk_tokens: int = 4096  # tokens per LM-head/loss piece; logits never exceed this many rows
+    # Tokens per MLP tile in a recomputed layer's backward (0: the whole chunk at once): the MLP's wide
+    # intermediates exist for one tile only. Smaller tiles trade a little speed for GPU memory.
+    mlp_tile_tokens: int = 0
     device: str = "cuda"
     # 'bfloat16' (mixed precision, the default) or 'float32' compute; float32 only on the CPU, whose bf16
     # matmuls are slow where the processor lacks bf16 instructions (the demo). fp32 masters and states either way.
@@ -50,6 +53,12 @@ class Plan:
     def shares_grad_ring(self) -> bool:
         """CPU-updated layers pass their gradients through `grad_ring` shared host buffers (during_backward)."""
         return self.update == "during_backward" and any(p != "gpu" for p in self.placement[1:-1])
+
+    @property
+    def shares_edge_grad(self) -> bool:
+        """The embedding's and the head's host gradients share one pinned buffer: the head's update is done
+        long before the embedding's gradient arrives (during_backward, both updated on the CPU)."""
+        return self.update == "during_backward" and self.placement[0] == self.placement[-1] == "cpu"
 
     @property
     def stages_fp32_loads(self) -> bool:
@@ -82,6 +91,8 @@ class Plan:
             problems.append("compute_dtype is 'bfloat16', or 'float32' on device 'cpu'")
         if min(self.grad_ring, self.disk_ring, self.transfer_chunk_mb, self.loss_chunk_tokens) < 1:
             problems.append("grad_ring, disk_ring, transfer_chunk_mb and loss_chunk_tokens must be positive")
+        if self.mlp_tile_tokens < 0:
+            problems.append("mlp_tile_tokens must be 0 (whole chunk) or positive")
         if problems:
             raise PlanError("invalid plan: " + "; ".join(problems))
 

@@ -37,7 +37,7 @@ def test_plan_for_123b_in_120_gib_without_disk_is_refused_with_numbers(capsys):
     assert main(["plan", "--model", "mistral-large-123b", "--seq", "2048", "--host-mem", "120", "--json"]) == 2
     report = json.loads(capsys.readouterr().out)
     assert not report["fits"] and report["plan"] is None and report["max_batch"] == 0
-    assert any("host RAM needs at least 1367" in s for s in report["shortfalls"])
+    assert any("host RAM needs at least 1356.8" in s for s in report["shortfalls"])
 
 
 def test_simulate_with_a_cpu_only_profile_says_what_is_missing(tmp_path, capsys):

@@ -76,3 +76,25 @@ def test_config_json_of_a_real_shape_builds(tmp_path):
     from slideformer.models import load_model_config
     cfg = load_model_config(str(tmp_path))
     assert cfg.total_params == PRESETS["llama-3.1-8b"].total_params == 8_030_261_248
+
+
+@pytest.mark.parametrize("tile", [0, 7, 64])
+def test_layer_backward_matches_autograd_through_the_layer(tile):
+    """decoder_layer_backward (MLP in token tiles, down_proj's forward skipped) gives autograd's gradients."""
+    from slideformer.models.layers import decoder_layer, decoder_layer_backward, rope_tables
+
+    cfg = PRESETS["tiny-qwen3"]  # GQA and q/k norms
+    g = torch.Generator().manual_seed(0)
+    params = {n: (torch.randn(s, generator=g) * 0.1 + (1.0 if n.endswith("norm.weight") else 0.0)).requires_grad_()
+              for n, s in cfg.layer_param_shapes().items()}
+    x = torch.randn(3, 16, cfg.hidden_size, generator=g, dtype=torch.float64).float().requires_grad_()
+    dy = torch.randn(3, 16, cfg.hidden_size, generator=g)
+    cos, sin = rope_tables(cfg, 16, "cpu", torch.float32)
+    want = torch.autograd.grad(decoder_layer(params, x, cos, sin, cfg), [x, *params.values()], dy)
+    got: dict[str, torch.Tensor] = {}
+    dx = decoder_layer_backward(params, x, dy, cos, sin, cfg, tile,
+                                lambda n, t: got.__setitem__(n, got[n] + t if n in got else t.clone()))
+    torch.testing.assert_close(dx, want[0], rtol=1e-5, atol=1e-6)
+    assert set(got) == set(params)
+    for (name, _), w in zip(params.items(), want[1:]):
+        torch.testing.assert_close(got[name], w, rtol=1e-4, atol=1e-5, msg=name)

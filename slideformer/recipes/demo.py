@@ -87,8 +87,10 @@ def demo(steps: int, device: str, out_dir: str, digits: int = 2, seed: int = 0) 
     ids, labels = to_sequences(examples(train_pairs, tok), seq, tok, pack=False)
     held_ids, held_labels = to_sequences(examples(test_pairs, tok), seq, tok, pack=False)
     batch = 128
-    cfg = TrainConfig(model="demo-adder", data=["(generated addition problems)"], seq=seq, batch=batch, lr=1e-3,
-                      schedule="constant", warmup_steps=20, weight_decay=0.01, adam_beta2=0.98,
+    import os, json as _j
+    hp = dict(lr=1e-3, schedule="constant", warmup_steps=20, min_lr_ratio=0.1) | _j.loads(os.environ.get("DEMO_HP", "{}"))
+    cfg = TrainConfig(model="demo-adder", data=["(generated addition problems)"], seq=seq, batch=batch,
+                      weight_decay=0.01, adam_beta2=0.98, **hp,
                       max_steps=steps,
                       eval_every=max(steps // 4, 1), save_every=0, keep_checkpoints=1, output_dir=out_dir, seed=seed,
                       device=device, plan="auto")

@@ -1,0 +1,147 @@
+"""The consumer-GPU suite: full Llama-3.1-8B shape, the GPU capped at 24 GiB (a 24 GB card), full-length
+random data, ours with the planner's plan beside the official SlideFormer, in one lease.
+
+    python -m bench.consumer --system ours --only 2048x8,1024x32 --out a.json
+    python -m bench.consumer --system official --only 2048x8,1024x32 --out b.json   # needs peers/ (see below)
+    python -m bench.consumer --merge a.json b.json --out bench/results/consumer.json --figure consumer.png
+
+Ours: for each workload the planner picks the plan within 92% of the 24 GiB cap (as the train recipe does
+with free GPU memory) and the host's available RAM less `HOST_RESERVE`; a workload it refuses is recorded
+with the planner's numbers; one it accepts runs in its own process (`bench.ours`), with predicted and
+measured step time and peaks side by side. The official SlideFormer runs through `peers/run_official.sh`
+(assembled as `../shared/peers/README.md` says, git-ignored), its CSV and logs kept verbatim.
+Each call runs what fits in the device's 10-minute limit: split workloads across calls with --only.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.common import provenance
+
+MODEL = "llama-3.1-8b"
+GPU_CAP_GIB = 24
+GPU_PLAN_FRACTION = 0.92  # of the cap, as the train recipe plans within 92% of free GPU memory
+HOST_RESERVE = 4 * 2**30  # left to the OS and the process's own allocations
+WORKLOADS = ["2048x8", "1024x8", "1024x16", "1024x32", "1024x64", "16384x1", "32768x1", "65536x1", "131072x1"]
+GiB = 2**30
+
+
+def seq_batch(workload: str) -> tuple[int, int]:
+    seq, batch = workload.split("x")
+    return int(seq), int(batch)
+
+
+def run_ours(workloads: list[str], timeout_s: int) -> dict:
+    from slideformer.calibrate.profile import Profile
+    from slideformer.models import load_model_config
+    from slideformer.planner.report import capacity_report
+    from slideformer.planner.search import Budgets, choose_plan
+    from slideformer.recipes.train import available_host_bytes
+
+    cfg, profile = load_model_config(MODEL), Profile.load("h100-80gb")
+    budgets = Budgets(int(GPU_CAP_GIB * GiB * GPU_PLAN_FRACTION), available_host_bytes() - HOST_RESERVE)
+    rows: dict[str, dict] = {}
+    for w in workloads:
+        seq, batch = seq_batch(w)
+        verdict = choose_plan(cfg, MODEL, seq, batch, profile, budgets)
+        row: dict = {"seq": seq, "batch": batch, "budgets": asdict(budgets), "fits": verdict.fits,
+                     "planner_max_batch": verdict.max_batch, "shortfalls": verdict.shortfalls}
+        rows[w] = row
+        print(f"{w}: {'FITS' if verdict.fits else 'refused: ' + '; '.join(verdict.shortfalls)}", flush=True)
+        if not verdict.fits:
+            continue
+        sim = verdict.simulation
+        row |= {"plan": asdict(verdict.plan), "predicted_step_s": sim.step_s,
+                "predicted_peak_gpu_gib": sim.peak_gpu_bytes / GiB, "predicted_peak_host_gib": sim.host_memory_bytes / GiB,
+                "predicted_bottleneck": sim.bottleneck}
+        long_step = seq * batch >= 32768
+        with tempfile.TemporaryDirectory() as tmp:
+            plan_path, out = Path(tmp) / "plan.json", Path(tmp) / "result.json"
+            verdict.plan.save(plan_path)
+            cmd = [sys.executable, "-m", "bench.ours", "--name", f"consumer-{w}", "--plan", str(plan_path),
+                   "--gpu-cap-gib", str(GPU_CAP_GIB), "--warmup", "1" if long_step else "2",
+                   "--steps", "2" if long_step else "3", "--out", str(out)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+                ok = proc.returncode == 0 and out.exists()
+            except subprocess.TimeoutExpired as e:
+                proc, ok = e, False
+            if not ok:
+                row["error"] = ((proc.stdout or "") + (proc.stderr or ""))[-3000:] if not isinstance(proc, subprocess.TimeoutExpired) \
+                    else f"timed out after {timeout_s} s"
+                print(f"  FAILED: {row['error'][-800:]}", flush=True)
+                continue
+            measured = json.loads(out.read_text())
+        row |= {k: measured[k] for k in ("step_s", "per_step_s", "losses", "tokens_per_s", "model_tflops", "init_s",
+                                          "peak_gpu_allocated_gib", "peak_gpu_reserved_gib", "peak_host_rss_gib")}
+        row["step_error"] = row["predicted_step_s"] / row["step_s"] - 1
+        row["gpu_peak_error"] = row["predicted_peak_gpu_gib"] / row["peak_gpu_allocated_gib"] - 1
+        row["host_peak_error"] = row["predicted_peak_host_gib"] / row["peak_host_rss_gib"] - 1
+        print(f"  {row['step_s']:.2f} s/step (predicted {row['predicted_step_s']:.2f}), {row['tokens_per_s']:.0f} tok/s, "
+              f"GPU {row['peak_gpu_allocated_gib']:.1f} GiB (pred {row['predicted_peak_gpu_gib']:.1f}), "
+              f"host {row['peak_host_rss_gib']:.1f} GiB (pred {row['predicted_peak_host_gib']:.1f})", flush=True)
+    report = capacity_report(cfg, MODEL, 1024, 8, profile, budgets)
+    capacity = {"max_batch_at_seq_1024": report["max_batch"], "max_seq_at_batch_1": report["max_seq_at_batch_1"]}
+    return {"workloads": rows, "planner_capacity": capacity}
+
+
+def run_official(workloads: list[str], deadline_s: int) -> dict:
+    """The peer's own benchmark script on the same workloads; its CSV rows and peak-memory lines verbatim."""
+    out = Path(tempfile.mkdtemp(prefix="sf-official-"))
+    configs = " ".join(f"{seq}:{batch}" for seq, batch in map(seq_batch, workloads))
+    env = os.environ | {"OUT": str(out), "CONFIGS": configs, "GPU_CAP_GIB": str(GPU_CAP_GIB), "FULL_LENGTH": "1",
+                        "WARM": "1", "TEST": "3", "DEADLINE_S": str(deadline_s), "KEEP_MODEL": "1"}
+    proc = subprocess.run(["bash", "peers/run_official.sh"], env=env, capture_output=True, text=True)
+    rows = list(csv.DictReader((out / "slideformer_official_results.csv").open())) \
+        if (out / "slideformer_official_results.csv").exists() else []
+    logs = {p.name: p.read_text()[-6000:] for p in sorted(out.glob("sf_run_*.log"))}
+    peaks = {}
+    for name, text in logs.items():
+        m = re.search(r"launcher-sampled peak RSS: .*\(([\d.]+) GiB\)", text)
+        peaks[name] = float(m.group(1)) if m else None
+    return {"returncode": proc.returncode, "stdout_tail": (proc.stdout + proc.stderr)[-4000:], "csv_rows": rows,
+            "peak_rss_gib_by_log": peaks, "logs_tail": logs,
+            "summary": (out / "slideformer_official_summary.txt").read_text()
+            if (out / "slideformer_official_summary.txt").exists() else None}
+
+
+def merge(paths: list[str]) -> dict:
+    record: dict = {"systems": {}}
+    for p in paths:
+        part = json.loads(Path(p).read_text())
+        for system, result in part["systems"].items():
+            got = record["systems"].setdefault(system, {"calls": []})
+            got["calls"].append({k: v for k, v in part.items() if k != "systems"} | {"result": result})
+    return record
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--system", choices=["ours", "official"])
+    ap.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated SEQxBATCH workloads")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per workload (ours) / deadline (official)")
+    ap.add_argument("--merge", nargs="+", help="result files of earlier calls to merge into --out")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    if a.merge:
+        record = merge(a.merge)
+    else:
+        workloads = a.only.split(",")
+        result = run_ours(workloads, a.timeout) if a.system == "ours" else run_official(workloads, a.timeout)
+        record = {"command": "python -m bench.consumer " + " ".join(sys.argv[1:]), **provenance(),
+                  "gpu_cap_gib": GPU_CAP_GIB, "model": MODEL, "systems": {a.system: result}}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
