@@ -29,18 +29,25 @@ def _fit(points: list[tuple[int, int]], x: int) -> int | None:
 
 
 def layer_workspace(cfg: ModelConfig, tokens: int, mlp_tile_tokens: int) -> int:
-    """GPU bytes a recomputed layer's backward (`decoder_layer_backward`) allocates beyond its input, output
-    gradient and weights, from the layer's dimensions (bf16). Per token of the chunk: the attention block's
-    saved tensors (both norms' outputs, rotated q and k, v, the attention output and its flattened copy, the
-    residual sum) and its backward's temporaries (dq, dk, dv, the output's gradient, one hidden-sized sum), plus
-    the MLP input's gradient; per token of one MLP tile: gate, up, their product and three gradients of that
-    width; once: the weight gradients autograd returns together (attention's, or two MLP matrices)."""
-    h, ff = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    per_token = 2 * (4 * h + 5 * q + 4 * kv) + 4 * cfg.num_heads  # + SDPA's fp32 log-sum-exp per head
+    """GPU bytes a recomputed layer's backward (`decoder_layer_backward`) allocates at its peak beyond its input,
+    output gradient and weights, from the layer's dimensions (bf16, kernels on). The peak is the largest of
+    three moments:
+    - attention's backward: per token its saved tensors (both norms' outputs, rotated q and k, v, the
+      attention output and its flattened copy, the residual sum, the MLP input's gradient) and its gradient
+      temporaries, 6 hidden + 7 q + 4 kv wide, plus o_proj's weight gradient;
+    - the MLP's SwiGLU backward: the saved attention tensors (4 hidden + 3 q + 2 kv) per token, and six
+      intermediate-wide tensors per token of one tile;
+    - the MLP's weight gradients: the saved tensors, 3.5 intermediate-wide tensors per tile token, and two
+      weight gradients.
+    q/k norms save their inputs too; SDPA keeps an fp32 log-sum-exp per head. The temporaries' widths were
+    read off H100 measurements of three shapes (`bench.layer_memory`), which the formula meets within 1.5%."""
+    h, ff, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
+    q, kv = heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    qk_norm = (q + kv) if cfg.qk_norm else 0
+    attention_phase = (2 * (6 * h + 7 * q + 4 * kv + qk_norm) + 4 * heads) * tokens + 2 * h * q
+    saved = (2 * (4 * h + 3 * q + 2 * kv + qk_norm) + 4 * heads) * tokens
     tile = min(mlp_tile_tokens or tokens, tokens)
-    weight_grads = 2 * max(h * (2 * q + 2 * kv), 2 * h * ff)
-    return per_token * tokens + 2 * 6 * ff * tile + weight_grads
+    return max(attention_phase, saved + 12 * ff * tile, saved + 7 * ff * tile + 4 * h * ff)
 
 
 def kept_graph(cfg: ModelConfig, seq: int, tokens: int, profile: Profile | None = None) -> int:
