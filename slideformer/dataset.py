@@ -45,16 +45,20 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
         for i, row in enumerate(load_from_disk(str(path))):
             yield f"{path}:row {i}", row
     elif path.suffix == ".jsonl":
-        with path.open() as f:
+        with path.open("rb") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        yield f"{path}:{n}", json.loads(line)
+                        yield f"{path}:{n}", json.loads(line.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        raise DataError(f"{path}:{n}: not UTF-8 text; convert the file to UTF-8") from None
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     elif path.suffix == ".json":
         try:
-            rows = json.loads(path.read_text())
+            rows = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(rows, list):

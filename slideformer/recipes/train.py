@@ -107,9 +107,11 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
     """The training loop; returns the run's summary (also written to output_dir/summary.json)."""
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
-    out.mkdir(parents=True, exist_ok=True)
     batches = Batches(train.ids, train.labels, cfg.sequences_per_step, cfg.seed)
     total = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
+    if cfg.warmup_steps > total:
+        raise ConfigError(f"warmup_steps {cfg.warmup_steps} is longer than the run's {total} steps")
+    out.mkdir(parents=True, exist_ok=True)
     engine = Engine(model_cfg, plan, source, AdamWConfig(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                                          weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm),
                     disk_dir=cfg.disk_dir)
@@ -183,6 +185,9 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
 def train_from_config(cfg: TrainConfig) -> dict:
     """Everything `slideformer train --config` does."""
     model_cfg = load_model_config(cfg.model)
+    if cfg.seq > model_cfg.max_position_embeddings:
+        raise ConfigError(f"seq {cfg.seq} is longer than the model's max_position_embeddings "
+                          f"{model_cfg.max_position_embeddings}; lower seq")
     tok_dir = cfg.tokenizer or (cfg.model if Path(cfg.model).is_dir() else None)
     if tok_dir is None:
         raise ConfigError(f"model {cfg.model!r} is a preset: set tokenizer to a directory with tokenizer.json")
