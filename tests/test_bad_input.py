@@ -80,8 +80,10 @@ def refused(capsys, argv, message):
     """The command exits 2 with one line on stderr that contains `message`."""
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("slideformer: error: ") and message in err, err
-    return err
+    ours = [line for line in err.splitlines() if line.startswith("slideformer")]  # not transformers' warnings
+    assert len(ours) == 1 and err.endswith(ours[0] + "\n") and ours[0].startswith("slideformer: error: ") \
+        and message in ours[0], err
+    return ours[0]
 
 
 def test_yaml_numbers_read_as_strings_are_numbers_and_wrong_types_are_named(tmp_path, capsys):
@@ -159,3 +161,69 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_is_behind_debug(monke
     monkeypatch.setenv("SLIDEFORMER_DEBUG", "1")
     with pytest.raises(KeyError):
         main(["model", "tiny-llama"])
+
+
+def train_argv(model, data, tmp_path):
+    return ["train", "--model", str(model), "--data", str(data), "--device", "cpu", "--seq", "32", "--batch", "2",
+            "--max-steps", "1", "--output-dir", str(tmp_path / "out")]
+
+
+def test_a_model_directory_without_usable_weights_or_tokenizer_is_refused(tmp_path, capsys):
+    model, data = tiny_job(tmp_path)
+    (model / "model.safetensors").rename(tmp_path / "aside.safetensors")
+    refused(capsys, train_argv(model, data, tmp_path), "no weights (model.safetensors")
+    (model / "pytorch_model.bin").write_bytes(b"not a pickle")
+    refused(capsys, train_argv(model, data, tmp_path), "torch's safe loading refuses it")
+    (model / "pytorch_model.bin").unlink()
+    (tmp_path / "aside.safetensors").rename(model / "model.safetensors")
+    (model / "tokenizer.json").rename(tmp_path / "tokenizer.json")
+    refused(capsys, train_argv(model, data, tmp_path), "no tokenizer.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pytorch_model_bin_loads_through_safe_loading(tmp_path):
+    import torch
+
+    from slideformer.models.weights import SafetensorsReader, TorchBinReader, check_weights, open_weights
+    model, _ = tiny_job(tmp_path)
+    st = SafetensorsReader(model)
+    name = "model.layers.1.mlp.up_proj.weight"
+    expected = st.get(name)
+    torch.save({n: st.get(n, torch.bfloat16) for n in st.files}, model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    reader = open_weights(model)
+    assert isinstance(reader, TorchBinReader)
+    check_weights(reader, load_model_config(str(model)))
+    assert torch.equal(reader.get(name), expected) and reader.get(name).dtype == torch.float32
+
+
+def test_every_tensor_is_checked_against_the_config(tmp_path, capsys):
+    model, data = tiny_job(tmp_path)
+    hf = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(hf | {"intermediate_size": 160}))  # same layer count, other shape
+    refused(capsys, train_argv(model, data, tmp_path), "12 with another shape than config.json's "
+            "(model.layers.0.mlp.gate_proj.weight [176, 64] (config: [160, 64])")
+    (model / "config.json").write_text(json.dumps(hf | {"num_hidden_layers": 5}))
+    refused(capsys, train_argv(model, data, tmp_path), "tensors missing (model.layers.4.")
+    (model / "config.json").write_text(json.dumps(hf | {"tie_word_embeddings": False, "num_hidden_layers": 3}))
+    check = load_model_config(str(model) + ":2")  # a cut to fewer layers than the weights hold is fine
+    from slideformer.models.weights import check_weights, open_weights
+    check_weights(open_weights(model), check)
+    from safetensors.torch import load_file, save_file
+    state = load_file(model / "model.safetensors")
+    state["model.layers.0.self_attn.q_proj.bias"] = state["model.norm.weight"].clone()
+    save_file(state, model / "model.safetensors")
+    refused(capsys, train_argv(model, data, tmp_path), "config.json does not describe "
+            "(model.layers.0.self_attn.q_proj.bias)")
+
+
+def test_a_missing_shard_is_named(tmp_path, capsys):
+    from slideformer.models.model import random_hf_state
+    from slideformer.models.weights import save_hf_checkpoint
+    model, data = tiny_job(tmp_path)
+    (model / "model.safetensors").unlink()
+    cfg = load_model_config(str(model))
+    save_hf_checkpoint(cfg, random_hf_state(cfg), model, shard_bytes=200_000)
+    (model / "model-00002-of-00003.safetensors").unlink()
+    refused(capsys, train_argv(model, data, tmp_path), "shards ['model-00002-of-00003.safetensors'] named in "
+            "model.safetensors.index.json are missing")

@@ -16,7 +16,8 @@ from slideformer.calibrate.profile import Profile
 from slideformer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from slideformer.dataset import Batches, load_examples, to_sequences
 from slideformer.models import RandomWeights, load_model_config
-from slideformer.models.config import ModelConfig
+from slideformer.models.config import ModelConfig, parse_model_spec
+from slideformer.models.weights import check_weights, open_weights
 from slideformer.plan import Plan, PlanError, uniform_plan
 from slideformer.planner.search import Budgets, choose_plan
 from slideformer.progress import RunLog, loss_curve
@@ -35,13 +36,14 @@ class Sequences:
 
 
 def weights_for(cfg: TrainConfig, model_cfg: ModelConfig):
-    """Safetensors of a model directory, or seeded random weights for a preset."""
-    from slideformer.models.weights import SafetensorsReader
-
-    path = Path(cfg.model)
-    if path.is_dir() and (any(path.glob("*.safetensors"))):
-        return SafetensorsReader(path)
-    return RandomWeights(model_cfg, seed=cfg.seed)
+    """A model directory's weights, checked against its config (names and shapes), or seeded random weights
+    for a preset."""
+    path = Path(parse_model_spec(cfg.model)[0])
+    if not path.is_dir():
+        return RandomWeights(model_cfg, seed=cfg.seed)
+    reader = open_weights(path)
+    check_weights(reader, model_cfg)
+    return reader
 
 
 def tokenized_data(cfg: TrainConfig, tok: Tokenizer) -> tuple[Sequences, Sequences | None]:
@@ -188,16 +190,18 @@ def train_from_config(cfg: TrainConfig) -> dict:
     if cfg.seq > model_cfg.max_position_embeddings:
         raise ConfigError(f"seq {cfg.seq} is longer than the model's max_position_embeddings "
                           f"{model_cfg.max_position_embeddings}; lower seq")
-    tok_dir = cfg.tokenizer or (cfg.model if Path(cfg.model).is_dir() else None)
+    model_dir = parse_model_spec(cfg.model)[0]
+    tok_dir = cfg.tokenizer or (model_dir if Path(model_dir).is_dir() else None)
     if tok_dir is None:
         raise ConfigError(f"model {cfg.model!r} is a preset: set tokenizer to a directory with tokenizer.json")
     tok = HFTokenizer(tok_dir)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, the model's embedding {model_cfg.vocab_size}")
+    source = weights_for(cfg, model_cfg)  # names and shapes only: weights are read as the engine starts
     device = device_of(cfg)
     plan = make_plan(cfg, model_cfg, device)  # refuses a job that does not fit before any data or weights load
     train, held_out = tokenized_data(cfg, tok)
-    return run(cfg, model_cfg, tok, weights_for(cfg, model_cfg), train, held_out, tok.files(), plan)
+    return run(cfg, model_cfg, tok, source, train, held_out, tok.files(), plan)
 
 
 def print_summary(summary: dict) -> None:
