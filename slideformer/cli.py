@@ -10,13 +10,14 @@ from functools import partial
 
 from slideformer.calibrate.profile import Profile, ProfileError
 from slideformer.dataset import DataError
+from slideformer.health import TrainingStopped
 from slideformer.models import ModelConfigError, load_model_config
 from slideformer.models.weights import CheckpointError
 from slideformer.plan import Plan, PlanError
+from slideformer.planner.memory import GiB
 from slideformer.runtime.disk import TierError
 from slideformer.train_config import ConfigError, add_flags
 
-GiB = 2**30
 DEFAULT_PROFILE = "h100-80gb"
 # Failures the user causes and can fix: one line naming the thing and the fix, exit 2. OSError covers a
 # missing or unreadable file and a full disk (its message names the file). Anything else is a bug.
@@ -192,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = a.debug or os.environ.get("SLIDEFORMER_DEBUG", "") not in ("", "0")
     try:
         return a.func(a)
+    except TrainingStopped as e:
+        print(f"slideformer: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except EXPECTED_ERRORS as e:
         if debug:
             raise

@@ -46,7 +46,8 @@ class TrainConfig:
     disk_dir: str | None = None  # the disk tier's directory (on a local NVMe), for layers' states
     disk_budget_gb: float | None = None  # GiB of it plan 'auto' may use (default: 90% of its free space)
     device: str = "auto"  # 'auto', 'cuda' or 'cpu'
-    resume: bool = False  # continue from output_dir's latest checkpoint
+    resume: bool = False  # continue from output_dir's newest valid checkpoint
+    overwrite: bool = False  # start again in an output_dir that holds an earlier run (its files are removed)
 
     def validate(self) -> None:
         """Every field's type, range and the relations between fields; all problems in one message."""
@@ -83,6 +84,8 @@ class TrainConfig:
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.resume and self.overwrite:
+            problems.append("give resume or overwrite, not both")
         if self.eval_data and self.eval_fraction:
             problems.append("give eval_data or eval_fraction, not both")
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
@@ -93,6 +96,18 @@ class TrainConfig:
     @property
     def sequences_per_step(self) -> int:
         return self.batch * self.accumulation
+
+
+# What a resumed run may change: how the run is executed and recorded, not what it computes. max_steps and epochs
+# may move the end (the schedule follows the new length), not to before the checkpoint (the run checks that).
+RESUMABLE_CHANGES = {"resume", "overwrite", "output_dir", "device", "plan", "profile", "disk_dir", "disk_budget_gb",
+                     "eval_every", "save_every", "keep_checkpoints", "max_steps", "epochs"}
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings that differ from a checkpoint's and may not ('name: old -> new')."""
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k not in RESUMABLE_CHANGES and saved.get(k) != v]
 
 
 def _typed(value, hint):
@@ -210,5 +225,6 @@ profile: h100-80gb          # machine profile the planner uses (slideformer cali
 disk_dir: null              # e.g. /nvme/slideformer: lets the planner keep layers' states on disk when RAM is short
 disk_budget_gb: null        # default: 90% of disk_dir's free space
 device: auto
-resume: false               # true: continue from output_dir's latest checkpoint
+resume: false               # true: continue from output_dir's newest valid checkpoint
+overwrite: false            # true: start again in an output_dir that holds an earlier run (removes its files)
 """

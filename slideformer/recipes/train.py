@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,20 +17,22 @@ import torch
 import yaml
 
 from slideformer.calibrate.profile import Profile
-from slideformer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from slideformer.checkpoint import (check_free_space, checkpoint_bytes, load_checkpoint, newest_valid_checkpoint,
+                                    read_trainer_state, save_checkpoint)
 from slideformer.dataset import Batches, load_examples, to_sequences
 from slideformer.models import RandomWeights, load_model_config
 from slideformer.models.config import ModelConfig, parse_model_spec
-from slideformer.models.weights import check_weights, open_weights
+from slideformer.health import TrainingStopped, check_step
+from slideformer.models.weights import CheckpointError, check_weights, open_weights
 from slideformer.plan import Plan, PlanError, uniform_plan
 from slideformer.planner.search import Budgets, choose_plan
 from slideformer.progress import RunLog, loss_curve
 from slideformer.runtime import AdamWConfig, Engine
 from slideformer.schedule import learning_rate
 from slideformer.tokenizer import HFTokenizer, Tokenizer
-from slideformer.train_config import ConfigError, TrainConfig
-
-GiB = 2**30
+from slideformer.planner.memory import GiB
+from slideformer.run_dir import claim_output_dir
+from slideformer.train_config import ConfigError, TrainConfig, resume_changes
 
 
 @dataclass
@@ -99,7 +105,7 @@ def disk_budget(cfg: TrainConfig) -> int:
     if cfg.disk_dir is None:
         return 0
     if cfg.disk_budget_gb is not None:
-        return int(cfg.disk_budget_gb * 2**30)
+        return int(cfg.disk_budget_gb * GiB)
     Path(cfg.disk_dir).mkdir(parents=True, exist_ok=True)
     return int(shutil.disk_usage(cfg.disk_dir).free * 0.9)
 
@@ -113,20 +119,32 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
     total = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
     if cfg.warmup_steps > total:
         raise ConfigError(f"warmup_steps {cfg.warmup_steps} is longer than the run's {total} steps")
-    out.mkdir(parents=True, exist_ok=True)
+    data_sha = fingerprint(train, held_out)
+    start, resume_from = 0, None
+    if cfg.resume:  # checked before the engine loads any weights
+        resume_from, skipped = newest_valid_checkpoint(ckpt_root)
+        for line in skipped:
+            print(f"resume: skipping {line}", file=sys.stderr)
+        if resume_from is None:
+            raise CheckpointError(f"resume: no valid checkpoint under {ckpt_root}" + "".join(f"; {s}" for s in skipped))
+        print(f"resume: from {resume_from.name}", file=sys.stderr)
+        saved = read_trainer_state(resume_from)
+        start = saved["step"]
+        changes = resume_changes(saved["config"], cfg)
+        if saved.get("data_sha256") != data_sha:
+            changes.append("the tokenized data (its files' content, the tokenizer or the eval split)")
+        if changes:
+            raise ConfigError(f"resume: {resume_from} was trained with other settings ({'; '.join(changes)}); "
+                              "restore them, or start again with --overwrite")
+        if total <= start:
+            raise ConfigError(f"resume: {resume_from} is at step {start}, the run ends at step {total}; "
+                              "raise max_steps (or epochs) to train on")
     engine = Engine(model_cfg, plan, source, AdamWConfig(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                                          weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm),
                     disk_dir=cfg.disk_dir)
-    start = 0
-    if cfg.resume:
-        path = latest_checkpoint(ckpt_root)
-        if path is None:
-            raise ConfigError(f"resume: no checkpoint under {ckpt_root}")
-        state = load_checkpoint(path, engine)
-        if state["config"]["seq"] != cfg.seq or state["config"]["data"] != cfg.data:
-            raise ConfigError(f"resume: {path} was trained with another seq or data")
-        start = state["step"]
-        batches.restore(state["data"])
+    check_free_space(out, checkpoint_bytes(model_cfg, engine, tokenizer_files), "a checkpoint")
+    if resume_from is not None:
+        batches.restore(load_checkpoint(resume_from, engine)["data"])
     (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     (out / "plan.json").write_text(plan.to_json())
     log = RunLog(out, total, start)
@@ -146,31 +164,35 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(ckpt_root, step, model_cfg, engine, tokenizer_files,
-                               {"step": step, "data": batches.state(), "config": dataclasses.asdict(cfg)},
-                               cfg.keep_checkpoints)
+                               {"step": step, "data": batches.state(), "config": dataclasses.asdict(cfg),
+                                "data_sha256": data_sha}, cfg.keep_checkpoints)
 
     if start == 0:
         evaluate(0)
     started = time.perf_counter()
-    saved_at = None
-    for step in range(start, total):
-        lr = learning_rate(step, cfg.lr, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-        engine.set_lr(lr)
-        ids, labels = batches.next()
-        t = time.perf_counter()
-        r = engine.train_step(ids, labels)
-        dt = time.perf_counter() - t
-        log.step({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": lr, "trained_tokens": r.tokens,
-                  "step_s": dt, "tokens_per_s": ids.numel() / dt, "tflops": flops_per_step / dt / 1e12,
-                  "epoch": batches.epoch})
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-            evaluate(step + 1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            saved_at = checkpoint(step + 1)
-    evaluate(total)
-    if saved_at is None or not saved_at.name.endswith(f"{total:06d}"):
-        saved_at = checkpoint(total)
-    log.close()
+    saved_at = resume_from
+    with StopRequests() as stop, log:
+        for step in range(start, total):
+            lr = learning_rate(step, cfg.lr, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+            engine.set_lr(lr)
+            ids, labels = batches.next()
+            t = time.perf_counter()
+            r = engine.train_step(ids, labels)
+            dt = time.perf_counter() - t
+            log.step({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": lr, "trained_tokens": r.tokens,
+                      "step_s": dt, "tokens_per_s": ids.numel() / dt, "tflops": flops_per_step / dt / 1e12,
+                      "epoch": batches.epoch})
+            check_step(step + 1, r.loss, r.grad_norm, saved_at and saved_at.name)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+                evaluate(step + 1)
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (stop.signal and step + 1 < total):
+                saved_at = checkpoint(step + 1)
+            if stop.signal and step + 1 < total:
+                raise TrainingStopped(f"stopped by {stop.signal.name} after step {step + 1}: saved {saved_at}; "
+                                      "continue with --resume", exit_code=128 + stop.signal)
+        evaluate(total)
+        if saved_at is None or not saved_at.name.endswith(f"{total:06d}"):
+            saved_at = checkpoint(total)
     engine.close()
     loss_curve(out / "metrics.jsonl", out / "loss.png")
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # resumed runs too
@@ -182,6 +204,37 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
                "checkpoint": str(saved_at), "plan": str(out / "plan.json")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def fingerprint(train: Sequences, held_out: Sequences | None) -> str:
+    """SHA-256 of the tokenized sequences: a resumed run must see the same data, split the same way."""
+    h = hashlib.sha256()
+    for part in (train, held_out):
+        for t in (part.ids, part.labels) if part is not None else ():
+            h.update(t.contiguous().numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+class StopRequests:
+    """SIGINT and SIGTERM ask the loop to save a checkpoint at the next step boundary and stop (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._request)
+        return self
+
+    def _request(self, signum: int, frame) -> None:
+        self.signal = signal.Signals(signum)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def train_from_config(cfg: TrainConfig) -> dict:
@@ -200,8 +253,9 @@ def train_from_config(cfg: TrainConfig) -> dict:
     source = weights_for(cfg, model_cfg)  # names and shapes only: weights are read as the engine starts
     device = device_of(cfg)
     plan = make_plan(cfg, model_cfg, device)  # refuses a job that does not fit before any data or weights load
-    train, held_out = tokenized_data(cfg, tok)
-    return run(cfg, model_cfg, tok, source, train, held_out, tok.files(), plan)
+    with claim_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite):
+        train, held_out = tokenized_data(cfg, tok)
+        return run(cfg, model_cfg, tok, source, train, held_out, tok.files(), plan)
 
 
 def print_summary(summary: dict) -> None:
