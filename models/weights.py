@@ -81,7 +81,7 @@ class TorchBinReader:
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:  # what torch raises on a file it refuses
+        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:  # torch refusing the file
             raise CheckpointError(f"{path}: torch's safe loading refuses it ({' '.join(str(e).split())[:200]}); "
                                   "convert the model to safetensors") from None
         if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
@@ -134,7 +134,8 @@ def check_weights(reader: SafetensorsReader | TorchBinReader, cfg: ModelConfig) 
     extra = [n for n in found if n not in expected and not described(n)]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} tensors missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        problems.append(f"{len(missing)} tensors missing ({', '.join(missing[:3])}"
+                        f"{', ...' if len(missing) > 3 else ''})")
     if wrong:
         problems.append(f"{len(wrong)} with another shape than config.json's ({'; '.join(wrong[:3])}"
                         f"{'; ...' if len(wrong) > 3 else ''})")

@@ -17,6 +17,7 @@ def check_step(step: int, loss: float, grad_norm: float, last_checkpoint: str | 
     # stopping here keeps the newest checkpoint the newest finite one.
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
-    kept = f"the newest checkpoint, {last_checkpoint}, is from before it" if last_checkpoint else "no checkpoint was written"
-    raise TrainingStopped(f"step {step}: loss {loss}, gradient norm {grad_norm}: training diverged and stopped ({kept}); "
-                          "lower lr or set max_grad_norm, then start again with --overwrite")
+    kept = (f"the newest checkpoint, {last_checkpoint}, is from before it" if last_checkpoint
+            else "no checkpoint was written")
+    raise TrainingStopped(f"step {step}: loss {loss}, gradient norm {grad_norm}: training diverged and stopped "
+                          f"({kept}); lower lr or set max_grad_norm, then start again with --overwrite")

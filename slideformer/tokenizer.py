@@ -31,7 +31,8 @@ class HFTokenizer:
         try:
             self.tok = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True)
         except (OSError, ValueError, TypeError) as e:
-            raise ModelConfigError(f"{self.directory}: the tokenizer does not load ({' '.join(str(e).split())})") from None
+            raise ModelConfigError(f"{self.directory}: the tokenizer does not load "
+                                   f"({' '.join(str(e).split())})") from None
         if self.tok.eos_token_id is None:
             raise ModelConfigError(f"{self.directory}: the tokenizer defines no eos token; set eos_token in "
                                    "tokenizer_config.json")

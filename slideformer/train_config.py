@@ -26,6 +26,7 @@ class TrainConfig:
     batch: int = 8  # sequences per micro-batch
     accumulation: int = 1  # micro-batches per optimizer step (accumulated layer by layer, exact)
     pack: bool = True  # pack short samples into full sequences
+    max_cut_fraction: float = 0.0  # share of rows that pack: false may truncate or drop at seq; more stops the run
     lr: float = 1e-5
     schedule: str = "cosine"  # 'cosine' (to min_lr_ratio * lr) or 'constant', after linear warmup
     warmup_steps: int = 0
@@ -80,8 +81,9 @@ class TrainConfig:
         for name, low, high in (("eval_fraction", 0, 1), ("adam_beta1", 0, 1), ("adam_beta2", 0, 1)):
             if not low <= getattr(self, name) < high:
                 problems.append(f"{name} must be in [{low}, {high}), got {getattr(self, name)}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("min_lr_ratio", "max_cut_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.weight_decay < 0:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.resume and self.overwrite:
@@ -205,6 +207,7 @@ seq: 2048
 batch: 8                    # sequences per micro-batch
 accumulation: 1             # micro-batches per optimizer step
 pack: true                  # pack short samples into full sequences
+max_cut_fraction: 0.0       # with pack: false, the share of rows that may be truncated or dropped at seq
 lr: 1.0e-5
 schedule: cosine            # or constant; after warmup_steps of linear warmup
 warmup_steps: 10

@@ -19,7 +19,7 @@ import yaml
 from slideformer.calibrate.profile import Profile
 from slideformer.checkpoint import (check_free_space, checkpoint_bytes, load_checkpoint, newest_valid_checkpoint,
                                     read_trainer_state, save_checkpoint)
-from slideformer.dataset import Batches, load_examples, to_sequences
+from slideformer.dataset import Batches, DataError, cut_rows, load_examples, to_sequences
 from slideformer.models import RandomWeights, load_model_config
 from slideformer.models.config import ModelConfig, parse_model_spec
 from slideformer.health import TrainingStopped, check_step
@@ -52,17 +52,36 @@ def weights_for(cfg: TrainConfig, model_cfg: ModelConfig):
     return reader
 
 
+def sequences(cfg: TrainConfig, tok: Tokenizer, paths: list[str], split: str) -> Sequences:
+    """The files' rows as sequences; rows that lose trained tokens to seq are counted, reported, and stop the
+    run above max_cut_fraction."""
+    examples = load_examples(paths, tok)
+    truncated, dropped = cut_rows(examples, cfg.seq, cfg.pack)
+    if truncated or dropped:
+        share = (truncated + dropped) / len(examples)
+        report = (f"{split} data: of {len(examples)} rows, {truncated} longer than seq {cfg.seq} were truncated and "
+                  f"{dropped} dropped (no trained token within seq)")
+        if share > cfg.max_cut_fraction:
+            raise DataError(f"{report}: {share:.1%} of the rows, above max_cut_fraction {cfg.max_cut_fraction}; "
+                            "raise seq, set pack: true, or raise max_cut_fraction")
+        print(report, file=sys.stderr)
+    return Sequences(*to_sequences(examples, cfg.seq, tok, cfg.pack))
+
+
 def tokenized_data(cfg: TrainConfig, tok: Tokenizer) -> tuple[Sequences, Sequences | None]:
-    train_ids, train_labels = to_sequences(load_examples(cfg.data, tok), cfg.seq, tok, cfg.pack)
+    train = sequences(cfg, tok, cfg.data, "train")
     if cfg.eval_data:
-        ids, labels = to_sequences(load_examples(cfg.eval_data, tok), cfg.seq, tok, cfg.pack)
-        return Sequences(train_ids, train_labels), Sequences(ids, labels)
+        held_out = sequences(cfg, tok, cfg.eval_data, "eval")
+        if not len(held_out.ids):
+            raise DataError(f"eval_data {', '.join(cfg.eval_data)}: no row has a trained token within seq {cfg.seq}; "
+                            "fix the eval data or raise seq")
+        return train, held_out
     if cfg.eval_fraction:
-        order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(cfg.seed))
+        order = torch.randperm(len(train.ids), generator=torch.Generator().manual_seed(cfg.seed))
         n_eval = max(1, int(len(order) * cfg.eval_fraction))
         held, kept = order[:n_eval], order[n_eval:]
-        return Sequences(train_ids[kept], train_labels[kept]), Sequences(train_ids[held], train_labels[held])
-    return Sequences(train_ids, train_labels), None
+        return Sequences(train.ids[kept], train.labels[kept]), Sequences(train.ids[held], train.labels[held])
+    return train, None
 
 
 def device_of(cfg: TrainConfig) -> str:
