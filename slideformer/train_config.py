@@ -35,6 +35,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float | None = None  # global-norm clipping (the plan's update waits for the norm)
+    nonfinite: str = "stop"  # a non-finite loss or gradient norm: 'stop' the run, or 'skip' the step's update
     epochs: int = 1
     max_steps: int | None = None  # overrides epochs
     eval_every: int = 0  # steps; 0: only at the end
@@ -67,6 +68,8 @@ class TrainConfig:
             problems.append("data is required (one or more files)")
         if self.schedule not in ("cosine", "constant"):
             problems.append(f"schedule must be 'cosine' or 'constant', not {self.schedule!r}")
+        if self.nonfinite not in ("stop", "skip"):
+            problems.append(f"nonfinite must be 'stop' or 'skip', not {self.nonfinite!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             problems.append(f"device must be 'auto', 'cuda' or 'cpu', not {self.device!r}")
         for name, low in (("seq", 2), ("batch", 1), ("accumulation", 1), ("epochs", 1), ("keep_checkpoints", 1),
@@ -216,6 +219,7 @@ weight_decay: 0.0
 adam_beta1: 0.9
 adam_beta2: 0.999
 max_grad_norm: null         # e.g. 1.0: exact global-norm clipping (updates wait for the norm: slower)
+nonfinite: stop             # a NaN/inf loss or gradient norm stops the run; skip: that step updates nothing
 epochs: 1
 max_steps: null             # stops earlier than epochs when set
 eval_every: 50              # 0: at the end only

@@ -58,6 +58,17 @@ def test_divergence_stops_the_run_and_keeps_the_finite_checkpoints(job):
     assert steps(d / "diverged") == [f"step-{bad - 2:06d}", f"step-{bad - 1:06d}"]  # both finite, nothing later
 
 
+def test_nonfinite_skip_leaves_the_weights_of_a_nonfinite_step_alone(job, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    d = job[0]
+    train_from_config(config(job, "skipped", lr=1e7, warmup_steps=4, max_steps=12, nonfinite="skip"))
+    assert "gradient norm nan: skipped (no update)" in capsys.readouterr().err
+    state = load_file(d / "skipped" / "checkpoints" / "step-000012" / "training_state.safetensors")
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
 def test_resume_falls_back_past_a_damaged_checkpoint_and_says_which(job, capsys):
     d = job[0]
     train_from_config(config(job, "damaged"))

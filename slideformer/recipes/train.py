@@ -108,13 +108,14 @@ def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str) -> Plan:
             raise PlanError(f"{cfg.plan}: plan is for batch {plan.batch} x seq {plan.seq}, the config asks for "
                             f"{batch} (batch x accumulation) x {cfg.seq}")
         return plan
-    update = "after_norm" if cfg.max_grad_norm is not None else "during_backward"
+    # Clipping and skipping a non-finite step need the global norm before any update.
+    update = "after_norm" if cfg.max_grad_norm is not None or cfg.nonfinite == "skip" else "during_backward"
     if device == "cpu":
         return uniform_plan(cfg.model, model_cfg.num_layers, batch, cfg.seq, chunk=cfg.batch,
                             window=min(2, model_cfg.num_layers), activation="recompute", update=update, device="cpu")
     budgets = Budgets(int(torch.cuda.mem_get_info()[0] * 0.92), int(available_host_bytes() * 0.9), disk_budget(cfg))
     verdict = choose_plan(model_cfg, cfg.model, cfg.seq, batch, Profile.load(cfg.profile), budgets,
-                          clip=cfg.max_grad_norm is not None)
+                          clip=update == "after_norm")
     if not verdict.fits:
         raise PlanError(f"no plan fits batch {batch} x seq {cfg.seq}: " + "; ".join(verdict.shortfalls))
     return verdict.plan
@@ -159,7 +160,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
             raise ConfigError(f"resume: {resume_from} is at step {start}, the run ends at step {total}; "
                               "raise max_steps (or epochs) to train on")
     engine = Engine(model_cfg, plan, source, AdamWConfig(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm),
+                                                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                                                         skip_nonfinite=cfg.nonfinite == "skip"),
                     disk_dir=cfg.disk_dir)
     check_free_space(out, checkpoint_bytes(model_cfg, engine, tokenizer_files), "a checkpoint")
     if resume_from is not None:
@@ -201,7 +203,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
             log.step({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": lr, "trained_tokens": r.tokens,
                       "step_s": dt, "tokens_per_s": ids.numel() / dt, "tflops": flops_per_step / dt / 1e12,
                       "epoch": batches.epoch})
-            check_step(step + 1, r.loss, r.grad_norm, saved_at and saved_at.name)
+            check_step(step + 1, r.loss, r.grad_norm, cfg.nonfinite, saved_at and saved_at.name)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
                 evaluate(step + 1)
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (stop.signal and step + 1 < total):
