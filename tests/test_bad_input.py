@@ -53,6 +53,10 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
     assert main(["train", "--model", str(model), "--data", str(data), "--seq", "32", "--batch", "4",
                  "--plan", str(tmp_path / "p.json"), "--output-dir", str(tmp_path / "out")]) == 2
     assert "chunk 3 must divide batch 4" in capsys.readouterr().err
+    uniform_plan(str(model), 4, 4, 32, chunk=2, device="cuda").save(tmp_path / "p.json")
+    assert main(["train", "--model", str(model), "--data", str(data), "--seq", "32", "--batch", "4", "--device", "cpu",
+                 "--plan", str(tmp_path / "p.json"), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "plan is for device 'cuda', the run is on 'cpu'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 

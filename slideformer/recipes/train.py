@@ -107,6 +107,9 @@ def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str) -> Plan:
         if (plan.batch, plan.seq) != (batch, cfg.seq):
             raise PlanError(f"{cfg.plan}: plan is for batch {plan.batch} x seq {plan.seq}, the config asks for "
                             f"{batch} (batch x accumulation) x {cfg.seq}")
+        if plan.device != device:
+            raise PlanError(f"{cfg.plan}: plan is for device {plan.device!r}, the run is on {device!r}; set device "
+                            f"or make the plan for {device!r}")
         return plan
     # Clipping and skipping a non-finite step need the global norm before any update.
     update = "after_norm" if cfg.max_grad_norm is not None or cfg.nonfinite == "skip" else "during_backward"
