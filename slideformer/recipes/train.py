@@ -20,18 +20,18 @@ from slideformer.calibrate.profile import Profile
 from slideformer.checkpoint import (check_free_space, checkpoint_bytes, load_checkpoint, newest_valid_checkpoint,
                                     read_trainer_state, save_checkpoint)
 from slideformer.dataset import Batches, DataError, cut_rows, load_examples, to_sequences
+from slideformer.health import TrainingStopped, check_step
 from slideformer.models import RandomWeights, load_model_config
 from slideformer.models.config import ModelConfig, parse_model_spec
-from slideformer.health import TrainingStopped, check_step
 from slideformer.models.weights import CheckpointError, check_weights, open_weights
 from slideformer.plan import Plan, PlanError, uniform_plan
+from slideformer.planner.memory import GiB
 from slideformer.planner.search import Budgets, choose_plan
 from slideformer.progress import RunLog, loss_curve
+from slideformer.run_dir import claim_output_dir
 from slideformer.runtime import AdamWConfig, Engine
 from slideformer.schedule import learning_rate
 from slideformer.tokenizer import HFTokenizer, Tokenizer
-from slideformer.planner.memory import GiB
-from slideformer.run_dir import claim_output_dir
 from slideformer.train_config import ConfigError, TrainConfig, resume_changes
 
 
@@ -166,6 +166,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
                                                          weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                                                          skip_nonfinite=cfg.nonfinite == "skip"),
                     disk_dir=cfg.disk_dir)
+    out.mkdir(parents=True, exist_ok=True)  # claimed by train_from_config; the demo calls run directly
     check_free_space(out, checkpoint_bytes(model_cfg, engine, tokenizer_files), "a checkpoint")
     if resume_from is not None:
         batches.restore(load_checkpoint(resume_from, engine)["data"])
