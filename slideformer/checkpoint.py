@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from slideformer.models.config import ModelConfig
 from slideformer.models.weights import CheckpointError, save_hf_checkpoint
@@ -85,9 +85,10 @@ def save_checkpoint(root: Path, step: int, model_cfg: ModelConfig, engine, token
         state = trainer_state | {"rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         write_manifest(tmp, step)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        # safetensors reports the OS error in its message only ("... Os { code: 28, kind: StorageFull ...")
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in str(e):
             raise CheckpointError(f"checkpoint step-{step:06d}: the disk filled up in {root} (it needs "
                                   f"{need / GiB:.3g} GiB); free space there or lower keep_checkpoints") from None
         raise

@@ -146,12 +146,21 @@ def test_a_full_disk_is_a_clear_error(job, monkeypatch):
         train_from_config(config(job, "full"))
     monkeypatch.undo()
 
+    from safetensors import SafetensorError
+
     def no_space(*a, **kw):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(ckpt, "write_safetensors", no_space)
-    with pytest.raises(CheckpointError, match=r"checkpoint step-000001: the disk filled up in .* \(it needs 0\.0\d+ GiB\)"):
-        train_from_config(config(job, "full", resume=False, overwrite=True))
-    assert not list((d / "full" / "checkpoints").iterdir())  # the partial step-000001.tmp is gone
+
+    def no_space_in_safetensors(*a, **kw):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+    for where, fail in (("write_safetensors", no_space), ("save_hf_checkpoint", no_space_in_safetensors)):
+        with monkeypatch.context() as m:
+            m.setattr(ckpt, where, fail)
+            with pytest.raises(CheckpointError, match=r"checkpoint step-000001: the disk filled up in .* \(it needs "
+                                                      r"0\.0\d+ GiB\)"):
+                train_from_config(config(job, "full", resume=False, overwrite=True))
+        assert not list((d / "full" / "checkpoints").iterdir())  # the partial step-000001.tmp is gone
 
 
 def test_sigterm_saves_at_the_next_step_and_the_resumed_run_matches(job):
@@ -182,3 +191,16 @@ def test_sigterm_saves_at_the_next_step_and_the_resumed_run_matches(job):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
     assert losses(d / "stopped") == losses(d / "straight")  # bit for bit
+
+
+def test_a_second_signal_stops_at_once():
+    from slideformer.recipes.train import StopRequests
+
+    with StopRequests() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -255,6 +255,8 @@ class StopRequests:
         return self
 
     def _request(self, signum: int, frame) -> None:
+        if self.signal is not None:  # asked twice: stop now, losing the steps since the last checkpoint
+            raise KeyboardInterrupt
         self.signal = signal.Signals(signum)
 
     def __exit__(self, *exc) -> None:
