@@ -37,9 +37,10 @@ PIECE = 16 * 2**20  # bytes checksummed at a time
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
 
 
-def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor | DeferredTensor]]) -> None:
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor | DeferredTensor]]) -> int:
     """The safetensors format written tensor by tensor, in order, without copying (views of one buffer are
-    fine); deferred tensors are loaded only when their turn comes."""
+    fine); deferred tensors are loaded only when their turn comes. Returns the file's CRC32 (the largest file of
+    a checkpoint is not read back for its manifest)."""
     items = list(tensors)
     header, offset = {}, 0
     for name, t in items:
@@ -49,12 +50,17 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor | De
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
     with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
+        head = struct.pack("<Q", len(blob)) + blob
+        f.write(head)
+        crc = zlib.crc32(head)
         for _, t in items:
             t = (t.load() if isinstance(t, DeferredTensor) else t).detach().contiguous()
-            f.write(t.view(torch.uint8).reshape(-1).numpy().data if t.nbytes else b"")
+            data = t.view(torch.uint8).reshape(-1).numpy().data if t.nbytes else b""
+            f.write(data)
+            crc = zlib.crc32(data, crc)
         f.flush()
         os.fsync(f.fileno())
+    return crc
 
 
 def checkpoint_bytes(model_cfg: ModelConfig, engine, tokenizer_files: list[Path]) -> int:
@@ -81,10 +87,10 @@ def save_checkpoint(root: Path, step: int, model_cfg: ModelConfig, engine, token
         save_hf_checkpoint(model_cfg, engine.hf_state(torch.bfloat16), tmp)  # the model files are bf16
         for f in tokenizer_files:
             shutil.copy2(f, tmp / f.name)
-        write_safetensors(tmp / STATE_FILE, engine.training_state().items())
+        crc = write_safetensors(tmp / STATE_FILE, engine.training_state().items())
         state = trainer_state | {"rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        write_manifest(tmp, step)
+        write_manifest(tmp, step, {STATE_FILE: crc})
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         # safetensors reports the OS error in its message only ("... Os { code: 28, kind: StorageFull ...")
@@ -122,8 +128,10 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def write_manifest(path: Path, step: int) -> None:
-    files = {f.name: {"bytes": f.stat().st_size, "crc32": _crc32(f)} for f in sorted(path.iterdir()) if f.is_file()}
+def write_manifest(path: Path, step: int, crcs: dict[str, int]) -> None:
+    """manifest.json: every file's size and CRC32 (taken from `crcs` where given, else read back)."""
+    files = {f.name: {"bytes": f.stat().st_size, "crc32": crcs[f.name] if f.name in crcs else _crc32(f)}
+             for f in sorted(path.iterdir()) if f.is_file()}
     with (path / MANIFEST).open("w") as f:
         json.dump({"step": step, "files": files}, f, indent=1)
         f.flush()
