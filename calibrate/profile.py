@@ -14,6 +14,10 @@ from pathlib import Path
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
 
+class ProfileError(ValueError):
+    """A profile that cannot be read, or lacks what the simulator needs (e.g. a CPU-only profile for a GPU plan)."""
+
+
 def fit_at(points: list[tuple[int, float]], x: int) -> float | None:
     """A measured quantity at x: the least-squares line through (x, value) points (clamped at 0), proportional
     from a single point; None without points. Zero values mean unmeasured and are skipped."""
@@ -131,7 +135,7 @@ class Profile:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown profile fields: {sorted(unknown)}")
+            raise ProfileError(f"unknown profile fields: {sorted(unknown)}")
         d = dict(d)
         for key, kind in (("h2d", Link), ("d2h", Link), ("disk", Disk)):
             if d.get(key) is not None:
@@ -148,5 +152,8 @@ class Profile:
             path = PROFILES_DIR / f"{path_or_name}.json"
         if not path.exists():
             names = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.json")))
-            raise FileNotFoundError(f"no profile {str(path_or_name)!r}: not a file nor a committed profile ({names})")
-        return cls.from_dict(json.loads(path.read_text()))
+            raise ProfileError(f"no profile {str(path_or_name)!r}: not a file nor a committed profile ({names})")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as e:  # malformed JSON, a field of the wrong shape
+            raise ProfileError(f"{path}: not a valid profile ({e})") from None

@@ -107,6 +107,10 @@ class ModelConfig:
                 raise ModelConfigError(f"unsupported rope scaling {kind!r}; supported: llama3 or none")
             scaling = {k: float(scaling[k]) for k in
                        ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if not isinstance(hf.get(k), int) or hf[k] < 1]
+        if missing:
+            raise ModelConfigError(f"config.json of {name}: {', '.join(missing)} missing or not a positive integer")
         heads = hf["num_attention_heads"]
         return cls(
             family=family,
@@ -195,6 +199,16 @@ def parse_model_spec(spec: str) -> tuple[str, int | None]:
     return name, int(layers) if layers else None
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        hf = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ModelConfigError(f"{path}: expected a JSON object")
+    return hf
+
+
 def load_model_config(spec: str) -> ModelConfig:
     """A preset name (optionally ':LAYERS'), a config.json path, or a model directory holding one."""
     name, layers = parse_model_spec(spec)
@@ -202,9 +216,11 @@ def load_model_config(spec: str) -> ModelConfig:
     if name in PRESETS:
         cfg = PRESETS[name]
     elif path.is_dir() and (path / "config.json").is_file():
-        cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()), name=path.name)
+        cfg = ModelConfig.from_hf(_read_json(path / "config.json"), name=path.name)
+    elif path.is_dir():
+        raise ModelConfigError(f"{path}: a model directory needs config.json (a partial download?)")
     elif path.is_file():
-        cfg = ModelConfig.from_hf(json.loads(path.read_text()), name=path.stem)
+        cfg = ModelConfig.from_hf(_read_json(path), name=path.stem)
     else:
         raise ModelConfigError(
             f"unknown model {name!r}: not a preset ({', '.join(sorted(PRESETS))}) nor a config.json or model directory"

@@ -41,6 +41,7 @@ class AdamWConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float | None = None  # needs plan.update == 'after_norm'
+    skip_nonfinite: bool = False  # a step whose gradient norm is not finite updates nothing (needs 'after_norm')
 
 
 @dataclass
@@ -119,8 +120,9 @@ class Engine:
             raise PlanError("the plan keeps layers' states or activations on disk: give a disk directory")
         self.optim = optim or AdamWConfig()
         self.lr = self.optim.lr
-        if self.optim.max_grad_norm is not None and plan.update != "after_norm":
-            raise PlanError("gradient clipping needs the global norm before any update: use update='after_norm'")
+        if (self.optim.max_grad_norm is not None or self.optim.skip_nonfinite) and plan.update != "after_norm":
+            raise PlanError("gradient clipping and skipping non-finite steps need the global norm before any update: "
+                            "use update='after_norm'")
         self.device = torch.device(plan.device)
         if self.device.type == "cuda":
             need = gpu_bytes(cfg, plan)
@@ -457,6 +459,8 @@ class Engine:
         n = self.layouts[unit].numel
         u = self.units[unit]
         grad = (self.gpu_grad[unit] if u.on_gpu else self.host_grad[unit])[:n]
+        if self.optim.skip_nonfinite and not math.isfinite(norm.result()[0]):
+            return
         clip = norm.result()[1] if norm is not None else None
         clip = float(clip) if clip is not None and not u.on_gpu else clip
         if isinstance(u, DiskUnit):

@@ -15,7 +15,7 @@ from functools import lru_cache
 import networkx as nx
 import numpy as np
 
-from slideformer.calibrate.profile import Profile, fit_at
+from slideformer.calibrate.profile import Profile, ProfileError, fit_at
 from slideformer.models.config import ModelConfig
 from slideformer.opgraph import unit_numels
 from slideformer.planner.memory import saved_input_bytes
@@ -23,10 +23,6 @@ from slideformer.planner.memory import saved_input_bytes
 SPEC_EFFICIENCY = 0.5  # achieved/peak GEMM rate assumed for layers no profile measured
 STAGING_PIECE_LAUNCH_S = 20e-6  # host cost of one staging copy + cast pair
 COPY_LAUNCH_S = 10e-6
-
-
-class ProfileError(ValueError):
-    """A profile that lacks what the simulator needs (e.g. a CPU-only profile for a GPU plan)."""
 
 
 def layer_flops(cfg: ModelConfig, seq: int, tokens: int) -> float:

@@ -3,18 +3,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
+from functools import partial
 
-from slideformer.calibrate.profile import Profile
+from slideformer.calibrate.profile import Profile, ProfileError
 from slideformer.dataset import DataError
+from slideformer.health import TrainingStopped
 from slideformer.models import ModelConfigError, load_model_config
+from slideformer.models.weights import CheckpointError
 from slideformer.plan import Plan, PlanError
-from slideformer.simulator import ProfileError
+from slideformer.planner.memory import GiB
+from slideformer.runtime.disk import TierError
 from slideformer.train_config import ConfigError, add_flags
 
-GiB = 2**30
 DEFAULT_PROFILE = "h100-80gb"
+# Failures the user causes and can fix: one line naming the thing and the fix, exit 2. OSError covers a
+# missing or unreadable file and a full disk (its message names the file). Anything else is a bug.
+EXPECTED_ERRORS = (ModelConfigError, PlanError, ProfileError, ConfigError, DataError, CheckpointError, TierError,
+                   OSError)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -86,11 +94,22 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from slideformer.planner.report import capacity_report, render
     from slideformer.planner.search import Budgets
 
+    problems = [f"{flag} must be > 0, got {v}" for flag, v in (("--gpu-mem", a.gpu_mem), ("--host-mem", a.host_mem),
+                                                                ("--max-grad-norm", a.max_grad_norm))
+                if v is not None and not v > 0]
+    if a.disk is not None and not a.disk >= 0:
+        problems.append(f"--disk must be >= 0, got {a.disk}")
+    if a.seq < 2:
+        problems.append(f"--seq must be >= 2, got {a.seq}")
+    if a.batch != "auto" and not (a.batch.isdigit() and int(a.batch) >= 1):
+        problems.append(f"--batch must be 'auto' or an integer >= 1, got {a.batch!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
     prof = Profile.load(a.profile)
     cfg = load_model_config(a.model)
     # By default leave 8% of the GPU to the caching allocator's fragmentation (reserved above allocated).
-    gpu = a.gpu_mem * GiB if a.gpu_mem else prof.gpu_memory_bytes and int(prof.gpu_memory_bytes * 0.92)
-    host = a.host_mem * GiB if a.host_mem else int(prof.host_memory_bytes * 0.9)
+    gpu = a.gpu_mem * GiB if a.gpu_mem is not None else prof.gpu_memory_bytes and int(prof.gpu_memory_bytes * 0.92)
+    host = a.host_mem * GiB if a.host_mem is not None else int(prof.host_memory_bytes * 0.9)
     if gpu is None:
         raise ProfileError(f"profile {prof.name!r} has no GPU; pass --gpu-mem and a GPU profile")
     batch = None if a.batch == "auto" else int(a.batch)
@@ -114,8 +133,12 @@ def cmd_model(a: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slideformer", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error "
+                        "(or set SLIDEFORMER_DEBUG=1)")
+    add = partial(sub.add_parser, parents=[common])
 
-    p = sub.add_parser("plan", help="capacity report: does it fit, how fast, what limits it; --out writes the plan")
+    p = add("plan", help="capacity report: does it fit, how fast, what limits it; --out writes the plan")
     p.add_argument("--model", required=True, help="preset (optionally NAME:LAYERS), config.json or model directory")
     p.add_argument("--seq", type=int, required=True)
     p.add_argument("--batch", default="auto", help="sequences per step, or 'auto' (default)")
@@ -128,26 +151,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the chosen plan here when it fits")
     p.set_defaults(func=cmd_plan)
 
-    t = sub.add_parser("train", help="fine-tune from a YAML config (every key is also a flag)")
+    t = add("train", help="fine-tune from a YAML config (every key is also a flag)")
     t.add_argument("--config", help="YAML config (see --print-config)")
     t.add_argument("--print-config", action="store_true", help="print a commented example config and exit")
     add_flags(t)
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="train a small model on generated addition problems (about a minute on CPU)")
+    d = add("demo", help="train a small model on generated addition problems (about a minute on CPU)")
     d.add_argument("--steps", type=int, default=500)
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("simulate", help="predict a plan's step: time, utilisation, bottleneck, memory; Gantt PNG")
+    s = add("simulate", help="predict a plan's step: time, utilisation, bottleneck, memory; Gantt PNG")
     s.add_argument("plan")
     s.add_argument("--profile", default=DEFAULT_PROFILE)
     s.add_argument("--gantt", help="write a Gantt chart with the GPU memory timeline (PNG)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_simulate)
 
-    c = sub.add_parser("calibrate", help="measure this machine into a profile JSON")
+    c = add("calibrate", help="measure this machine into a profile JSON")
     c.add_argument("--out", default="profile.json")
     c.add_argument("--model", action="append", default=[], help="measure this model's layer shapes (repeatable)")
     c.add_argument("--seq", type=int, action="append", help="sequence lengths for the layer timings (repeatable)")
@@ -157,7 +180,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--quick", action="store_true", help="small sizes: a smoke run, rough numbers")
     c.set_defaults(func=cmd_calibrate, seq=None)
 
-    m = sub.add_parser("model", help="print a model's shape and parameter count")
+    m = add("model", help="print a model's shape and parameter count")
     m.add_argument("model", help="preset (optionally NAME:LAYERS), config.json or model directory")
     m.set_defaults(func=cmd_model)
     return ap
@@ -167,11 +190,32 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if a.command == "calibrate" and not a.seq:
         a.seq = [2048]
+    debug = a.debug or os.environ.get("SLIDEFORMER_DEBUG", "") not in ("", "0")
     try:
         return a.func(a)
-    except (ModelConfigError, PlanError, ProfileError, ConfigError, DataError, FileNotFoundError) as e:
-        print(f"slideformer: error: {e}", file=sys.stderr)
+    except TrainingStopped as e:
+        print(f"slideformer: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except EXPECTED_ERRORS as e:
+        if debug:
+            raise
+        print(f"slideformer: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("slideformer: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"slideformer: internal error: {type(e).__name__}: {one_line(e)} (a bug; rerun with --debug or "
+              "SLIDEFORMER_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        return 1
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -45,16 +45,20 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
         for i, row in enumerate(load_from_disk(str(path))):
             yield f"{path}:row {i}", row
     elif path.suffix == ".jsonl":
-        with path.open() as f:
+        with path.open("rb") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        yield f"{path}:{n}", json.loads(line)
+                        yield f"{path}:{n}", json.loads(line.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        raise DataError(f"{path}:{n}: not UTF-8 text; convert the file to UTF-8") from None
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     elif path.suffix == ".json":
         try:
-            rows = json.loads(path.read_text())
+            rows = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(rows, list):
@@ -96,25 +100,52 @@ def to_example(row: dict, where: str, tok: Tokenizer) -> Example:
     raise DataError(f"{where}: a row needs 'text', 'messages', or 'instruction' and 'output'; got {sorted(row)}")
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def _text(content, where: str) -> str:
+    """A message's content as text: a string, or a list of text parts (the multimodal shape), concatenated."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        other = sorted({str(p.get("type")) for p in content
+                        if p.get("type") != "text" or not isinstance(p.get("text"), str)})
+        if other:
+            raise DataError(f"{where}: content parts of type {other} are not supported (only text parts)")
+        return "".join(p["text"] for p in content)
+    raise DataError(f"{where}: content must be a string or a list of text parts, got {json.dumps(content)[:40]}")
+
+
 def _chat(messages, where: str, tok: Tokenizer) -> Example:
     if not tok.has_chat_template:
         raise DataError(f"{where}: chat rows need a tokenizer with a chat template")
     if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m)
                                                  for m in messages):
         raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: message {i} has role {m['role']!r}; supported: {', '.join(ROLES)}")
+    messages = [m | {"content": _text(m["content"], f"{where}: message {i}")} for i, m in enumerate(messages)]
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: a chat row needs at least one assistant message")
     ids = tok.chat(messages, add_generation_prompt=False)
     trained = [False] * len(ids)
-    # Each assistant turn is what its conversation prefix + generation prompt leaves to be generated.
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(tok.chat(messages[:i], add_generation_prompt=True))
-        end = len(tok.chat(messages[: i + 1], add_generation_prompt=False))
-        if ids[:start] != tok.chat(messages[:i], add_generation_prompt=True):
+        # The turn starts where its conversation prefix + generation prompt ends.
+        head = tok.chat(messages[:i], add_generation_prompt=True)
+        turn = tok.chat(messages[: i + 1], add_generation_prompt=False)
+        if ids[:len(head)] != head or turn[:len(head)] != head:
             raise DataError(f"{where}: the chat template does not render conversations prefix by prefix")
-        trained[start:end] = [True] * (end - start)
+        # `turn` renders it as the last message; a template may add to a last turn what it leaves out of an
+        # earlier one (Qwen3: an empty thinking block after the last user message). The turn in the whole
+        # conversation is the longest tail of that rendering found at its start.
+        start, last = len(head), turn[len(head):]
+        n = next((k for k in range(min(len(last), len(ids) - start), 0, -1) if last[-k:] == ids[start: start + k]), 0)
+        if n == 0:
+            raise DataError(f"{where}: assistant message {i} is not found in the rendered conversation")
+        trained[start: start + n] = [True] * n
     return Example(ids, trained)
 
 
@@ -145,6 +176,19 @@ def to_sequences(examples: list[Example], seq: int, tok: Tokenizer, pack: bool) 
     labels = torch.where(mask[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
     keep = (labels != IGNORE_INDEX).any(dim=1)  # a sequence with nothing to learn is dropped
     return ids[keep, :-1].contiguous(), labels[keep].contiguous()
+
+
+def cut_rows(examples: list[Example], seq: int, pack: bool) -> tuple[int, int]:
+    """(truncated, dropped): rows that lose some / all of their trained tokens to the sequence length. Packing
+    loses none (sequences overlap by one token, so every token after the first is some position's label)."""
+    if pack:
+        return 0, 0
+    truncated = dropped = 0
+    for e in examples:
+        kept, cut = any(e.trained[1: seq + 1]), any(e.trained[seq + 1:])
+        dropped += not kept
+        truncated += kept and cut
+    return truncated, dropped
 
 
 class Batches:

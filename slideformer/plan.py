@@ -101,14 +101,21 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        return cls(**json.loads(text))
+        try:
+            fields = json.loads(text)
+            return cls(**fields)
+        except (ValueError, TypeError) as e:  # malformed JSON, missing or unknown fields
+            raise PlanError(f"not a valid plan ({e})") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        return cls.from_json(Path(path).read_text())
+        try:
+            return cls.from_json(Path(path).read_text())
+        except PlanError as e:
+            raise PlanError(f"{path}: {e}") from None
 
 
 def uniform_plan(model: str, num_layers: int, batch: int, seq: int, chunk: int | None = None, window: int = 2,

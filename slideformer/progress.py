@@ -46,6 +46,12 @@ class RunLog:
                                  f"host {entry['host_gib']:.1f} GiB", refresh=False)
         self.bar.update(1)
 
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self.bar.close()
         self.file.close()

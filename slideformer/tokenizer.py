@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from slideformer.models.config import ModelConfigError
+
 
 class Tokenizer(Protocol):
     eos_id: int
@@ -22,11 +24,20 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         self.directory = Path(directory)
-        if not (self.directory / "tokenizer.json").is_file() and not (self.directory / "tokenizer_config.json").is_file():
-            raise FileNotFoundError(f"{self.directory}: no tokenizer.json or tokenizer_config.json")
-        self.tok = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True)
+        # Without tokenizer.json, transformers may build a tokenizer that encodes every text to nothing.
+        if not (self.directory / "tokenizer.json").is_file():
+            raise ModelConfigError(f"{self.directory}: no tokenizer.json; save the model's fast tokenizer there "
+                                   "(AutoTokenizer.from_pretrained(...).save_pretrained(DIR)) or set tokenizer")
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True)
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelConfigError(f"{self.directory}: the tokenizer does not load "
+                                   f"({' '.join(str(e).split())})") from None
         if self.tok.eos_token_id is None:
-            raise ValueError(f"{self.directory}: the tokenizer defines no eos token")
+            raise ModelConfigError(f"{self.directory}: the tokenizer defines no eos token; set eos_token in "
+                                   "tokenizer_config.json")
+        if not self.tok.encode("Hello, world.", add_special_tokens=False):
+            raise ModelConfigError(f"{self.directory}: the tokenizer encodes text to no tokens; check tokenizer.json")
         self.eos_id = self.tok.eos_token_id
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
         self.has_chat_template = bool(getattr(self.tok, "chat_template", None))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ class TrainConfig:
     batch: int = 8  # sequences per micro-batch
     accumulation: int = 1  # micro-batches per optimizer step (accumulated layer by layer, exact)
     pack: bool = True  # pack short samples into full sequences
+    max_cut_fraction: float = 0.0  # share of rows that pack: false may truncate or drop at seq; more stops the run
     lr: float = 1e-5
     schedule: str = "cosine"  # 'cosine' (to min_lr_ratio * lr) or 'constant', after linear warmup
     warmup_steps: int = 0
@@ -33,6 +35,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float | None = None  # global-norm clipping (the plan's update waits for the norm)
+    nonfinite: str = "stop"  # a non-finite loss or gradient norm: 'stop' the run, or 'skip' the step's update
     epochs: int = 1
     max_steps: int | None = None  # overrides epochs
     eval_every: int = 0  # steps; 0: only at the end
@@ -45,28 +48,110 @@ class TrainConfig:
     disk_dir: str | None = None  # the disk tier's directory (on a local NVMe), for layers' states
     disk_budget_gb: float | None = None  # GiB of it plan 'auto' may use (default: 90% of its free space)
     device: str = "auto"  # 'auto', 'cuda' or 'cpu'
-    resume: bool = False  # continue from output_dir's latest checkpoint
+    resume: bool = False  # continue from output_dir's newest valid checkpoint
+    overwrite: bool = False  # start again in an output_dir that holds an earlier run (its files are removed)
 
     def validate(self) -> None:
+        """Every field's type, range and the relations between fields; all problems in one message."""
         problems = []
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            try:
+                setattr(self, f.name, _typed(getattr(self, f.name), hints[f.name]))
+            except ValueError as e:
+                problems.append(f"{f.name} {e}")
+        if problems:  # ranges below need the types right
+            raise ConfigError("invalid training config: " + "; ".join(problems))
         if not self.model:
             problems.append("model is required")
         if not self.data:
             problems.append("data is required (one or more files)")
         if self.schedule not in ("cosine", "constant"):
             problems.append(f"schedule must be 'cosine' or 'constant', not {self.schedule!r}")
-        if self.seq < 2 or self.batch < 1 or self.accumulation < 1:
-            problems.append("seq >= 2, batch >= 1 and accumulation >= 1")
-        if not 0 <= self.eval_fraction < 1:
-            problems.append("eval_fraction must be in [0, 1)")
+        if self.nonfinite not in ("stop", "skip"):
+            problems.append(f"nonfinite must be 'stop' or 'skip', not {self.nonfinite!r}")
         if self.device not in ("auto", "cuda", "cpu"):
-            problems.append("device must be 'auto', 'cuda' or 'cpu'")
+            problems.append(f"device must be 'auto', 'cuda' or 'cpu', not {self.device!r}")
+        for name, low in (("seq", 2), ("batch", 1), ("accumulation", 1), ("epochs", 1), ("keep_checkpoints", 1),
+                          ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0), ("max_steps", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                problems.append(f"{name} must be >= {low}, got {value}")
+        for name in ("lr", "max_grad_norm", "disk_budget_gb"):  # a negative lr or clip norm ascends the loss
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                problems.append(f"{name} must be > 0, got {value}")
+        for name, low, high in (("eval_fraction", 0, 1), ("adam_beta1", 0, 1), ("adam_beta2", 0, 1)):
+            if not low <= getattr(self, name) < high:
+                problems.append(f"{name} must be in [{low}, {high}), got {getattr(self, name)}")
+        for name in ("min_lr_ratio", "max_cut_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.resume and self.overwrite:
+            problems.append("give resume or overwrite, not both")
+        if self.eval_data and self.eval_fraction:
+            problems.append("give eval_data or eval_fraction, not both")
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            problems.append(f"warmup_steps {self.warmup_steps} is longer than max_steps {self.max_steps}")
         if problems:
             raise ConfigError("invalid training config: " + "; ".join(problems))
 
     @property
     def sequences_per_step(self) -> int:
         return self.batch * self.accumulation
+
+
+# What a resumed run may change: how the run is executed and recorded, not what it computes. max_steps and epochs
+# may move the end (the schedule follows the new length), not to before the checkpoint (the run checks that).
+RESUMABLE_CHANGES = {"resume", "overwrite", "output_dir", "device", "plan", "profile", "disk_dir", "disk_budget_gb",
+                     "eval_every", "save_every", "keep_checkpoints", "max_steps", "epochs"}
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings that differ from a checkpoint's and may not ('name: old -> new')."""
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+
+
+def _typed(value, hint):
+    """`value` as the field's type. Numbers may come as strings: PyYAML reads `3e-3` (no dot) as one."""
+    optional = type(None) in typing.get_args(hint)
+    kind, many = _flag_type(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError("must be set")
+    if many:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"must be a list of {kind.__name__}, got {value!r}")
+        return [_typed(v, kind) for v in value]
+    if kind is bool or isinstance(value, bool):  # bool is an int to Python: never let one stand for the other
+        if not isinstance(value, bool) or kind is not bool:
+            raise ValueError(f"must be {_NAMES[kind]}, got {value!r}")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, got {value!r}")
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value) if kind is float else int(value)
+        except ValueError:
+            raise ValueError(f"must be {_NAMES[kind]}, got {value!r}") from None
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ValueError(f"must be {_NAMES[kind]}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"must be finite, got {value!r}")
+    return kind(value)
+
+
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def _flag_type(hint) -> tuple[type, bool]:
@@ -97,14 +182,16 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Tra
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{path}: no such config file")
-        values = yaml.safe_load(p.read_text()) or {}
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = set(values) - names
         if unknown:
             raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(names)}")
-        for key in ("data", "eval_data"):
-            if isinstance(values.get(key), str):
-                values[key] = [values[key]]
     if args is not None:
         values |= {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                    if getattr(args, f.name, None) is not None}
@@ -123,6 +210,7 @@ seq: 2048
 batch: 8                    # sequences per micro-batch
 accumulation: 1             # micro-batches per optimizer step
 pack: true                  # pack short samples into full sequences
+max_cut_fraction: 0.0       # with pack: false, the share of rows that may be truncated or dropped at seq
 lr: 1.0e-5
 schedule: cosine            # or constant; after warmup_steps of linear warmup
 warmup_steps: 10
@@ -131,6 +219,7 @@ weight_decay: 0.0
 adam_beta1: 0.9
 adam_beta2: 0.999
 max_grad_norm: null         # e.g. 1.0: exact global-norm clipping (updates wait for the norm: slower)
+nonfinite: stop             # a NaN/inf loss or gradient norm stops the run; skip: that step updates nothing
 epochs: 1
 max_steps: null             # stops earlier than epochs when set
 eval_every: 50              # 0: at the end only
@@ -143,5 +232,6 @@ profile: h100-80gb          # machine profile the planner uses (slideformer cali
 disk_dir: null              # e.g. /nvme/slideformer: lets the planner keep layers' states on disk when RAM is short
 disk_budget_gb: null        # default: 90% of disk_dir's free space
 device: auto
-resume: false               # true: continue from output_dir's latest checkpoint
+resume: false               # true: continue from output_dir's newest valid checkpoint
+overwrite: false            # true: start again in an output_dir that holds an earlier run (removes its files)
 """

@@ -70,3 +70,108 @@ def test_unsupported_or_missing_files_are_refused(tmp_path, tok):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported file type"):
         load_examples([tmp_path / "x.csv"], tok)
+
+
+# Chat templates in the shapes the supported families ship (written here, not copied): each renders a turn its
+# own way, and Qwen3's renders an assistant turn after the last user message with a thinking block it leaves
+# out of earlier turns, so a conversation is not rendered prefix by prefix there.
+TEMPLATES = {
+    "qwen2.5": (r"""{%- if messages[0].role != 'system' %}
+{{- '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{%- endif %}
+{%- for m in messages %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}""",
+                "A one.<|im_end|>\nA two.<|im_end|>\n"),
+    "qwen3": (r"""{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
+{%- for m in messages %}
+{%- if m.role == 'assistant' and loop.index0 > ns.last_user %}
+{{- '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m.content + '<|im_end|>\n' }}
+{%- else %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}""",
+              "A one.<|im_end|>\n<think>\n\n</think>\n\nA two.<|im_end|>\n"),
+    "llama-3.1": (r"""{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n' }}
+{{- 'Cutting Knowledge Date: December 2023\n\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content }}{%- endif %}{{- '<|eot_id|>' }}
+{%- for m in messages %}{%- if m.role != 'system' %}
+{{- '<|start_header_id|>' + m.role + '<|end_header_id|>\n\n' + m.content + '<|eot_id|>' }}
+{%- endif %}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}""",
+                  "A one.<|eot_id|>A two.<|eot_id|>"),
+    "mistral": (r"""{{- '<s>' }}{%- for m in messages %}
+{%- if m.role == 'user' %}{{- '[INST] ' + m.content + ' [/INST]' }}
+{%- elif m.role == 'assistant' %}{{- ' ' + m.content + '</s>' }}
+{%- else %}{{- raise_exception('system messages are not supported') }}{%- endif %}{%- endfor %}""",
+                " A one.</s> A two.</s>"),
+}
+FAMILY_SPECIALS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|begin_of_text|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>", "[INST]", "[/INST]"]
+
+
+@pytest.fixture(scope="module")
+def family_tokenizer_dir(tmp_path_factory):
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+    d = tmp_path_factory.mktemp("families")
+    raw = RawTokenizer(models.BPE(unk_token="<|unk|>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|unk|>", *FAMILY_SPECIALS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(["Hi there. A one. A two. Why? system user assistant"] * 10, trainer)
+    raw.save(str(d / "tokenizer.json"))
+    return d
+
+
+@pytest.mark.parametrize("family", TEMPLATES)
+def test_each_family_template_masks_exactly_the_assistant_turns(family, family_tokenizer_dir, tmp_path):
+    import shutil
+    template, expected = TEMPLATES[family]
+    shutil.copy(family_tokenizer_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "unk_token": "<|unk|>",
+        "chat_template": template}))
+    tok = HFTokenizer(tmp_path)
+    row = {"messages": [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "A one."},
+                        {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "A two."}]}
+    (ex,) = load_examples([write(tmp_path / "c.jsonl", [row])], tok)
+    assert ex.ids == tok.chat(row["messages"], add_generation_prompt=False)
+    assert trained_text(tok, ex) == expected
+
+
+def test_content_as_text_parts_is_concatenated_and_other_shapes_are_refused(tmp_path, tok):
+    text = [{"type": "text", "text": "Is 4 "}, {"type": "text", "text": "even?"}]
+    parts = {"messages": [{"role": "user", "content": text},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}]}
+    plain = {"messages": [{"role": "user", "content": "Is 4 even?"}, {"role": "assistant", "content": "Yes."}]}
+    a, b = load_examples([write(tmp_path / "p.jsonl", [parts, plain])], tok)
+    assert a == b
+    for content, message in [([{"type": "image", "url": "x.png"}], r"content parts of type \['image'\] are not supported"),
+                             (None, "content must be a string or a list of text parts, got null")]:
+        bad = {"messages": [plain["messages"][0], {"role": "assistant", "content": content}]}
+        with pytest.raises(DataError, match=r"b.jsonl:1: message 1: " + message):
+            load_examples([write(tmp_path / "b.jsonl", [bad])], tok)
+    bad = {"messages": [{"role": "tool", "content": "42"}, plain["messages"][1]]}
+    with pytest.raises(DataError, match="b.jsonl:1: message 0 has role 'tool'; supported: system, user, assistant"):
+        load_examples([write(tmp_path / "b.jsonl", [bad])], tok)
+
+
+def test_rows_cut_at_seq_are_counted_reported_and_stop_the_run_above_the_threshold(tmp_path, tok, capsys):
+    from slideformer.recipes.train import tokenized_data
+    from slideformer.train_config import TrainConfig
+
+    rows = [{"text": "hello world " * 20}, {"instruction": "hello world " * 20, "output": "hi"}, {"text": "hello"},
+            {"text": "world"}]
+    cfg = TrainConfig(model="tiny-llama", data=[str(write(tmp_path / "d.jsonl", rows))], seq=8, pack=False)
+    with pytest.raises(DataError, match=r"train data: of 4 rows, 1 longer than seq 8 were truncated and 1 dropped "
+                                        r"\(no trained token within seq\): 50.0% of the rows, above max_cut_fraction 0.0"):
+        tokenized_data(cfg, tok)
+    cfg.max_cut_fraction = 0.5
+    train, _ = tokenized_data(cfg, tok)
+    assert len(train.ids) == 3 and "1 longer than seq 8 were truncated and 1 dropped" in capsys.readouterr().err
+    cfg.pack = True  # packing loses no trained token
+    tokenized_data(cfg, tok)
+    assert capsys.readouterr().err == ""
+    cfg.pack, cfg.max_cut_fraction = False, 1.0
+    cfg.eval_data = [str(write(tmp_path / "e.jsonl", rows[1:2]))]
+    with pytest.raises(DataError, match="e.jsonl: no row has a trained token within seq 8"):
+        tokenized_data(cfg, tok)

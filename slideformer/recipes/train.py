@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,19 +17,22 @@ import torch
 import yaml
 
 from slideformer.calibrate.profile import Profile
-from slideformer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from slideformer.dataset import Batches, load_examples, to_sequences
+from slideformer.checkpoint import (check_free_space, checkpoint_bytes, load_checkpoint, newest_valid_checkpoint,
+                                    read_trainer_state, save_checkpoint)
+from slideformer.dataset import Batches, DataError, cut_rows, load_examples, to_sequences
+from slideformer.health import TrainingStopped, check_step
 from slideformer.models import RandomWeights, load_model_config
-from slideformer.models.config import ModelConfig
+from slideformer.models.config import ModelConfig, parse_model_spec
+from slideformer.models.weights import CheckpointError, check_weights, open_weights
 from slideformer.plan import Plan, PlanError, uniform_plan
+from slideformer.planner.memory import GiB
 from slideformer.planner.search import Budgets, choose_plan
 from slideformer.progress import RunLog, loss_curve
+from slideformer.run_dir import claim_output_dir
 from slideformer.runtime import AdamWConfig, Engine
 from slideformer.schedule import learning_rate
 from slideformer.tokenizer import HFTokenizer, Tokenizer
-from slideformer.train_config import ConfigError, TrainConfig
-
-GiB = 2**30
+from slideformer.train_config import ConfigError, TrainConfig, resume_changes
 
 
 @dataclass
@@ -35,26 +42,46 @@ class Sequences:
 
 
 def weights_for(cfg: TrainConfig, model_cfg: ModelConfig):
-    """Safetensors of a model directory, or seeded random weights for a preset."""
-    from slideformer.models.weights import SafetensorsReader
+    """A model directory's weights, checked against its config (names and shapes), or seeded random weights
+    for a preset."""
+    path = Path(parse_model_spec(cfg.model)[0])
+    if not path.is_dir():
+        return RandomWeights(model_cfg, seed=cfg.seed)
+    reader = open_weights(path)
+    check_weights(reader, model_cfg)
+    return reader
 
-    path = Path(cfg.model)
-    if path.is_dir() and (any(path.glob("*.safetensors"))):
-        return SafetensorsReader(path)
-    return RandomWeights(model_cfg, seed=cfg.seed)
+
+def sequences(cfg: TrainConfig, tok: Tokenizer, paths: list[str], split: str) -> Sequences:
+    """The files' rows as sequences; rows that lose trained tokens to seq are counted, reported, and stop the
+    run above max_cut_fraction."""
+    examples = load_examples(paths, tok)
+    truncated, dropped = cut_rows(examples, cfg.seq, cfg.pack)
+    if truncated or dropped:
+        share = (truncated + dropped) / len(examples)
+        report = (f"{split} data: of {len(examples)} rows, {truncated} longer than seq {cfg.seq} were truncated and "
+                  f"{dropped} dropped (no trained token within seq)")
+        if share > cfg.max_cut_fraction:
+            raise DataError(f"{report}: {share:.1%} of the rows, above max_cut_fraction {cfg.max_cut_fraction}; "
+                            "raise seq, set pack: true, or raise max_cut_fraction")
+        print(report, file=sys.stderr)
+    return Sequences(*to_sequences(examples, cfg.seq, tok, cfg.pack))
 
 
 def tokenized_data(cfg: TrainConfig, tok: Tokenizer) -> tuple[Sequences, Sequences | None]:
-    train_ids, train_labels = to_sequences(load_examples(cfg.data, tok), cfg.seq, tok, cfg.pack)
+    train = sequences(cfg, tok, cfg.data, "train")
     if cfg.eval_data:
-        ids, labels = to_sequences(load_examples(cfg.eval_data, tok), cfg.seq, tok, cfg.pack)
-        return Sequences(train_ids, train_labels), Sequences(ids, labels)
+        held_out = sequences(cfg, tok, cfg.eval_data, "eval")
+        if not len(held_out.ids):
+            raise DataError(f"eval_data {', '.join(cfg.eval_data)}: no row has a trained token within seq {cfg.seq}; "
+                            "fix the eval data or raise seq")
+        return train, held_out
     if cfg.eval_fraction:
-        order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(cfg.seed))
+        order = torch.randperm(len(train.ids), generator=torch.Generator().manual_seed(cfg.seed))
         n_eval = max(1, int(len(order) * cfg.eval_fraction))
         held, kept = order[:n_eval], order[n_eval:]
-        return Sequences(train_ids[kept], train_labels[kept]), Sequences(train_ids[held], train_labels[held])
-    return Sequences(train_ids, train_labels), None
+        return Sequences(train.ids[kept], train.labels[kept]), Sequences(train.ids[held], train.labels[held])
+    return train, None
 
 
 def device_of(cfg: TrainConfig) -> str:
@@ -80,14 +107,18 @@ def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str) -> Plan:
         if (plan.batch, plan.seq) != (batch, cfg.seq):
             raise PlanError(f"{cfg.plan}: plan is for batch {plan.batch} x seq {plan.seq}, the config asks for "
                             f"{batch} (batch x accumulation) x {cfg.seq}")
+        if plan.device != device:
+            raise PlanError(f"{cfg.plan}: plan is for device {plan.device!r}, the run is on {device!r}; set device "
+                            f"or make the plan for {device!r}")
         return plan
-    update = "after_norm" if cfg.max_grad_norm is not None else "during_backward"
+    # Clipping and skipping a non-finite step need the global norm before any update.
+    update = "after_norm" if cfg.max_grad_norm is not None or cfg.nonfinite == "skip" else "during_backward"
     if device == "cpu":
         return uniform_plan(cfg.model, model_cfg.num_layers, batch, cfg.seq, chunk=cfg.batch,
                             window=min(2, model_cfg.num_layers), activation="recompute", update=update, device="cpu")
     budgets = Budgets(int(torch.cuda.mem_get_info()[0] * 0.92), int(available_host_bytes() * 0.9), disk_budget(cfg))
     verdict = choose_plan(model_cfg, cfg.model, cfg.seq, batch, Profile.load(cfg.profile), budgets,
-                          clip=cfg.max_grad_norm is not None)
+                          clip=update == "after_norm")
     if not verdict.fits:
         raise PlanError(f"no plan fits batch {batch} x seq {cfg.seq}: " + "; ".join(verdict.shortfalls))
     return verdict.plan
@@ -97,7 +128,7 @@ def disk_budget(cfg: TrainConfig) -> int:
     if cfg.disk_dir is None:
         return 0
     if cfg.disk_budget_gb is not None:
-        return int(cfg.disk_budget_gb * 2**30)
+        return int(cfg.disk_budget_gb * GiB)
     Path(cfg.disk_dir).mkdir(parents=True, exist_ok=True)
     return int(shutil.disk_usage(cfg.disk_dir).free * 0.9)
 
@@ -107,22 +138,38 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
     """The training loop; returns the run's summary (also written to output_dir/summary.json)."""
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
-    out.mkdir(parents=True, exist_ok=True)
     batches = Batches(train.ids, train.labels, cfg.sequences_per_step, cfg.seed)
     total = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
+    if cfg.warmup_steps > total:
+        raise ConfigError(f"warmup_steps {cfg.warmup_steps} is longer than the run's {total} steps")
+    data_sha = fingerprint(train, held_out)
+    start, resume_from = 0, None
+    if cfg.resume:  # checked before the engine loads any weights
+        resume_from, skipped = newest_valid_checkpoint(ckpt_root)
+        for line in skipped:
+            print(f"resume: skipping {line}", file=sys.stderr)
+        if resume_from is None:
+            raise CheckpointError(f"resume: no valid checkpoint under {ckpt_root}" + "".join(f"; {s}" for s in skipped))
+        print(f"resume: from {resume_from.name}", file=sys.stderr)
+        saved = read_trainer_state(resume_from)
+        start = saved["step"]
+        changes = resume_changes(saved["config"], cfg)
+        if saved.get("data_sha256") != data_sha:
+            changes.append("the tokenized data (its files' content, the tokenizer or the eval split)")
+        if changes:
+            raise ConfigError(f"resume: {resume_from} was trained with other settings ({'; '.join(changes)}); "
+                              "restore them, or start again with --overwrite")
+        if total <= start:
+            raise ConfigError(f"resume: {resume_from} is at step {start}, the run ends at step {total}; "
+                              "raise max_steps (or epochs) to train on")
     engine = Engine(model_cfg, plan, source, AdamWConfig(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm),
+                                                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                                                         skip_nonfinite=cfg.nonfinite == "skip"),
                     disk_dir=cfg.disk_dir)
-    start = 0
-    if cfg.resume:
-        path = latest_checkpoint(ckpt_root)
-        if path is None:
-            raise ConfigError(f"resume: no checkpoint under {ckpt_root}")
-        state = load_checkpoint(path, engine)
-        if state["config"]["seq"] != cfg.seq or state["config"]["data"] != cfg.data:
-            raise ConfigError(f"resume: {path} was trained with another seq or data")
-        start = state["step"]
-        batches.restore(state["data"])
+    out.mkdir(parents=True, exist_ok=True)  # claimed by train_from_config; the demo calls run directly
+    check_free_space(out, checkpoint_bytes(model_cfg, engine, tokenizer_files), "a checkpoint")
+    if resume_from is not None:
+        batches.restore(load_checkpoint(resume_from, engine)["data"])
     (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     (out / "plan.json").write_text(plan.to_json())
     log = RunLog(out, total, start)
@@ -142,31 +189,35 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(ckpt_root, step, model_cfg, engine, tokenizer_files,
-                               {"step": step, "data": batches.state(), "config": dataclasses.asdict(cfg)},
-                               cfg.keep_checkpoints)
+                               {"step": step, "data": batches.state(), "config": dataclasses.asdict(cfg),
+                                "data_sha256": data_sha}, cfg.keep_checkpoints)
 
     if start == 0:
         evaluate(0)
     started = time.perf_counter()
-    saved_at = None
-    for step in range(start, total):
-        lr = learning_rate(step, cfg.lr, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-        engine.set_lr(lr)
-        ids, labels = batches.next()
-        t = time.perf_counter()
-        r = engine.train_step(ids, labels)
-        dt = time.perf_counter() - t
-        log.step({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": lr, "trained_tokens": r.tokens,
-                  "step_s": dt, "tokens_per_s": ids.numel() / dt, "tflops": flops_per_step / dt / 1e12,
-                  "epoch": batches.epoch})
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-            evaluate(step + 1)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            saved_at = checkpoint(step + 1)
-    evaluate(total)
-    if saved_at is None or not saved_at.name.endswith(f"{total:06d}"):
-        saved_at = checkpoint(total)
-    log.close()
+    saved_at = resume_from
+    with StopRequests() as stop, log:
+        for step in range(start, total):
+            lr = learning_rate(step, cfg.lr, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+            engine.set_lr(lr)
+            ids, labels = batches.next()
+            t = time.perf_counter()
+            r = engine.train_step(ids, labels)
+            dt = time.perf_counter() - t
+            log.step({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": lr, "trained_tokens": r.tokens,
+                      "step_s": dt, "tokens_per_s": ids.numel() / dt, "tflops": flops_per_step / dt / 1e12,
+                      "epoch": batches.epoch})
+            check_step(step + 1, r.loss, r.grad_norm, cfg.nonfinite, saved_at and saved_at.name)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+                evaluate(step + 1)
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (stop.signal and step + 1 < total):
+                saved_at = checkpoint(step + 1)
+            if stop.signal and step + 1 < total:
+                raise TrainingStopped(f"stopped by {stop.signal.name} after step {step + 1}: saved {saved_at}; "
+                                      "continue with --resume", exit_code=128 + stop.signal)
+        evaluate(total)
+        if saved_at is None or not saved_at.name.endswith(f"{total:06d}"):
+            saved_at = checkpoint(total)
     engine.close()
     loss_curve(out / "metrics.jsonl", out / "loss.png")
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # resumed runs too
@@ -180,19 +231,58 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
     return summary
 
 
+def fingerprint(train: Sequences, held_out: Sequences | None) -> str:
+    """SHA-256 of the tokenized sequences: a resumed run must see the same data, split the same way."""
+    h = hashlib.sha256()
+    for part in (train, held_out):
+        for t in (part.ids, part.labels) if part is not None else ():
+            h.update(t.contiguous().numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+class StopRequests:
+    """SIGINT and SIGTERM ask the loop to save a checkpoint at the next step boundary and stop (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.previous[s] = signal.signal(s, self._request)
+        return self
+
+    def _request(self, signum: int, frame) -> None:
+        if self.signal is not None:  # asked twice: stop now, losing the steps since the last checkpoint
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 def train_from_config(cfg: TrainConfig) -> dict:
     """Everything `slideformer train --config` does."""
     model_cfg = load_model_config(cfg.model)
-    tok_dir = cfg.tokenizer or (cfg.model if Path(cfg.model).is_dir() else None)
+    if cfg.seq > model_cfg.max_position_embeddings:
+        raise ConfigError(f"seq {cfg.seq} is longer than the model's max_position_embeddings "
+                          f"{model_cfg.max_position_embeddings}; lower seq")
+    model_dir = parse_model_spec(cfg.model)[0]
+    tok_dir = cfg.tokenizer or (model_dir if Path(model_dir).is_dir() else None)
     if tok_dir is None:
         raise ConfigError(f"model {cfg.model!r} is a preset: set tokenizer to a directory with tokenizer.json")
     tok = HFTokenizer(tok_dir)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, the model's embedding {model_cfg.vocab_size}")
+    source = weights_for(cfg, model_cfg)  # names and shapes only: weights are read as the engine starts
     device = device_of(cfg)
     plan = make_plan(cfg, model_cfg, device)  # refuses a job that does not fit before any data or weights load
-    train, held_out = tokenized_data(cfg, tok)
-    return run(cfg, model_cfg, tok, weights_for(cfg, model_cfg), train, held_out, tok.files(), plan)
+    with claim_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite):
+        train, held_out = tokenized_data(cfg, tok)
+        return run(cfg, model_cfg, tok, source, train, held_out, tok.files(), plan)
 
 
 def print_summary(summary: dict) -> None:
