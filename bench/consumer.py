@@ -115,13 +115,63 @@ def run_official(workloads: list[str], deadline_s: int) -> dict:
 
 
 def merge(paths: list[str]) -> dict:
-    record: dict = {"systems": {}}
+    record: dict = {"command": "python -m bench.consumer " + " ".join(sys.argv[1:]), "systems": {}}
     for p in paths:
         part = json.loads(Path(p).read_text())
         for system, result in part["systems"].items():
             got = record["systems"].setdefault(system, {"calls": []})
             got["calls"].append({k: v for k, v in part.items() if k != "systems"} | {"result": result})
+            record.setdefault("device", part.get("device"))
     return record
+
+
+def table(record: dict) -> dict[str, dict]:
+    """Per workload: ours and the official's tokens/s, step and peaks, from a merged record."""
+    rows: dict[str, dict] = {}
+    for call in record["systems"].get("official", {}).get("calls", []):
+        peaks = call["result"]["peak_rss_gib_by_log"]
+        for r in call["result"]["csv_rows"]:
+            w = f"{r['Sequence_Length']}x{r['Batch_Size']}"
+            rows.setdefault(w, {})["official"] = {
+                "tokens_per_s": float(r["Avg_Tokens_Per_Second"]), "step_s": float(r["Avg_Time"]),
+                "peak_gpu_allocated_gib": float(r["Max_CUDA_Memory_Allocated_MB"]) / 1024,
+                "peak_host_rss_gib": peaks.get(f"sf_run_s{r['Sequence_Length']}_b{r['Batch_Size']}.log")}
+    for call in record["systems"].get("ours", {}).get("calls", []):
+        for w, r in call["result"]["workloads"].items():
+            rows.setdefault(w, {})["ours"] = r
+    return rows
+
+
+def figure(record: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table(record)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for system, style in (("ours", "o-"), ("official", "s--")):
+        def points(pick):
+            got = sorted((pick(w), r[system]["tokens_per_s"], r[system]) for w, r in rows.items()
+                         if system in r and "tokens_per_s" in r[system] and pick(w) is not None)
+            return got
+        by_batch = points(lambda w: seq_batch(w)[1] if seq_batch(w)[0] == 1024 else None)
+        by_seq = points(lambda w: seq_batch(w)[0] if seq_batch(w)[1] == 1 else None)
+        label = "SlideFormer (this project)" if system == "ours" else "official SlideFormer"
+        axes[0].plot([b for b, _, _ in by_batch], [t for _, t, _ in by_batch], style, label=label)
+        axes[1].plot([s for s, _, _ in by_seq], [t for _, t, _ in by_seq], style, label=label)
+        mem = sorted((seq_batch(w)[0] * seq_batch(w)[1], r[system]["peak_gpu_allocated_gib"]) for w, r in rows.items()
+                     if system in r and r[system].get("peak_gpu_allocated_gib"))
+        axes[2].plot([t for t, _ in mem], [g for _, g in mem], style, label=label)
+    axes[0].set(xscale="log", xlabel="batch (seq 1024)", ylabel="tokens/s", title="throughput against batch")
+    axes[1].set(xscale="log", xlabel="sequence length (batch 1)", ylabel="tokens/s", title="throughput against length")
+    axes[2].set(xscale="log", xlabel="tokens per step", ylabel="peak GPU allocated, GiB", title="GPU memory (24 GiB cap)")
+    axes[2].axhline(GPU_CAP_GIB, color="grey", lw=0.8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Llama-3.1-8B, GPU capped at {GPU_CAP_GIB} GiB, one lease on {record.get('device', 'the H100')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -130,10 +180,14 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated SEQxBATCH workloads")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per workload (ours) / deadline (official)")
     ap.add_argument("--merge", nargs="+", help="result files of earlier calls to merge into --out")
+    ap.add_argument("--figure", help="with --merge: a PNG of tokens/s and peak GPU memory, both systems")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     if a.merge:
         record = merge(a.merge)
+        record["table"] = table(record)
+        if a.figure:
+            figure(record, a.figure)
     else:
         workloads = a.only.split(",")
         result = run_ours(workloads, a.timeout) if a.system == "ours" else run_official(workloads, a.timeout)

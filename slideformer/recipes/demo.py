@@ -21,6 +21,8 @@ from slideformer.train_config import TrainConfig
 
 from .train import Sequences, run
 
+DEMO_STEPS = 600
+DEMO_TARGET = 0.9  # exact-match accuracy on held-out problems the demo must reach
 ALPHABET = "0123456789+=\n_"  # '\n' ends an answer (EOS), '_' pads
 
 
@@ -87,10 +89,10 @@ def demo(steps: int, device: str, out_dir: str, digits: int = 2, seed: int = 0) 
     ids, labels = to_sequences(examples(train_pairs, tok), seq, tok, pack=False)
     held_ids, held_labels = to_sequences(examples(test_pairs, tok), seq, tok, pack=False)
     batch = 128
-    import os, json as _j
-    hp = dict(lr=1e-3, schedule="constant", warmup_steps=20, min_lr_ratio=0.1) | _j.loads(os.environ.get("DEMO_HP", "{}"))
-    cfg = TrainConfig(model="demo-adder", data=["(generated addition problems)"], seq=seq, batch=batch,
-                      weight_decay=0.01, adam_beta2=0.98, **hp,
+    # Cosine decay to zero: the last steps settle the carry rule on every seed and float path tried
+    # (seeds 0-6, 1 and 2 threads), where a constant rate left some runs near 40%.
+    cfg = TrainConfig(model="demo-adder", data=["(generated addition problems)"], seq=seq, batch=batch, lr=2e-3,
+                      schedule="cosine", warmup_steps=50, min_lr_ratio=0.0, weight_decay=0.01, adam_beta2=0.98,
                       max_steps=steps,
                       eval_every=max(steps // 4, 1), save_every=0, keep_checkpoints=1, output_dir=out_dir, seed=seed,
                       device=device, plan="auto")
