@@ -40,20 +40,21 @@ def seq_batch(workload: str) -> tuple[int, int]:
     return int(seq), int(batch)
 
 
-def run_ours(workloads: list[str], timeout_s: int) -> dict:
+def run_ours(workloads: list[str], timeout_s: int, profile_path: str) -> dict:
     from slideformer.calibrate.profile import Profile
     from slideformer.models import load_model_config
     from slideformer.planner.report import capacity_report
     from slideformer.planner.search import Budgets, choose_plan
     from slideformer.recipes.train import available_host_bytes
 
-    cfg, profile = load_model_config(MODEL), Profile.load("h100-80gb")
+    cfg, profile = load_model_config(MODEL), Profile.load(profile_path)
     budgets = Budgets(int(GPU_CAP_GIB * GiB * GPU_PLAN_FRACTION), available_host_bytes() - HOST_RESERVE)
     rows: dict[str, dict] = {}
     for w in workloads:
         seq, batch = seq_batch(w)
         verdict = choose_plan(cfg, MODEL, seq, batch, profile, budgets)
-        row: dict = {"seq": seq, "batch": batch, "budgets": asdict(budgets), "fits": verdict.fits,
+        row: dict = {"seq": seq, "batch": batch, "budgets": asdict(budgets), "profile": profile.name,
+                     "profile_date": profile.date, "fits": verdict.fits,
                      "planner_max_batch": verdict.max_batch, "shortfalls": verdict.shortfalls}
         rows[w] = row
         print(f"{w}: {'FITS' if verdict.fits else 'refused: ' + '; '.join(verdict.shortfalls)}", flush=True)
@@ -179,6 +180,7 @@ def main() -> None:
     ap.add_argument("--system", choices=["ours", "official"])
     ap.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated SEQxBATCH workloads")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per workload (ours) / deadline (official)")
+    ap.add_argument("--profile", default="h100-80gb", help="the planner's profile (ours): a JSON or committed name")
     ap.add_argument("--merge", nargs="+", help="result files of earlier calls to merge into --out")
     ap.add_argument("--figure", help="with --merge: a PNG of tokens/s and peak GPU memory, both systems")
     ap.add_argument("--out", required=True)
@@ -190,7 +192,7 @@ def main() -> None:
             figure(record, a.figure)
     else:
         workloads = a.only.split(",")
-        result = run_ours(workloads, a.timeout) if a.system == "ours" else run_official(workloads, a.timeout)
+        result = run_ours(workloads, a.timeout, a.profile) if a.system == "ours" else run_official(workloads, a.timeout)
         record = {"command": "python -m bench.consumer " + " ".join(sys.argv[1:]), **provenance(),
                   "gpu_cap_gib": GPU_CAP_GIB, "model": MODEL, "systems": {a.system: result}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

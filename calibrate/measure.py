@@ -15,6 +15,8 @@ import torch
 
 from slideformer.models.config import ModelConfig
 from slideformer.models.layers import decoder_layer, decoder_layer_backward, rope_tables
+from slideformer.plan import STAGING_BUFFERS
+from slideformer.runtime.weight_stream import WeightStream
 from slideformer.runtime.loss import head_loss_and_grads
 
 from slideformer.planner.memory import DISK_ALIGN, padded
@@ -184,28 +186,25 @@ def cpu_adamw_rate_under_copies(numel: int, copies: BackgroundCopies, link_bandw
     return rate
 
 
-def staged_load_bandwidth(cfg: ModelConfig, seq: int, sequences: int, piece_bytes: int) -> float:
-    """The runtime's weight load (fp32 pinned -> staging piece -> bf16 cast, one copy stream) of one layer
+def staged_load_bandwidth(cfg: ModelConfig, seq: int, sequences: int, piece_bytes: int,
+                          buffers: int = STAGING_BUFFERS, cast_priority: bool = True) -> float:
+    """The runtime's weight load (`WeightStream`: fp32 pinned -> staging ring -> bf16 cast) of one layer
     while the compute stream runs that layer's recompute + backward, as in the runtime's backward."""
     numel = cfg.layer_params
     master = torch.ones(numel, dtype=torch.float32, pin_memory=True)
     dst = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
-    staging = torch.empty(piece_bytes // 4, dtype=torch.float32, device="cuda")
+    stream = WeightStream(torch.device("cuda"), piece_bytes // 4, buffers, cast_priority)
     params = _layer_weights(cfg, "cuda")
     cos, sin = rope_tables(cfg, seq, torch.device("cuda"), torch.bfloat16)
     x = torch.randn(sequences, seq, cfg.hidden_size, dtype=torch.bfloat16, device="cuda")
     side = torch.cuda.Stream()
     times = []
     for _ in range(4):
-        xi = x.detach().requires_grad_()
-        torch.autograd.grad(decoder_layer(params, xi, cos, sin, cfg), [xi, *params.values()], x)
+        decoder_layer_backward(params, x, x, cos, sin, cfg, 0, lambda name, g: None)
         with torch.cuda.stream(side):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for lo in range(0, numel, staging.numel()):
-                piece = master[lo: lo + staging.numel()]
-                staging[: piece.numel()].copy_(piece, non_blocking=True)
-                dst[lo: lo + piece.numel()].copy_(staging[: piece.numel()])
+            stream.load(master, dst)
             end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from slideformer.calibrate.profile import Profile, fit_at
 from slideformer.models.config import ModelConfig
 from slideformer.opgraph import activation_bytes_per_token, unit_numels
-from slideformer.plan import Plan
+from slideformer.plan import STAGING_BUFFERS, Plan
 
 GiB = 2**30
 DISK_ALIGN = 4096  # disk-tier files and their buffers, for O_DIRECT
@@ -84,7 +84,7 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
     graph = kept_graph(cfg, plan.seq, chunk_tokens, profile)
     return {
         "weight_window": plan.window * n[1] * 2,
-        "transfer_staging": plan.transfer_chunk_mb * 2**20 if plan.stages_fp32_loads else 0,
+        "transfer_staging": STAGING_BUFFERS * plan.transfer_chunk_mb * 2**20 if plan.stages_fp32_loads else 0,
         "layer_grad_buffers": 2 * n[1] * 4 if any(layer_on_host) else 0,
         "edge_weights_and_grads": (n[0] + n[L + 1]) * (2 + 4),
         "gpu_optimizer_states": sum(n[u] * (12 + (4 if 0 < u <= L else 0))

@@ -28,6 +28,7 @@ from .loss import IGNORE_INDEX, head_loss_and_grads, head_loss_sum
 from .pinned import PinnedArena, page_round
 from .streams import Handle, Streams, host_wait
 from .trace import OpTrace
+from .weight_stream import WeightStream
 
 
 class WeightSource(Protocol):
@@ -187,8 +188,8 @@ class Engine:
         self.norm_w = head["model.norm.weight"]
         self.head_w = embed_w if cfg.tie_word_embeddings else head["lm_head.weight"]
         self.embed_w = embed_w
-        self.staging = torch.empty(plan.transfer_chunk_mb * 2**20 // 4 if plan.stages_fp32_loads else 0, dtype=f32,
-                                   device=dev)
+        self.weight_stream = WeightStream(dev, plan.transfer_chunk_mb * 2**20 // 4) \
+            if plan.stages_fp32_loads and dev.type == "cuda" else None
 
         # fp32 gradients on the GPU: edges and GPU-updated layers own one, CPU-updated layers share two.
         shared = [torch.empty(n_layer, dtype=f32, device=dev) for _ in range(2)]
@@ -334,7 +335,7 @@ class Engine:
         return self.edge_bf16[unit] if unit in (0, L + 1) else self.slots[(unit - 1) % self.plan.window]
 
     def _load(self, unit: int) -> None:
-        """fp32 master -> bf16 weights on the GPU, streamed through the staging buffer when on the host."""
+        """fp32 master -> bf16 weights on the GPU, streamed through the staging ring when on the host."""
         prev = self.pending_updates.get(unit)
         if prev is not None:
             self.streams.wait("gpu" if self.units[unit].on_gpu else "h2d", prev)
@@ -347,12 +348,7 @@ class Engine:
         if self.units[unit].on_gpu or self.device.type != "cuda":
             dst.copy_(master)
             return
-        step = self.staging.numel()
-        for start in range(0, master.numel(), step):
-            piece = master[start: start + step]
-            stage = self.staging[: piece.numel()]
-            stage.copy_(piece, non_blocking=True)
-            dst[start: start + piece.numel()].copy_(stage)
+        self.weight_stream.load(master, dst)
 
     def _embed(self, chunk: int) -> None:
         torch.index_select(self.embed_w, 0, self.tokens[chunk].flatten(),

@@ -8,6 +8,7 @@ from pathlib import Path
 ACTIVATION_POLICIES = ("offload", "recompute", "keep", "disk")
 UPDATE_SCHEDULES = ("during_backward", "after_norm")
 PLACEMENTS = ("cpu", "gpu", "disk")
+STAGING_BUFFERS = 4  # GPU buffers of `transfer_chunk_mb` in the fp32 weight stream's staging ring
 
 
 class PlanError(ValueError):
@@ -33,7 +34,7 @@ class Plan:
     # CPU AdamW and written back; the host keeps their bf16 weights for the GPU's loads).
     placement: list[str] = field(default_factory=list)
     update: str = "during_backward"  # or 'after_norm' (exact global-norm clipping, overlapped with next forward)
-    transfer_chunk_mb: int = 64  # fp32 weight streaming granularity (staging is two such buffers)
+    transfer_chunk_mb: int = 64  # fp32 weight streaming piece (the GPU's staging ring holds a few such pieces)
     grad_ring: int = 4  # pinned host fp32 gradient buffers shared by the CPU-updated layers
     disk_ring: int = 2  # host buffers for each kind of disk traffic (states, activations): the read-ahead depth
     loss_chunk_tokens: int = 4096  # tokens per LM-head/loss piece; logits never exceed this many rows
