@@ -111,7 +111,7 @@ def pinned_host_buffers(cfg: ModelConfig, plan: Plan) -> dict[str, list[int]]:
     return {
         "master_weights": [4 * n[u] for u in on_cpu],
         "gradients": [4 * n[1]] * (plan.grad_ring if ring else 0)
-        + [4 * n[u] for u in on_host if not (ring and 0 < u <= L) and u not in (0, L + 1)]
+        + [4 * n[u] for u in on_host if not (ring and 0 < u <= L and u not in plan.late_units) and u not in (0, L + 1)]
         + ([4 * max(n[0], n[L + 1])] if plan.shares_edge_grad else [4 * n[u] for u in (0, L + 1) if u in on_host]),
         "offloaded_activations": [saved] * plan.activations.count("offload"),
         "disk_activation_ring": [padded(saved)] * (plan.disk_ring if "disk" in plan.activations else 0),

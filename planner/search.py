@@ -134,13 +134,23 @@ def candidates(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Prof
             for chunk in chunks:
                 for keep in sorted({0, 1, window} & set(range(L + 1))):
                     for gpu_units in units:  # each trades GPU memory for host memory
-                        plan = _fewest_disk_layers(cfg, budgets, gpu_units, lambda disk, piece, tile, ring: uniform_plan(
-                            model, L, batch, seq, chunk=chunk, window=window, activation=activation,
-                            keep_last=keep, gpu_units=gpu_units, disk_layers=disk, update=update,
-                            loss_chunk_tokens=piece, mlp_tile_tokens=tile, grad_ring=ring), profile)
-                        if plan is not None:
-                            out.append(plan)
+                        for late in late_update_grid(L, update):  # each trades host memory for overlap
+                            plan = _fewest_disk_layers(cfg, budgets, gpu_units, lambda disk, piece, tile, ring: uniform_plan(
+                                model, L, batch, seq, chunk=chunk, window=window, activation=activation,
+                                keep_last=keep, gpu_units=gpu_units, disk_layers=disk, update=update,
+                                loss_chunk_tokens=piece, mlp_tile_tokens=tile, grad_ring=ring, late_updates=late),
+                                profile)
+                            if plan is not None:
+                                out.append(plan)
     return out
+
+
+def late_update_grid(num_layers: int, update: str) -> list[int]:
+    """Units whose CPU updates wait for the end of the backward (see Plan.late_updates): none, a quarter,
+    half or all of the model; each such layer's gradient takes its own host buffer."""
+    if update != "during_backward":
+        return [0]
+    return sorted({0, num_layers // 4, num_layers // 2, num_layers + 1})
 
 
 def _fewest_disk_layers(cfg: ModelConfig, budgets: Budgets, gpu_units: int, make, profile: Profile) -> Plan | None:

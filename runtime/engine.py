@@ -205,7 +205,7 @@ class Engine:
         for u in [L + 1, *range(L, 0, -1), 0]:  # gradient arrival order
             if plan.placement[u] == "gpu":
                 continue
-            if ring and 0 < u <= L:
+            if ring and 0 < u <= L and u not in plan.late_units:
                 self.host_grad[u] = ring[k % len(ring)]
                 k += 1
             elif u == 0 and plan.shares_edge_grad:  # the head's buffer, free once its update is done

@@ -146,14 +146,15 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
                 updates[u] = b.op(f"update:{u}", "update", "gpu", [ready], unit=u, params=numel[u])
             return
         ring_war = f"update:{L + 1}" if u == 0 and plan.shares_edge_grad else None
-        if plan.update == "during_backward" and u not in (0, L + 1):
+        late = u in plan.late_units
+        if plan.update == "during_backward" and u not in (0, L + 1) and not late:
             if len(ring) >= plan.grad_ring:
                 ring_war = f"update:{ring[-plan.grad_ring]}"
             ring.append(u)
         out = b.op(f"grad_out:{u}", "grad_out", "d2h", [ready, ring_war], unit=u, bytes=4 * numel[u])
         if u not in (0, L + 1):
             grad_buffer_reader[u % 2] = out
-        if plan.update == "during_backward":
+        if plan.update == "during_backward" and not late:
             host_update(u, [out])
 
     def host_update(u: int, deps: list[str]) -> None:
@@ -199,6 +200,8 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
     for c in range(C):
         b.op(f"embed_bwd:{c}", "embed_bwd", "gpu", [f"bwd:0:{c}"], chunk=c, bytes=act_bytes)
     grad_out_and_update(0, f"embed_bwd:{last}")
+    for u in plan.late_units:  # after the whole backward, in the order the next forward needs them
+        host_update(u, [f"grad_out:{u}"])
 
     if plan.update == "after_norm":
         ready = [n for n, a in b.g.nodes(data=True) if a["kind"] in ("grad_out", "embed_bwd", "head", "bwd")]

@@ -34,6 +34,10 @@ class Plan:
     # CPU AdamW and written back; the host keeps their bf16 weights for the GPU's loads).
     placement: list[str] = field(default_factory=list)
     update: str = "during_backward"  # or 'after_norm' (exact global-norm clipping, overlapped with next forward)
+    # during_backward only: the first `late_updates` units (embedding, layer 0, ...) updated on the CPU wait for
+    # the end of the backward and then run in forward order, so the next step's forward starts after the first
+    # of them instead of after all (their gradients get their own host buffers instead of the ring's).
+    late_updates: int = 0
     transfer_chunk_mb: int = 64  # fp32 weight streaming piece (the GPU's staging ring holds a few such pieces)
     grad_ring: int = 4  # pinned host fp32 gradient buffers shared by the CPU-updated layers
     disk_ring: int = 2  # host buffers for each kind of disk traffic (states, activations): the read-ahead depth
@@ -53,13 +57,21 @@ class Plan:
     @property
     def shares_grad_ring(self) -> bool:
         """CPU-updated layers pass their gradients through `grad_ring` shared host buffers (during_backward)."""
-        return self.update == "during_backward" and any(p != "gpu" for p in self.placement[1:-1])
+        late = set(self.late_units)
+        return self.update == "during_backward" and any(
+            self.placement[u] != "gpu" and u not in late for u in range(1, len(self.placement) - 1))
+
+    @property
+    def late_units(self) -> list[int]:
+        """Host-updated units whose updates run after the backward, in forward order."""
+        return [u for u in range(self.late_updates) if self.placement[u] == "cpu"]
 
     @property
     def shares_edge_grad(self) -> bool:
         """The embedding's and the head's host gradients share one pinned buffer: the head's update is done
         long before the embedding's gradient arrives (during_backward, both updated on the CPU)."""
-        return self.update == "during_backward" and self.placement[0] == self.placement[-1] == "cpu"
+        return self.update == "during_backward" and self.placement[0] == self.placement[-1] == "cpu" \
+            and self.late_updates == 0
 
     @property
     def stages_fp32_loads(self) -> bool:
@@ -92,6 +104,9 @@ class Plan:
             problems.append("compute_dtype is 'bfloat16', or 'float32' on device 'cpu'")
         if min(self.grad_ring, self.disk_ring, self.transfer_chunk_mb, self.loss_chunk_tokens) < 1:
             problems.append("grad_ring, disk_ring, transfer_chunk_mb and loss_chunk_tokens must be positive")
+        if not 0 <= self.late_updates <= num_layers + 1 or (self.late_updates and self.update != "during_backward"):
+            problems.append(f"late_updates must be between 0 and {num_layers + 1}, and 0 unless update is "
+                            "'during_backward'")
         if self.mlp_tile_tokens < 0:
             problems.append("mlp_tile_tokens must be 0 (whole chunk) or positive")
         if problems:

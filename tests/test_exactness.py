@@ -84,6 +84,7 @@ PLANS = {
     "gpu-placed-share": dict(window=2, activation="offload", gpu_units=2),
     "accumulate-4-chunks": dict(window=2, activation="offload", chunk=1),
     "ring-of-1": dict(window=2, activation="offload", grad_ring=1),
+    "late-updates-3": dict(window=2, activation="offload", late_updates=3),  # embedding, layers 0-1 after bwd
     "mlp-in-tiles": dict(window=2, activation="recompute", mlp_tile_tokens=24),  # 128 tokens: 5 tiles + 8
 }
 

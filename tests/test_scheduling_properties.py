@@ -46,10 +46,11 @@ def plans(draw, cfg):
     L = cfg.num_layers
     window = draw(st.integers(1, min(4, L)))
     chunk = draw(st.sampled_from([1, 2]))
+    update = draw(st.sampled_from(["during_backward", "after_norm"]))
     return uniform_plan("random", L, chunk * draw(st.integers(1, 3)), draw(st.sampled_from([16, 64])), chunk=chunk,
                         window=window, activation=draw(st.sampled_from(["offload", "recompute", "disk"])),
-                        keep_last=draw(st.integers(0, window)), gpu_units=draw(st.integers(0, L + 2)),
-                        update=draw(st.sampled_from(["during_backward", "after_norm"])),
+                        keep_last=draw(st.integers(0, window)), gpu_units=draw(st.integers(0, L + 2)), update=update,
+                        late_updates=draw(st.integers(0, L + 1)) if update == "during_backward" else 0,
                         grad_ring=draw(st.integers(1, 4)), disk_layers=draw(st.integers(0, L)),
                         disk_ring=draw(st.integers(1, 3)), device="cpu")
 
