@@ -90,7 +90,8 @@ def demo(steps: int, device: str, out_dir: str, digits: int = 2, seed: int = 0) 
     held_ids, held_labels = to_sequences(examples(test_pairs, tok), seq, tok, pack=False)
     batch = 128
     # Cosine decay to zero: the last steps settle the carry rule on every seed and float path tried
-    # (seeds 0-6, 1 and 2 threads), where a constant rate left some runs near 40%.
+    # (seeds 0-6, 1 and 2 threads, torch's default and AVX2 CPU kernels), where a constant rate left some
+    # runs near 40%.
     cfg = TrainConfig(model="demo-adder", data=["(generated addition problems)"], seq=seq, batch=batch, lr=2e-3,
                       schedule="cosine", warmup_steps=50, min_lr_ratio=0.0, weight_decay=0.01, adam_beta2=0.98,
                       max_steps=steps,
