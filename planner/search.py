@@ -155,17 +155,33 @@ def late_update_grid(num_layers: int, update: str) -> list[int]:
 
 def _fewest_disk_layers(cfg: ModelConfig, budgets: Budgets, gpu_units: int, make, profile: Profile) -> Plan | None:
     """The plan with the fewest layers on disk that fits (disk only adds time; each layer there frees host
-    RAM), with the largest MLP tile (smaller ones add time), loss piece (the piece does not change the time)
-    and gradient ring (a shorter one can stall the stream) that fit; None if none fits."""
+    RAM), with the largest gradient ring (a shorter one can stall the stream), MLP tile (smaller ones add
+    time) and loss piece (the piece does not change the time) that fit; None if none fits.
+
+    Whether some variant fits at a disk count is decided by the leanest one (shortest ring, smallest tile
+    and piece); from one layer on disk up, each more layer there only frees host RAM, so the fewest is
+    found by bisection."""
     most = min(disk_layers_that_fit(cfg, budgets), cfg.num_layers + 1 - gpu_units if gpu_units else cfg.num_layers)
-    for disk in range(most + 1):
-        for ring in GRAD_RINGS:
-            for tile in MLP_TILES:
-                for piece in LOSS_PIECES:
-                    plan = make(disk, piece, tile, ring)
-                    if not shortfalls(cfg, plan, profile, budgets):
-                        return plan
-    return None
+
+    def leanest_fits(disk: int) -> bool:
+        return not shortfalls(cfg, make(disk, LOSS_PIECES[-1], MLP_TILES[-1], GRAD_RINGS[-1]), profile, budgets)
+    if leanest_fits(0):
+        disk = 0
+    elif most >= 1 and leanest_fits(most):
+        lo, hi = 1, most  # leanest_fits(hi) holds
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if leanest_fits(mid) else (mid + 1, hi)
+        disk = lo
+    else:
+        return None
+    for ring in GRAD_RINGS:
+        for tile in MLP_TILES:
+            for piece in LOSS_PIECES:
+                plan = make(disk, piece, tile, ring)
+                if not shortfalls(cfg, plan, profile, budgets):
+                    return plan
+    raise AssertionError("the leanest variant fits, so one is returned above")
 
 
 def _divisors(n: int) -> list[int]:
