@@ -26,13 +26,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.common import provenance
+from slideformer.planner.memory import GiB
 
 MODEL = "llama-3.1-8b"
 GPU_CAP_GIB = 24
 GPU_PLAN_FRACTION = 0.92  # of the cap, as the train recipe plans within 92% of free GPU memory
 HOST_RESERVE = 4 * 2**30  # left to the OS and the process's own allocations
 WORKLOADS = ["2048x8", "1024x8", "1024x16", "1024x32", "1024x64", "16384x1", "32768x1", "65536x1", "131072x1"]
-GiB = 2**30
 
 
 def seq_batch(workload: str) -> tuple[int, int]:
