@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.common import provenance
-from slideformer.planner.memory import GiB
+from slideformer.planner.memory import RUNTIME_OVERHEAD, GiB
 
 MODEL = "llama-3.1-8b"
 GPU_CAP_GIB = 24
@@ -62,7 +62,9 @@ def run_ours(workloads: list[str], timeout_s: int, profile_path: str) -> dict:
             continue
         sim = verdict.simulation
         row |= {"plan": asdict(verdict.plan), "predicted_step_s": sim.step_s,
-                "predicted_peak_gpu_gib": sim.peak_gpu_bytes / GiB, "predicted_peak_host_gib": sim.host_memory_bytes / GiB,
+                "predicted_peak_gpu_gib": sim.peak_gpu_bytes / GiB,
+                "predicted_peak_gpu_allocated_gib": sim.peak_gpu_allocated_bytes / GiB,
+                "predicted_peak_host_gib": sim.host_memory_bytes / GiB,
                 "predicted_bottleneck": sim.bottleneck}
         long_step = seq * batch >= 32768
         with tempfile.TemporaryDirectory() as tmp:
@@ -85,10 +87,10 @@ def run_ours(workloads: list[str], timeout_s: int, profile_path: str) -> dict:
         row |= {k: measured[k] for k in ("step_s", "per_step_s", "losses", "tokens_per_s", "model_tflops", "init_s",
                                           "peak_gpu_allocated_gib", "peak_gpu_reserved_gib", "peak_host_rss_gib")}
         row["step_error"] = row["predicted_step_s"] / row["step_s"] - 1
-        row["gpu_peak_error"] = row["predicted_peak_gpu_gib"] / row["peak_gpu_allocated_gib"] - 1
+        row["gpu_peak_error"] = row["predicted_peak_gpu_allocated_gib"] / row["peak_gpu_allocated_gib"] - 1
         row["host_peak_error"] = row["predicted_peak_host_gib"] / row["peak_host_rss_gib"] - 1
         print(f"  {row['step_s']:.2f} s/step (predicted {row['predicted_step_s']:.2f}), {row['tokens_per_s']:.0f} tok/s, "
-              f"GPU {row['peak_gpu_allocated_gib']:.1f} GiB (pred {row['predicted_peak_gpu_gib']:.1f}), "
+              f"GPU {row['peak_gpu_allocated_gib']:.1f} GiB (pred {row['predicted_peak_gpu_allocated_gib']:.1f}), "
               f"host {row['peak_host_rss_gib']:.1f} GiB (pred {row['predicted_peak_host_gib']:.1f})", flush=True)
     report = capacity_report(cfg, MODEL, 1024, 8, profile, budgets)
     capacity = {"max_batch_at_seq_1024": report["max_batch"], "max_seq_at_batch_1": report["max_seq_at_batch_1"]}
@@ -139,6 +141,9 @@ def table(record: dict) -> dict[str, dict]:
                 "peak_host_rss_gib": peaks.get(f"sf_run_s{r['Sequence_Length']}_b{r['Batch_Size']}.log")}
     for call in record["systems"].get("ours", {}).get("calls", []):
         for w, r in call["result"]["workloads"].items():
+            if "step_s" in r and "predicted_peak_gpu_allocated_gib" not in r:  # recorded before the field existed
+                r["predicted_peak_gpu_allocated_gib"] = r["predicted_peak_gpu_gib"] - RUNTIME_OVERHEAD / GiB
+                r["gpu_peak_error"] = r["predicted_peak_gpu_allocated_gib"] / r["peak_gpu_allocated_gib"] - 1
             rows.setdefault(w, {})["ours"] = r
     return rows
 

@@ -73,6 +73,12 @@ class Simulation:
         return max(b for _, b in self.gpu_memory)
 
     @property
+    def peak_gpu_allocated_bytes(self) -> int:
+        """The peak less the runtime overhead the budget reserves outside PyTorch's allocator (the CUDA context,
+        kernels' scratch): what `torch.cuda.max_memory_allocated` measures."""
+        return self.peak_gpu_bytes - self.gpu_static.get("runtime_overhead", 0)
+
+    @property
     def bottleneck(self) -> str:
         """The resource holding the largest share of the last step's critical path."""
         return max(self.critical, key=self.critical.get)
