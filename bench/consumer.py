@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.common import provenance
-from slideformer.planner.memory import RUNTIME_OVERHEAD, GiB
+from slideformer.schedule.memory import RUNTIME_OVERHEAD, GiB
 
 MODEL = "llama-3.1-8b"
 GPU_CAP_GIB = 24
@@ -41,7 +41,7 @@ def seq_batch(workload: str) -> tuple[int, int]:
 
 
 def run_ours(workloads: list[str], timeout_s: int, profile_path: str) -> dict:
-    from slideformer.calibrate.profile import Profile
+    from slideformer.schedule.profile import Profile
     from slideformer.models import load_model_config
     from slideformer.planner.report import capacity_report
     from slideformer.planner.search import Budgets, choose_plan

@@ -17,10 +17,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.common import BATCH, MODEL, SEQ, memory_readings, provenance, time_steps
-from slideformer.calibrate.profile import Profile
+from slideformer.schedule.profile import Profile
 from slideformer.models import load_model_config
-from slideformer.plan import Plan, uniform_plan
-from slideformer.planner.memory import RUNTIME_OVERHEAD, GiB
+from slideformer.schedule.plan import Plan, uniform_plan
+from slideformer.schedule.memory import RUNTIME_OVERHEAD, GiB
 from slideformer.planner.search import Budgets, choose_plan
 from slideformer.simulator import simulate
 

@@ -20,10 +20,10 @@ import torch
 
 from bench.common import memory_readings, provenance, throughput, time_steps, write_result
 from slideformer.calibrate.measure import disk_rates
-from slideformer.calibrate.profile import Disk, Profile
+from slideformer.schedule.profile import Disk, Profile
 from slideformer.data import random_next_token_batch
 from slideformer.models import RandomWeights, load_model_config
-from slideformer.planner.memory import GiB, disk_bytes
+from slideformer.schedule.memory import GiB, disk_bytes
 from slideformer.planner.search import Budgets, choose_plan
 from slideformer.recipes.train import available_host_bytes
 from slideformer.runtime import AdamWConfig, Engine

@@ -10,7 +10,7 @@ from bench.common import BATCH, MODEL, SEQ, memory_readings, provenance, through
 from slideformer import kernels
 from slideformer.data import random_next_token_batch
 from slideformer.models import RandomWeights, load_model_config
-from slideformer.plan import Plan, uniform_plan
+from slideformer.schedule.plan import Plan, uniform_plan
 from slideformer.runtime import AdamWConfig, Engine
 
 

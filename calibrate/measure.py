@@ -15,13 +15,13 @@ import torch
 
 from slideformer.models.config import ModelConfig
 from slideformer.models.layers import decoder_layer, decoder_layer_backward, rope_tables
-from slideformer.plan import STAGING_BUFFERS
+from slideformer.schedule.plan import STAGING_BUFFERS
 from slideformer.runtime.weight_stream import WeightStream
 from slideformer.runtime.loss import head_loss_and_grads
 
-from slideformer.planner.memory import DISK_ALIGN, padded
+from slideformer.schedule.memory import DISK_ALIGN, padded
 
-from .profile import Disk, HeadTiming, LayerTiming, Link
+from slideformer.schedule.profile import Disk, HeadTiming, LayerTiming, Link
 
 
 def median_time(fn: Callable[[], None], repeats: int = 5, cuda: bool = False) -> float:

@@ -10,7 +10,7 @@ import torch
 from slideformer.models.config import ModelConfig
 
 from . import measure
-from .profile import Profile
+from slideformer.schedule.profile import Profile
 
 MiB = 2**20
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from slideformer.calibrate.profile import Profile
+from slideformer.schedule.profile import Profile
 from slideformer.models.config import ModelConfig
 from slideformer.simulator import RESOURCE_NAMES
 
-from .memory import GiB
+from slideformer.schedule.memory import GiB
 from .search import Budgets, choose_plan, feasible, largest, least_needs
 
 

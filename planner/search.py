@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from slideformer.calibrate.profile import Profile
+from slideformer.schedule.profile import Profile
 from slideformer.models.config import ModelConfig
-from slideformer.plan import Plan, uniform_plan
+from slideformer.schedule.plan import Plan, uniform_plan
 from slideformer.simulator import Simulation, simulate
 from slideformer.simulator.costs import CostModel, step_lower_bound
 
-from .memory import GiB, disk_bytes, gpu_bytes, host_bytes, padded
+from slideformer.schedule.memory import GiB, disk_bytes, gpu_bytes, host_bytes, padded
 
 LOSS_PIECES = (4096, 2048, 1024, 512)
 GRAD_RINGS = (4, 2)  # pinned fp32 gradient buffers shared by the host-updated layers

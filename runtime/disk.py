@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from slideformer.planner.memory import DISK_ALIGN as ALIGN, GiB, padded
+from slideformer.schedule.memory import DISK_ALIGN as ALIGN, GiB, padded
 
 PIECE = 16 * 2**20
 

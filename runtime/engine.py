@@ -18,9 +18,9 @@ import torch
 
 from slideformer.models.config import ModelConfig
 from slideformer.models.layers import decoder_layer, decoder_layer_backward, rope_tables
-from slideformer.planner.memory import GiB, describe, gpu_bytes, padded, pinned_host_buffers, saved_input_bytes
-from slideformer.opgraph import build_step_graph, issue_order
-from slideformer.plan import Plan, PlanError
+from slideformer.schedule.memory import GiB, describe, gpu_bytes, padded, pinned_host_buffers, saved_input_bytes
+from slideformer.schedule.graph import build_step_graph, issue_order
+from slideformer.schedule.plan import Plan, PlanError
 
 from .disk import DeferredTensor, DiskTier
 from .layout import UnitLayout, unit_layouts

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from slideformer.plan import STAGING_BUFFERS
+from slideformer.schedule.plan import STAGING_BUFFERS
 
 
 class WeightStream:

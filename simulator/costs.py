@@ -15,10 +15,10 @@ from functools import lru_cache
 import networkx as nx
 import numpy as np
 
-from slideformer.calibrate.profile import Profile, ProfileError, fit_at
+from slideformer.schedule.profile import Profile, ProfileError, fit_at
 from slideformer.models.config import ModelConfig
-from slideformer.opgraph import unit_numels
-from slideformer.planner.memory import saved_input_bytes
+from slideformer.schedule.graph import unit_numels
+from slideformer.schedule.memory import saved_input_bytes
 
 SPEC_EFFICIENCY = 0.5  # achieved/peak GEMM rate assumed for layers no profile measured
 STAGING_PIECE_LAUNCH_S = 20e-6  # host cost of one staging copy + cast pair

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from slideformer.calibrate.profile import Profile
+from slideformer.schedule.profile import Profile
 from slideformer.models.config import ModelConfig
-from slideformer.opgraph import build_step_graph, issue_order
-from slideformer.plan import Plan
-from slideformer.planner.memory import disk_bytes, gpu_bytes, head_workspace, host_bytes, kept_graph, layer_workspace
+from slideformer.schedule.graph import build_step_graph, issue_order
+from slideformer.schedule.plan import Plan
+from slideformer.schedule.memory import disk_bytes, gpu_bytes, head_workspace, host_bytes, kept_graph, layer_workspace
 
 from .costs import CostModel, issue_seconds, op_seconds
 

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from slideformer.models.config import ModelConfig
 from slideformer.models.weights import CheckpointError, save_hf_checkpoint
-from slideformer.planner.memory import GiB
+from slideformer.schedule.memory import GiB
 from slideformer.runtime.disk import DeferredTensor
 
 STATE_FILE = "training_state.safetensors"

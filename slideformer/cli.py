@@ -8,13 +8,13 @@ import sys
 from dataclasses import asdict
 from functools import partial
 
-from slideformer.calibrate.profile import Profile, ProfileError
+from slideformer.schedule.profile import Profile, ProfileError
 from slideformer.dataset import DataError
 from slideformer.health import TrainingStopped
 from slideformer.models import ModelConfigError, load_model_config
 from slideformer.models.weights import CheckpointError
-from slideformer.plan import Plan, PlanError
-from slideformer.planner.memory import GiB
+from slideformer.schedule.plan import Plan, PlanError
+from slideformer.schedule.memory import GiB
 from slideformer.runtime.disk import TierError
 from slideformer.train_config import ConfigError, add_flags
 

@@ -5,7 +5,7 @@ import pytest
 
 from slideformer.cli import main
 from slideformer.models import ModelConfigError, PRESETS, RandomWeights, load_model_config
-from slideformer.plan import PlanError, uniform_plan
+from slideformer.schedule.plan import PlanError, uniform_plan
 from slideformer.runtime import AdamWConfig, Engine
 
 

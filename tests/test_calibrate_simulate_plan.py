@@ -1,7 +1,7 @@
 """The calibrate, simulate and plan commands end to end on a CPU machine."""
 import json
 
-from slideformer.calibrate.profile import Profile
+from slideformer.schedule.profile import Profile
 from slideformer.cli import main
 
 REPORT_FIELDS = {"fits", "batch", "seq", "predicted_step_s", "predicted_tokens_per_s", "predicted_tflops",
@@ -52,7 +52,7 @@ def test_layer_workspace_formula_meets_the_h100_measurements_of_three_shapes():
     from pathlib import Path
 
     from slideformer.models import load_model_config
-    from slideformer.planner.memory import layer_workspace
+    from slideformer.schedule.memory import layer_workspace
 
     rows = json.loads((Path(__file__).parent.parent / "bench/results/h100-2026-11-25-layer-memory.json").read_text())["rows"]
     tiled = [r for r in rows if r["variant"].startswith("tile") and r["peak_extra_bytes"]]

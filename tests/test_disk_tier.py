@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from slideformer.models import PRESETS, RandomWeights
-from slideformer.plan import uniform_plan
-from slideformer.planner.memory import padded
+from slideformer.schedule.plan import uniform_plan
+from slideformer.schedule.memory import padded
 from slideformer.runtime import AdamWConfig, Engine
 from slideformer.runtime.disk import DiskTier, TierError, kvikio_available
 
@@ -148,8 +148,8 @@ def test_checkpoint_of_disk_states_resumes_bit_exactly(tmp_path):
 
 
 def test_planner_puts_states_on_disk_only_when_ram_is_short():
-    from slideformer.calibrate.profile import Profile
-    from slideformer.planner.memory import GiB, disk_bytes
+    from slideformer.schedule.profile import Profile
+    from slideformer.schedule.memory import GiB, disk_bytes
     from slideformer.planner.search import Budgets, choose_plan
     from slideformer.models import load_model_config
     profile, cfg = Profile.load("h100-80gb"), load_model_config("qwen3-14b")

@@ -9,7 +9,7 @@ import torch
 from reference import reference_train
 from slideformer import kernels
 from slideformer.models import PRESETS, RandomWeights
-from slideformer.plan import uniform_plan
+from slideformer.schedule.plan import uniform_plan
 from slideformer.runtime import AdamWConfig, Engine
 
 B, S, STEPS = 4, 32, 4

@@ -130,7 +130,7 @@ def test_training_with_kernels_is_as_close_to_fp32_as_eager_bf16():
     eager bf16 loop by bf16 noise (AdamW turns rounding differences in tiny gradients into full steps). The
     claim that matters: they are no farther from the fp32 trajectory than eager bf16 itself is."""
     from slideformer.models import RandomWeights
-    from slideformer.plan import uniform_plan
+    from slideformer.schedule.plan import uniform_plan
     from slideformer.runtime import AdamWConfig, Engine
     from test_exactness import assert_no_farther_from_fp32_than_eager, batches
 

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slideformer.models import PRESETS
-from slideformer.opgraph import build_step_graph
-from slideformer.plan import Plan, PlanError, uniform_plan
+from slideformer.schedule.graph import build_step_graph
+from slideformer.schedule.plan import Plan, PlanError, uniform_plan
 
 
 def test_plan_json_round_trip(tmp_path):

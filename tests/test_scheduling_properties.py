@@ -5,11 +5,11 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slideformer.calibrate.profile import Disk, Link, Profile
+from slideformer.schedule.profile import Disk, Link, Profile
 from slideformer.models import PRESETS
-from slideformer.opgraph import build_step_graph
-from slideformer.plan import uniform_plan
-from slideformer.planner.memory import host_bytes
+from slideformer.schedule.graph import build_step_graph
+from slideformer.schedule.plan import uniform_plan
+from slideformer.schedule.memory import host_bytes
 from slideformer.planner.search import Budgets, choose_plan, gpu_need, least_needs
 from slideformer.simulator import simulate
 from slideformer.simulator.costs import CostModel, step_lower_bound

@@ -16,7 +16,7 @@ import torch
 from slideformer.dataset import Example, to_sequences
 from slideformer.models import RandomWeights, Transformer
 from slideformer.models.config import ModelConfig
-from slideformer.plan import uniform_plan
+from slideformer.schedule.plan import uniform_plan
 from slideformer.train_config import TrainConfig
 
 from .train import Sequences, run

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from slideformer.calibrate.profile import Profile
+from slideformer.schedule.profile import Profile
 from slideformer.checkpoint import (check_free_space, checkpoint_bytes, load_checkpoint, newest_valid_checkpoint,
                                     read_trainer_state, save_checkpoint)
 from slideformer.dataset import Batches, DataError, cut_rows, load_examples, to_sequences
@@ -24,13 +24,13 @@ from slideformer.health import TrainingStopped, check_step
 from slideformer.models import RandomWeights, load_model_config
 from slideformer.models.config import ModelConfig, parse_model_spec
 from slideformer.models.weights import CheckpointError, check_weights, open_weights
-from slideformer.plan import Plan, PlanError, uniform_plan
-from slideformer.planner.memory import GiB
+from slideformer.schedule.plan import Plan, PlanError, uniform_plan
+from slideformer.schedule.memory import GiB
 from slideformer.planner.search import Budgets, choose_plan
 from slideformer.progress import RunLog, loss_curve
 from slideformer.run_dir import claim_output_dir
 from slideformer.runtime import AdamWConfig, Engine
-from slideformer.schedule import learning_rate
+from slideformer.learning_rate import learning_rate
 from slideformer.tokenizer import HFTokenizer, Tokenizer
 from slideformer.train_config import ConfigError, TrainConfig, resume_changes
 

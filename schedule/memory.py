@@ -7,10 +7,10 @@ the model's shape where there are any, else from formulas.
 from __future__ import annotations
 
 
-from slideformer.calibrate.profile import Profile, fit_at
+from slideformer.schedule.profile import Profile, fit_at
 from slideformer.models.config import ModelConfig
-from slideformer.opgraph import activation_bytes_per_token, unit_numels
-from slideformer.plan import STAGING_BUFFERS, Plan
+from slideformer.schedule.graph import activation_bytes_per_token, unit_numels
+from slideformer.schedule.plan import STAGING_BUFFERS, Plan
 
 GiB = 2**30
 DISK_ALIGN = 4096  # disk-tier files and their buffers, for O_DIRECT

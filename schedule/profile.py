@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
-PROFILES_DIR = Path(__file__).parent / "profiles"
+# The committed profiles are calibrate's outputs and live beside it (the package `slideformer.calibrate`).
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "calibrate" / "profiles"
 
 
 class ProfileError(ValueError):

@@ -12,7 +12,7 @@ import networkx as nx
 
 from slideformer.models.config import ModelConfig
 
-from .plan import Plan
+from slideformer.schedule.plan import Plan
 
 def layer_unit(layer: int) -> int:
     return layer + 1
