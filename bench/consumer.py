@@ -30,7 +30,6 @@ from slideformer.schedule.memory import RUNTIME_OVERHEAD, GiB
 
 MODEL = "llama-3.1-8b"
 GPU_CAP_GIB = 24
-GPU_PLAN_FRACTION = 0.92  # of the cap, as the train recipe plans within 92% of free GPU memory
 HOST_RESERVE = 4 * 2**30  # left to the OS and the process's own allocations
 WORKLOADS = ["2048x8", "1024x8", "1024x16", "1024x32", "1024x64", "16384x1", "32768x1", "65536x1", "131072x1"]
 
@@ -44,11 +43,11 @@ def run_ours(workloads: list[str], timeout_s: int, profile_path: str) -> dict:
     from slideformer.schedule.profile import Profile
     from slideformer.models import load_model_config
     from slideformer.planner.report import capacity_report
-    from slideformer.planner.search import Budgets, choose_plan
+    from slideformer.planner.search import GPU_BUDGET_FRACTION, Budgets, choose_plan
     from slideformer.recipes.train import available_host_bytes
 
     cfg, profile = load_model_config(MODEL), Profile.load(profile_path)
-    budgets = Budgets(int(GPU_CAP_GIB * GiB * GPU_PLAN_FRACTION), available_host_bytes() - HOST_RESERVE)
+    budgets = Budgets(int(GPU_CAP_GIB * GiB * GPU_BUDGET_FRACTION), available_host_bytes() - HOST_RESERVE)
     rows: dict[str, dict] = {}
     for w in workloads:
         seq, batch = seq_batch(w)

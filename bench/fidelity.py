@@ -21,7 +21,7 @@ from slideformer.schedule.profile import Profile
 from slideformer.models import load_model_config
 from slideformer.schedule.plan import Plan, uniform_plan
 from slideformer.schedule.memory import RUNTIME_OVERHEAD, GiB
-from slideformer.planner.search import Budgets, choose_plan
+from slideformer.planner.search import GPU_BUDGET_FRACTION, HOST_BUDGET_FRACTION, Budgets, choose_plan
 from slideformer.simulator import simulate
 
 L16 = load_model_config(MODEL).num_layers
@@ -31,7 +31,8 @@ def plans(profile: Profile) -> dict[str, Plan]:
     def p(batch=BATCH, seq=SEQ, **kw) -> Plan:
         return uniform_plan(MODEL, L16, batch, seq, **kw)
     chosen = choose_plan(load_model_config(MODEL), MODEL, SEQ, BATCH, profile,
-                         Budgets(int(profile.gpu_memory_bytes * 0.92), int(profile.host_memory_bytes * 0.9))).plan
+                         Budgets(int(profile.gpu_memory_bytes * GPU_BUDGET_FRACTION),
+                                 int(profile.host_memory_bytes * HOST_BUDGET_FRACTION))).plan
     return {
         "offload-w2": p(window=2),
         "offload-w3-keep1": p(window=3, keep_last=1),

@@ -24,7 +24,7 @@ from slideformer.schedule.profile import Disk, Profile
 from slideformer.data import random_next_token_batch
 from slideformer.models import RandomWeights, load_model_config
 from slideformer.schedule.memory import GiB, disk_bytes
-from slideformer.planner.search import Budgets, choose_plan
+from slideformer.planner.search import GPU_BUDGET_FRACTION, Budgets, choose_plan
 from slideformer.recipes.train import available_host_bytes
 from slideformer.runtime import AdamWConfig, Engine
 from slideformer.runtime.disk import kvikio_available
@@ -61,7 +61,7 @@ def main() -> None:
     profile = Profile.load(a.profile)
     engine_io = paths[0]
     profile.disk = Disk(**record["tier"][engine_io])
-    budgets = Budgets(int(torch.cuda.mem_get_info()[0] * 0.92), int(available_host_bytes() * a.host_fraction),
+    budgets = Budgets(int(torch.cuda.mem_get_info()[0] * GPU_BUDGET_FRACTION), int(available_host_bytes() * a.host_fraction),
                       int(shutil.disk_usage(root).free * a.disk_fraction))
     record["budgets_gib"] = {k: v / GiB for k, v in dataclasses.asdict(budgets).items()}
     tried = []

@@ -310,7 +310,7 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
         kept: list[float] = []
         for _ in range(4):
             kept_bwd()
-        out.append(LayerTiming(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+        out.append(LayerTiming(*cfg.layer_shape(),
                                seq, n * seq, median_time(fwd, cuda=cuda), median_time(recompute_bwd, cuda=cuda),
                                statistics.median(kept[1:]), peak_extra_bytes(recompute_bwd) if cuda else 0,
                                kept_bytes(params, x, cos, sin, cfg) if cuda else 0))

@@ -13,6 +13,8 @@ from typing import Iterator
 
 import torch
 
+IGNORE_INDEX = -100  # the label of a token that is no target (Hugging Face's convention)
+
 _enabled = os.environ.get("SLIDEFORMER_KERNELS", "1") != "0"
 _forced_on_cpu = False
 

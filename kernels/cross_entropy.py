@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-IGNORE_INDEX = -100
+from slideformer.kernels import IGNORE_INDEX
+
 
 
 @triton.jit

@@ -42,6 +42,10 @@ class ModelConfig:
             raise ModelConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
     # --- sizes -------------------------------------------------------------------------
+    def layer_shape(self) -> tuple[int, ...]:
+        """What a decoder layer's cost depends on (the key of a profile's layer timings)."""
+        return self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+
     def layer_param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Parameters of one decoder layer, in Hugging Face names relative to `model.layers.{i}.`."""
         h, q, kv, ff = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size

@@ -23,6 +23,13 @@ GRAD_RINGS = (4, 2)  # pinned fp32 gradient buffers shared by the host-updated l
 MLP_TILES = (0, 8192, 4096, 2048, 1024)  # 0: the whole chunk at once; each tile costs an MLP-gradient accumulate
 
 
+# What a plan may use by default: of the GPU's free memory (allocator fragmentation, other processes), of
+# the available RAM, and of the disk's free space (a fuller disk slowed the tier on the H100).
+GPU_BUDGET_FRACTION = 0.92
+HOST_BUDGET_FRACTION = 0.9
+DISK_BUDGET_FRACTION = 0.9
+
+
 @dataclass(frozen=True)
 class Budgets:
     gpu_bytes: int

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from slideformer import kernels
+from slideformer.kernels import IGNORE_INDEX
 from slideformer.models.layers import rms_norm
 
-IGNORE_INDEX = -100
 
 
 def head_loss_and_grads(x: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor,

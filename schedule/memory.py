@@ -53,7 +53,7 @@ def layer_workspace(cfg: ModelConfig, tokens: int, mlp_tile_tokens: int) -> int:
 def kept_graph(cfg: ModelConfig, seq: int, tokens: int, profile: Profile | None = None) -> int:
     """GPU bytes one kept layer-chunk graph holds (measured where the profile has this shape)."""
     if profile is not None:
-        shape = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        shape = cfg.layer_shape()
         got = _fit([(t.tokens, t.kept_graph_bytes) for t in profile.layers if t.shape() == shape and t.seq == seq],
                    tokens)
         if got is not None:

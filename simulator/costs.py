@@ -37,7 +37,7 @@ class CostModel:
             raise ProfileError(f"profile {profile.name!r} has no GPU measurements; calibrate on a GPU machine "
                                "or pass a GPU profile (e.g. --profile h100-80gb)")
         self.p, self.cfg, self.seq = profile, cfg, seq
-        shape = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        shape = cfg.layer_shape()
         self.own = [t for t in profile.layers if t.shape() == shape and t.seq == seq]
         self.heads = [t for t in profile.heads if (t.hidden, t.vocab) == (cfg.hidden_size, cfg.vocab_size)]
         peak = profile.gpu_bf16_flops

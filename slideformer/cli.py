@@ -97,7 +97,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
 def cmd_plan(a: argparse.Namespace) -> int:
     from slideformer.planner.report import capacity_report, render
-    from slideformer.planner.search import Budgets
+    from slideformer.planner.search import GPU_BUDGET_FRACTION, HOST_BUDGET_FRACTION, Budgets
 
     problems = [f"{flag} must be > 0, got {v}" for flag, v in (("--gpu-mem", a.gpu_mem), ("--host-mem", a.host_mem),
                                                                 ("--max-grad-norm", a.max_grad_norm))
@@ -113,8 +113,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
     prof = Profile.load(a.profile)
     cfg = load_model_config(a.model)
     # By default leave 8% of the GPU to the caching allocator's fragmentation (reserved above allocated).
-    gpu = a.gpu_mem * GiB if a.gpu_mem is not None else prof.gpu_memory_bytes and int(prof.gpu_memory_bytes * 0.92)
-    host = a.host_mem * GiB if a.host_mem is not None else int(prof.host_memory_bytes * 0.9)
+    gpu = a.gpu_mem * GiB if a.gpu_mem is not None else \
+        prof.gpu_memory_bytes and int(prof.gpu_memory_bytes * GPU_BUDGET_FRACTION)
+    host = a.host_mem * GiB if a.host_mem is not None else int(prof.host_memory_bytes * HOST_BUDGET_FRACTION)
     if gpu is None:
         raise ProfileError(f"profile {prof.name!r} has no GPU; pass --gpu-mem and a GPU profile")
     batch = None if a.batch == "auto" else int(a.batch)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from slideformer.runtime.loss import IGNORE_INDEX
+from slideformer.kernels import IGNORE_INDEX
 
 
 def random_next_token_batch(vocab: int, batch: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from slideformer.runtime.loss import IGNORE_INDEX
+from slideformer.kernels import IGNORE_INDEX
 
 from .tokenizer import Tokenizer
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-GiB = 2**30
+from slideformer.schedule.memory import GiB
+
 
 
 class RunLog:

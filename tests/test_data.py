@@ -6,7 +6,7 @@ import torch
 
 from bench.synthetic import chat_rows, make_tokenizer
 from slideformer.dataset import DataError, Example, load_examples, to_sequences
-from slideformer.runtime.loss import IGNORE_INDEX
+from slideformer.kernels import IGNORE_INDEX
 from slideformer.tokenizer import HFTokenizer
 
 

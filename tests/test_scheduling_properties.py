@@ -9,12 +9,11 @@ from slideformer.schedule.profile import Disk, Link, Profile
 from slideformer.models import PRESETS
 from slideformer.schedule.graph import build_step_graph
 from slideformer.schedule.plan import uniform_plan
-from slideformer.schedule.memory import host_bytes
+from slideformer.schedule.memory import GiB, host_bytes
 from slideformer.planner.search import Budgets, choose_plan, gpu_need, least_needs
 from slideformer.simulator import simulate
 from slideformer.simulator.costs import CostModel, step_lower_bound
 
-GiB = 2**30
 
 
 @st.composite

@@ -26,7 +26,7 @@ from slideformer.models.config import ModelConfig, parse_model_spec
 from slideformer.models.weights import CheckpointError, check_weights, open_weights
 from slideformer.schedule.plan import Plan, PlanError, uniform_plan
 from slideformer.schedule.memory import GiB
-from slideformer.planner.search import Budgets, choose_plan
+from slideformer.planner.search import DISK_BUDGET_FRACTION, GPU_BUDGET_FRACTION, HOST_BUDGET_FRACTION, Budgets, choose_plan
 from slideformer.progress import RunLog, loss_curve
 from slideformer.run_dir import claim_output_dir
 from slideformer.runtime import AdamWConfig, Engine
@@ -116,7 +116,8 @@ def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str) -> Plan:
     if device == "cpu":
         return uniform_plan(cfg.model, model_cfg.num_layers, batch, cfg.seq, chunk=cfg.batch,
                             window=min(2, model_cfg.num_layers), activation="recompute", update=update, device="cpu")
-    budgets = Budgets(int(torch.cuda.mem_get_info()[0] * 0.92), int(available_host_bytes() * 0.9), disk_budget(cfg))
+    budgets = Budgets(int(torch.cuda.mem_get_info()[0] * GPU_BUDGET_FRACTION),
+                      int(available_host_bytes() * HOST_BUDGET_FRACTION), disk_budget(cfg))
     verdict = choose_plan(model_cfg, cfg.model, cfg.seq, batch, Profile.load(cfg.profile), budgets,
                           clip=update == "after_norm")
     if not verdict.fits:
@@ -130,7 +131,7 @@ def disk_budget(cfg: TrainConfig) -> int:
     if cfg.disk_budget_gb is not None:
         return int(cfg.disk_budget_gb * GiB)
     Path(cfg.disk_dir).mkdir(parents=True, exist_ok=True)
-    return int(shutil.disk_usage(cfg.disk_dir).free * 0.9)
+    return int(shutil.disk_usage(cfg.disk_dir).free * DISK_BUDGET_FRACTION)
 
 
 def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train: Sequences, held_out: Sequences | None,
