@@ -148,6 +148,12 @@ class Engine:
         self.pending_updates: dict[int, Handle] = {}
         self.pending_disk: dict[object, Future] = {}  # write-backs nothing in the step waits on
         self._allocate(source)
+        # What each kind of graph op does (the graph's `kind` attribute names one of these).
+        self.op_bodies: dict[str, Callable[..., object]] = {
+            "load": self._load, "embed": self._embed, "save": self._save, "fwd": self._fwd, "head": self._head,
+            "fetch": self._fetch, "bwd": self._bwd, "embed_bwd": self._embed_bwd, "grad_out": self._grad_out,
+            "update": self._update, "norm": self._norm, "disk_read": self._disk_read,
+            "disk_write": self._disk_write, "act_write": self._act_write, "act_read": self._act_read}
 
     # --- buffers ---------------------------------------------------------------------------
     def _allocate(self, source: WeightSource) -> None:
@@ -293,7 +299,7 @@ class Engine:
                 continue
             with self.streams.on(resource):
                 start = self.trace.mark() if self.trace else None
-                getattr(self, "_" + attrs["kind"])(**args)
+                self.op_bodies[attrs["kind"]](**args)
                 if self.trace:
                     self.trace.add(name, self.trace.step, resource, attrs["kind"], start, self.trace.mark())
                 done[name] = self.streams.record(resource)
@@ -316,7 +322,7 @@ class Engine:
             host_wait(h)
         trace = self.trace
         start = trace.host_mark() if trace else None
-        out = getattr(self, "_" + kind)(**args)
+        out = self.op_bodies[kind](**args)
         if trace:
             trace.add(name, step, resource, kind, start, trace.host_mark())
         return out

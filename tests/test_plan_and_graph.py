@@ -54,3 +54,19 @@ def test_bad_plans_are_refused_with_reasons(bad, message):
         setattr(plan, k, v)
     with pytest.raises(PlanError, match=message):
         plan.validate(4)
+
+
+def test_the_engine_has_a_body_for_every_kind_of_op_the_graph_builds():
+    from slideformer.models import PRESETS, RandomWeights
+    from slideformer.runtime import Engine
+    from slideformer.schedule.graph import build_step_graph
+    from slideformer.schedule.plan import uniform_plan
+
+    cfg = PRESETS["tiny-llama"]
+    kinds = set()
+    for kw in (dict(activation="offload"), dict(update="after_norm"), dict(activation="disk", disk_layers=2)):
+        plan = uniform_plan("tiny-llama", cfg.num_layers, 2, 16, device="cpu", **kw)
+        kinds |= {a["kind"] for _, a in build_step_graph(cfg, plan).nodes(data=True)}
+    engine = Engine(cfg, uniform_plan("tiny-llama", cfg.num_layers, 2, 16, device="cpu"), RandomWeights(cfg))
+    assert kinds == set(engine.op_bodies)
+    engine.close()
