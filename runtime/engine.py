@@ -145,7 +145,8 @@ class Engine:
         self.host_workers = {"cpu": ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-adamw"),
                              "disk": ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-tier")}
         self.trace: OpTrace | None = None
-        self.pending_updates: dict[int, Handle] = {}
+        self.after_previous_step: dict[str, str] = self.graph.graph["after_previous_step"]
+        self.previous_updates: dict[str, Handle] = {}  # the last step's update ops' completion
         self.pending_disk: dict[object, Future] = {}  # write-backs nothing in the step waits on
         self._allocate(source)
         # What each kind of graph op does (the graph's `kind` attribute names one of these).
@@ -288,6 +289,9 @@ class Engine:
                 args["norm"] = done.get("norm")  # this step's (grad_norm, clip coefficient), after_norm only
                 args["lr"] = self.lr
             on_host = resource in self.host_workers
+            previous = self.previous_updates.get(self.after_previous_step.get(name))
+            if previous is not None:  # a load waits for the previous step's update of its unit
+                self.streams.wait(resource, previous)
             for pred in self.graph.predecessors(name):
                 if self.graph.nodes[pred]["resource"] != resource and not on_host:
                     self.streams.wait(resource, done[pred])
@@ -303,7 +307,7 @@ class Engine:
                 if self.trace:
                     self.trace.add(name, self.trace.step, resource, attrs["kind"], start, self.trace.mark())
                 done[name] = self.streams.record(resource)
-        self.pending_updates = {u: done[op] for u, op in self.graph.graph["updates"].items()}
+        self.previous_updates = {op: done[op] for op in self.graph.graph["updates"].values()}
         self.pending_disk = {op: done[op] for op in self.write_backs}
         loss = float(self.loss)
         norm = done["norm"].result()[0] if "norm" in done else math.sqrt(float(self.sq_norm))
@@ -342,9 +346,6 @@ class Engine:
 
     def _load(self, unit: int) -> None:
         """fp32 master -> bf16 weights on the GPU, streamed through the staging ring when on the host."""
-        prev = self.pending_updates.get(unit)
-        if prev is not None:
-            self.streams.wait("gpu" if self.units[unit].on_gpu else "h2d", prev)
         weights = self.units[unit].weights
         if weights is not None:  # a disk unit's bf16 weights, in RAM: straight into the slot
             self._destination(unit)[: weights.numel()].copy_(weights, non_blocking=True)
@@ -485,7 +486,7 @@ class Engine:
     # --- results -------------------------------------------------------------------------------
     def synchronize(self) -> None:
         """Wait for every pending update and disk write-back (before reading weights or saving)."""
-        for h in [*self.pending_updates.values(), *self.pending_disk.values()]:
+        for h in [*self.previous_updates.values(), *self.pending_disk.values()]:
             host_wait(h)
         self.pending_disk = {}
         if self.device.type == "cuda":
@@ -549,7 +550,7 @@ class Engine:
             if state:
                 unit.optimizer.state[unit.master] = state
         self.synchronize()
-        self.pending_updates = {}
+        self.previous_updates = {}
 
     def hf_state(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Master weights under Hugging Face names (host copies, in `dtype`; in bf16, disk units' come from

@@ -211,7 +211,9 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
                 updates[u] = b.op(f"update:{u}", "update", "gpu", [norm], unit=u, params=numel[u])
             else:
                 host_update(u, [norm])
-    b.g.graph.update(cfg=cfg, plan=plan, updates=updates, disk_slot=disk_slot)
+    # Across steps: every load of a unit waits for the previous step's update of that unit.
+    after_previous_step = {n: updates[a["unit"]] for n, a in b.g.nodes(data=True) if a["kind"] == "load"}
+    b.g.graph.update(cfg=cfg, plan=plan, updates=updates, disk_slot=disk_slot, after_previous_step=after_previous_step)
     return b.g
 
 

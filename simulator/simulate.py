@@ -101,8 +101,8 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     preds = [tuple(index[p] for p in g.predecessors(n)) for n in order]
     blocking = [tuple(p for p in preds[i] if res[p] in HOST_RESOURCES) if res[i] not in HOST_RESOURCES else ()
                 for i in range(len(order))]
-    update_of = {u: index[op] for u, op in g.graph["updates"].items()}
-    after_update = [update_of[g.nodes[n]["unit"]] if g.nodes[n]["kind"] == "load" else -1 for n in order]
+    after_update = [index[g.graph["after_previous_step"][n]] if n in g.graph["after_previous_step"] else -1
+                    for n in order]
     dur = [op_seconds(g, n, cost) for n in order]
     iss = [issue_seconds(g, n, cost) for n in order]
     kinds = [g.nodes[n]["kind"] for n in order]
