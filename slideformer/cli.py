@@ -96,9 +96,10 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    from slideformer.planner.report import capacity_report, render
-    from slideformer.planner.search import GPU_BUDGET_FRACTION, HOST_BUDGET_FRACTION, Budgets
+    from slideformer.api import plan as capacity
+    from slideformer.planner.report import render
 
+    # Checked here too, so that errors name the flags (the API names its own arguments).
     problems = [f"{flag} must be > 0, got {v}" for flag, v in (("--gpu-mem", a.gpu_mem), ("--host-mem", a.host_mem),
                                                                 ("--max-grad-norm", a.max_grad_norm))
                 if v is not None and not v > 0]
@@ -110,17 +111,9 @@ def cmd_plan(a: argparse.Namespace) -> int:
         problems.append(f"--batch must be 'auto' or an integer >= 1, got {a.batch!r}")
     if problems:
         raise ConfigError("; ".join(problems))
-    prof = Profile.load(a.profile)
-    cfg = load_model_config(a.model)
-    # By default leave 8% of the GPU to the caching allocator's fragmentation (reserved above allocated).
-    gpu = a.gpu_mem * GiB if a.gpu_mem is not None else \
-        prof.gpu_memory_bytes and int(prof.gpu_memory_bytes * GPU_BUDGET_FRACTION)
-    host = a.host_mem * GiB if a.host_mem is not None else int(prof.host_memory_bytes * HOST_BUDGET_FRACTION)
-    if gpu is None:
-        raise ProfileError(f"profile {prof.name!r} has no GPU; pass --gpu-mem and a GPU profile")
-    batch = None if a.batch == "auto" else int(a.batch)
-    report = capacity_report(cfg, a.model, a.seq, batch, prof, Budgets(int(gpu), int(host), int((a.disk or 0) * GiB)),
-                             clip=a.max_grad_norm is not None)
+    report = capacity(a.model, a.seq, None if a.batch == "auto" else int(a.batch), gpu_mem_gib=a.gpu_mem,
+                      host_mem_gib=a.host_mem, disk_gib=a.disk or 0.0, profile=a.profile,
+                      clip=a.max_grad_norm is not None)
     if a.out and report["fits"]:
         plan = Plan(**report["plan"])
         plan.save(a.out)
