@@ -66,8 +66,6 @@ def main() -> None:
                        "peak_extra_bytes": peak, "bytes_per_token": peak / tokens if peak else None}
                 rows.append(row)
                 print(row, flush=True)
-            del x, dy
-        del params
         torch.cuda.empty_cache()
     write_result(a.out, {"command": f"python -m bench.layer_memory --out {a.out}", **provenance(), "rows": rows})
 
