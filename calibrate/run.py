@@ -17,8 +17,10 @@ MiB = 2**20
 
 def calibrate(models: list[ModelConfig], seqs: list[int], sequences_per_chunk: list[int], disk_dir: str | None,
               quick: bool = False, name: str | None = None, loss_chunk_tokens: int = 4096,
-              transfer_chunk_mb: int = 64) -> Profile:
-    """Everything the simulator reads. `quick` uses small sizes (tests, CPU smoke runs): its numbers are rough."""
+              transfer_chunk_mb: int = 64, max_chunk_tokens: int | None = None) -> Profile:
+    """Everything the simulator reads. `quick` uses small sizes (tests, CPU smoke runs): its numbers are rough.
+    `max_chunk_tokens` caps the chunks timed at each sequence length (one sequence is always timed), so long
+    sequences can be calibrated in the same call as short ones."""
     cuda = torch.cuda.is_available()
     scale = 1 if not quick else 1 / 64
     cores = os.cpu_count() or 1
@@ -63,8 +65,9 @@ def calibrate(models: list[ModelConfig], seqs: list[int], sequences_per_chunk: l
     device = "cuda" if cuda else "cpu"
     for cfg in models:
         for seq in seqs:
-            prof.layers += measure.layer_timings(cfg, seq, sequences_per_chunk, device)
-            prof.heads += measure.head_timings(cfg, [n * seq for n in sequences_per_chunk], loss_chunk_tokens, device)
+            sequences = [n for n in sequences_per_chunk if n == 1 or max_chunk_tokens is None or n * seq <= max_chunk_tokens]
+            prof.layers += measure.layer_timings(cfg, seq, sequences, device)
+            prof.heads += measure.head_timings(cfg, [n * seq for n in sequences], loss_chunk_tokens, device)
         if cuda:
             prof.issue_s = max(prof.issue_s, measure.issue_time(cfg, seqs[0]))
     return prof

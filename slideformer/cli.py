@@ -59,7 +59,8 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from slideformer.calibrate.run import calibrate
 
     models = [load_model_config(m) for m in a.model]
-    prof = calibrate(models, a.seq, a.sequences, a.disk_dir, quick=a.quick, name=a.name)
+    prof = calibrate(models, a.seq, a.sequences, a.disk_dir, quick=a.quick, name=a.name,
+                     max_chunk_tokens=a.max_chunk_tokens)
     prof.save(a.out)
     print(f"wrote {a.out}: {prof.device}; " + ", ".join(filter(None, [
         prof.h2d and f"H2D {prof.h2d.bandwidth / 1e9:.1f} GB/s", prof.d2h and f"D2H {prof.d2h.bandwidth / 1e9:.1f} GB/s",
@@ -174,6 +175,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--model", action="append", default=[], help="measure this model's layer shapes (repeatable)")
     c.add_argument("--seq", type=int, action="append", help="sequence lengths for the layer timings (repeatable)")
     c.add_argument("--sequences", type=int, nargs="+", default=[1, 2, 4, 8], help="sequences per chunk to time")
+    c.add_argument("--max-chunk-tokens", type=int, default=None,
+                   help="time only chunks up to this many tokens at each --seq (one sequence always): long and short "
+                        "sequences in one call, e.g. --seq 1024 --seq 65536 --sequences 1 8 32 --max-chunk-tokens 65536")
     c.add_argument("--disk-dir", help="directory to measure disk read/write in (default: not measured)")
     c.add_argument("--name", help="profile name (default: the GPU's name)")
     c.add_argument("--quick", action="store_true", help="small sizes: a smoke run, rough numbers")

@@ -10,12 +10,14 @@ REPORT_FIELDS = {"fits", "batch", "seq", "predicted_step_s", "predicted_tokens_p
 
 def test_calibrate_runs_without_a_gpu_and_writes_a_loadable_profile(tmp_path):
     out = tmp_path / "p.json"
-    assert main(["calibrate", "--model", "tiny-llama", "--seq", "32", "--sequences", "1", "2", "--quick",
-                 "--disk-dir", str(tmp_path), "--out", str(out)]) == 0
+    assert main(["calibrate", "--model", "tiny-llama", "--seq", "32", "--seq", "128", "--sequences", "1", "2", "--quick",
+                 "--max-chunk-tokens", "64", "--disk-dir", str(tmp_path), "--out", str(out)]) == 0
     prof = Profile.load(out)
     assert prof.cpu_adamw_params_per_s and all(r > 0 for r in prof.cpu_adamw_params_per_s)
     assert prof.disk.read_bandwidth > 0 and prof.disk.write_bandwidth > 0
-    assert [t.tokens for t in prof.layers] == [32, 64] and all(t.fwd_s > 0 for t in prof.layers)
+    # seq 32: one and two sequences; seq 128: one only (two would pass --max-chunk-tokens)
+    assert [(t.seq, t.tokens) for t in prof.layers] == [(32, 32), (32, 64), (128, 128)]
+    assert all(t.fwd_s > 0 for t in prof.layers)
     assert not prof.has_gpu and prof.h2d is None
 
 
