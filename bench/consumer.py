@@ -74,13 +74,12 @@ def run_ours(workloads: list[str], timeout_s: int, profile_path: str) -> dict:
                    "--steps", "2" if long_step else "3", "--out", str(out)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-                ok = proc.returncode == 0 and out.exists()
-            except subprocess.TimeoutExpired as e:
-                proc, ok = e, False
-            if not ok:
-                row["error"] = ((proc.stdout or "") + (proc.stderr or ""))[-3000:] if not isinstance(proc, subprocess.TimeoutExpired) \
-                    else f"timed out after {timeout_s} s"
-                print(f"  FAILED: {row['error'][-800:]}", flush=True)
+                error = None if proc.returncode == 0 and out.exists() else (proc.stdout + proc.stderr)[-3000:]
+            except subprocess.TimeoutExpired:
+                error = f"timed out after {timeout_s} s"
+            if error is not None:
+                row["error"] = error
+                print(f"  FAILED: {error[-800:]}", flush=True)
                 continue
             measured = json.loads(out.read_text())
         row |= {k: measured[k] for k in ("step_s", "per_step_s", "losses", "tokens_per_s", "model_tflops", "init_s",
@@ -155,15 +154,14 @@ def figure(record: dict, path: str) -> None:
     rows = table(record)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for system, style in (("ours", "o-"), ("official", "s--")):
-        def points(pick):
-            got = sorted((pick(w), r[system]["tokens_per_s"], r[system]) for w, r in rows.items()
-                         if system in r and "tokens_per_s" in r[system] and pick(w) is not None)
-            return got
-        by_batch = points(lambda w: seq_batch(w)[1] if seq_batch(w)[0] == 1024 else None)
-        by_seq = points(lambda w: seq_batch(w)[0] if seq_batch(w)[1] == 1 else None)
+        def points(pick) -> tuple[list[int], list[float]]:
+            """(x, tokens/s) of this system's runs that `pick` places on the x axis (None: not on it)."""
+            got = sorted((pick(*seq_batch(w)), r[system]["tokens_per_s"]) for w, r in rows.items()
+                         if "tokens_per_s" in r.get(system, {}) and pick(*seq_batch(w)) is not None)
+            return [x for x, _ in got], [t for _, t in got]
         label = "SlideFormer (this project)" if system == "ours" else "official SlideFormer"
-        axes[0].plot([b for b, _, _ in by_batch], [t for _, t, _ in by_batch], style, label=label)
-        axes[1].plot([s for s, _, _ in by_seq], [t for _, t, _ in by_seq], style, label=label)
+        axes[0].plot(*points(lambda seq, batch: batch if seq == 1024 else None), style, label=label)
+        axes[1].plot(*points(lambda seq, batch: seq if batch == 1 else None), style, label=label)
         mem = sorted((seq_batch(w)[0] * seq_batch(w)[1], r[system]["peak_gpu_allocated_gib"]) for w, r in rows.items()
                      if system in r and r[system].get("peak_gpu_allocated_gib"))
         axes[2].plot([t for t, _ in mem], [g for _, g in mem], style, label=label)

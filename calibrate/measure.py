@@ -312,7 +312,7 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
             kept_bwd()
         out.append(LayerTiming(*cfg.layer_shape(),
                                seq, n * seq, median_time(fwd, cuda=cuda), median_time(recompute_bwd, cuda=cuda),
-                               statistics.median(kept[1:]), peak_extra_bytes(recompute_bwd) if cuda else 0,
+                               statistics.median(kept[1:]),
                                kept_bytes(params, x, cos, sin, cfg) if cuda else 0))
     return out
 

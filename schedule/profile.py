@@ -53,7 +53,6 @@ class LayerTiming:
     fwd_s: float  # forward without autograd
     bwd_recompute_s: float  # forward with autograd + backward (the offload and recompute policies)
     bwd_kept_s: float  # backward from a kept graph
-    bwd_peak_bytes: int = 0  # GPU bytes recompute+backward allocates beyond its inputs and weights (0: unmeasured)
     kept_graph_bytes: int = 0  # GPU bytes a forward with autograd keeps until its backward (0: unmeasured)
 
     def shape(self) -> tuple[int, ...]:
