@@ -2,8 +2,8 @@
 
 The space: batch (given, or the best of powers of two up to the largest that fits), chunk, window,
 activation policy (offload, recompute or disk, with the last layers keeping their graphs), how many units
-keep their optimizer on the GPU, how many layers keep their states in the disk tier, and the loss piece
-size, on a fixed grid. Memory rules candidates out
+keep their optimizer on the GPU, how many layers are updated by the streamed GPU AdamW (spread evenly),
+how many layers keep their states in the disk tier, and the loss piece size, on a fixed grid. Memory rules candidates out
 in closed form; the simulator scores every one left, so the choice is the best of the grid.
 """
 from __future__ import annotations
@@ -142,13 +142,14 @@ def candidates(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Prof
                 for keep in sorted({0, 1, window} & set(range(L + 1))):
                     for gpu_units in units:  # each trades GPU memory for host memory
                         for late in late_update_grid(L, update):  # each trades host memory for overlap
-                            plan = _fewest_disk_layers(cfg, budgets, gpu_units, lambda disk, piece, tile, ring: uniform_plan(
-                                model, L, batch, seq, chunk=chunk, window=window, activation=activation,
-                                keep_last=keep, gpu_units=gpu_units, disk_layers=disk, update=update,
-                                loss_chunk_tokens=piece, mlp_tile_tokens=tile, grad_ring=ring, late_updates=late),
-                                profile)
-                            if plan is not None:
-                                out.append(plan)
+                            for streamed in streamed_grid(L, update, gpu_units):  # each trades PCIe for CPU time
+                                plan = _fewest_disk_layers(cfg, budgets, gpu_units, lambda disk, piece, tile, ring: uniform_plan(
+                                    model, L, batch, seq, chunk=chunk, window=window, activation=activation,
+                                    keep_last=keep, gpu_units=gpu_units, disk_layers=disk, update=update,
+                                    loss_chunk_tokens=piece, mlp_tile_tokens=tile, grad_ring=ring, late_updates=late,
+                                    streamed_layers=streamed), profile)
+                                if plan is not None:
+                                    out.append(plan)
     return out
 
 
@@ -158,6 +159,17 @@ def late_update_grid(num_layers: int, update: str) -> list[int]:
     if update != "during_backward":
         return [0]
     return sorted({0, num_layers // 4, num_layers // 2, num_layers + 1})
+
+
+def streamed_grid(num_layers: int, update: str, gpu_units: int) -> list[tuple[int, ...]]:
+    """Sets of layers the streamed GPU AdamW updates (Plan.placement 'streamed'): none, or a quarter, three
+    eighths or half of the layers spread evenly, so their PCIe traffic interleaves with the backward's loads rather than
+    bunching (layers placed on disk stay there). Both take work off the CPU, so plans with GPU-placed units
+    (a large GPU's way) are not combined with streamed layers (a small GPU's), which keeps the search short."""
+    if update != "during_backward" or gpu_units:
+        return [()]
+    counts = sorted({0, num_layers // 4, 3 * num_layers // 8, num_layers // 2})
+    return [tuple(int((i + 0.5) * num_layers / k) for i in range(k)) for k in counts]
 
 
 def _fewest_disk_layers(cfg: ModelConfig, budgets: Budgets, gpu_units: int, make, profile: Profile) -> Plan | None:

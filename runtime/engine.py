@@ -5,7 +5,8 @@ weights in pinned host memory (cast on the GPU, so the host keeps no bf16 copy);
 offloaded or kept per the plan; fp32 gradients come back into pinned host buffers where a fused AdamW
 updates master weights and states layer by layer while the GPU works on. Layers placed on disk keep their
 master weights and states in the disk tier (read ahead, written behind by a disk worker) and only their
-bf16 weights in RAM.
+bf16 weights in RAM. Streamed layers keep master and states in pinned RAM, pass them through GPU slots in
+pieces after their backward for a fused AdamW there, and write back bf16 weights for their loads.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from slideformer.models.config import ModelConfig
 from slideformer.models.layers import decoder_layer, decoder_layer_backward, rope_tables
 from slideformer.schedule.memory import GiB, describe, gpu_bytes, padded, pinned_host_buffers, saved_input_bytes
 from slideformer.schedule.graph import build_step_graph, issue_order
-from slideformer.schedule.plan import Plan, PlanError
+from slideformer.schedule.plan import STATE_STAGING_BUFFERS, Plan, PlanError
 
 from .disk import DeferredTensor, DiskTier
 from .layout import UnitLayout, unit_layouts
@@ -81,6 +82,41 @@ class Unit:
 
     def step(self, grad: torch.Tensor, clip_coef: torch.Tensor | float | None, lr: float) -> None:
         adamw_step(self.optimizer, self.master, grad, clip_coef, lr)
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        return self.optimizer.state.get(self.master, {})
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.optimizer.state[self.master] = state
+
+
+class StreamedUnit:
+    """A decoder layer whose fp32 master and AdamW states stay in pinned host memory and are updated on the
+    GPU piece by piece (`Engine._state_in/_state_update/_state_out`); the host also keeps its bf16 weights,
+    rewritten by every update, for the GPU's loads."""
+
+    on_gpu = False
+
+    def __init__(self, layout: UnitLayout, source: WeightSource, device: torch.device, host: PinnedArena,
+                 compute: torch.dtype) -> None:
+        self.layout = layout
+        self.master = host.take(layout.numel, torch.float32)
+        for name, view in layout.views(self.master).items():
+            view.copy_(source.get(name))
+        self.exp_avg = host.take(layout.numel, torch.float32).zero_()
+        self.exp_avg_sq = host.take(layout.numel, torch.float32).zero_()
+        self.weights = host.take(layout.numel, compute)
+        self.weights.copy_(self.master)
+        self.steps = torch.zeros((), dtype=torch.float32, device=device)  # where the fused kernel reads it
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        return {"step": self.steps, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.steps.copy_(state.get("step", torch.zeros(())))
+        for key in ("exp_avg", "exp_avg_sq"):
+            getattr(self, key).copy_(state[key]) if key in state else getattr(self, key).zero_()
+        self.weights.copy_(self.master)
 
 
 class DiskUnit:
@@ -154,6 +190,7 @@ class Engine:
             "load": self._load, "embed": self._embed, "save": self._save, "fwd": self._fwd, "head": self._head,
             "fetch": self._fetch, "bwd": self._bwd, "embed_bwd": self._embed_bwd, "grad_out": self._grad_out,
             "update": self._update, "norm": self._norm, "disk_read": self._disk_read,
+            "state_in": self._state_in, "state_update": self._state_update, "state_out": self._state_out,
             "disk_write": self._disk_write, "act_write": self._act_write, "act_read": self._act_read}
 
     # --- buffers ---------------------------------------------------------------------------
@@ -168,9 +205,11 @@ class Engine:
         self.disk_ring = [host.take(padded(12 * n_layer), torch.uint8) for _ in range(plan.disk_ring)] \
             if plan.disk_units else []
 
-        def make(u: int) -> Unit | DiskUnit:
+        def make(u: int) -> Unit | DiskUnit | StreamedUnit:
             if plan.placement[u] == "disk":
                 return DiskUnit(self.layouts[u], self.optim, host, compute)
+            if plan.placement[u] == "streamed":
+                return StreamedUnit(self.layouts[u], source, dev, host, compute)
             return Unit(self.layouts[u], source, plan.placement[u] == "gpu", dev, self.optim, host)
         with ThreadPoolExecutor(max_workers=min(16, len(self.layouts))) as pool:  # random init is single-threaded
             self.units = list(pool.map(make, range(L + 2)))
@@ -210,7 +249,7 @@ class Engine:
         self.host_grad: dict[int, torch.Tensor] = {}
         k = 0
         for u in [L + 1, *range(L, 0, -1), 0]:  # gradient arrival order
-            if plan.placement[u] == "gpu":
+            if not plan.host_updated(u):
                 continue
             if ring and 0 < u <= L and u not in plan.late_units:
                 self.host_grad[u] = ring[k % len(ring)]
@@ -221,6 +260,11 @@ class Engine:
                 self.host_grad[u] = host.take(max(self.layouts[0].numel, self.layouts[L + 1].numel), f32)
             else:
                 self.host_grad[u] = host.take(self.layouts[u].numel, f32)
+
+        # GPU slots the streamed updates' pieces pass through: fp32 master, exp_avg, exp_avg_sq; new bf16 weights.
+        piece = plan.state_piece_numel if plan.streamed_units else 0
+        self.state_slots = [(torch.empty(3, piece, dtype=f32, device=dev), torch.empty(piece, dtype=compute, device=dev))
+                            for _ in range(STATE_STAGING_BUFFERS if piece else 0)]
 
         shape = (plan.batch, plan.seq, cfg.hidden_size)
         self.hidden = [torch.empty(shape, dtype=compute, device=dev) for _ in range(2)]
@@ -284,9 +328,10 @@ class Engine:
         for name in self.order:
             attrs = self.graph.nodes[name]
             resource = attrs["resource"]
-            args = {k: attrs[k] for k in ("unit", "layer", "chunk", "slot") if k in attrs}
+            args = {k: attrs[k] for k in ("unit", "layer", "chunk", "slot", "piece") if k in attrs}
             if attrs["kind"] == "update":
                 args["norm"] = done.get("norm")  # this step's (grad_norm, clip coefficient), after_norm only
+            if attrs["kind"] in ("update", "state_update"):
                 args["lr"] = self.lr
             on_host = resource in self.host_workers
             previous = self.previous_updates.get(self.after_previous_step.get(name))
@@ -471,6 +516,41 @@ class Engine:
         else:
             u.step(grad, clip, lr)
 
+    def _piece(self, unit: int, piece: int) -> slice:
+        step = self.plan.state_piece_numel
+        return slice(piece * step, min((piece + 1) * step, self.layouts[unit].numel))
+
+    def _state_in(self, unit: int, piece: int, slot: int) -> None:
+        """A streamed unit's master and AdamW states, one piece, into a GPU slot."""
+        u, rows = self.units[unit], self._piece(unit, piece)
+        n = rows.stop - rows.start
+        states = self.state_slots[slot][0]
+        for k, src in enumerate((u.master, u.exp_avg, u.exp_avg_sq)):
+            states[k, :n].copy_(src[rows], non_blocking=True)
+
+    def _state_update(self, unit: int, piece: int, slot: int, lr: float) -> None:
+        """torch.optim.AdamW's fused step (the same kernel, so the same maths) on one piece, and its bf16 cast.
+        The step count goes up once per unit, before its first piece, as the optimizer's own step does."""
+        u, rows, o = self.units[unit], self._piece(unit, piece), self.optim
+        n = rows.stop - rows.start
+        states, weights = self.state_slots[slot]
+        master, exp_avg, exp_avg_sq = states[:, :n]
+        if piece == 0:
+            u.steps += 1
+        torch._fused_adamw_([master], [self.gpu_grad[unit][rows]], [exp_avg], [exp_avg_sq], [], [u.steps],
+                            lr=lr, beta1=o.betas[0], beta2=o.betas[1], weight_decay=o.weight_decay, eps=o.eps,
+                            amsgrad=False, maximize=False)
+        weights[:n].copy_(master)
+
+    def _state_out(self, unit: int, piece: int, slot: int) -> None:
+        """The updated piece back to the host: master, states and the bf16 weights the unit's loads read."""
+        u, rows = self.units[unit], self._piece(unit, piece)
+        n = rows.stop - rows.start
+        states, weights = self.state_slots[slot]
+        for k, dst in enumerate((u.master, u.exp_avg, u.exp_avg_sq)):
+            dst[rows].copy_(states[k, :n], non_blocking=True)
+        u.weights[rows].copy_(weights[:n], non_blocking=True)
+
     def _disk_read(self, unit: int, slot: int) -> None:
         self.tier.read(f"unit{unit}", self.disk_ring[slot])
 
@@ -528,7 +608,7 @@ class Engine:
                     out[f"unit{u}.{key}"] = DeferredTensor((unit.layout.numel,), torch.float32, load)
                 continue
             out[f"unit{u}.master"] = unit.master.detach().cpu()
-            for key, value in unit.optimizer.state.get(unit.master, {}).items():
+            for key, value in unit.optimizer_state().items():
                 out[f"unit{u}.{key}"] = value.detach().cpu().reshape(-1)
         return out
 
@@ -547,8 +627,8 @@ class Engine:
             unit.master.detach().copy_(get(f"unit{u}.master"))
             state = {key: get(f"unit{u}.{key}").to(unit.master.device).reshape(() if key == "step" else -1)
                      for key in ("step", "exp_avg", "exp_avg_sq") if f"unit{u}.{key}" in names}
-            if state:
-                unit.optimizer.state[unit.master] = state
+            if state or isinstance(unit, StreamedUnit):
+                unit.load_optimizer_state(state)
         self.synchronize()
         self.previous_updates = {}
 

@@ -1,4 +1,4 @@
-"""Compute, host-to-device and device-to-host streams, and their completion handles.
+"""Compute, host-to-device, device-to-host and streamed-optimizer streams, and their completion handles.
 
 On a CPU device every op completes when issued, so the same executor runs unchanged in CI.
 """
@@ -18,7 +18,7 @@ class Streams:
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.by_resource = {"gpu": torch.cuda.current_stream(device), "h2d": torch.cuda.Stream(device),
-                                "d2h": torch.cuda.Stream(device)}
+                                "d2h": torch.cuda.Stream(device), "opt": torch.cuda.Stream(device)}
 
     @contextmanager
     def on(self, resource: str) -> Iterator[None]:

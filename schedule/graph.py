@@ -1,7 +1,7 @@
 """One training step as a dependency graph of operations, the contract between runtime and simulator.
 
 Each node is an op with: `seq` (program order; every resource serves its ops in this order, like a CUDA
-stream), `kind`, `resource` (gpu, h2d, d2h, cpu, disk), the unit or layer and chunk it touches, its work
+stream), `kind`, `resource` (gpu, h2d, d2h, cpu, disk, and opt: the GPU stream of streamed updates), the unit or layer and chunk it touches, its work
 (`flops`, `bytes` or `params`) and `alloc`/`free` (bytes per tier it takes and gives back). Edges are true
 data dependencies and buffer reuse (write-after-read) hazards; ops on one resource are also ordered by seq.
 Units: 0 is the embedding, 1..L the decoder layers, L+1 the final norm and LM head.
@@ -12,7 +12,7 @@ import networkx as nx
 
 from slideformer.models.config import ModelConfig
 
-from slideformer.schedule.plan import Plan
+from slideformer.schedule.plan import STATE_STAGING_BUFFERS, STREAMED_IN_BYTES, STREAMED_OUT_BYTES, Plan
 
 def layer_unit(layer: int) -> int:
     return layer + 1
@@ -61,8 +61,9 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
     last = C - 1
 
     def load(u: int, tag: str, deps: list[str | None]) -> str:
-        """fp32 masters staged and cast on the GPU, a disk unit's bf16 weights kept in RAM, or GPU-resident."""
-        on_gpu, bf16 = plan.placement[u] == "gpu", plan.placement[u] == "disk"
+        """fp32 masters staged and cast on the GPU, a disk or streamed unit's bf16 weights kept in RAM, or
+        GPU-resident."""
+        on_gpu, bf16 = plan.placement[u] == "gpu", plan.placement[u] in ("disk", "streamed")
         return b.op(f"load:{u}:{tag}", "load", "gpu" if on_gpu else "h2d", deps, unit=u,
                     bytes=(2 if bf16 else 4) * numel[u], staged=not (on_gpu or bf16))
 
@@ -140,7 +141,29 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
     grad_buffer_reader: dict[int, str] = {}  # last D2H of each of the two shared GPU gradient buffers
     updates: dict[int, str] = {}
 
+    state_outs: list[str] = []  # streamed-update pieces in order; they cycle through the GPU's state slots
+
+    def streamed_update(u: int, ready: str) -> None:
+        """Piece by piece: master and states in, the fused AdamW on the GPU, master, states and bf16 weights out."""
+        piece = plan.state_piece_numel
+        for p in range(plan.streamed_pieces(numel[u])):
+            n = min(piece, numel[u] - p * piece)
+            j = len(state_outs)
+            war = state_outs[j - STATE_STAGING_BUFFERS] if j >= STATE_STAGING_BUFFERS else None
+            slot = j % STATE_STAGING_BUFFERS
+            into = b.op(f"state_in:{u}:{p}", "state_in", "h2d", [war], unit=u, piece=p, slot=slot,
+                        bytes=STREAMED_IN_BYTES * n)
+            step = b.op(f"state_update:{u}:{p}", "state_update", "opt", [into, ready], unit=u, piece=p, slot=slot,
+                        params=n)
+            state_outs.append(b.op(f"state_out:{u}:{p}", "state_out", "d2h", [step], unit=u, piece=p, slot=slot,
+                                   bytes=STREAMED_OUT_BYTES * n))
+        grad_buffer_reader[u % 2] = step
+        updates[u] = state_outs[-1]
+
     def grad_out_and_update(u: int, ready: str) -> None:
+        if plan.placement[u] == "streamed":
+            streamed_update(u, ready)
+            return
         if plan.placement[u] == "gpu":
             if plan.update == "during_backward":
                 updates[u] = b.op(f"update:{u}", "update", "gpu", [ready], unit=u, params=numel[u])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from slideformer.schedule.profile import Profile, fit_at
 from slideformer.models.config import ModelConfig
 from slideformer.schedule.graph import activation_bytes_per_token, unit_numels
-from slideformer.schedule.plan import STAGING_BUFFERS, Plan
+from slideformer.schedule.plan import STAGING_BUFFERS, STATE_STAGING_BUFFERS, STREAMED_OUT_BYTES, Plan
 
 GiB = 2**30
 DISK_ALIGN = 4096  # disk-tier files and their buffers, for O_DIRECT
@@ -86,6 +86,8 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
         "weight_window": plan.window * n[1] * 2,
         "transfer_staging": STAGING_BUFFERS * plan.transfer_chunk_mb * 2**20 if plan.stages_fp32_loads else 0,
         "layer_grad_buffers": 2 * n[1] * 4 if any(layer_on_host) else 0,
+        "state_staging": STATE_STAGING_BUFFERS * STREAMED_OUT_BYTES * plan.state_piece_numel
+        if plan.streamed_units else 0,
         "edge_weights_and_grads": (n[0] + n[L + 1]) * (2 + 4),
         "gpu_optimizer_states": sum(n[u] * (12 + (4 if 0 < u <= L else 0))
                                     for u in range(L + 2) if plan.placement[u] == "gpu"),
@@ -100,31 +102,35 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
 
 def pinned_host_buffers(cfg: ModelConfig, plan: Plan) -> dict[str, list[int]]:
     """Bytes of every pinned host buffer the runtime allocates, by kind: fp32 masters of RAM-updated units,
-    fp32 gradient destinations of host-updated units (a shared ring for layers during backward), offloaded
-    activations, disk units' bf16 weights and the ring of buffers their states pass through."""
+    streamed units' AdamW states, fp32 gradient destinations of host-updated units (a shared ring for layers
+    during backward), offloaded activations, disk and streamed units' bf16 weights and the ring of buffers disk
+    units' states pass through."""
     L, n = cfg.num_layers, unit_numels(cfg)
-    on_cpu = [u for u in range(L + 2) if plan.placement[u] == "cpu"]
-    on_host = [u for u in range(L + 2) if plan.placement[u] != "gpu"]
+    in_ram = [u for u in range(L + 2) if plan.placement[u] in ("cpu", "streamed")]
+    on_host = [u for u in range(L + 2) if plan.host_updated(u)]
     ring = plan.shares_grad_ring
     itemsize = 4 if plan.compute_dtype == "float32" else 2
     saved = saved_input_bytes(cfg, plan)
     return {
-        "master_weights": [4 * n[u] for u in on_cpu],
+        "master_weights": [4 * n[u] for u in in_ram],
+        "streamed_states": [4 * n[u] for u in plan.streamed_units for _ in ("exp_avg", "exp_avg_sq")],
         "gradients": [4 * n[1]] * (plan.grad_ring if ring else 0)
         + [4 * n[u] for u in on_host if not (ring and 0 < u <= L and u not in plan.late_units) and u not in (0, L + 1)]
         + ([4 * max(n[0], n[L + 1])] if plan.shares_edge_grad else [4 * n[u] for u in (0, L + 1) if u in on_host]),
         "offloaded_activations": [saved] * plan.activations.count("offload"),
         "disk_activation_ring": [padded(saved)] * (plan.disk_ring if "disk" in plan.activations else 0),
-        "bf16_weights": [itemsize * n[u] for u in plan.disk_units],
+        "bf16_weights": [itemsize * n[u] for u in plan.disk_units + plan.streamed_units],
         "disk_ring": [padded(12 * n[1])] * (plan.disk_ring if plan.disk_units else 0),
     }
 
 
 def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
-    """Host RAM of the runtime's buffers: fp32 masters and gradients (pinned), AdamW states, offloaded
+    """Host RAM of the runtime's buffers: fp32 masters and gradients (pinned), AdamW states (pinned where
+    streamed), offloaded
     activations, disk units' bf16 weights, and the disk tier's rings."""
     pinned = {kind: sum(sizes) for kind, sizes in pinned_host_buffers(cfg, plan).items()}
-    states = sum(8 * n for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu")
+    states = sum(8 * n for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu") \
+        + pinned["streamed_states"]
     return {
         "master_weights": pinned["master_weights"],
         "optimizer_states": states,

@@ -7,8 +7,12 @@ from pathlib import Path
 
 ACTIVATION_POLICIES = ("offload", "recompute", "keep", "disk")
 UPDATE_SCHEDULES = ("during_backward", "after_norm")
-PLACEMENTS = ("cpu", "gpu", "disk")
+PLACEMENTS = ("cpu", "gpu", "disk", "streamed")
 STAGING_BUFFERS = 4  # GPU buffers of `transfer_chunk_mb` in the fp32 weight stream's staging ring
+STATE_STAGING_BUFFERS = 3  # GPU slots a streamed update's pieces (master, exp_avg, exp_avg_sq, bf16) pass through
+# Bytes per parameter a streamed update moves: fp32 master and both AdamW states in; the same and the new
+# bf16 weights (which the unit's next loads read) out.
+STREAMED_IN_BYTES, STREAMED_OUT_BYTES = 12, 14
 
 
 class PlanError(ValueError):
@@ -31,7 +35,10 @@ class Plan:
     # Where each unit's fp32 master weights and AdamW states live and are updated, in unit order
     # (embed, layer 0..L-1, head): 'cpu' (host RAM, CPU AdamW), 'gpu' (never cross PCIe), or 'disk'
     # (decoder layers only: files in the disk tier, read ahead into `disk_ring` host buffers, updated by the
-    # CPU AdamW and written back; the host keeps their bf16 weights for the GPU's loads).
+    # CPU AdamW and written back; the host keeps their bf16 weights for the GPU's loads), or 'streamed' (decoder
+    # layers only: master and states in pinned RAM, streamed to the GPU in pieces after the layer's backward,
+    # updated there by the fused AdamW and written back with the bf16 weights the unit's loads read; its
+    # gradient never leaves the GPU and the CPU does no work for it).
     placement: list[str] = field(default_factory=list)
     update: str = "during_backward"  # or 'after_norm' (exact global-norm clipping, overlapped with next forward)
     # during_backward only: the first `late_updates` units (embedding, layer 0, ...) updated on the CPU wait for
@@ -54,12 +61,30 @@ class Plan:
     def chunks(self) -> int:
         return self.batch // self.chunk
 
+    def host_updated(self, unit: int) -> bool:
+        """The unit's gradient goes to host RAM and the CPU AdamW updates it ('cpu' and 'disk')."""
+        return self.placement[unit] in ("cpu", "disk")
+
     @property
     def shares_grad_ring(self) -> bool:
         """CPU-updated layers pass their gradients through `grad_ring` shared host buffers (during_backward)."""
         late = set(self.late_units)
         return self.update == "during_backward" and any(
-            self.placement[u] != "gpu" and u not in late for u in range(1, len(self.placement) - 1))
+            self.host_updated(u) and u not in late for u in range(1, len(self.placement) - 1))
+
+    @property
+    def streamed_units(self) -> list[int]:
+        return [u for u, p in enumerate(self.placement) if p == "streamed"]
+
+    def streamed_pieces(self, numel: int) -> int:
+        """Pieces a streamed unit of `numel` parameters is updated in (one staging slot each)."""
+        return -(-numel // self.state_piece_numel)
+
+    @property
+    def state_piece_numel(self) -> int:
+        """Parameters per streamed-update piece: twice a weight-stream piece's (8B layer: 7 pieces, 1.3 GiB of
+        GPU slots at 64 MB)."""
+        return self.transfer_chunk_mb * 2**20 // 2
 
     @property
     def late_units(self) -> list[int]:
@@ -96,10 +121,14 @@ class Plan:
             problems.append("'keep' is allowed only for the last `window` layers, whose weights stay resident")
         if len(self.placement) != num_layers + 2 or set(self.placement) - set(PLACEMENTS):
             problems.append(f"placement needs {num_layers + 2} entries (embed, layers, head) from {PLACEMENTS}")
-        elif "disk" in (self.placement[0], self.placement[-1]):
-            problems.append("'disk' placement is for decoder layers; the embedding and head stay in RAM or on the GPU")
+        elif {"disk", "streamed"} & {self.placement[0], self.placement[-1]}:
+            problems.append("'disk' and 'streamed' placements are for decoder layers; the embedding and head are "
+                            "'cpu' or 'gpu'")
         if self.update not in UPDATE_SCHEDULES:
             problems.append(f"update must be one of {UPDATE_SCHEDULES}")
+        elif self.update != "during_backward" and "streamed" in self.placement:
+            problems.append("'streamed' placement needs update 'during_backward' (its gradient stays in a shared GPU "
+                            "buffer that the next layers' backward reuses)")
         if self.compute_dtype not in ("bfloat16", "float32") or (self.compute_dtype == "float32" and self.device != "cpu"):
             problems.append("compute_dtype is 'bfloat16', or 'float32' on device 'cpu'")
         if min(self.grad_ring, self.disk_ring, self.transfer_chunk_mb, self.loss_chunk_tokens) < 1:
@@ -136,10 +165,11 @@ class Plan:
 
 def uniform_plan(model: str, num_layers: int, batch: int, seq: int, chunk: int | None = None, window: int = 2,
                  activation: str = "offload", keep_last: int = 0, gpu_units: int = 0, disk_layers: int = 0,
-                 **kw) -> Plan:
+                 streamed_layers: tuple[int, ...] = (), **kw) -> Plan:
     """A plan with one policy for every layer; the last `keep_last` layers keep their graphs, the first
-    `gpu_units` units (embed, layer 0, ...) plus the head when gpu_units > 0 are updated on the GPU, and the
-    last `disk_layers` layers keep their states on disk (updated first in backward, needed last in forward)."""
+    `gpu_units` units (embed, layer 0, ...) plus the head when gpu_units > 0 are updated on the GPU, the
+    last `disk_layers` layers keep their states on disk (updated first in backward, needed last in forward)
+    and the layers `streamed_layers` that are left on the CPU are updated by the streamed GPU AdamW."""
     acts = [activation] * num_layers
     for i in range(num_layers - keep_last, num_layers):
         acts[i] = "keep"
@@ -150,5 +180,8 @@ def uniform_plan(model: str, num_layers: int, batch: int, seq: int, chunk: int |
         placement[-1] = "gpu"
     for i in range(num_layers + 1 - disk_layers, num_layers + 1):
         placement[i] = "disk"
+    for lay in streamed_layers:
+        if placement[lay + 1] == "cpu":
+            placement[lay + 1] = "streamed"
     return Plan(model=model, batch=batch, seq=seq, chunk=chunk or batch, window=window, activations=acts,
                 placement=placement, **kw)

@@ -3,8 +3,8 @@
 Layer and head times come from the profile's measurements of the model's own shapes (linear in tokens
 between measured chunk sizes); shapes it did not measure run at the measured efficiency of the shapes it
 did (or half of peak for a spec-sheet profile). Copies cost latency + bytes / bandwidth; weight loads
-run at the rate calibrate measured beside a layer's backward. Each direction runs at its own rate: in
-measured traces the two directions overlap only in part, so the duplex limit rarely binds.
+run at the rate calibrate measured beside a layer's backward. Each direction runs at its own rate; the
+simulator bounds the step by both directions' bytes at the measured duplex rate (streamed updates fill both).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from slideformer.schedule.profile import Profile, ProfileError, fit_at
 from slideformer.models.config import ModelConfig
 from slideformer.schedule.graph import unit_numels
 from slideformer.schedule.memory import saved_input_bytes
+from slideformer.schedule.plan import STREAMED_IN_BYTES, STREAMED_OUT_BYTES
 
 SPEC_EFFICIENCY = 0.5  # achieved/peak GEMM rate assumed for layers no profile measured
 STAGING_PIECE_LAUNCH_S = 20e-6  # host cost of one staging copy + cast pair
@@ -114,10 +115,12 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
         if a["resource"] == "gpu":  # fp32 master already on the GPU: read 4 bytes, write 2
             return cost.gpu_bytes_moved(a["bytes"] * 1.5)
         return cost.load(a["bytes"], plan.transfer_chunk_mb) if a["staged"] else cost.copy("h2d", a["bytes"])
-    if kind in ("save", "grad_out"):
+    if kind in ("save", "grad_out", "state_out"):
         return cost.copy("d2h", a["bytes"])
-    if kind == "fetch":
+    if kind in ("fetch", "state_in"):
         return cost.copy("h2d", a["bytes"])
+    if kind == "state_update":  # the fused AdamW on one piece, and its bf16 cast
+        return a["params"] / cost.p.gpu_adamw_params_per_s + cost.gpu_bytes_moved(6 * a["params"])
     slow = cost.p.compute_slowdown_under_copies  # layers run beside the weight and gradient streams
     if kind == "fwd":
         return cost.layer("fwd_s", tokens) * slow
@@ -161,13 +164,32 @@ def issue_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
 
 def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
     """A bound no simulated step time of `plan` can beat: the GPU's compute alone, the CPU's updates alone,
-    or the disk tier's reads and writes alone (each op's cost is at least its term here)."""
+    the disk tier's reads and writes alone, or either PCIe direction's weight, gradient and streamed-state
+    copies alone (each op's cost is at least its term here)."""
     tokens, slow = plan.chunk * plan.seq, cost.p.compute_slowdown_under_copies
     layers = sum(cost.layer("fwd_s", tokens) + cost.layer("bwd_kept_s" if a == "keep" else "bwd_recompute_s", tokens)
                  for a in plan.activations)
     gpu = plan.chunks * (layers + cost.head(tokens)) * slow
     numels = unit_numels(cfg)
-    cpu = sum(cost.host_update(n, where == "disk") for n, where in zip(numels, plan.placement) if where != "gpu")
+    cpu = sum(cost.host_update(n, plan.placement[u] == "disk") for u, n in enumerate(numels) if plan.host_updated(u))
     files = [12 * numels[u] for u in plan.disk_units] + [saved_input_bytes(cfg, plan)] * plan.activations.count("disk")
     disk = sum(cost.disk("read", n) + cost.disk("write", n) for n in files)
-    return max(gpu, cpu, disk)
+    h2d = d2h = pcie_bytes = 0.0
+    L = cfg.num_layers
+    for u, n in enumerate(numels):
+        where = plan.placement[u]
+        if where == "gpu":
+            continue
+        loads = 2 if 0 < u <= L - plan.window else 1  # layers outside the last window load again for backward
+        load = cost.load(4 * n, plan.transfer_chunk_mb) if where == "cpu" else cost.copy("h2d", 2 * n)
+        h2d += loads * load
+        pcie_bytes += loads * (4 if where == "cpu" else 2) * n
+        if where == "streamed":
+            h2d += STREAMED_IN_BYTES * n / cost.p.h2d.bandwidth
+            d2h += STREAMED_OUT_BYTES * n / cost.p.d2h.bandwidth
+            pcie_bytes += (STREAMED_IN_BYTES + STREAMED_OUT_BYTES) * n
+        else:
+            d2h += cost.copy("d2h", 4 * n)
+            pcie_bytes += 4 * n
+    duplex = pcie_bytes / cost.p.duplex_bandwidth if cost.p.duplex_bandwidth else 0.0
+    return max(gpu, cpu, disk, h2d, d2h, duplex)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-RESOURCE_ROWS = ("gpu", "h2d", "d2h", "cpu")
+RESOURCE_ROWS = ("gpu", "opt", "h2d", "d2h", "cpu", "disk")  # drawn where a timeline has ops on them
 COLOURS = {"load": "#4e79a7", "fwd": "#59a14f", "bwd": "#e15759", "head": "#b07aa1", "save": "#f28e2b",
            "fetch": "#edc948", "grad_out": "#76b7b2", "update": "#9c755f", "embed": "#bab0ac",
-           "embed_bwd": "#bab0ac", "norm": "#000000"}
+           "embed_bwd": "#bab0ac", "norm": "#000000", "state_in": "#1f3b73", "state_update": "#5c3d2e",
+           "state_out": "#3b7f7a", "disk_read": "#8cd17d", "disk_write": "#499894", "act_read": "#d4a6c8",
+           "act_write": "#9d7660"}
 
 
 def draw(timelines: list[tuple[str, list[dict], list[tuple[float, int]] | None]], path: str | Path,
@@ -23,11 +25,12 @@ def draw(timelines: list[tuple[str, list[dict], list[tuple[float, int]] | None]]
     axes = iter(axes[:, 0])
     for title, spans, memory in timelines:
         ax = next(axes)
-        for row, res in enumerate(RESOURCE_ROWS):
+        rows = [r for r in RESOURCE_ROWS if any(s["resource"] == r for s in spans)]
+        for row, res in enumerate(rows):
             bars = [(s["start"], s["end"] - s["start"]) for s in spans if s["resource"] == res]
             colours = [COLOURS.get(s["kind"], "grey") for s in spans if s["resource"] == res]
             ax.broken_barh(bars, (row - 0.4, 0.8), facecolors=colours, linewidth=0)
-        ax.set_yticks(range(len(RESOURCE_ROWS)), RESOURCE_ROWS)
+        ax.set_yticks(range(len(rows)), rows)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10, loc="left")
         if memory:

@@ -21,10 +21,10 @@ from slideformer.schedule.memory import disk_bytes, gpu_bytes, head_workspace, h
 
 from .costs import CostModel, issue_seconds, op_seconds
 
-RESOURCES = ("gpu", "h2d", "d2h", "cpu", "disk")
+RESOURCES = ("gpu", "h2d", "d2h", "cpu", "disk", "opt")
 HOST_RESOURCES = ("cpu", "disk")  # served by worker threads; the GPU's streams wait on them through futures
 RESOURCE_NAMES = {"gpu": "GPU compute", "h2d": "PCIe host-to-device", "d2h": "PCIe device-to-host",
-                  "cpu": "CPU optimizer", "disk": "disk tier"}
+                  "cpu": "CPU optimizer", "disk": "disk tier", "opt": "GPU streamed optimizer"}
 
 
 @dataclass
@@ -49,7 +49,8 @@ class Simulation:
     tokens_per_step: int
     flops_per_step: float
     disk_bytes: int = 0  # the disk tier's files
-    work_per_step: dict[str, float] = field(default_factory=dict)  # seconds of ops per step on each resource
+    # seconds of ops per step on each resource, and 'pcie_duplex': both copy directions' bytes at the duplex rate
+    work_per_step: dict[str, float] = field(default_factory=dict)
     utilisation: dict[str, float] = field(default_factory=dict)
     critical: dict[str, float] = field(default_factory=dict)  # seconds of the last step's critical path per resource
 
@@ -173,11 +174,18 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     host = host_bytes(cfg, plan, profile)
     sim = Simulation(plan, spans, step_ends, timeline, sum(host.values()), static, host, plan.batch * plan.seq,
                      cfg.model_flops_per_token(plan.seq) * plan.batch * plan.seq, disk_bytes(cfg, plan))
-    sim.work_per_step = {r: sum(d for d, x in zip(dur, res) if x == r) for r in RESOURCES}
+    sim.work_per_step = dict.fromkeys(RESOURCES, 0.0)
+    for d, r in zip(dur, res):
+        sim.work_per_step[r] += d
+    if profile.duplex_bandwidth:
+        pcie = sum(g.nodes[n].get("bytes", 0) for n, r in zip(order, res) if r in ("h2d", "d2h"))
+        sim.work_per_step["pcie_duplex"] = pcie / profile.duplex_bandwidth
     lo, hi = step_ends[-2], step_ends[-1]
-    for r in RESOURCES:
-        busy = sum(max(0.0, min(s.end, hi) - max(s.start, lo)) for s in spans if s.resource == r)
-        sim.utilisation[r] = busy / (hi - lo)
+    busy = dict.fromkeys(RESOURCES, 0.0)
+    for s in spans:
+        if s.end > lo and s.start < hi:
+            busy[s.resource] += min(s.end, hi) - max(s.start, lo)
+    sim.utilisation = {r: busy[r] / (hi - lo) for r in RESOURCES}
     sim.critical = dict.fromkeys(RESOURCES, 0.0)
     key = final
     while key is not None and spans[key[0] * len(order) + key[1]].end > lo:

@@ -86,6 +86,7 @@ PLANS = {
     "ring-of-1": dict(window=2, activation="offload", grad_ring=1),
     "late-updates-3": dict(window=2, activation="offload", late_updates=3),  # embedding, layers 0-1 after bwd
     "mlp-in-tiles": dict(window=2, activation="recompute", mlp_tile_tokens=24),  # 128 tokens: 5 tiles + 8
+    "streamed-layers": dict(window=2, activation="offload", streamed_layers=(0, 2, 3), late_updates=2),
 }
 
 
@@ -131,8 +132,10 @@ def test_tolerance_detects_a_real_difference():
 
 
 @pytest.mark.gpu
-def test_weights_streamed_in_many_pieces_match_reference():
-    """Units larger than the staging buffer stream through it piece by piece (the large-model path)."""
+@pytest.mark.parametrize("streamed_layers", [(), (0, 2)])
+def test_weights_streamed_in_many_pieces_match_reference(streamed_layers):
+    """Units larger than the staging buffer stream through it piece by piece (the large-model path), and so do
+    streamed layers' states through the GPU's AdamW."""
     from dataclasses import replace
     cfg = replace(PRESETS["tiny-llama"], vocab_size=4096, hidden_size=512, intermediate_size=1408, num_heads=8,
                   num_kv_heads=2, head_dim=64, num_layers=3, name="mid-llama")
@@ -140,8 +143,9 @@ def test_weights_streamed_in_many_pieces_match_reference():
     src = RandomWeights(cfg, seed=3)
     optim = AdamWConfig(lr=1e-3)
     plan = uniform_plan("tiny-llama", cfg.num_layers, B, S, chunk=2, window=2, transfer_chunk_mb=1,
-                        device="cuda")
+                        streamed_layers=streamed_layers, device="cuda")
     assert cfg.layer_params * 4 > 3 * 2**20  # each layer crosses PCIe in several pieces
+    assert all(plan.streamed_pieces(cfg.layer_params) > 2 for _ in plan.streamed_units)
     engine = Engine(cfg, plan, src, optim)
     losses = [engine.train_step(ids, labels).loss for ids, labels in data]
     ours = engine.hf_state()

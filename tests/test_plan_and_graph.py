@@ -64,7 +64,8 @@ def test_the_engine_has_a_body_for_every_kind_of_op_the_graph_builds():
 
     cfg = PRESETS["tiny-llama"]
     kinds = set()
-    for kw in (dict(activation="offload"), dict(update="after_norm"), dict(activation="disk", disk_layers=2)):
+    for kw in (dict(activation="offload"), dict(update="after_norm"), dict(activation="disk", disk_layers=2),
+               dict(streamed_layers=(1,))):
         plan = uniform_plan("tiny-llama", cfg.num_layers, 2, 16, device="cpu", **kw)
         kinds |= {a["kind"] for _, a in build_step_graph(cfg, plan).nodes(data=True)}
     engine = Engine(cfg, uniform_plan("tiny-llama", cfg.num_layers, 2, 16, device="cpu"), RandomWeights(cfg))

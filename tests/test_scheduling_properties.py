@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from slideformer.schedule.profile import Disk, Link, Profile
 from slideformer.models import PRESETS
-from slideformer.schedule.graph import build_step_graph
+from slideformer.schedule.graph import build_step_graph, unit_numels
 from slideformer.schedule.plan import uniform_plan
 from slideformer.schedule.memory import GiB, host_bytes
 from slideformer.planner.search import Budgets, choose_plan, gpu_need, least_needs
@@ -37,7 +37,7 @@ def profiles(draw):
         h2d=Link(rate(1e7, 6e10), rate(0, 1e-4)), d2h=Link(rate(1e7, 6e10), rate(0, 1e-4)),
         staged_load_bandwidth=draw(st.none() | st.floats(1e7, 6e10)), host_cast_bandwidth=rate(1e8, 1e11),
         disk=Disk("-", "spec", rate(1e7, 1e10), rate(1e7, 1e10), rate(0, 0.1), rate(0, 0.1)),
-        compute_slowdown_under_copies=rate(1.0, 1.3))
+        compute_slowdown_under_copies=rate(1.0, 1.3), duplex_bandwidth=draw(st.none() | st.floats(1e7, 1e11)))
 
 
 @st.composite
@@ -51,7 +51,8 @@ def plans(draw, cfg):
                         keep_last=draw(st.integers(0, window)), gpu_units=draw(st.integers(0, L + 2)), update=update,
                         late_updates=draw(st.integers(0, L + 1)) if update == "during_backward" else 0,
                         grad_ring=draw(st.integers(1, 4)), disk_layers=draw(st.integers(0, L)),
-                        disk_ring=draw(st.integers(1, 3)), device="cpu")
+                        disk_ring=draw(st.integers(1, 3)), transfer_chunk_mb=1, device="cpu",
+                        streamed_layers=tuple(draw(st.sets(st.integers(0, L - 1)))) if update == "during_backward" else ())
 
 
 @settings(max_examples=80, deadline=None)
@@ -65,13 +66,18 @@ def test_simulation_honours_dependencies_resources_and_updates(data, cfg, profil
         for u, v in g.edges:  # every op starts after its inputs are produced
             assert at[(step, v)].start >= at[(step, u)].end - 1e-12
         updated = sorted(g.nodes[op]["unit"] for (k, op) in at if k == step and g.nodes[op]["kind"] == "update")
-        assert updated == list(range(cfg.num_layers + 2))  # each unit updated exactly once per step
+        pieces = [(g.nodes[op]["unit"], g.nodes[op]["params"]) for (k, op) in at
+                  if k == step and g.nodes[op]["kind"] == "state_update"]
+        for u in plan.streamed_units:  # a streamed unit's pieces cover its parameters once
+            assert sum(n for v, n in pieces if v == u) == unit_numels(cfg)[u]
+        # each unit updated exactly once per step
+        assert sorted(updated + plan.streamed_units) == list(range(cfg.num_layers + 2))
         if step:  # the next step's weights are the updated ones
             for unit, op in g.graph["updates"].items():
                 for n in g.nodes:
                     if n.startswith(f"load:{unit}:"):
                         assert at[(step, n)].start >= at[(step - 1, op)].end - 1e-12
-    for res in ("gpu", "h2d", "d2h", "cpu", "disk"):  # one op at a time per resource
+    for res in ("gpu", "h2d", "d2h", "cpu", "disk", "opt"):  # one op at a time per resource
         spans = sorted((s for s in sim.spans if s.resource == res), key=lambda s: s.start)
         for a, b in zip(spans, spans[1:]):
             assert b.start >= a.end - 1e-12

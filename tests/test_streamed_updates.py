@@ -1,0 +1,91 @@
+"""The 'streamed' placement: master and AdamW states stream to the GPU in pieces and back; the same maths
+as the CPU's torch AdamW (the same fused kernel, piece by piece), so on a CPU device it is bit-identical."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from slideformer.checkpoint import STATE_FILE, write_safetensors
+from slideformer.models import PRESETS, RandomWeights
+from slideformer.runtime import AdamWConfig, Engine
+from slideformer.schedule.graph import build_step_graph
+from slideformer.schedule.plan import PlanError, uniform_plan
+
+# layers of 553,344 parameters: two pieces each at transfer_chunk_mb=1 (524,288 per piece)
+MID = replace(PRESETS["tiny-llama"], hidden_size=192, intermediate_size=768, head_dim=48, num_layers=3, name="mid")
+OPTIM = AdamWConfig(lr=1e-3, weight_decay=0.01)
+
+
+def batches(vocab: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    ids = [torch.randint(0, vocab, (4, 32), generator=g) for _ in range(steps)]
+    return [(x, torch.roll(x, -1, 1)) for x in ids]
+
+
+def train(cfg, steps=4, state=None, **kw):
+    plan = uniform_plan("mid", cfg.num_layers, 4, 32, chunk=2, device="cpu", transfer_chunk_mb=1, **kw)
+    engine = Engine(cfg, plan, RandomWeights(cfg, seed=3), OPTIM)
+    if state is not None:  # fresh tensors, as from a checkpoint file (host units adopt what they are given)
+        engine.load_training_state(lambda name: state[name].clone(), set(state))
+    data = batches(cfg.vocab_size, steps)
+    losses = [engine.train_step(ids, labels).loss for ids, labels in data]
+    out = engine.training_state()
+    engine.close()
+    return losses, {k: v.clone() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("kw", [dict(streamed_layers=(0, 1, 2)), dict(streamed_layers=(1,), late_updates=3),
+                                dict(streamed_layers=(0, 2), activation="recompute", window=1)])
+def test_streamed_layers_train_bit_identically_to_cpu_ones(kw):
+    cfg = MID
+    plan = uniform_plan("mid", cfg.num_layers, 4, 32, device="cpu", transfer_chunk_mb=1, **kw)
+    assert plan.streamed_units and all(plan.streamed_pieces(cfg.layer_params) == 2 for _ in plan.streamed_units)
+    base = {k: v for k, v in kw.items() if k != "streamed_layers"}
+    want_losses, want = train(cfg, **base)
+    got_losses, got = train(cfg, **kw)
+    assert got_losses == want_losses
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name].reshape(-1), want[name].reshape(-1)), name
+
+
+def test_a_streamed_checkpoint_resumes_on_the_cpu_placement_and_back(tmp_path):
+    from safetensors.torch import load_file
+    _, after_two = train(MID, steps=2, streamed_layers=(0, 2))
+    write_safetensors(tmp_path / STATE_FILE, after_two.items())
+    state = load_file(tmp_path / STATE_FILE)
+    straight, _ = train(MID, steps=2, state=state, streamed_layers=(0, 2))
+    on_cpu, cpu_state = train(MID, steps=2, state=state)
+    assert on_cpu == straight
+    back, _ = train(MID, steps=1, state=cpu_state, streamed_layers=(1,))
+    assert back == train(MID, steps=1, state=cpu_state)[0]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(update="after_norm", streamed_layers=(1,)), "'streamed' placement needs update 'during_backward'"),
+])
+def test_streamed_plans_that_cannot_run_are_refused(kw, message):
+    plan = uniform_plan("tiny-llama", 4, 4, 32, device="cpu", **kw)
+    with pytest.raises(PlanError, match=message):
+        plan.validate(4)
+    plan = uniform_plan("tiny-llama", 4, 4, 32, device="cpu")
+    plan.placement[0] = "streamed"
+    with pytest.raises(PlanError, match="'disk' and 'streamed' placements are for decoder layers"):
+        plan.validate(4)
+
+
+def test_streamed_pieces_cycle_through_the_gpu_slots_in_order():
+    """Each piece goes in, is updated and goes out on one slot; a slot is refilled only after it went out."""
+    from slideformer.schedule.plan import STATE_STAGING_BUFFERS
+    plan = uniform_plan("mid", MID.num_layers, 4, 32, device="cpu", transfer_chunk_mb=1, streamed_layers=(0, 1, 2))
+    g = build_step_graph(MID, plan)
+    ins = sorted((n for n, a in g.nodes(data=True) if a["kind"] == "state_in"), key=lambda n: g.nodes[n]["seq"])
+    assert len(ins) == 6
+    for j, n in enumerate(ins):
+        unit, piece = n.split(":")[1:]
+        assert g.nodes[n]["slot"] == j % STATE_STAGING_BUFFERS
+        assert g.has_edge(n, f"state_update:{unit}:{piece}") and g.has_edge(f"state_update:{unit}:{piece}",
+                                                                           f"state_out:{unit}:{piece}")
+        if j >= STATE_STAGING_BUFFERS:
+            assert g.has_edge(ins[j - STATE_STAGING_BUFFERS].replace("state_in", "state_out"), n)
+    assert sum(a["params"] for _, a in g.nodes(data=True) if a["kind"] == "state_update") == 3 * MID.layer_params
