@@ -138,6 +138,58 @@ def duplex_bandwidth(nbytes: int) -> float:
     return 2 * nbytes / median_time(both)
 
 
+def streamed_update_bandwidths(numel: int, piece_numel: int, slots: int) -> tuple[float, float]:
+    """Bytes/s of a streamed update's copies in each direction (master and states in; the same and bf16 weights
+    out), timed op by op as the runtime issues them: pieces cycle through `slots` GPU slots, in on one stream,
+    the fused AdamW on another, out on a third, so both PCIe directions run at once as in a step."""
+    host = [torch.zeros(numel, dtype=torch.float32, pin_memory=True) for _ in range(3)]
+    weights = torch.empty(numel, dtype=torch.bfloat16, pin_memory=True)
+    grad = torch.full((numel,), 1e-3, device="cuda")
+    step = torch.ones((), device="cuda")
+    gpu = [(torch.empty(3, piece_numel, device="cuda"), torch.empty(piece_numel, dtype=torch.bfloat16, device="cuda"))
+           for _ in range(slots)]
+    h2d, opt, d2h = torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.Stream()
+
+    def timed(stream: torch.cuda.Stream, work: Callable[[], None], spans: list) -> torch.cuda.Event:
+        with torch.cuda.stream(stream):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            work()
+            b.record()
+        spans.append((a, b))
+        return b
+
+    def run() -> tuple[float, float]:
+        ins: list = []
+        outs: list = []
+        freed: list = [None] * slots
+        for k, start in enumerate(range(0, numel, piece_numel)):
+            rows = slice(start, min(start + piece_numel, numel))
+            n = rows.stop - rows.start
+            states, bf16 = gpu[k % slots]
+            if freed[k % slots] is not None:
+                h2d.wait_event(freed[k % slots])
+            copied = timed(h2d, lambda: [states[i, :n].copy_(host[i][rows], non_blocking=True) for i in range(3)], ins)
+            opt.wait_event(copied)
+            with torch.cuda.stream(opt):
+                torch._fused_adamw_([states[0, :n]], [grad[rows]], [states[1, :n]], [states[2, :n]], [], [step],
+                                    lr=1e-5, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
+                                    maximize=False)
+                bf16[:n].copy_(states[0, :n])
+                updated = torch.cuda.Event()
+                updated.record()
+            d2h.wait_event(updated)
+            freed[k % slots] = timed(d2h, lambda: [*(host[i][rows].copy_(states[i, :n], non_blocking=True)
+                                                     for i in range(3)),
+                                                   weights[rows].copy_(bf16[:n], non_blocking=True)], outs)
+        torch.cuda.synchronize()
+        return tuple(sum(a.elapsed_time(b) for a, b in spans) / 1e3 for spans in (ins, outs))
+    run()  # warm-up
+    times = [run() for _ in range(3)]
+    in_s, out_s = (statistics.median(t[i] for t in times) for i in range(2))
+    return 12 * numel / in_s, 14 * numel / out_s
+
+
 class BackgroundCopies:
     """Keeps both PCIe directions busy (pinned copies on two side streams) while a measurement runs."""
 

@@ -10,6 +10,7 @@ import torch
 from slideformer.models.config import ModelConfig
 
 from . import measure
+from slideformer.schedule.plan import STATE_STAGING_BUFFERS
 from slideformer.schedule.profile import Profile
 
 MiB = 2**20
@@ -57,6 +58,8 @@ def calibrate(models: list[ModelConfig], seqs: list[int], sequences_per_chunk: l
         unit = int(unit * scale)
         copies = measure.BackgroundCopies(int(256 * MiB * scale))
         prof.cpu_adamw_busy_params_per_s = measure.cpu_adamw_rate_under_copies(unit, copies, prof.h2d.bandwidth)
+        prof.streamed_in_bandwidth, prof.streamed_out_bandwidth = measure.streamed_update_bandwidths(
+            unit, int(transfer_chunk_mb * MiB * scale) // 2, STATE_STAGING_BUFFERS)
         if models:
             prof.staged_load_bandwidth = measure.staged_load_bandwidth(
                 models[0], seqs[0], max(sequences_per_chunk), int(transfer_chunk_mb * MiB * scale))

@@ -108,6 +108,9 @@ class Profile:
     d2h: Link | None = None
     duplex_bandwidth: float | None = None  # both directions together
     staged_load_bandwidth: float | None = None  # the runtime's fp32->bf16 weight load beside a layer's backward
+    # A streamed update's copies, bytes/s in each direction while both run (Plan placement 'streamed')
+    streamed_in_bandwidth: float | None = None
+    streamed_out_bandwidth: float | None = None
     compute_slowdown_under_copies: float = 1.0  # layer time with both PCIe directions busy / alone
     layers: list[LayerTiming] = field(default_factory=list)
     heads: list[HeadTiming] = field(default_factory=list)

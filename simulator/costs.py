@@ -81,6 +81,11 @@ class CostModel:
         pieces = -(-nbytes // (piece_mb * 2**20))
         return self.copy("h2d", nbytes) + self.gpu_bytes_moved(nbytes * 1.5) + pieces * self.p.h2d.latency_s
 
+    def streamed_copy(self, kind: str, nbytes: int) -> float:
+        """A streamed update's piece in or out, at the rate calibrate measured with both directions running."""
+        rate = self.p.streamed_in_bandwidth if kind == "state_in" else self.p.streamed_out_bandwidth
+        return self.copy("h2d" if kind == "state_in" else "d2h", nbytes) if rate is None else nbytes / rate
+
     def gpu_bytes_moved(self, nbytes: float) -> float:
         return nbytes / self.p.gpu_memory_bandwidth
 
@@ -115,9 +120,11 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
         if a["resource"] == "gpu":  # fp32 master already on the GPU: read 4 bytes, write 2
             return cost.gpu_bytes_moved(a["bytes"] * 1.5)
         return cost.load(a["bytes"], plan.transfer_chunk_mb) if a["staged"] else cost.copy("h2d", a["bytes"])
-    if kind in ("save", "grad_out", "state_out"):
+    if kind in ("state_in", "state_out"):
+        return cost.streamed_copy(kind, a["bytes"])
+    if kind in ("save", "grad_out"):
         return cost.copy("d2h", a["bytes"])
-    if kind in ("fetch", "state_in"):
+    if kind == "fetch":
         return cost.copy("h2d", a["bytes"])
     if kind == "state_update":  # the fused AdamW on one piece, and its bf16 cast
         return a["params"] / cost.p.gpu_adamw_params_per_s + cost.gpu_bytes_moved(6 * a["params"])
@@ -184,9 +191,9 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
         load = cost.load(4 * n, plan.transfer_chunk_mb) if where == "cpu" else cost.copy("h2d", 2 * n)
         h2d += loads * load
         pcie_bytes += loads * (4 if where == "cpu" else 2) * n
-        if where == "streamed":
-            h2d += STREAMED_IN_BYTES * n / cost.p.h2d.bandwidth
-            d2h += STREAMED_OUT_BYTES * n / cost.p.d2h.bandwidth
+        if where == "streamed":  # at least the bandwidth term of every piece
+            h2d += STREAMED_IN_BYTES * n / (cost.p.streamed_in_bandwidth or cost.p.h2d.bandwidth)
+            d2h += STREAMED_OUT_BYTES * n / (cost.p.streamed_out_bandwidth or cost.p.d2h.bandwidth)
             pcie_bytes += (STREAMED_IN_BYTES + STREAMED_OUT_BYTES) * n
         else:
             d2h += cost.copy("d2h", 4 * n)
