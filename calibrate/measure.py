@@ -245,7 +245,7 @@ def staged_load_bandwidth(cfg: ModelConfig, seq: int, sequences: int, piece_byte
     numel = cfg.layer_params
     master = torch.ones(numel, dtype=torch.float32, pin_memory=True)
     dst = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
-    stream = WeightStream(torch.device("cuda"), piece_bytes // 4, buffers, cast_priority)
+    stream = WeightStream([torch.empty(piece_bytes // 4, device="cuda") for _ in range(buffers)], cast_priority)
     params = _layer_weights(cfg, "cuda")
     cos, sin = rope_tables(cfg, seq, torch.device("cuda"), torch.bfloat16)
     x = torch.randn(sequences, seq, cfg.hidden_size, dtype=torch.bfloat16, device="cuda")

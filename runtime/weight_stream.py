@@ -1,6 +1,6 @@
 """fp32 master weights in pinned host memory -> bf16 weights on the GPU, in pieces through a staging ring.
 
-Each piece is copied over PCIe into one of `STAGING_BUFFERS` fp32 buffers on the copy stream and cast into
+Each piece is copied over PCIe into one of the staging ring's fp32 buffers (`STAGING_BUFFERS` in the plan) on the copy stream and cast into
 its destination on a high-priority cast stream. With one buffer on one stream (the earlier design) every
 copy waited for the cast before it, and a cast queued behind a layer's GEMMs waited for free SMs, so the
 link idled beside compute; the ring lets copies run ahead of late casts, and the priority lets each cast
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from slideformer.schedule.plan import STAGING_BUFFERS
 
 
 class WeightStream:
-    def __init__(self, device: torch.device, piece_numel: int, buffers: int = STAGING_BUFFERS,
-                 cast_priority: bool = True) -> None:
-        self.ring = [torch.empty(piece_numel, dtype=torch.float32, device=device) for _ in range(buffers)]
+    def __init__(self, ring: list[torch.Tensor], cast_priority: bool = True) -> None:
+        """`ring`: the staging buffers (fp32, on the GPU, `STAGING_BUFFERS` of one piece each in the runtime)."""
+        self.ring = ring
+        device = ring[0].device
         # Lower numbers are higher priorities; torch maps an out-of-range value to the highest the device has.
         self.cast_stream = torch.cuda.Stream(device, priority=-100 if cast_priority else 0)
-        self.freed: list[torch.cuda.Event | None] = [None] * buffers  # each buffer's last cast
+        self.freed: list[torch.cuda.Event | None] = [None] * len(ring)  # each buffer's last cast
         self.next = 0
 
     def load(self, master: torch.Tensor, dst: torch.Tensor) -> None:

@@ -6,11 +6,12 @@ the model's shape where there are any, else from formulas.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 from slideformer.schedule.profile import Profile, fit_at
 from slideformer.models.config import ModelConfig
 from slideformer.schedule.graph import activation_bytes_per_token, unit_numels
-from slideformer.schedule.plan import STAGING_BUFFERS, STATE_STAGING_BUFFERS, STREAMED_OUT_BYTES, Plan
+from slideformer.schedule.plan import STAGING_BUFFERS, STATE_STAGING_BUFFERS, Plan
 
 GiB = 2**30
 DISK_ALIGN = 4096  # disk-tier files and their buffers, for O_DIRECT
@@ -76,23 +77,113 @@ def saved_input_bytes(cfg: ModelConfig, plan: Plan) -> int:
     return plan.batch * plan.seq * cfg.hidden_size * (4 if plan.compute_dtype == "float32" else 2)
 
 
-def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
+@dataclass(frozen=True)
+class BufferSpec:
+    """One buffer the runtime allocates (or, `lazy`, torch's AdamW allocates at its first step): the planner sums
+    these and the engine allocates exactly these, by name."""
+    name: str  # e.g. 'master:3', 'grad_ring:1', 'slot:0'
+    kind: str  # the accounting line it counts under
+    nbytes: int
+    users: tuple[int, ...] = ()  # units (or layers, for activations) that read or write it
+    lazy: bool = False
+
+
+def host_grad_buffer(cfg: ModelConfig, plan: Plan) -> dict[int, str]:
+    """The pinned gradient buffer each host-updated unit's gradient goes to: a ring shared by layers during
+    backward (late ones aside), the head's for the embedding when they can share, else its own."""
+    L = cfg.num_layers
+    out: dict[int, str] = {}
+    k = 0
+    for u in [L + 1, *range(L, 0, -1), 0]:  # gradient arrival order
+        if not plan.host_updated(u):
+            continue
+        if plan.shares_grad_ring and 0 < u <= L and u not in plan.late_units:
+            out[u] = f"grad_ring:{k % plan.grad_ring}"
+            k += 1
+        elif u in (0, L + 1) and plan.shares_edge_grad:
+            out[u] = "host_grad:edges"
+        else:
+            out[u] = f"host_grad:{u}"
+    return out
+
+
+def host_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
+    """Every pinned host buffer: fp32 masters of RAM-resident units, streamed units' AdamW states, gradient
+    destinations of host-updated units, offloaded activations, disk and streamed units' bf16 weights, and the
+    rings disk traffic passes through."""
     L, n = cfg.num_layers, unit_numels(cfg)
-    layer_on_host = [p != "gpu" for p in plan.placement[1:-1]]
-    hidden = plan.batch * plan.seq * cfg.hidden_size * 2
+    itemsize = 4 if plan.compute_dtype == "float32" else 2
+    saved = saved_input_bytes(cfg, plan)
+    specs = [BufferSpec(f"master:{u}", "master_weights", 4 * n[u], (u,))
+             for u in range(L + 2) if plan.placement[u] in ("cpu", "streamed")]
+    specs += [BufferSpec(f"{state}:{u}", "streamed_states", 4 * n[u], (u,))
+              for u in plan.streamed_units for state in ("exp_avg", "exp_avg_sq")]
+    grads = host_grad_buffer(cfg, plan)
+    for name in dict.fromkeys(grads.values()):  # in first-use order
+        users = tuple(u for u, g in grads.items() if g == name)
+        specs.append(BufferSpec(name, "gradients", max(4 * n[u] for u in users), users))
+    specs += [BufferSpec(f"act:{lay}", "offloaded_activations", saved, (lay,))
+              for lay, p in enumerate(plan.activations) if p == "offload"]
+    if "disk" in plan.activations:
+        specs += [BufferSpec(f"act_ring:{k}", "disk_activation_ring", padded(saved)) for k in range(plan.disk_ring)]
+    specs += [BufferSpec(f"bf16:{u}", "bf16_weights", itemsize * n[u], (u,)) for u in plan.disk_units + plan.streamed_units]
+    if plan.disk_units:
+        specs += [BufferSpec(f"disk_ring:{k}", "disk_ring", padded(12 * n[1])) for k in range(plan.disk_ring)]
+    return specs
+
+
+def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
+    """Every GPU buffer that lives through the step: the window's weight slots, the fp32 staging ring, gradient
+    buffers, the edges' weights, GPU-placed units' masters (and AdamW states, `lazy`), streamed updates' slots,
+    the hidden-state buffers and the inputs recomputed layers keep."""
+    L, n = cfg.num_layers, unit_numels(cfg)
+    itemsize = 4 if plan.compute_dtype == "float32" else 2
+    hidden = plan.batch * plan.seq * cfg.hidden_size * itemsize
+    specs = [BufferSpec(f"slot:{k}", "weight_window", itemsize * n[1]) for k in range(plan.window)]
+    if plan.stages_fp32_loads and plan.device != "cpu":
+        specs += [BufferSpec(f"staging:{k}", "transfer_staging", plan.transfer_chunk_mb * 2**20)
+                  for k in range(STAGING_BUFFERS)]
+    shared = [u for u in range(1, L + 1) if plan.placement[u] != "gpu"]
+    if shared:
+        specs += [BufferSpec(f"layer_grad:{k}", "layer_grad_buffers", 4 * n[1], tuple(u for u in shared if u % 2 == k))
+                  for k in range(2)]
+    if plan.streamed_units:
+        specs += [BufferSpec(f"state_slot:{k}", "state_staging", (12 + itemsize) * plan.state_piece_numel)
+                  for k in range(STATE_STAGING_BUFFERS)]
+    specs += [BufferSpec(f"{what}:{u}", "edge_weights_and_grads", size * n[u], (u,))
+              for u in (0, L + 1) for what, size in (("edge_weights", itemsize), ("grad", 4))]
+    for u in (u for u in range(L + 2) if plan.placement[u] == "gpu"):
+        specs.append(BufferSpec(f"gpu_master:{u}", "gpu_optimizer_states", 4 * n[u], (u,)))
+        specs.append(BufferSpec(f"adamw_states:{u}", "gpu_optimizer_states", 8 * n[u], (u,), lazy=True))
+        if 0 < u <= L:
+            specs.append(BufferSpec(f"grad:{u}", "gpu_optimizer_states", 4 * n[u], (u,)))
+    specs += [BufferSpec(f"{what}:{k}", "hidden_buffers", hidden)
+              for what in ("hidden", "dgrad") + (("fetched",) if {"offload", "disk"} & set(plan.activations) else ())
+              for k in range(2)]
+    specs += [BufferSpec(f"kept_input:{lay}", "kept_inputs", hidden, (lay,))
+              for lay, p in enumerate(plan.activations) if p == "recompute"]
+    return specs
+
+
+def by_kind(specs: list[BufferSpec], kinds: tuple[str, ...]) -> dict[str, int]:
+    out = dict.fromkeys(kinds, 0)
+    for spec in specs:
+        out[spec.kind] += spec.nbytes
+    return out
+
+
+GPU_STATIC_KINDS = ("weight_window", "transfer_staging", "layer_grad_buffers", "state_staging", "edge_weights_and_grads",
+                    "gpu_optimizer_states", "hidden_buffers", "kept_inputs")
+HOST_KINDS = ("master_weights", "streamed_states", "gradients", "offloaded_activations", "disk_activation_ring",
+              "bf16_weights", "disk_ring")
+
+
+def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
+    """GPU bytes by line: the static buffers (`gpu_buffers`), kept layer graphs, the largest workspace, and the
+    CUDA context."""
     chunk_tokens = plan.chunk * plan.seq
     graph = kept_graph(cfg, plan.seq, chunk_tokens, profile)
-    return {
-        "weight_window": plan.window * n[1] * 2,
-        "transfer_staging": STAGING_BUFFERS * plan.transfer_chunk_mb * 2**20 if plan.stages_fp32_loads else 0,
-        "layer_grad_buffers": 2 * n[1] * 4 if any(layer_on_host) else 0,
-        "state_staging": STATE_STAGING_BUFFERS * STREAMED_OUT_BYTES * plan.state_piece_numel
-        if plan.streamed_units else 0,
-        "edge_weights_and_grads": (n[0] + n[L + 1]) * (2 + 4),
-        "gpu_optimizer_states": sum(n[u] * (12 + (4 if 0 < u <= L else 0))
-                                    for u in range(L + 2) if plan.placement[u] == "gpu"),
-        "hidden_buffers": hidden * (4 + (2 if {"offload", "disk"} & set(plan.activations) else 0)),
-        "kept_inputs": plan.activations.count("recompute") * hidden,
+    return by_kind(gpu_buffers(cfg, plan), GPU_STATIC_KINDS) | {
         "kept_graphs": plan.activations.count("keep") * graph * plan.chunks,
         "workspace": max(layer_workspace(cfg, chunk_tokens, plan.mlp_tile_tokens),
                          head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile)),
@@ -100,35 +191,10 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
     }
 
 
-def pinned_host_buffers(cfg: ModelConfig, plan: Plan) -> dict[str, list[int]]:
-    """Bytes of every pinned host buffer the runtime allocates, by kind: fp32 masters of RAM-updated units,
-    streamed units' AdamW states, fp32 gradient destinations of host-updated units (a shared ring for layers
-    during backward), offloaded activations, disk and streamed units' bf16 weights and the ring of buffers disk
-    units' states pass through."""
-    L, n = cfg.num_layers, unit_numels(cfg)
-    in_ram = [u for u in range(L + 2) if plan.placement[u] in ("cpu", "streamed")]
-    on_host = [u for u in range(L + 2) if plan.host_updated(u)]
-    ring = plan.shares_grad_ring
-    itemsize = 4 if plan.compute_dtype == "float32" else 2
-    saved = saved_input_bytes(cfg, plan)
-    return {
-        "master_weights": [4 * n[u] for u in in_ram],
-        "streamed_states": [4 * n[u] for u in plan.streamed_units for _ in ("exp_avg", "exp_avg_sq")],
-        "gradients": [4 * n[1]] * (plan.grad_ring if ring else 0)
-        + [4 * n[u] for u in on_host if not (ring and 0 < u <= L and u not in plan.late_units) and u not in (0, L + 1)]
-        + ([4 * max(n[0], n[L + 1])] if plan.shares_edge_grad else [4 * n[u] for u in (0, L + 1) if u in on_host]),
-        "offloaded_activations": [saved] * plan.activations.count("offload"),
-        "disk_activation_ring": [padded(saved)] * (plan.disk_ring if "disk" in plan.activations else 0),
-        "bf16_weights": [itemsize * n[u] for u in plan.disk_units + plan.streamed_units],
-        "disk_ring": [padded(12 * n[1])] * (plan.disk_ring if plan.disk_units else 0),
-    }
-
-
 def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
     """Host RAM of the runtime's buffers: fp32 masters and gradients (pinned), AdamW states (pinned where
-    streamed), offloaded
-    activations, disk units' bf16 weights, and the disk tier's rings."""
-    pinned = {kind: sum(sizes) for kind, sizes in pinned_host_buffers(cfg, plan).items()}
+    streamed), offloaded activations, disk and streamed units' bf16 weights, and the disk tier's rings."""
+    pinned = by_kind(host_buffers(cfg, plan), HOST_KINDS)
     states = sum(8 * n for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu") \
         + pinned["streamed_states"]
     return {

@@ -69,5 +69,5 @@ def test_the_engine_has_a_body_for_every_kind_of_op_the_graph_builds():
         plan = uniform_plan("tiny-llama", cfg.num_layers, 2, 16, device="cpu", **kw)
         kinds |= {a["kind"] for _, a in build_step_graph(cfg, plan).nodes(data=True)}
     engine = Engine(cfg, uniform_plan("tiny-llama", cfg.num_layers, 2, 16, device="cpu"), RandomWeights(cfg))
-    assert kinds == set(engine.op_bodies)
+    assert kinds == set(engine.ops.bodies)
     engine.close()

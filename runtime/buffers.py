@@ -1,0 +1,69 @@
+"""The step's buffers, allocated once from the plan's manifests (`schedule.memory.host_buffers` and
+`gpu_buffers`, which the planner sums) and handed out as typed views by role.
+
+Host buffers are carved from one page-locked arena sized by the same manifest, so the engine can take no
+buffer the planner did not count.
+"""
+from __future__ import annotations
+
+import torch
+
+from slideformer.models.config import ModelConfig
+from slideformer.schedule.memory import gpu_buffers, host_buffers, host_grad_buffer, saved_input_bytes
+from slideformer.schedule.plan import STATE_STAGING_BUFFERS, Plan
+
+from .layout import UnitLayout
+from .pinned import PinnedArena, page_round
+
+F32 = torch.float32
+
+
+class StepBuffers:
+    def __init__(self, owner: object, cfg: ModelConfig, plan: Plan, layouts: list[UnitLayout], device: torch.device,
+                 compute: torch.dtype) -> None:
+        L, W = cfg.num_layers, plan.window
+        n = [layout.numel for layout in layouts]
+        host_specs, gpu_specs = host_buffers(cfg, plan), [s for s in gpu_buffers(cfg, plan) if not s.lazy]
+        self.arena = PinnedArena(owner, sum(page_round(s.nbytes) for s in host_specs), pinned=device.type == "cuda")
+        host = {s.name: self.arena.take(s.nbytes, torch.uint8) for s in host_specs}
+        gpu = {s.name: torch.empty(s.nbytes, dtype=torch.uint8, device=device) for s in gpu_specs}
+        self.host, self.gpu = host, gpu
+
+        # Units' state in RAM (masters, streamed states, bf16 weights), by unit
+        self.master = {u: host[f"master:{u}"].view(F32) for u in range(L + 2) if f"master:{u}" in host}
+        self.exp_avg = {u: host[f"exp_avg:{u}"].view(F32) for u in plan.streamed_units}
+        self.exp_avg_sq = {u: host[f"exp_avg_sq:{u}"].view(F32) for u in plan.streamed_units}
+        self.bf16_weights = {u: host[f"bf16:{u}"].view(compute) for u in plan.disk_units + plan.streamed_units}
+        self.gpu_master = {u: gpu[f"gpu_master:{u}"].view(F32) for u in range(L + 2) if plan.placement[u] == "gpu"}
+        # Weights on the GPU: the window's slots and the edges
+        self.slots = [gpu[f"slot:{k}"].view(compute) for k in range(W)]
+        self.edge_weights = {u: gpu[f"edge_weights:{u}"].view(compute) for u in (0, L + 1)}
+        self.staging = [gpu[f"staging:{k}"].view(F32) for k in range(len(gpu)) if f"staging:{k}" in gpu]
+        # fp32 gradients: on the GPU (edges and GPU-placed layers own one, the others share two) and their host
+        # destinations (a ring, the edges' shared one, or their own)
+        self.gpu_grad: list[torch.Tensor] = [torch.empty(0)] * (L + 2)
+        for spec in gpu_specs:
+            if spec.name.startswith(("grad:", "layer_grad:")):
+                for u in spec.users:
+                    self.gpu_grad[u] = gpu[spec.name].view(F32)[: n[u]]
+        self.host_grad = {u: host[name].view(F32)[: n[u]] for u, name in host_grad_buffer(cfg, plan).items()}
+        # Activations: the hidden states flowing through the layers, saved inputs on the GPU or in RAM
+        shape = (plan.batch, plan.seq, cfg.hidden_size)
+
+        def hidden(name: str) -> torch.Tensor:
+            return gpu[name].view(compute).view(shape)
+        self.hidden = [hidden(f"hidden:{k}") for k in range(2)]
+        self.dgrad = [hidden(f"dgrad:{k}") for k in range(2)]
+        self.fetched = [hidden(f"fetched:{k}") for k in range(2)] if "fetched:0" in gpu else []
+        self.kept_input = {lay: hidden(f"kept_input:{lay}") for lay, p in enumerate(plan.activations) if p == "recompute"}
+        self.host_act = {lay: host[f"act:{lay}"].view(compute).view(shape)
+                         for lay, p in enumerate(plan.activations) if p == "offload"}
+        act_bytes = saved_input_bytes(cfg, plan)
+        self.act_ring = [host[f"act_ring:{k}"] for k in range(plan.disk_ring) if f"act_ring:{k}" in host]
+        self.act_views = [buf[:act_bytes].view(compute).view(shape) for buf in self.act_ring]
+        # Disk units' states pass through `disk_ring`; streamed pieces through the GPU's state slots
+        self.disk_ring = [host[f"disk_ring:{k}"] for k in range(plan.disk_ring) if f"disk_ring:{k}" in host]
+        piece = plan.state_piece_numel
+        self.state_slots = [(gpu[f"state_slot:{k}"][: 12 * piece].view(F32).view(3, piece),
+                             gpu[f"state_slot:{k}"][12 * piece:].view(compute))
+                            for k in range(STATE_STAGING_BUFFERS) if f"state_slot:{k}" in gpu]

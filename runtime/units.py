@@ -1,0 +1,129 @@
+"""A unit's fp32 master weights and AdamW state, wherever its placement keeps them.
+
+- `Unit`: on the host (pinned master, torch's fused CPU AdamW) or on the GPU (torch's fused GPU AdamW);
+- `StreamedUnit`: master and states pinned on the host, updated on the GPU piece by piece (`ops.StepOps`);
+- `DiskUnit`: master and states in the disk tier, updated by the CPU AdamW in a ring buffer.
+Streamed and disk units keep bf16 weights in RAM for the GPU's loads; units with no such copy stream their
+master, cast on the GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .layout import UnitLayout
+
+
+class WeightSource(Protocol):
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
+
+
+@dataclass
+class AdamWConfig:
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None  # needs plan.update == 'after_norm'
+    skip_nonfinite: bool = False  # a step whose gradient norm is not finite updates nothing (needs 'after_norm')
+
+    def optimizer(self, param: torch.nn.Parameter) -> torch.optim.AdamW:
+        return torch.optim.AdamW([param], lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
+                                 fused=True)
+
+
+def adamw_step(optimizer: torch.optim.AdamW, param: torch.nn.Parameter, grad: torch.Tensor,
+               clip_coef: torch.Tensor | float | None, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if clip_coef is not None:
+        grad.mul_(clip_coef)
+    param.grad = grad
+    optimizer.step()
+    param.grad = None
+
+
+def fill_from(source: WeightSource, layout: UnitLayout, flat: torch.Tensor) -> None:
+    for name, view in layout.views(flat).items():
+        view.copy_(source.get(name))
+
+
+class Unit:
+    """fp32 master weights and AdamW state on the host (`master` pinned) or on the GPU (`on_gpu`)."""
+
+    weights = None  # no bf16 copy in RAM: loads stream and cast the master
+
+    def __init__(self, layout: UnitLayout, source: WeightSource, master: torch.Tensor, optim: AdamWConfig,
+                 on_gpu: bool) -> None:
+        self.layout = layout
+        self.on_gpu = on_gpu  # placed on the GPU (on a CPU device, the plan's 'gpu' units are updated in place too)
+        if master.device.type != "cpu":  # filled on the host, then copied over whole
+            staged = torch.empty(layout.numel, dtype=torch.float32)
+            fill_from(source, layout, staged)
+            master.copy_(staged)
+        else:
+            fill_from(source, layout, master)
+        self.master = torch.nn.Parameter(master)
+        self.optimizer = optim.optimizer(self.master)
+
+    def step(self, grad: torch.Tensor, clip_coef: torch.Tensor | float | None, lr: float) -> None:
+        adamw_step(self.optimizer, self.master, grad, clip_coef, lr)
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        return self.optimizer.state.get(self.master, {})
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.optimizer.state[self.master] = state
+
+
+class StreamedUnit:
+    """A decoder layer whose fp32 master and AdamW states stay in pinned host memory and are updated on the
+    GPU piece by piece; the host also keeps its bf16 weights, rewritten by every update, for the GPU's loads."""
+
+    on_gpu = False
+
+    def __init__(self, layout: UnitLayout, source: WeightSource, master: torch.Tensor, exp_avg: torch.Tensor,
+                 exp_avg_sq: torch.Tensor, weights: torch.Tensor, device: torch.device) -> None:
+        self.layout = layout
+        self.master, self.exp_avg, self.exp_avg_sq, self.weights = master, exp_avg.zero_(), exp_avg_sq.zero_(), weights
+        fill_from(source, layout, master)
+        weights.copy_(master)
+        self.steps = torch.zeros((), dtype=torch.float32, device=device)  # where the fused kernel reads it
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        return {"step": self.steps, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.steps.copy_(state.get("step", torch.zeros(())))
+        for key in ("exp_avg", "exp_avg_sq"):
+            getattr(self, key).copy_(state[key]) if key in state else getattr(self, key).zero_()
+        self.weights.copy_(self.master)
+
+
+class DiskUnit:
+    """A decoder layer whose fp32 master weights and AdamW state live in the disk tier; the host keeps its
+    bf16 weights (pinned), refreshed by every update, for the GPU's loads."""
+
+    on_gpu = False
+
+    def __init__(self, layout: UnitLayout, weights: torch.Tensor, optim: AdamWConfig) -> None:
+        self.layout = layout
+        self.weights = weights
+        self.param = torch.nn.Parameter(torch.empty(0))
+        self.optimizer = optim.optimizer(self.param)
+        self.steps = torch.zeros((), dtype=torch.float32)  # AdamW's step count, kept in RAM
+
+    def states(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Master, exp_avg and exp_avg_sq as views of a tier buffer (the file's layout)."""
+        n = self.layout.numel
+        return buf[: 12 * n].view(torch.float32).split(n)
+
+    def step(self, buf: torch.Tensor, grad: torch.Tensor, clip_coef: float | None, lr: float) -> None:
+        master, exp_avg, exp_avg_sq = self.states(buf)
+        self.param.data = master
+        self.optimizer.state[self.param] = {"step": self.steps, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        adamw_step(self.optimizer, self.param, grad, clip_coef, lr)
+        self.weights.copy_(master)
+        self.param.data = torch.empty(0)
