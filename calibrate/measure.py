@@ -24,7 +24,7 @@ from slideformer.schedule.memory import DISK_ALIGN, padded
 from slideformer.schedule.profile import Disk, HeadTiming, LayerTiming, Link
 
 
-def median_time(fn: Callable[[], None], repeats: int = 5, cuda: bool = False) -> float:
+def median_time(fn: Callable[[], object], repeats: int = 5, cuda: bool = False) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -91,7 +91,7 @@ def disk_rates(directory: str | Path, nbytes: int, io: str = "auto") -> Disk:
     sizes = [max(nbytes // 16, 4 * DISK_ALIGN), nbytes]
     buf = torch.empty(padded(nbytes) + DISK_ALIGN, dtype=torch.uint8)
     buf = buf[-buf.data_ptr() % DISK_ALIGN:][: padded(nbytes)].fill_(0x5A)
-    times = {"read": [], "write": []}
+    times: dict[str, list[float]] = {"read": [], "write": []}
     with tempfile.TemporaryDirectory(dir=directory, prefix=".slideformer-calibrate-") as d:
         tier = DiskTier(d, {f"calibrate{n}": n for n in sizes}, io)
         try:
@@ -150,7 +150,7 @@ def streamed_update_bandwidths(numel: int, piece_numel: int, slots: int) -> tupl
            for _ in range(slots)]
     h2d, opt, d2h = torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.Stream()
 
-    def timed(stream: torch.cuda.Stream, work: Callable[[], None], spans: list) -> torch.cuda.Event:
+    def timed(stream: torch.cuda.Stream, work: Callable[[], object], spans: list) -> torch.cuda.Event:
         with torch.cuda.stream(stream):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -362,7 +362,8 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
         kept: list[float] = []
         for _ in range(4):
             kept_bwd()
-        out.append(LayerTiming(*cfg.layer_shape(),
+        hidden, intermediate, heads, kv_heads, head_dim = cfg.layer_shape()
+        out.append(LayerTiming(hidden, intermediate, heads, kv_heads, head_dim,
                                seq, n * seq, median_time(fwd, cuda=cuda), median_time(recompute_bwd, cuda=cuda),
                                statistics.median(kept[1:]),
                                kept_bytes(params, x, cos, sin, cfg) if cuda else 0))

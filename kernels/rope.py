@@ -57,7 +57,7 @@ class Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        ctx.in_order = sorted(range(4), key=lambda i: -x.stride(i))  # x's dims from outermost in memory
+        ctx.in_order = sorted(range(4), key=lambda i: -x.stride()[i])  # x's dims from outermost in memory
         return _apply(x, cos, sin, torch.empty(x.shape, dtype=x.dtype, device=x.device), backward=False)
 
     @staticmethod

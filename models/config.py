@@ -96,7 +96,7 @@ class ModelConfig:
     # --- Hugging Face config.json --------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "custom") -> ModelConfig:
-        model_type = hf.get("model_type")
+        model_type = str(hf.get("model_type"))
         family = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}.get(model_type)
         if family is None:
             raise ModelConfigError(
@@ -126,7 +126,7 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             rope_scaling=scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 8192),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),

@@ -45,10 +45,11 @@ class Transformer(nn.Module):
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size))
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
 
-    def named_hf_parameters(self) -> dict[str, nn.Parameter]:
+    def named_hf_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter under its Hugging Face name."""
-        out = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
         for i, layer in enumerate(self.layers):
+            assert isinstance(layer, DecoderLayer)
             out |= {f"model.layers.{i}.{n}": p for n, p in layer.params().items()}
         if self.lm_head is not None:
             out["lm_head.weight"] = self.lm_head

@@ -60,7 +60,7 @@ class SafetensorsReader:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, from the files' headers (no data read)."""
-        out = {}
+        out: dict[str, tuple[int, ...]] = {}
         for path in sorted(set(self.files.values())):
             with self._open(path) as f:
                 out |= {n: tuple(f.get_slice(n).get_shape()) for n in f.keys() if self.files.get(n) == path}
@@ -165,7 +165,7 @@ def save_hf_checkpoint(cfg: ModelConfig, tensors: dict[str, torch.Tensor], out_d
     if len(shards) == 1:
         save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
         return
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, out / fname, metadata={"format": "pt"})

@@ -29,12 +29,13 @@ def capacity_report(cfg: ModelConfig, model: str, seq: int, batch: int | None, p
         "plan": None, "levers": [],
     }
     if verdict.fits:
-        sim = verdict.simulation
+        sim, plan = verdict.simulation, verdict.plan
+        assert sim is not None and plan is not None, "a plan that fits comes with its simulation"
         report |= {
             "predicted_step_s": sim.step_s, "predicted_tokens_per_s": sim.tokens_per_s, "predicted_tflops": sim.tflops,
             "peak_gpu_bytes": sim.peak_gpu_bytes, "peak_host_bytes": sim.host_memory_bytes,
             "peak_disk_bytes": sim.disk_bytes, "bottleneck": RESOURCE_NAMES[sim.bottleneck], "utilisation": sim.utilisation,
-            "gpu_breakdown": sim.gpu_static, "host_breakdown": sim.host_static, "plan": asdict(verdict.plan),
+            "gpu_breakdown": sim.gpu_static, "host_breakdown": sim.host_static, "plan": asdict(plan),
         }
         report["levers"] = _levers_when_fitting(cfg, report, sim)
     else:

@@ -163,7 +163,7 @@ class DiskTier:
         n = padded(self.file_bytes[name])
         if buf.dtype != torch.uint8 or buf.numel() < n or buf.data_ptr() % ALIGN:
             raise ValueError(f"{name} needs a {ALIGN}-aligned uint8 buffer of at least {n} bytes")
-        view = memoryview(buf.numpy()).cast("B")
+        view = memoryview(buf.numpy()).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
         return view, [(start, min(start + PIECE, n)) for start in range(0, n, PIECE)]
 
     def write(self, name: str, buf: torch.Tensor) -> None:

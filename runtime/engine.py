@@ -14,7 +14,7 @@ runs (`ops.StepOps`); `unit_state` saves and restores every unit's state.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -73,7 +73,7 @@ class Engine:
         # Opening the tier checks the directory and preallocates its files: before any GPU memory is taken.
         files = {f"unit{u}": 12 * self.layouts[u].numel for u in plan.disk_units} | \
             {f"act{lay}": saved_input_bytes(cfg, plan) for lay, p in enumerate(plan.activations) if p == "disk"}
-        self.tier = DiskTier(disk_dir, files, disk_io) if files else None
+        self.tier = DiskTier(disk_dir, files, disk_io) if files and disk_dir is not None else None
         self.buffers = StepBuffers(self, cfg, plan, self.layouts, self.device, self.compute_dtype)
         self.units = self._make_units(source)
         self.ops = StepOps(cfg, plan, self.layouts, self.units, self.buffers, self.optim, self.tier,
@@ -121,7 +121,8 @@ class Engine:
                             labels.to(self.device, non_blocking=True).split(plan.chunk), total)
         done = self.executor.run_step(self.lr)
         loss = float(self.ops.loss)
-        norm = done["norm"].result()[0] if "norm" in done else math.sqrt(float(self.ops.sq_norm))
+        norm_op = done.get("norm")
+        norm = norm_op.result()[0] if isinstance(norm_op, Future) else math.sqrt(float(self.ops.sq_norm))
         if self.executor.trace:
             self.executor.trace.end_step()
         return StepResult(loss=loss, grad_norm=norm, tokens=total)

@@ -49,7 +49,7 @@ class GraphExecutor:
             if kind in ("update", "state_update"):
                 args["lr"] = lr
             on_host = resource in self.host_workers
-            previous = self.previous_updates.get(self.after_previous_step.get(name))
+            previous = self.previous_updates.get(self.after_previous_step.get(name, ""))
             if previous is not None:  # a load waits for the previous step's update of its unit
                 self.streams.wait(resource, previous)
             for pred in self.graph.predecessors(name):
@@ -62,13 +62,14 @@ class GraphExecutor:
                                                                 preds)
                 continue
             with self.streams.on(resource):
-                start = self.trace.mark() if self.trace else None
+                trace = self.trace
+                start = trace.mark() if trace else None
                 self.bodies[kind](**args)
-                if self.trace:
-                    self.trace.add(name, self.trace.step, resource, kind, start, self.trace.mark())
+                if trace and start is not None:
+                    trace.add(name, trace.step, resource, kind, start, trace.mark())
                 done[name] = self.streams.record(resource)
         self.previous_updates = {op: done[op] for op in self.graph.graph["updates"].values()}
-        self.pending_disk = {op: done[op] for op in self.write_backs}
+        self.pending_disk = {op: h for op in self.write_backs if isinstance(h := done[op], Future)}
         return done
 
     def _run_host_op(self, name: str, step: int, resource: str, kind: str, args: dict, preds: list[Handle]):
@@ -77,7 +78,7 @@ class GraphExecutor:
         trace = self.trace
         start = trace.host_mark() if trace else None
         out = self.bodies[kind](**args)
-        if trace:
+        if trace and start is not None:
             trace.add(name, step, resource, kind, start, trace.host_mark())
         return out
 

@@ -77,13 +77,13 @@ class StepOps:
 
     def _load(self, unit: int) -> None:
         """fp32 master -> bf16 weights on the GPU, streamed through the staging ring when on the host."""
-        weights = self.units[unit].weights
-        if weights is not None:  # a disk unit's bf16 weights, in RAM: straight into the slot
-            self._destination(unit)[: weights.numel()].copy_(weights, non_blocking=True)
+        u = self.units[unit]
+        if not isinstance(u, Unit):  # a disk or streamed unit's bf16 weights, in RAM: straight into the slot
+            self._destination(unit)[: u.weights.numel()].copy_(u.weights, non_blocking=True)
             return
-        master = self.units[unit].master.detach()
+        master = u.master.detach()
         dst = self._destination(unit)[: master.numel()]
-        if self.units[unit].on_gpu or self.device.type != "cuda":
+        if u.on_gpu or self.weight_stream is None:  # GPU-resident, or a CPU device
             dst.copy_(master)
             return
         self.weight_stream.load(master, dst)
@@ -192,8 +192,9 @@ class StepOps:
         """AdamW on one unit: on the CPU worker for host units, on the compute stream for GPU units."""
         n = self.layouts[unit].numel
         u = self.units[unit]
+        assert not isinstance(u, StreamedUnit), "streamed units are updated piece by piece (_state_update)"
         grad = (self.b.gpu_grad[unit] if u.on_gpu else self.b.host_grad[unit])[:n]
-        if self.optim.skip_nonfinite and not math.isfinite(norm.result()[0]):
+        if self.optim.skip_nonfinite and norm is not None and not math.isfinite(norm.result()[0]):
             return
         clip = norm.result()[1] if norm is not None else None
         clip = float(clip) if clip is not None and not u.on_gpu else clip
@@ -202,13 +203,15 @@ class StepOps:
         else:
             u.step(grad, clip, lr)
 
-    def _piece(self, unit: int, piece: int) -> slice:
-        step = self.plan.state_piece_numel
-        return slice(piece * step, min((piece + 1) * step, self.layouts[unit].numel))
+    def _piece(self, unit: int, piece: int) -> tuple[StreamedUnit, slice]:
+        """A streamed unit and the parameters of one of its pieces."""
+        u, step = self.units[unit], self.plan.state_piece_numel
+        assert isinstance(u, StreamedUnit), f"unit {unit} is not streamed"
+        return u, slice(piece * step, min((piece + 1) * step, self.layouts[unit].numel))
 
     def _state_in(self, unit: int, piece: int, slot: int) -> None:
         """A streamed unit's master and AdamW states, one piece, into a GPU slot."""
-        u, rows = self.units[unit], self._piece(unit, piece)
+        u, rows = self._piece(unit, piece)
         n = rows.stop - rows.start
         states = self.b.state_slots[slot][0]
         for k, src in enumerate((u.master, u.exp_avg, u.exp_avg_sq)):
@@ -217,7 +220,7 @@ class StepOps:
     def _state_update(self, unit: int, piece: int, slot: int, lr: float) -> None:
         """torch.optim.AdamW's fused step (the same kernel, so the same maths) on one piece, and its bf16 cast.
         The step count goes up once per unit, before its first piece, as the optimizer's own step does."""
-        u, rows, o = self.units[unit], self._piece(unit, piece), self.optim
+        (u, rows), o = self._piece(unit, piece), self.optim
         n = rows.stop - rows.start
         states, weights = self.b.state_slots[slot]
         master, exp_avg, exp_avg_sq = states[:, :n]
@@ -230,21 +233,25 @@ class StepOps:
 
     def _state_out(self, unit: int, piece: int, slot: int) -> None:
         """The updated piece back to the host: master, states and the bf16 weights the unit's loads read."""
-        u, rows = self.units[unit], self._piece(unit, piece)
+        u, rows = self._piece(unit, piece)
         n = rows.stop - rows.start
         states, weights = self.b.state_slots[slot]
         for k, dst in enumerate((u.master, u.exp_avg, u.exp_avg_sq)):
             dst[rows].copy_(states[k, :n], non_blocking=True)
         u.weights[rows].copy_(weights[:n], non_blocking=True)
 
+    def _disk(self) -> DiskTier:
+        assert self.tier is not None, "disk ops come only with a disk tier"
+        return self.tier
+
     def _disk_read(self, unit: int, slot: int) -> None:
-        self.tier.read(f"unit{unit}", self.b.disk_ring[slot])
+        self._disk().read(f"unit{unit}", self.b.disk_ring[slot])
 
     def _disk_write(self, unit: int, slot: int) -> None:
-        self.tier.write(f"unit{unit}", self.b.disk_ring[slot])
+        self._disk().write(f"unit{unit}", self.b.disk_ring[slot])
 
     def _act_write(self, layer: int, slot: int) -> None:
-        self.tier.write(f"act{layer}", self.b.act_ring[slot])
+        self._disk().write(f"act{layer}", self.b.act_ring[slot])
 
     def _act_read(self, layer: int, slot: int) -> None:
-        self.tier.read(f"act{layer}", self.b.act_ring[slot])
+        self._disk().read(f"act{layer}", self.b.act_ring[slot])

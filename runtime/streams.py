@@ -42,7 +42,8 @@ class Streams:
     def barrier(self) -> None:
         """Copy streams wait for all compute issued so far (used between steps)."""
         if self.cuda:
-            ev = self.record("gpu")
+            ev = torch.cuda.Event()
+            ev.record(self.by_resource["gpu"])
             for r in ("h2d", "d2h"):
                 self.by_resource[r].wait_event(ev)
 

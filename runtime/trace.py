@@ -46,7 +46,7 @@ class OpTrace:
         self.step += 1
 
     def _seconds(self, m: _Mark) -> float:
-        if m.event is not None:
+        if m.event is not None and self.origin.event is not None:
             return self.origin.event.elapsed_time(m.event) / 1e3
         return m.host - self.origin.host
 

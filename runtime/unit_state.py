@@ -19,22 +19,29 @@ class UnitStates:
                  tier: DiskTier | None, executor: GraphExecutor, device: torch.device) -> None:
         self.plan, self.units, self.b, self.tier, self.executor, self.device = plan, units, buffers, tier, executor, device
 
+    def _disk_unit(self, unit: int) -> tuple[DiskUnit, DiskTier]:
+        u = self.units[unit]
+        assert isinstance(u, DiskUnit) and self.tier is not None, f"unit {unit} is not in the disk tier"
+        return u, self.tier
+
     def write_disk_unit(self, unit: int, fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]) -> None:
         """`fill(master, exp_avg, exp_avg_sq)` a ring buffer with a disk unit's state, refresh its bf16 weights
         and queue the write on the disk worker (ring buffers alternate, so filling overlaps writing)."""
         k = self.plan.disk_units.index(unit) % len(self.b.disk_ring)
         self.executor.wait_disk_write(k)
         buf = self.b.disk_ring[k]
-        master, exp_avg, exp_avg_sq = self.units[unit].states(buf)
+        u, tier = self._disk_unit(unit)
+        master, exp_avg, exp_avg_sq = u.states(buf)
         fill(master, exp_avg, exp_avg_sq)
-        self.units[unit].weights.copy_(master)
-        self.executor.submit_disk_write(k, lambda: self.tier.write(f"unit{unit}", buf))
+        u.weights.copy_(master)
+        self.executor.submit_disk_write(k, lambda: tier.write(f"unit{unit}", buf))
 
     def read_disk_unit(self, unit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A disk unit's (master, exp_avg, exp_avg_sq), read into the first ring buffer (engine idle);
         valid until the next read."""
-        self.tier.read(f"unit{unit}", self.b.disk_ring[0])
-        return self.units[unit].states(self.b.disk_ring[0])
+        u, tier = self._disk_unit(unit)
+        tier.read(f"unit{unit}", self.b.disk_ring[0])
+        return u.states(self.b.disk_ring[0])
 
     def training_state(self) -> dict[str, torch.Tensor | DeferredTensor]:
         """fp32 master weights and AdamW states of every unit, for checkpoints (engine idle). Host units are
@@ -47,7 +54,7 @@ class UnitStates:
                 for i, key in enumerate(("master", "exp_avg", "exp_avg_sq")):
                     # master triggers the read; the two states are views of the same buffer, written next
                     load = (lambda u=u: self.read_disk_unit(u)[0]) if i == 0 else \
-                        (lambda u=u, i=i: self.units[u].states(self.b.disk_ring[0])[i])
+                        (lambda unit=unit, i=i: unit.states(self.b.disk_ring[0])[i])
                     out[f"unit{u}.{key}"] = DeferredTensor((unit.layout.numel,), torch.float32, load)
                 continue
             out[f"unit{u}.master"] = unit.master.detach().cpu()
@@ -79,7 +86,7 @@ class UnitStates:
     def hf_state(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Master weights under Hugging Face names (host copies, in `dtype`; in bf16, disk units' come from
         their bf16 weights in RAM, which are exactly their rounded masters)."""
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         for u, unit in enumerate(self.units):
             layout = unit.layout
             if isinstance(unit, DiskUnit):

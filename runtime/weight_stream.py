@@ -32,16 +32,17 @@ class WeightStream:
             k = self.next
             self.next = (k + 1) % len(self.ring)
             stage = self.ring[k][: piece.numel()]
-            if self.freed[k] is not None:
-                copy_stream.wait_event(self.freed[k])
+            freed = self.freed[k]
+            if freed is not None:
+                copy_stream.wait_event(freed)
             stage.copy_(piece, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(copy_stream)
             self.cast_stream.wait_event(copied)
             with torch.cuda.stream(self.cast_stream):
                 dst[start: start + piece.numel()].copy_(stage)
-                self.freed[k] = torch.cuda.Event()
-                self.freed[k].record(self.cast_stream)
+                cast = self.freed[k] = torch.cuda.Event()
+                cast.record(self.cast_stream)
         last = self.freed[(self.next - 1) % len(self.ring)]
         if last is not None:
             copy_stream.wait_event(last)

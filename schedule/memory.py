@@ -20,10 +20,12 @@ DISK_ALIGN = 4096  # disk-tier files and their buffers, for O_DIRECT
 def padded(nbytes: int) -> int:
     """Bytes a disk-tier file of `nbytes` takes (and the buffer it is read into)."""
     return -(-nbytes // DISK_ALIGN) * DISK_ALIGN
+
+
 RUNTIME_OVERHEAD = 512 * 2**20  # CUDA context allocations outside PyTorch's count, kernels' scratch
 
 
-def _fit(points: list[tuple[int, int]], x: int) -> int | None:
+def _fit(points: list[tuple[int, float]], x: int) -> int | None:
     """Measured bytes at x tokens (see fit_at); None without measurements."""
     got = fit_at(points, x)
     return None if got is None else int(got)

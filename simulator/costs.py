@@ -38,10 +38,15 @@ class CostModel:
             raise ProfileError(f"profile {profile.name!r} has no GPU measurements; calibrate on a GPU machine "
                                "or pass a GPU profile (e.g. --profile h100-80gb)")
         self.p, self.cfg, self.seq = profile, cfg, seq
+        # the GPU measurements checked above, as non-optional values
+        self.h2d, self.d2h = profile.h2d, profile.d2h
+        self.gpu_flops = float(profile.gpu_bf16_flops or 0.0)
+        self.gpu_memory_bandwidth = float(profile.gpu_memory_bandwidth or 0.0)
+        self.gpu_adamw_rate = float(profile.gpu_adamw_params_per_s or 0.0)
         shape = cfg.layer_shape()
         self.own = [t for t in profile.layers if t.shape() == shape and t.seq == seq]
         self.heads = [t for t in profile.heads if (t.hidden, t.vocab) == (cfg.hidden_size, cfg.vocab_size)]
-        peak = profile.gpu_bf16_flops
+        peak = self.gpu_flops
 
         def efficiency(work: float, key: str) -> float:
             rates = [work * layer_flops(_cfg_of(t, cfg), t.seq, t.tokens) / getattr(t, key) / peak
@@ -60,7 +65,7 @@ class CostModel:
         if pts:
             return pts[0][1] * tokens / pts[0][0]
         work = {"fwd_s": 1, "bwd_recompute_s": 3, "bwd_kept_s": 2}[key]
-        return work * layer_flops(self.cfg, self.seq, tokens) / (self.p.gpu_bf16_flops * self.eff[key])
+        return work * layer_flops(self.cfg, self.seq, tokens) / (self.gpu_flops * self.eff[key])
 
     @lru_cache(maxsize=None)
     def head(self, tokens: int) -> float:
@@ -68,10 +73,10 @@ class CostModel:
         if measured is not None:
             return measured
         flops = 6 * self.cfg.vocab_size * self.cfg.hidden_size * tokens
-        return flops / (self.p.gpu_bf16_flops * self.eff["bwd_kept_s"])
+        return flops / (self.gpu_flops * self.eff["bwd_kept_s"])
 
     def copy(self, direction: str, nbytes: int) -> float:
-        link = self.p.h2d if direction == "h2d" else self.p.d2h
+        link = self.h2d if direction == "h2d" else self.d2h
         return link.latency_s + nbytes / link.bandwidth
 
     def load(self, nbytes: int, piece_mb: int) -> float:
@@ -79,7 +84,7 @@ class CostModel:
         if self.p.staged_load_bandwidth:
             return nbytes / self.p.staged_load_bandwidth
         pieces = -(-nbytes // (piece_mb * 2**20))
-        return self.copy("h2d", nbytes) + self.gpu_bytes_moved(nbytes * 1.5) + pieces * self.p.h2d.latency_s
+        return self.copy("h2d", nbytes) + self.gpu_bytes_moved(nbytes * 1.5) + pieces * self.h2d.latency_s
 
     def streamed_copy(self, kind: str, nbytes: int) -> float:
         """A streamed update's piece in or out, at the rate calibrate measured with both directions running."""
@@ -87,7 +92,7 @@ class CostModel:
         return self.copy("h2d" if kind == "state_in" else "d2h", nbytes) if rate is None else nbytes / rate
 
     def gpu_bytes_moved(self, nbytes: float) -> float:
-        return nbytes / self.p.gpu_memory_bandwidth
+        return nbytes / self.gpu_memory_bandwidth
 
     def disk(self, direction: str, nbytes: int) -> float:
         if self.p.disk is None:
@@ -127,7 +132,7 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     if kind == "fetch":
         return cost.copy("h2d", a["bytes"])
     if kind == "state_update":  # the fused AdamW on one piece, and its bf16 cast
-        return a["params"] / cost.p.gpu_adamw_params_per_s + cost.gpu_bytes_moved(6 * a["params"])
+        return a["params"] / cost.gpu_adamw_rate + cost.gpu_bytes_moved(6 * a["params"])
     slow = cost.p.compute_slowdown_under_copies  # layers run beside the weight and gradient streams
     if kind == "fwd":
         return cost.layer("fwd_s", tokens) * slow
@@ -145,7 +150,7 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
         return cost.gpu_bytes_moved(a["bytes"] * (2 if kind == "embed" else 6))
     if kind == "update":
         if a["resource"] == "gpu":
-            return a["params"] / cost.p.gpu_adamw_params_per_s
+            return a["params"] / cost.gpu_adamw_rate
         return cost.host_update(a["params"], a["cast"])
     if kind in ("disk_read", "act_read"):
         return cost.disk("read", a["bytes"])
@@ -192,8 +197,8 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
         h2d += loads * load
         pcie_bytes += loads * (4 if where == "cpu" else 2) * n
         if where == "streamed":  # at least the bandwidth term of every piece
-            h2d += STREAMED_IN_BYTES * n / (cost.p.streamed_in_bandwidth or cost.p.h2d.bandwidth)
-            d2h += STREAMED_OUT_BYTES * n / (cost.p.streamed_out_bandwidth or cost.p.d2h.bandwidth)
+            h2d += STREAMED_IN_BYTES * n / (cost.p.streamed_in_bandwidth or cost.h2d.bandwidth)
+            d2h += STREAMED_OUT_BYTES * n / (cost.p.streamed_out_bandwidth or cost.d2h.bandwidth)
             pcie_bytes += (STREAMED_IN_BYTES + STREAMED_OUT_BYTES) * n
         else:
             d2h += cost.copy("d2h", 4 * n)

@@ -21,8 +21,8 @@ def draw(timelines: list[tuple[str, list[dict], list[tuple[float, int]] | None]]
     from matplotlib.patches import Patch
 
     panels = sum(2 if mem else 1 for _, _, mem in timelines)
-    fig, axes = plt.subplots(panels, 1, figsize=(14, 2.2 * panels), sharex=True, squeeze=False)
-    axes = iter(axes[:, 0])
+    fig, grid = plt.subplots(panels, 1, figsize=(14, 2.2 * panels), sharex=True, squeeze=False)
+    axes = iter(grid[:, 0])
     for title, spans, memory in timelines:
         ax = next(axes)
         rows = [r for r in RESOURCE_ROWS if any(s["resource"] == r for s in spans)]

@@ -82,7 +82,7 @@ class Simulation:
     @property
     def bottleneck(self) -> str:
         """The resource holding the largest share of the last step's critical path."""
-        return max(self.critical, key=self.critical.get)
+        return max(self.critical, key=lambda r: self.critical[r])
 
 
 def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> Simulation:

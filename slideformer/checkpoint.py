@@ -159,7 +159,7 @@ def verify(path: Path) -> str | None:
 
 def newest_valid_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint that verifies, and a line for each newer one that did not."""
-    skipped = []
+    skipped: list[str] = []
     for path in reversed(checkpoints(root)):
         problem = verify(path)
         if problem is None:

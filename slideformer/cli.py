@@ -62,11 +62,13 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     prof = calibrate(models, a.seq, a.sequences, a.disk_dir, quick=a.quick, name=a.name,
                      max_chunk_tokens=a.max_chunk_tokens)
     prof.save(a.out)
-    print(f"wrote {a.out}: {prof.device}; " + ", ".join(filter(None, [
-        prof.h2d and f"H2D {prof.h2d.bandwidth / 1e9:.1f} GB/s", prof.d2h and f"D2H {prof.d2h.bandwidth / 1e9:.1f} GB/s",
-        prof.gpu_bf16_flops and f"GEMM {prof.gpu_bf16_flops / 1e12:.0f} TFLOPS",
-        f"CPU AdamW {prof.cpu_adamw_rate() / 1e9:.2f} Gparam/s",
-        prof.disk and f"disk read {prof.disk.read_bandwidth / 1e9:.2f} / write {prof.disk.write_bandwidth / 1e9:.2f} GB/s"])))
+    parts = [f"H2D {prof.h2d.bandwidth / 1e9:.1f} GB/s" if prof.h2d else "",
+             f"D2H {prof.d2h.bandwidth / 1e9:.1f} GB/s" if prof.d2h else "",
+             f"GEMM {prof.gpu_bf16_flops / 1e12:.0f} TFLOPS" if prof.gpu_bf16_flops else "",
+             f"CPU AdamW {prof.cpu_adamw_rate() / 1e9:.2f} Gparam/s",
+             f"disk read {prof.disk.read_bandwidth / 1e9:.2f} / write {prof.disk.write_bandwidth / 1e9:.2f} GB/s"
+             if prof.disk else ""]
+    print(f"wrote {a.out}: {prof.device}; " + ", ".join(p for p in parts if p))
     return 0
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -149,7 +149,7 @@ def _chat(messages, where: str, tok: Tokenizer) -> Example:
     return Example(ids, trained)
 
 
-def load_examples(paths: list[str | Path], tok: Tokenizer) -> list[Example]:
+def load_examples(paths: Sequence[str | Path], tok: Tokenizer) -> list[Example]:
     out = [to_example(row, where, tok) for p in paths for where, row in read_rows(p)]
     if not out:
         raise DataError(f"{', '.join(map(str, paths))}: no rows")
@@ -171,11 +171,11 @@ def to_sequences(examples: list[Example], seq: int, tok: Tokenizer, pack: bool) 
         for e in examples:
             w, m = e.ids[: seq + 1], e.trained[: seq + 1]
             windows.append((w + [tok.pad_id] * (seq + 1 - len(w)), m + [False] * (seq + 1 - len(m))))
-    ids = torch.tensor([w for w, _ in windows], dtype=torch.long)
+    rows = torch.tensor([w for w, _ in windows], dtype=torch.long)
     mask = torch.tensor([m for _, m in windows], dtype=torch.bool)
-    labels = torch.where(mask[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
+    labels = torch.where(mask[:, 1:], rows[:, 1:], torch.full_like(rows[:, 1:], IGNORE_INDEX))
     keep = (labels != IGNORE_INDEX).any(dim=1)  # a sequence with nothing to learn is dropped
-    return ids[keep, :-1].contiguous(), labels[keep].contiguous()
+    return rows[keep, :-1].contiguous(), labels[keep].contiguous()
 
 
 def cut_rows(examples: list[Example], seq: int, pack: bool) -> tuple[int, int]:

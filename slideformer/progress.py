@@ -27,7 +27,7 @@ class RunLog:
         self.bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr, dynamic_ncols=True, unit="step")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            self.tb: SummaryWriter | None = SummaryWriter(str(out_dir / "tensorboard"))
         except ImportError:
             self.tb = None
 

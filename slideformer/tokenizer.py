@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from slideformer.models.config import ModelConfigError
 
@@ -47,7 +47,7 @@ class HFTokenizer:
         return self.tok.encode(text, add_special_tokens=False)
 
     def chat(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        out = self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        out: Any = self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     def files(self) -> list[Path]:

@@ -177,7 +177,7 @@ def add_flags(ap: argparse.ArgumentParser) -> None:
 
 def load_config(path: str | None, args: argparse.Namespace | None = None) -> TrainConfig:
     """The YAML file's values, overridden by any flag given."""
-    values = {}
+    values: dict[str, typing.Any] = {}
     if path:
         p = Path(path)
         if not p.is_file():

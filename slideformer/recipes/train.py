@@ -122,6 +122,7 @@ def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str) -> Plan:
                           clip=update == "after_norm")
     if not verdict.fits:
         raise PlanError(f"no plan fits batch {batch} x seq {cfg.seq}: " + "; ".join(verdict.shortfalls))
+    assert verdict.plan is not None, "a plan that fits is returned with the verdict"
     return verdict.plan
 
 
@@ -208,7 +209,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train:
             log.step({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": lr, "trained_tokens": r.tokens,
                       "step_s": dt, "tokens_per_s": ids.numel() / dt, "tflops": flops_per_step / dt / 1e12,
                       "epoch": batches.epoch})
-            check_step(step + 1, r.loss, r.grad_norm, cfg.nonfinite, saved_at and saved_at.name)
+            check_step(step + 1, r.loss, r.grad_norm, cfg.nonfinite, saved_at.name if saved_at else None)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
                 evaluate(step + 1)
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (stop.signal and step + 1 < total):
