@@ -1,17 +1,20 @@
-"""Discrete-event replay of the runtime's step graph on a profiled machine.
+"""Discrete-event replay of the runtime's step graph on a profiled machine, in four phases: flatten the graph
+into arrays, replay it, the GPU memory timeline, the last step's critical path.
 
-The executor's model, as the runtime behaves: one host thread issues ops in `seq` order; each of the
-GPU's streams (gpu, h2d, d2h), the single CPU optimizer worker and the disk-tier worker serves its ops one
-at a time in that order; an op starts once issued, its resource is free and its dependencies are done. A
-GPU-side op that waits for a host op (a weight load after last step's host update, a gradient copy into a ring buffer the
-optimizer still reads) blocks the issuing thread, as a Python future does. Steps run back to back (the
-next step's loads wait for this step's updates) and a step ends when its loss is read. Memory is tracked
-per tier: the plan's static buffers, kept activations from their forward to their backward, and each
-compute op's workspace while it runs.
+The replay models the executor (`runtime/executor.py`) as the runtime behaves: one host thread issues ops in
+`seq` order; each of the GPU's streams (gpu, h2d, d2h, opt), the single CPU optimizer worker and the
+disk-tier worker serves its ops one at a time in that order; an op starts once issued, its resource is free
+and its dependencies are done. A GPU-side op that waits for a host op (a weight load after last step's host
+update, a gradient copy into a ring buffer the optimizer still reads) blocks the issuing thread, as a Python
+future does. Steps run back to back (the next step's loads wait for this step's updates) and a step ends
+when its loss is read. Memory is tracked per tier: the plan's static buffers, kept activations from their
+forward to their backward, and each compute op's workspace while it runs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import networkx as nx
 
 from slideformer.schedule.profile import Profile
 from slideformer.models.config import ModelConfig
@@ -85,28 +88,42 @@ class Simulation:
         return max(self.critical, key=lambda r: self.critical[r])
 
 
-def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> Simulation:
-    plan.validate(cfg.num_layers)
-    g = build_step_graph(cfg, plan)
+@dataclass
+class _FlatGraph:
+    """The step graph as arrays in issue order (the replay loop runs once per op per step)."""
+    order: list[str]
+    resource: list[str]
+    kind: list[str]
+    preds: list[tuple[int, ...]]
+    blocking: list[tuple[int, ...]]  # host-op predecessors a GPU-side op waits on through a future
+    after_update: list[int]  # for a load: last step's update of its unit (-1: none)
+    seconds: list[float]
+    issue_seconds: list[float]
+    alloc: list[int]  # GPU bytes an op takes at its start, and gives back at its end
+    freed: list[int]
+    workspace: list[int]  # GPU bytes an op holds while it runs
+    norm: int | None
+
+
+@dataclass
+class _Replay:
+    spans: list[Span]
+    step_ends: list[float]
+    mem_events: list[tuple[float, int]]  # (time, +/- bytes)
+    cause: dict[tuple[int, int], tuple[int, int] | None]  # the (step, op) whose end let each op start
+    final: tuple[int, int] | None  # what the last step's return waited on
+
+
+def _flatten(g: nx.DiGraph, cfg: ModelConfig, plan: Plan, profile: Profile) -> _FlatGraph:
+    """Phase 1: each op's resource, dependencies, duration, launch cost and GPU memory, by issue index."""
     cost = CostModel(profile, cfg, plan.seq)
     order = issue_order(g)
     tokens = plan.chunk * plan.seq
     workspace = {"bwd": layer_workspace(cfg, tokens, plan.mlp_tile_tokens),
                  "head": head_workspace(cfg, min(plan.loss_chunk_tokens, tokens), tokens, profile)}
-    static = gpu_bytes(cfg, plan, profile)
-    base = sum(v for k, v in static.items() if k not in ("kept_inputs", "kept_graphs", "workspace"))
-
-    # The graph as flat arrays in issue order: the loop below runs once per op per step.
     index = {n: i for i, n in enumerate(order)}
     res = [g.nodes[n]["resource"] for n in order]
     preds = [tuple(index[p] for p in g.predecessors(n)) for n in order]
-    blocking = [tuple(p for p in preds[i] if res[p] in HOST_RESOURCES) if res[i] not in HOST_RESOURCES else ()
-                for i in range(len(order))]
-    after_update = [index[g.graph["after_previous_step"][n]] if n in g.graph["after_previous_step"] else -1
-                    for n in order]
-    dur = [op_seconds(g, n, cost) for n in order]
-    iss = [issue_seconds(g, n, cost) for n in order]
-    kinds = [g.nodes[n]["kind"] for n in order]
     graph = kept_graph(cfg, plan.seq, tokens, profile)  # measured, where the graph's own figure is a formula
 
     def gpu_delta(n: str, key: str) -> int:
@@ -114,82 +131,115 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
         if a[key].get("gpu") and plan.activations[a["layer"]] == "keep":
             return graph
         return a[key].get("gpu", 0)
-    alloc = [gpu_delta(n, "alloc") for n in order]
-    freed = [gpu_delta(n, "free") for n in order]
-    norm = index.get("norm")
+    kinds = [g.nodes[n]["kind"] for n in order]
+    return _FlatGraph(
+        order=order, resource=res, kind=kinds, preds=preds,
+        blocking=[tuple(p for p in preds[i] if res[p] in HOST_RESOURCES) if res[i] not in HOST_RESOURCES else ()
+                  for i in range(len(order))],
+        after_update=[index[g.graph["after_previous_step"][n]] if n in g.graph["after_previous_step"] else -1
+                      for n in order],
+        seconds=[op_seconds(g, n, cost) for n in order], issue_seconds=[issue_seconds(g, n, cost) for n in order],
+        alloc=[gpu_delta(n, "alloc") for n in order], freed=[gpu_delta(n, "free") for n in order],
+        workspace=[workspace.get(k, 0) for k in kinds], norm=index.get("norm"))
 
+
+def _replay(f: _FlatGraph, steps: int) -> _Replay:
+    """Phase 2: the executor's walk (`runtime/executor.py`) on modelled time: one issuing thread, each
+    resource serving its ops in issue order, a GPU-side op that waits on a host future blocking the issuer,
+    steps back to back."""
+    n = len(f.order)
     issuer, issuer_cause = 0.0, None
     free = dict.fromkeys(RESOURCES, 0.0)
     last_on: dict[str, tuple[int, int] | None] = dict.fromkeys(RESOURCES)
-    cause: dict[tuple[int, int], tuple[int, int] | None] = {}  # the op whose end let each op start
+    out = _Replay([], [], [], {}, None)
     ends: list[list[float]] = []
-    spans: list[Span] = []
-    step_ends: list[float] = []
-    mem_events: list[tuple[float, int]] = []  # (time, +/- bytes)
     for step in range(steps):
         for r in ("h2d", "d2h"):  # the step's barrier: copy streams wait for compute issued so far
             free[r] = max(free[r], free["gpu"])
-        end = [0.0] * len(order)
-        for i in range(len(order)):
-            r = res[i]
+        end = [0.0] * n
+        for i in range(n):
+            r = f.resource[i]
             start, why = free[r], last_on[r]
-            for p in preds[i]:
+            for p in f.preds[i]:
                 if end[p] > start:
                     start, why = end[p], (step, p)
-            u = after_update[i]
+            u = f.after_update[i]
             if u >= 0 and step:  # this step's load waits for last step's update of the unit
                 t = ends[-1][u]
-                if res[u] == "cpu" and t > issuer:  # waiting on a future blocks the issuing thread
+                if f.resource[u] == "cpu" and t > issuer:  # waiting on a future blocks the issuing thread
                     issuer, issuer_cause = t, (step - 1, u)
                 if t > start:
                     start, why = t, (step - 1, u)
-            for p in blocking[i]:
+            for p in f.blocking[i]:
                 if end[p] > issuer:
                     issuer, issuer_cause = end[p], (step, p)
-            issuer += iss[i]
+            issuer += f.issue_seconds[i]
             if issuer > start:
                 start, why = issuer, issuer_cause
-            cause[(step, i)] = why
-            end[i] = free[r] = start + dur[i]
+            out.cause[(step, i)] = why
+            end[i] = free[r] = start + f.seconds[i]
             last_on[r] = (step, i)
-            spans.append(Span(order[i], step, r, kinds[i], start, end[i]))
-            if alloc[i]:
-                mem_events.append((start, alloc[i]))
-            if kinds[i] in workspace:
-                mem_events += [(start, workspace[kinds[i]]), (end[i], -workspace[kinds[i]])]
-            if freed[i]:
-                mem_events.append((end[i], -freed[i]))
+            out.spans.append(Span(f.order[i], step, r, f.kind[i], start, end[i]))
+            if f.alloc[i]:
+                out.mem_events.append((start, f.alloc[i]))
+            if f.workspace[i]:
+                out.mem_events += [(start, f.workspace[i]), (end[i], -f.workspace[i])]
+            if f.freed[i]:
+                out.mem_events.append((end[i], -f.freed[i]))
         ends.append(end)
         # train_step returns once the loss is read (compute stream) and, under after_norm, the norm is done
-        for key in [last_on["gpu"], (step, norm) if norm is not None else None]:
+        for key in [last_on["gpu"], (step, f.norm) if f.norm is not None else None]:
             if key is not None and end[key[1]] > issuer:
                 issuer, issuer_cause = end[key[1]], key
-        step_ends.append(issuer)
-    final = issuer_cause
+        out.step_ends.append(issuer)
+    out.final = issuer_cause
+    return out
 
+
+def _memory_timeline(base: int, events: list[tuple[float, int]]) -> list[tuple[float, int]]:
+    """Phase 3: GPU bytes allocated over time, from the static buffers' level."""
     level, timeline = base, [(0.0, base)]
-    for t, delta in sorted(mem_events, key=lambda e: (e[0], e[1] > 0)):  # at a tie, free first (same stream)
+    for t, delta in sorted(events, key=lambda e: (e[0], e[1] > 0)):  # at a tie, free first (same stream)
         level += delta
         timeline.append((t, level))
+    return timeline
+
+
+def _critical_path(run: _Replay, ops_per_step: int, lo: float, hi: float) -> dict[str, float]:
+    """Phase 4: seconds of the last step's critical path on each resource, followed back from its return."""
+    critical = dict.fromkeys(RESOURCES, 0.0)
+    key = run.final
+    while key is not None and run.spans[key[0] * ops_per_step + key[1]].end > lo:
+        span = run.spans[key[0] * ops_per_step + key[1]]
+        critical[span.resource] += min(span.end, hi) - max(span.start, lo)
+        key = run.cause[key]
+    return critical
+
+
+def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> Simulation:
+    """`steps` steps of `plan` on `profile`'s machine: flatten the graph, replay it, the GPU memory timeline
+    and the last step's critical path."""
+    plan.validate(cfg.num_layers)
+    g = build_step_graph(cfg, plan)
+    flat = _flatten(g, cfg, plan, profile)
+    run = _replay(flat, steps)
+    static = gpu_bytes(cfg, plan, profile)
+    base = sum(v for k, v in static.items() if k not in ("kept_inputs", "kept_graphs", "workspace"))
     host = host_bytes(cfg, plan, profile)
-    sim = Simulation(plan, spans, step_ends, timeline, sum(host.values()), static, host, plan.batch * plan.seq,
-                     cfg.model_flops_per_token(plan.seq) * plan.batch * plan.seq, disk_bytes(cfg, plan))
+    sim = Simulation(plan, run.spans, run.step_ends, _memory_timeline(base, run.mem_events), sum(host.values()),
+                     static, host, plan.batch * plan.seq, cfg.model_flops_per_token(plan.seq) * plan.batch * plan.seq,
+                     disk_bytes(cfg, plan))
     sim.work_per_step = dict.fromkeys(RESOURCES, 0.0)
-    for d, r in zip(dur, res):
+    for d, r in zip(flat.seconds, flat.resource):
         sim.work_per_step[r] += d
     if profile.duplex_bandwidth:
-        pcie = sum(g.nodes[n].get("bytes", 0) for n, r in zip(order, res) if r in ("h2d", "d2h"))
+        pcie = sum(g.nodes[n].get("bytes", 0) for n, r in zip(flat.order, flat.resource) if r in ("h2d", "d2h"))
         sim.work_per_step["pcie_duplex"] = pcie / profile.duplex_bandwidth
-    lo, hi = step_ends[-2], step_ends[-1]
+    lo, hi = run.step_ends[-2], run.step_ends[-1]
     busy = dict.fromkeys(RESOURCES, 0.0)
-    for s in spans:
+    for s in run.spans:
         if s.end > lo and s.start < hi:
             busy[s.resource] += min(s.end, hi) - max(s.start, lo)
     sim.utilisation = {r: busy[r] / (hi - lo) for r in RESOURCES}
-    sim.critical = dict.fromkeys(RESOURCES, 0.0)
-    key = final
-    while key is not None and spans[key[0] * len(order) + key[1]].end > lo:
-        span = spans[key[0] * len(order) + key[1]]
-        sim.critical[span.resource] += min(span.end, hi) - max(span.start, lo)
-        key = cause[key]
+    sim.critical = _critical_path(run, len(flat.order), lo, hi)
     return sim
