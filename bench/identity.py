@@ -5,9 +5,12 @@
     python -m bench.identity compare before.json after.json --out bench/results/identity-X.json
 
 The snapshot: the planner's choice, predicted step and peaks for 15 (profile, model, workload, budget)
-cases, and the losses and a checksum of every saved state tensor of 7 small CPU training runs (offload,
-late updates, MLP tiles, kept graphs, streamed layers, after-norm with GPU-placed units, a ring of one).
+cases, the losses and a checksum of every saved state tensor of 7 small CPU training runs (offload,
+late updates, MLP tiles, kept graphs, streamed layers, after-norm with GPU-placed units, a ring of one), and
+a digest of every op record and edge of the step graphs of 240 small plans.
 """
+import hashlib
+import itertools
 import json
 import sys
 from dataclasses import asdict
@@ -19,10 +22,28 @@ from slideformer.schedule.plan import uniform_plan
 from slideformer.models import PRESETS, RandomWeights, load_model_config
 from slideformer.planner.search import Budgets, choose_plan
 from slideformer.runtime import AdamWConfig, Engine
+from slideformer.schedule.graph import build_step_graph, ops
+
+
+def graph_digests() -> dict[str, str]:
+    """SHA-256 of each step graph's op records, edges and cross-step maps, over a grid of tiny-llama plans."""
+    cfg, out = PRESETS["tiny-llama"], {}
+    grid = itertools.product(["offload", "recompute", "disk"], ["during_backward", "after_norm"], [0, 2], [0, 2],
+                             [(), (0, 2)], [0, 2], [1, 2], [2, 3])
+    for act, update, gpu_units, disk, streamed, late, ring, window in grid:
+        if update == "after_norm" and (streamed or late):
+            continue
+        kw = dict(activation=act, update=update, gpu_units=gpu_units, disk_layers=disk, streamed_layers=streamed,
+                  late_updates=late, grad_ring=ring, window=window, keep_last=1)
+        g = build_step_graph(cfg, uniform_plan("tiny-llama", cfg.num_layers, 4, 32, chunk=2, device="cpu", **kw))
+        record = [[asdict(o) for o in ops(g)], sorted(g.edges), g.graph["after_previous_step"], g.graph["updates"],
+                  g.graph["disk_slot"]]
+        out[json.dumps(kw)] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return out
 
 
 def snapshot() -> dict:
-    out = {"plans": {}, "losses": {}}
+    out = {"plans": {}, "losses": {}, "graphs": graph_digests()}
     for prof_name in ("h100-80gb", "h100-80gb-2026-11-25", "rtx4090-spec"):
         prof = Profile.load(prof_name)
         for model, seq, batch, gpu, host, disk in [("llama-3.1-8b", 2048, 8, 22, 121, 0), ("llama-3.1-8b", 1024, 8, 22, 121, 0),

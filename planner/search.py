@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from slideformer.schedule.profile import Profile
 from slideformer.models.config import ModelConfig
-from slideformer.schedule.plan import Plan, uniform_plan
+from slideformer.schedule.plan import ActivationPolicy, Plan, uniform_plan
 from slideformer.simulator import Simulation, simulate
 from slideformer.simulator.costs import CostModel, step_lower_bound
 
@@ -87,7 +87,7 @@ def lean_plans(cfg: ModelConfig, model: str, batch: int, seq: int, update: str, 
             for disk in sorted({0, min(disk_layers_that_fit(cfg, budgets), L + 1 - units if units else L)})]
 
 
-def activation_policies(budgets: Budgets) -> tuple[str, ...]:
+def activation_policies(budgets: Budgets) -> tuple[ActivationPolicy, ...]:
     """Uniform policies to consider: saved inputs to host RAM, recomputed from GPU copies, or (given a disk
     budget) on to the disk, which frees RAM at the disk's speed."""
     return ("offload", "recompute", "disk") if budgets.disk_bytes else ("offload", "recompute")

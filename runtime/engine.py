@@ -23,6 +23,7 @@ import torch
 from slideformer.models.config import ModelConfig
 from slideformer.models.layers import decoder_layer, rope_tables
 from slideformer.schedule.graph import build_step_graph
+from slideformer.schedule.op import Resource
 from slideformer.schedule.memory import GiB, describe, gpu_bytes, saved_input_bytes
 from slideformer.schedule.plan import Plan, PlanError
 
@@ -147,7 +148,7 @@ class Engine:
         cfg, L, ops = self.cfg, self.cfg.num_layers, self.ops
         ids, labels = input_ids.to(self.device), labels.to(self.device)
         cos, sin = rope_tables(cfg, ids.shape[1], self.device, self.compute_dtype)
-        with self.executor.streams.on("gpu"):
+        with self.executor.streams.on(Resource.GPU):
             for unit in (0, L + 1):
                 ops._load(unit)
             hidden = [torch.index_select(ops.embed_w, 0, rows.flatten()).view(*rows.shape, -1)

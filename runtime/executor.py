@@ -12,24 +12,23 @@ from typing import Callable
 import networkx as nx
 import torch
 
-from slideformer.schedule.graph import issue_order
+from slideformer.schedule.graph import op_of, ops
+from slideformer.schedule.op import HOST_RESOURCES, OpKind, Resource
 
 from .streams import Handle, Streams, host_wait
 from .trace import OpTrace
 
-OP_ARGUMENTS = ("unit", "layer", "chunk", "slot", "piece")  # graph attributes an op body takes
-
 
 class GraphExecutor:
-    def __init__(self, graph: nx.DiGraph, bodies: dict[str, Callable[..., object]], device: torch.device) -> None:
+    def __init__(self, graph: nx.DiGraph, bodies: dict[OpKind, Callable[..., object]], device: torch.device) -> None:
         self.graph, self.bodies = graph, bodies
-        self.order = issue_order(graph)
+        self.ops = ops(graph)
         self.streams = Streams(device)
-        self.host_workers = {"cpu": ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-adamw"),
-                             "disk": ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-tier")}
+        self.host_workers = {Resource.CPU: ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-adamw"),
+                             Resource.DISK: ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-tier")}
         self.trace: OpTrace | None = None
         self.after_previous_step: dict[str, str] = graph.graph["after_previous_step"]
-        self.write_backs = [op for op in self.order if graph.nodes[op]["kind"] == "disk_write"]
+        self.write_backs = [op.name for op in self.ops if op.kind == OpKind.DISK_WRITE]
         self.previous_updates: dict[str, Handle] = {}  # the last step's update ops' completion
         self.pending_disk: dict[object, Future] = {}  # write-backs nothing in the step waits on
 
@@ -40,20 +39,19 @@ class GraphExecutor:
                 write.result()
         self.streams.barrier()
         done: dict[str, Handle] = {}
-        for name in self.order:
-            attrs = self.graph.nodes[name]
-            resource, kind = attrs["resource"], attrs["kind"]
-            args = {k: attrs[k] for k in OP_ARGUMENTS if k in attrs}
-            if kind == "update":
+        for op in self.ops:
+            name, resource, kind = op.name, op.resource, op.kind
+            args: dict[str, object] = dict(op.arguments())
+            if kind == OpKind.UPDATE:
                 args["norm"] = done.get("norm")  # this step's (grad_norm, clip coefficient), after_norm only
-            if kind in ("update", "state_update"):
+            if kind in (OpKind.UPDATE, OpKind.STATE_UPDATE):
                 args["lr"] = lr
-            on_host = resource in self.host_workers
+            on_host = resource in HOST_RESOURCES
             previous = self.previous_updates.get(self.after_previous_step.get(name, ""))
             if previous is not None:  # a load waits for the previous step's update of its unit
                 self.streams.wait(resource, previous)
             for pred in self.graph.predecessors(name):
-                if self.graph.nodes[pred]["resource"] != resource and not on_host:
+                if op_of(self.graph, pred).resource != resource and not on_host:
                     self.streams.wait(resource, done[pred])
             if on_host:  # the CPU optimizer or the disk worker, each serving its ops in order
                 preds = [done[p] for p in self.graph.predecessors(name)]
@@ -72,7 +70,7 @@ class GraphExecutor:
         self.pending_disk = {op: h for op in self.write_backs if isinstance(h := done[op], Future)}
         return done
 
-    def _run_host_op(self, name: str, step: int, resource: str, kind: str, args: dict, preds: list[Handle]):
+    def _run_host_op(self, name: str, step: int, resource: Resource, kind: OpKind, args: dict, preds: list[Handle]):
         for h in preds:
             host_wait(h)
         trace = self.trace
@@ -90,7 +88,7 @@ class GraphExecutor:
     def submit_disk_write(self, key: object, write: Callable[[], None]) -> None:
         """Queue a write-back outside the graph (initial and restored disk states) on the disk worker."""
         self.wait_disk_write(key)
-        self.pending_disk[key] = self.host_workers["disk"].submit(write)
+        self.pending_disk[key] = self.host_workers[Resource.DISK].submit(write)
 
     def wait_all(self) -> None:
         """Wait for every pending update and disk write-back."""

@@ -13,6 +13,7 @@ import torch
 
 from slideformer.models.config import ModelConfig
 from slideformer.models.layers import decoder_layer, decoder_layer_backward, rope_tables
+from slideformer.schedule.op import OpKind
 from slideformer.schedule.plan import Plan
 
 from .buffers import StepBuffers
@@ -50,12 +51,13 @@ class StepOps:
         self.labels: tuple[torch.Tensor, ...] = ()
         self.total_tokens = 1
         # What each kind of graph op does (the graph's `kind` attribute names one of these).
-        self.bodies: dict[str, Callable[..., object]] = {
-            "load": self._load, "embed": self._embed, "save": self._save, "fwd": self._fwd, "head": self._head,
-            "fetch": self._fetch, "bwd": self._bwd, "embed_bwd": self._embed_bwd, "grad_out": self._grad_out,
-            "update": self._update, "norm": self._norm, "disk_read": self._disk_read,
-            "state_in": self._state_in, "state_update": self._state_update, "state_out": self._state_out,
-            "disk_write": self._disk_write, "act_write": self._act_write, "act_read": self._act_read}
+        self.bodies: dict[OpKind, Callable[..., object]] = {
+            OpKind.LOAD: self._load, OpKind.EMBED: self._embed, OpKind.SAVE: self._save, OpKind.FWD: self._fwd,
+            OpKind.HEAD: self._head, OpKind.FETCH: self._fetch, OpKind.BWD: self._bwd,
+            OpKind.EMBED_BWD: self._embed_bwd, OpKind.GRAD_OUT: self._grad_out, OpKind.UPDATE: self._update,
+            OpKind.NORM: self._norm, OpKind.STATE_IN: self._state_in, OpKind.STATE_UPDATE: self._state_update,
+            OpKind.STATE_OUT: self._state_out, OpKind.DISK_READ: self._disk_read, OpKind.DISK_WRITE: self._disk_write,
+            OpKind.ACT_WRITE: self._act_write, OpKind.ACT_READ: self._act_read}
 
     def begin_step(self, tokens: tuple[torch.Tensor, ...], labels: tuple[torch.Tensor, ...], total_tokens: int) -> None:
         """This step's inputs, split into chunks, and the loss's denominator."""

@@ -10,6 +10,8 @@ from typing import Iterator, Union
 
 import torch
 
+from slideformer.schedule.op import Resource
+
 Handle = Union[torch.cuda.Event, Future, None]
 
 
@@ -17,22 +19,22 @@ class Streams:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         if self.cuda:
-            self.by_resource = {"gpu": torch.cuda.current_stream(device), "h2d": torch.cuda.Stream(device),
-                                "d2h": torch.cuda.Stream(device), "opt": torch.cuda.Stream(device)}
+            self.by_resource = {Resource.GPU: torch.cuda.current_stream(device), Resource.H2D: torch.cuda.Stream(device),
+                                Resource.D2H: torch.cuda.Stream(device), Resource.OPT: torch.cuda.Stream(device)}
 
     @contextmanager
-    def on(self, resource: str) -> Iterator[None]:
+    def on(self, resource: Resource) -> Iterator[None]:
         with torch.cuda.stream(self.by_resource[resource]) if self.cuda else nullcontext():
             yield
 
-    def record(self, resource: str) -> Handle:
+    def record(self, resource: Resource) -> Handle:
         if not self.cuda:
             return None
         ev = torch.cuda.Event()
         ev.record(self.by_resource[resource])
         return ev
 
-    def wait(self, resource: str, handle: Handle) -> None:
+    def wait(self, resource: Resource, handle: Handle) -> None:
         """Make `resource`'s later work wait for `handle` (blocking the issuing thread for host futures)."""
         if isinstance(handle, Future):
             handle.result()
@@ -43,8 +45,8 @@ class Streams:
         """Copy streams wait for all compute issued so far (used between steps)."""
         if self.cuda:
             ev = torch.cuda.Event()
-            ev.record(self.by_resource["gpu"])
-            for r in ("h2d", "d2h"):
+            ev.record(self.by_resource[Resource.GPU])
+            for r in (Resource.H2D, Resource.D2H):
                 self.by_resource[r].wait_event(ev)
 
 

@@ -1,18 +1,22 @@
 """One training step as a dependency graph of operations, the contract between runtime and simulator.
 
-Each node is an op with: `seq` (program order; every resource serves its ops in this order, like a CUDA
-stream), `kind`, `resource` (gpu, h2d, d2h, cpu, disk, and opt: the GPU stream of streamed updates), the unit or layer and chunk it touches, its work
-(`flops`, `bytes` or `params`) and `alloc`/`free` (bytes per tier it takes and gives back). Edges are true
-data dependencies and buffer reuse (write-after-read) hazards; ops on one resource are also ordered by seq.
-Units: 0 is the embedding, 1..L the decoder layers, L+1 the final norm and LM head.
+Each node carries an `Op` record (`schedule.op`): its issue order `seq` (every resource serves its ops in
+this order, like a CUDA stream), kind, resource, the unit or layer and chunk it touches, its work (flops,
+bytes or parameters) and the GPU bytes it takes and gives back. Edges are true data dependencies and buffer
+reuse (write-after-read) hazards; ops on one resource are also ordered by seq. Units: 0 is the embedding,
+1..L the decoder layers, L+1 the final norm and LM head.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import networkx as nx
 
 from slideformer.models.config import ModelConfig
 
+from slideformer.schedule.op import Op, OpKind, Resource
 from slideformer.schedule.plan import STATE_STAGING_BUFFERS, STREAMED_IN_BYTES, STREAMED_OUT_BYTES, Plan
+
 
 def layer_unit(layer: int) -> int:
     return layer + 1
@@ -64,10 +68,8 @@ class _StepGraph:
         self.state_outs: list[str] = []  # streamed-update pieces in order; they cycle through the state slots
         self.updates: dict[int, str] = {}
 
-    def op(self, name: str, kind: str, resource: str, deps: list[str | None], **attrs) -> str:
-        attrs.setdefault("alloc", {})
-        attrs.setdefault("free", {})
-        self.g.add_node(name, seq=self.seq, kind=kind, resource=resource, **attrs)
+    def op(self, name: str, kind: OpKind, resource: Resource, deps: Sequence[str | None], **fields) -> str:
+        self.g.add_node(name, op=Op(name, self.seq, kind, resource, **fields))
         self.seq += 1
         for d in deps:
             if d is not None:
@@ -81,7 +83,7 @@ class _StepGraph:
         if self.plan.update == "after_norm":
             self.updates_after_norm()
         # Across steps: every load of a unit waits for the previous step's update of that unit.
-        after_previous_step = {n: self.updates[a["unit"]] for n, a in self.g.nodes(data=True) if a["kind"] == "load"}
+        after_previous_step = {o.name: self.updates[o.unit] for o in ops(self.g) if o.kind == OpKind.LOAD and o.unit is not None}
         self.g.graph.update(cfg=self.cfg, plan=self.plan, updates=self.updates, disk_slot=self.disk_slot,
                             after_previous_step=after_previous_step)
         return self.g
@@ -91,25 +93,25 @@ class _StepGraph:
         """fp32 masters staged and cast on the GPU, a disk or streamed unit's bf16 weights kept in RAM, or
         GPU-resident."""
         on_gpu, bf16 = self.plan.placement[u] == "gpu", self.plan.placement[u] in ("disk", "streamed")
-        return self.op(f"load:{u}:{tag}", "load", "gpu" if on_gpu else "h2d", deps, unit=u,
-                       bytes=(2 if bf16 else 4) * self.numel[u], staged=not (on_gpu or bf16))
+        return self.op(f"load:{u}:{tag}", OpKind.LOAD, Resource.GPU if on_gpu else Resource.H2D, deps, unit=u,
+                       nbytes=(2 if bf16 else 4) * self.numel[u], staged=not (on_gpu or bf16))
 
     def disk_read(self, u: int, after: str | None) -> None:
-        self.op(f"disk_read:{u}", "disk_read", "disk", [after], unit=u, slot=self.disk_slot[u],
-                bytes=12 * self.numel[u])
+        self.op(f"disk_read:{u}", OpKind.DISK_READ, Resource.DISK, [after], unit=u, slot=self.disk_slot[u],
+                nbytes=12 * self.numel[u])
 
     def act_read(self, lay: int, after: list[str | None]) -> None:
-        self.op(f"act_read:{lay}", "act_read", "disk", after, layer=lay,
-                slot=self.act_back.index(lay) % self.plan.disk_ring, bytes=self.C * self.act_bytes)
+        self.op(f"act_read:{lay}", OpKind.ACT_READ, Resource.DISK, after, layer=lay,
+                slot=self.act_back.index(lay) % self.plan.disk_ring, nbytes=self.C * self.act_bytes)
 
     def fetch(self, lay: int, c: int, war: str | None) -> None:
         if self.plan.activations[lay] == "offload":
-            self.op(f"fetch:{lay}:{c}", "fetch", "h2d", [f"save:{lay}:{c}", war], layer=lay, chunk=c,
-                    bytes=self.act_bytes)
+            self.op(f"fetch:{lay}:{c}", OpKind.FETCH, Resource.H2D, [f"save:{lay}:{c}", war], layer=lay, chunk=c,
+                    nbytes=self.act_bytes)
             return
         k = self.act_back.index(lay)
-        self.op(f"fetch:{lay}:{c}", "fetch", "h2d", [f"act_read:{lay}", war], layer=lay, chunk=c,
-                bytes=self.act_bytes, slot=k % self.plan.disk_ring)
+        self.op(f"fetch:{lay}:{c}", OpKind.FETCH, Resource.H2D, [f"act_read:{lay}", war], layer=lay, chunk=c,
+                nbytes=self.act_bytes, slot=k % self.plan.disk_ring)
         if c == self.C - 1 and k + self.plan.disk_ring < len(self.act_back):  # the buffer is free: read ahead
             self.act_read(self.act_back[k + self.plan.disk_ring], [f"fetch:{lay}:{cc}" for cc in range(self.C)])
 
@@ -123,14 +125,14 @@ class _StepGraph:
         for lay in range(min(W - 1, L)):
             self.load(layer_unit(lay), "fwd", [])
         for c in range(C):
-            self.op(f"embed:{c}", "embed", "gpu", ["load:0:fwd"], chunk=c, bytes=self.act_bytes)
+            self.op(f"embed:{c}", OpKind.EMBED, Resource.GPU, ["load:0:fwd"], chunk=c, nbytes=self.act_bytes)
         for lay in range(L):
             ahead = lay + W - 1
             if ahead < L:  # into the slot of layer lay-1: wait until its forward is done
                 self.load(layer_unit(ahead), "fwd", [f"fwd:{lay - 1}:{last}" if lay else None])
             self.forward_layer(lay)
         for c in range(C):
-            self.op(f"head:{c}", "head", "gpu", [f"fwd:{L - 1}:{c}", f"load:{L + 1}:fwd"], chunk=c,
+            self.op(f"head:{c}", OpKind.HEAD, Resource.GPU, [f"fwd:{L - 1}:{c}", f"load:{L + 1}:fwd"], chunk=c,
                     flops=self.head_flops)
 
     def forward_layer(self, lay: int) -> None:
@@ -138,20 +140,20 @@ class _StepGraph:
         for c in range(self.C):
             producer = f"embed:{c}" if lay == 0 else f"fwd:{lay - 1}:{c}"
             if policy == "offload":
-                self.op(f"save:{lay}:{c}", "save", "d2h", [producer], layer=lay, chunk=c, bytes=self.act_bytes)
+                self.op(f"save:{lay}:{c}", OpKind.SAVE, Resource.D2H, [producer], layer=lay, chunk=c, nbytes=self.act_bytes)
             if policy == "disk":
                 k = self.act_out.index(lay)
                 ring_war = f"act_write:{self.act_out[k - plan.disk_ring]}" if k >= plan.disk_ring else None
-                self.op(f"save:{lay}:{c}", "save", "d2h", [producer, ring_war], layer=lay, chunk=c,
-                        bytes=self.act_bytes, slot=k % plan.disk_ring)
+                self.op(f"save:{lay}:{c}", OpKind.SAVE, Resource.D2H, [producer, ring_war], layer=lay, chunk=c,
+                        nbytes=self.act_bytes, slot=k % plan.disk_ring)
             saved_before = lay and plan.activations[lay - 1] in ("offload", "disk")
             war = f"save:{lay - 1}:{c}" if saved_before else None
             kept = {"keep": self.graph_bytes, "recompute": self.act_bytes}.get(policy, 0)
-            self.op(f"fwd:{lay}:{c}", "fwd", "gpu", [producer, f"load:{layer_unit(lay)}:fwd", war],
-                    layer=lay, chunk=c, flops=self.fwd_flops, alloc={"gpu": kept})
+            self.op(f"fwd:{lay}:{c}", OpKind.FWD, Resource.GPU, [producer, f"load:{layer_unit(lay)}:fwd", war],
+                    layer=lay, chunk=c, flops=self.fwd_flops, gpu_alloc=kept)
         if policy == "disk":
-            self.op(f"act_write:{lay}", "act_write", "disk", [f"save:{lay}:{c}" for c in range(self.C)], layer=lay,
-                    slot=self.act_out.index(lay) % plan.disk_ring, bytes=self.C * self.act_bytes)
+            self.op(f"act_write:{lay}", OpKind.ACT_WRITE, Resource.DISK, [f"save:{lay}:{c}" for c in range(self.C)], layer=lay,
+                    slot=self.act_out.index(lay) % plan.disk_ring, nbytes=self.C * self.act_bytes)
 
     # --- backward and updates ------------------------------------------------------------
     def backward(self) -> None:
@@ -174,7 +176,7 @@ class _StepGraph:
             self.backward_layer(lay, f"load:{layer_unit(lay)}:{'fwd' if lay in resident else 'bwd'}")
             self.grad_out_and_update(layer_unit(lay), f"bwd:{lay}:{last}")
         for c in range(C):
-            self.op(f"embed_bwd:{c}", "embed_bwd", "gpu", [f"bwd:0:{c}"], chunk=c, bytes=self.act_bytes)
+            self.op(f"embed_bwd:{c}", OpKind.EMBED_BWD, Resource.GPU, [f"bwd:0:{c}"], chunk=c, nbytes=self.act_bytes)
         self.grad_out_and_update(0, f"embed_bwd:{last}")
         for u in plan.late_units:  # after the whole backward, in the order the next forward needs them
             self.host_update(u, [f"grad_out:{u}"])
@@ -188,8 +190,8 @@ class _StepGraph:
         for c in range(self.C):
             upstream = f"head:{c}" if lay == L - 1 else f"bwd:{lay + 1}:{c}"
             saved = f"fetch:{lay}:{c}" if policy in ("offload", "disk") else f"fwd:{lay}:{c}"
-            self.op(f"bwd:{lay}:{c}", "bwd", "gpu", [upstream, saved, weights, grad_war if c == 0 else None],
-                    layer=lay, chunk=c, flops=flops, free={"gpu": kept})
+            self.op(f"bwd:{lay}:{c}", OpKind.BWD, Resource.GPU, [upstream, saved, weights, grad_war if c == 0 else None],
+                    layer=lay, chunk=c, flops=flops, gpu_free=kept)
 
     def grad_out_and_update(self, u: int, ready: str) -> None:
         """A unit's gradient is complete: streamed to the GPU's AdamW, updated in place on the GPU, or copied to
@@ -200,7 +202,7 @@ class _StepGraph:
             return
         if plan.placement[u] == "gpu":
             if plan.update == "during_backward":
-                self.updates[u] = self.op(f"update:{u}", "update", "gpu", [ready], unit=u, params=self.numel[u])
+                self.updates[u] = self.op(f"update:{u}", OpKind.UPDATE, Resource.GPU, [ready], unit=u, params=self.numel[u])
             return
         ring_war = f"update:{L + 1}" if u == 0 and plan.shares_edge_grad else None
         late = u in plan.late_units
@@ -208,7 +210,7 @@ class _StepGraph:
             if len(self.ring) >= plan.grad_ring:
                 ring_war = f"update:{self.ring[-plan.grad_ring]}"
             self.ring.append(u)
-        out = self.op(f"grad_out:{u}", "grad_out", "d2h", [ready, ring_war], unit=u, bytes=4 * self.numel[u])
+        out = self.op(f"grad_out:{u}", OpKind.GRAD_OUT, Resource.D2H, [ready, ring_war], unit=u, nbytes=4 * self.numel[u])
         if u not in (0, L + 1):
             self.grad_buffer_reader[u % 2] = out
         if plan.update == "during_backward" and not late:
@@ -222,12 +224,12 @@ class _StepGraph:
             j = len(self.state_outs)
             war = self.state_outs[j - STATE_STAGING_BUFFERS] if j >= STATE_STAGING_BUFFERS else None
             slot = j % STATE_STAGING_BUFFERS
-            into = self.op(f"state_in:{u}:{p}", "state_in", "h2d", [war], unit=u, piece=p, slot=slot,
-                           bytes=STREAMED_IN_BYTES * n)
-            step = self.op(f"state_update:{u}:{p}", "state_update", "opt", [into, ready], unit=u, piece=p, slot=slot,
+            into = self.op(f"state_in:{u}:{p}", OpKind.STATE_IN, Resource.H2D, [war], unit=u, piece=p, slot=slot,
+                           nbytes=STREAMED_IN_BYTES * n)
+            step = self.op(f"state_update:{u}:{p}", OpKind.STATE_UPDATE, Resource.OPT, [into, ready], unit=u, piece=p, slot=slot,
                            params=n)
-            self.state_outs.append(self.op(f"state_out:{u}:{p}", "state_out", "d2h", [step], unit=u, piece=p,
-                                           slot=slot, bytes=STREAMED_OUT_BYTES * n))
+            self.state_outs.append(self.op(f"state_out:{u}:{p}", OpKind.STATE_OUT, Resource.D2H, [step], unit=u, piece=p,
+                                           slot=slot, nbytes=STREAMED_OUT_BYTES * n))
         self.grad_buffer_reader[u % 2] = step
         self.updates[u] = self.state_outs[-1]
 
@@ -236,11 +238,11 @@ class _StepGraph:
         kept in RAM and writes its states back after."""
         plan = self.plan
         on_disk = plan.placement[u] == "disk"
-        self.updates[u] = self.op(f"update:{u}", "update", "cpu", [*deps, f"disk_read:{u}" if on_disk else None],
+        self.updates[u] = self.op(f"update:{u}", OpKind.UPDATE, Resource.CPU, [*deps, f"disk_read:{u}" if on_disk else None],
                                   unit=u, params=self.numel[u], cast=on_disk)
         if on_disk:
-            write = self.op(f"disk_write:{u}", "disk_write", "disk", [self.updates[u]], unit=u,
-                            slot=self.disk_slot[u], bytes=12 * self.numel[u])
+            write = self.op(f"disk_write:{u}", OpKind.DISK_WRITE, Resource.DISK, [self.updates[u]], unit=u,
+                            slot=self.disk_slot[u], nbytes=12 * self.numel[u])
             k = self.disk_order.index(u) + plan.disk_ring
             if k < len(self.disk_order):
                 self.disk_read(self.disk_order[k], write)
@@ -248,11 +250,11 @@ class _StepGraph:
     def updates_after_norm(self) -> None:
         """after_norm: the global norm once every gradient is in, then every update in forward order, so the
         next step's forward can start early."""
-        ready = [n for n, a in self.g.nodes(data=True) if a["kind"] in ("grad_out", "embed_bwd", "head", "bwd")]
-        norm = self.op("norm", "norm", "cpu", ready)
+        ready = [o.name for o in ops(self.g) if o.kind in (OpKind.GRAD_OUT, OpKind.EMBED_BWD, OpKind.HEAD, OpKind.BWD)]
+        norm = self.op("norm", OpKind.NORM, Resource.CPU, ready)
         for u in range(self.L + 2):
             if self.plan.placement[u] == "gpu":
-                self.updates[u] = self.op(f"update:{u}", "update", "gpu", [norm], unit=u, params=self.numel[u])
+                self.updates[u] = self.op(f"update:{u}", OpKind.UPDATE, Resource.GPU, [norm], unit=u, params=self.numel[u])
             else:
                 self.host_update(u, [norm])
 
@@ -262,5 +264,14 @@ def build_step_graph(cfg: ModelConfig, plan: Plan) -> nx.DiGraph:
     return _StepGraph(cfg, plan).build()
 
 
+def op_of(g: nx.DiGraph, name: str) -> Op:
+    return g.nodes[name]["op"]
+
+
+def ops(g: nx.DiGraph) -> list[Op]:
+    """The graph's ops in issue order."""
+    return sorted((a["op"] for _, a in g.nodes(data=True)), key=lambda o: o.seq)
+
+
 def issue_order(g: nx.DiGraph) -> list[str]:
-    return sorted(g.nodes, key=lambda n: g.nodes[n]["seq"])
+    return [o.name for o in ops(g)]

@@ -4,10 +4,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
-ACTIVATION_POLICIES = ("offload", "recompute", "keep", "disk")
-UPDATE_SCHEDULES = ("during_backward", "after_norm")
-PLACEMENTS = ("cpu", "gpu", "disk", "streamed")
+ActivationPolicy = Literal["offload", "recompute", "keep", "disk"]
+UpdateSchedule = Literal["during_backward", "after_norm"]
+Placement = Literal["cpu", "gpu", "disk", "streamed"]
+ComputeDtype = Literal["bfloat16", "float32"]
+ACTIVATION_POLICIES: tuple[ActivationPolicy, ...] = get_args(ActivationPolicy)
+UPDATE_SCHEDULES: tuple[UpdateSchedule, ...] = get_args(UpdateSchedule)
+PLACEMENTS: tuple[Placement, ...] = get_args(Placement)
 STAGING_BUFFERS = 4  # GPU buffers of `transfer_chunk_mb` in the fp32 weight stream's staging ring
 STATE_STAGING_BUFFERS = 3  # GPU slots a streamed update's pieces (master, exp_avg, exp_avg_sq, bf16) pass through
 # Bytes per parameter a streamed update moves: fp32 master and both AdamW states in; the same and the new
@@ -31,7 +36,7 @@ class Plan:
     #   recompute - kept on the GPU, layer recomputed in backward;
     #   keep      - the layer's whole autograd graph stays on the GPU (no recompute; last `window` layers only);
     #   disk      - as offload, but on through `disk_ring` host buffers to the disk tier and back.
-    activations: list[str] = field(default_factory=list)
+    activations: list[ActivationPolicy] = field(default_factory=list)
     # Where each unit's fp32 master weights and AdamW states live and are updated, in unit order
     # (embed, layer 0..L-1, head): 'cpu' (host RAM, CPU AdamW), 'gpu' (never cross PCIe), or 'disk'
     # (decoder layers only: files in the disk tier, read ahead into `disk_ring` host buffers, updated by the
@@ -39,8 +44,8 @@ class Plan:
     # layers only: master and states in pinned RAM, streamed to the GPU in pieces after the layer's backward,
     # updated there by the fused AdamW and written back with the bf16 weights the unit's loads read; its
     # gradient never leaves the GPU and the CPU does no work for it).
-    placement: list[str] = field(default_factory=list)
-    update: str = "during_backward"  # or 'after_norm' (exact global-norm clipping, overlapped with next forward)
+    placement: list[Placement] = field(default_factory=list)
+    update: UpdateSchedule = "during_backward"  # or 'after_norm' (exact global-norm clipping, overlapped with next forward)
     # during_backward only: the first `late_updates` units (embedding, layer 0, ...) updated on the CPU wait for
     # the end of the backward and then run in forward order, so the next step's forward starts after the first
     # of them instead of after all (their gradients get their own host buffers instead of the ring's).
@@ -55,7 +60,7 @@ class Plan:
     device: str = "cuda"
     # 'bfloat16' (mixed precision, the default) or 'float32' compute; float32 only on the CPU, whose bf16
     # matmuls are slow where the processor lacks bf16 instructions (the demo). fp32 masters and states either way.
-    compute_dtype: str = "bfloat16"
+    compute_dtype: ComputeDtype = "bfloat16"
 
     @property
     def chunks(self) -> int:
@@ -129,7 +134,7 @@ class Plan:
         elif self.update != "during_backward" and "streamed" in self.placement:
             problems.append("'streamed' placement needs update 'during_backward' (its gradient stays in a shared GPU "
                             "buffer that the next layers' backward reuses)")
-        if self.compute_dtype not in ("bfloat16", "float32") or (self.compute_dtype == "float32" and self.device != "cpu"):
+        if self.compute_dtype not in get_args(ComputeDtype) or (self.compute_dtype == "float32" and self.device != "cpu"):
             problems.append("compute_dtype is 'bfloat16', or 'float32' on device 'cpu'")
         if min(self.grad_ring, self.disk_ring, self.transfer_chunk_mb, self.loss_chunk_tokens) < 1:
             problems.append("grad_ring, disk_ring, transfer_chunk_mb and loss_chunk_tokens must be positive")
@@ -164,16 +169,16 @@ class Plan:
 
 
 def uniform_plan(model: str, num_layers: int, batch: int, seq: int, chunk: int | None = None, window: int = 2,
-                 activation: str = "offload", keep_last: int = 0, gpu_units: int = 0, disk_layers: int = 0,
+                 activation: ActivationPolicy = "offload", keep_last: int = 0, gpu_units: int = 0, disk_layers: int = 0,
                  streamed_layers: tuple[int, ...] = (), **kw) -> Plan:
     """A plan with one policy for every layer; the last `keep_last` layers keep their graphs, the first
     `gpu_units` units (embed, layer 0, ...) plus the head when gpu_units > 0 are updated on the GPU, the
     last `disk_layers` layers keep their states on disk (updated first in backward, needed last in forward)
     and the layers `streamed_layers` that are left on the CPU are updated by the streamed GPU AdamW."""
-    acts = [activation] * num_layers
+    acts: list[ActivationPolicy] = [activation] * num_layers
     for i in range(num_layers - keep_last, num_layers):
         acts[i] = "keep"
-    placement = ["cpu"] * (num_layers + 2)
+    placement: list[Placement] = ["cpu"] * (num_layers + 2)
     for i in range(min(gpu_units, num_layers + 1)):
         placement[i] = "gpu"
     if gpu_units > 0:

@@ -17,7 +17,8 @@ import numpy as np
 
 from slideformer.schedule.profile import Profile, ProfileError, fit_at
 from slideformer.models.config import ModelConfig
-from slideformer.schedule.graph import unit_numels
+from slideformer.schedule.graph import op_of, unit_numels
+from slideformer.schedule.op import OpKind, Resource
 from slideformer.schedule.memory import saved_input_bytes
 from slideformer.schedule.plan import STREAMED_IN_BYTES, STREAMED_OUT_BYTES
 
@@ -86,10 +87,11 @@ class CostModel:
         pieces = -(-nbytes // (piece_mb * 2**20))
         return self.copy("h2d", nbytes) + self.gpu_bytes_moved(nbytes * 1.5) + pieces * self.h2d.latency_s
 
-    def streamed_copy(self, kind: str, nbytes: int) -> float:
+    def streamed_copy(self, kind: OpKind, nbytes: int) -> float:
         """A streamed update's piece in or out, at the rate calibrate measured with both directions running."""
-        rate = self.p.streamed_in_bandwidth if kind == "state_in" else self.p.streamed_out_bandwidth
-        return self.copy("h2d" if kind == "state_in" else "d2h", nbytes) if rate is None else nbytes / rate
+        into = kind == OpKind.STATE_IN
+        rate = self.p.streamed_in_bandwidth if into else self.p.streamed_out_bandwidth
+        return self.copy("h2d" if into else "d2h", nbytes) if rate is None else nbytes / rate
 
     def gpu_bytes_moved(self, nbytes: float) -> float:
         return nbytes / self.gpu_memory_bandwidth
@@ -117,60 +119,60 @@ def _cfg_of(t, like: ModelConfig) -> ModelConfig:
 
 def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     """Duration of op `name` once it starts."""
-    a = g.nodes[name]
+    a = op_of(g, name)
     cfg, plan = g.graph["cfg"], g.graph["plan"]
     tokens = plan.chunk * plan.seq
-    kind = a["kind"]
-    if kind == "load":
-        if a["resource"] == "gpu":  # fp32 master already on the GPU: read 4 bytes, write 2
-            return cost.gpu_bytes_moved(a["bytes"] * 1.5)
-        return cost.load(a["bytes"], plan.transfer_chunk_mb) if a["staged"] else cost.copy("h2d", a["bytes"])
-    if kind in ("state_in", "state_out"):
-        return cost.streamed_copy(kind, a["bytes"])
-    if kind in ("save", "grad_out"):
-        return cost.copy("d2h", a["bytes"])
-    if kind == "fetch":
-        return cost.copy("h2d", a["bytes"])
-    if kind == "state_update":  # the fused AdamW on one piece, and its bf16 cast
-        return a["params"] / cost.gpu_adamw_rate + cost.gpu_bytes_moved(6 * a["params"])
+    kind = a.kind
+    if kind == OpKind.LOAD:
+        if a.resource == Resource.GPU:  # fp32 master already on the GPU: read 4 bytes, write 2
+            return cost.gpu_bytes_moved(a.nbytes * 1.5)
+        return cost.load(a.nbytes, plan.transfer_chunk_mb) if a.staged else cost.copy("h2d", a.nbytes)
+    if kind in (OpKind.STATE_IN, OpKind.STATE_OUT):
+        return cost.streamed_copy(kind, a.nbytes)
+    if kind in (OpKind.SAVE, OpKind.GRAD_OUT):
+        return cost.copy("d2h", a.nbytes)
+    if kind == OpKind.FETCH:
+        return cost.copy("h2d", a.nbytes)
+    if kind == OpKind.STATE_UPDATE:  # the fused AdamW on one piece, and its bf16 cast
+        return a.params / cost.gpu_adamw_rate + cost.gpu_bytes_moved(6 * a.params)
     slow = cost.p.compute_slowdown_under_copies  # layers run beside the weight and gradient streams
-    if kind == "fwd":
+    if kind == OpKind.FWD:
         return cost.layer("fwd_s", tokens) * slow
-    if kind == "bwd":
-        policy = plan.activations[a["layer"]]
+    if kind == OpKind.BWD:
+        policy = plan.activations[a.layer]
         t = cost.layer("bwd_kept_s" if policy == "keep" else "bwd_recompute_s", tokens)
         # fp32 gradient accumulate (copy or add) and the squared-norm dot on the last chunk, and one more
         # accumulate of the three MLP matrices for every further MLP tile
         tiles = -(-tokens // plan.mlp_tile_tokens) if plan.mlp_tile_tokens and policy != "keep" else 1
         mlp = 3 * cfg.hidden_size * cfg.intermediate_size
         return (t + cost.gpu_bytes_moved((cfg.layer_params + (tiles - 1) * mlp) * (2 + 4 + 4))) * slow
-    if kind == "head":
+    if kind == OpKind.HEAD:
         return cost.head(tokens) * slow
-    if kind in ("embed", "embed_bwd"):
-        return cost.gpu_bytes_moved(a["bytes"] * (2 if kind == "embed" else 6))
-    if kind == "update":
-        if a["resource"] == "gpu":
-            return a["params"] / cost.gpu_adamw_rate
-        return cost.host_update(a["params"], a["cast"])
-    if kind in ("disk_read", "act_read"):
-        return cost.disk("read", a["bytes"])
-    if kind in ("disk_write", "act_write"):
-        return cost.disk("write", a["bytes"])
-    if kind == "norm":
+    if kind in (OpKind.EMBED, OpKind.EMBED_BWD):
+        return cost.gpu_bytes_moved(a.nbytes * (2 if kind == OpKind.EMBED else 6))
+    if kind == OpKind.UPDATE:
+        if a.resource == Resource.GPU:
+            return a.params / cost.gpu_adamw_rate
+        return cost.host_update(a.params, a.cast)
+    if kind in (OpKind.DISK_READ, OpKind.ACT_READ):
+        return cost.disk("read", a.nbytes)
+    if kind in (OpKind.DISK_WRITE, OpKind.ACT_WRITE):
+        return cost.disk("write", a.nbytes)
+    if kind == OpKind.NORM:
         return 0.0
     raise ValueError(f"no cost for op kind {kind!r}")
 
 
 def issue_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     """Host time the executor's thread spends launching op `name`."""
-    a = g.nodes[name]
-    kind = a["kind"]
-    if kind == "fwd":
+    a = op_of(g, name)
+    kind = a.kind
+    if kind == OpKind.FWD:
         return cost.p.issue_s
-    if kind in ("bwd", "head"):
+    if kind in (OpKind.BWD, OpKind.HEAD):
         return 3 * cost.p.issue_s  # a forward with autograd, then its backward
-    if kind == "load" and a["staged"]:
-        return STAGING_PIECE_LAUNCH_S * -(-a["bytes"] // (g.graph["plan"].transfer_chunk_mb * 2**20))
+    if kind == OpKind.LOAD and a.staged:
+        return STAGING_PIECE_LAUNCH_S * -(-a.nbytes // (g.graph["plan"].transfer_chunk_mb * 2**20))
     return COPY_LAUNCH_S
 
 

@@ -18,24 +18,24 @@ import networkx as nx
 
 from slideformer.schedule.profile import Profile
 from slideformer.models.config import ModelConfig
-from slideformer.schedule.graph import build_step_graph, issue_order
+from slideformer.schedule.graph import build_step_graph, ops
+from slideformer.schedule.op import HOST_RESOURCES, Op, OpKind, Resource
 from slideformer.schedule.plan import Plan
 from slideformer.schedule.memory import disk_bytes, gpu_bytes, head_workspace, host_bytes, kept_graph, layer_workspace
 
 from .costs import CostModel, issue_seconds, op_seconds
 
-RESOURCES = ("gpu", "h2d", "d2h", "cpu", "disk", "opt")
-HOST_RESOURCES = ("cpu", "disk")  # served by worker threads; the GPU's streams wait on them through futures
-RESOURCE_NAMES = {"gpu": "GPU compute", "h2d": "PCIe host-to-device", "d2h": "PCIe device-to-host",
-                  "cpu": "CPU optimizer", "disk": "disk tier", "opt": "GPU streamed optimizer"}
+RESOURCES = tuple(Resource)
+RESOURCE_NAMES: dict[str, str] = {Resource.GPU: "GPU compute", Resource.H2D: "PCIe host-to-device", Resource.D2H: "PCIe device-to-host",
+                  Resource.CPU: "CPU optimizer", Resource.DISK: "disk tier", Resource.OPT: "GPU streamed optimizer"}
 
 
 @dataclass
 class Span:
     name: str
     step: int
-    resource: str
-    kind: str
+    resource: Resource
+    kind: OpKind
     start: float
     end: float
 
@@ -54,8 +54,8 @@ class Simulation:
     disk_bytes: int = 0  # the disk tier's files
     # seconds of ops per step on each resource, and 'pcie_duplex': both copy directions' bytes at the duplex rate
     work_per_step: dict[str, float] = field(default_factory=dict)
-    utilisation: dict[str, float] = field(default_factory=dict)
-    critical: dict[str, float] = field(default_factory=dict)  # seconds of the last step's critical path per resource
+    utilisation: dict[Resource, float] = field(default_factory=dict)
+    critical: dict[Resource, float] = field(default_factory=dict)  # seconds of the last step's critical path per resource
 
     @property
     def step_s(self) -> float:
@@ -83,7 +83,7 @@ class Simulation:
         return self.peak_gpu_bytes - self.gpu_static.get("runtime_overhead", 0)
 
     @property
-    def bottleneck(self) -> str:
+    def bottleneck(self) -> Resource:
         """The resource holding the largest share of the last step's critical path."""
         return max(self.critical, key=lambda r: self.critical[r])
 
@@ -92,8 +92,8 @@ class Simulation:
 class _FlatGraph:
     """The step graph as arrays in issue order (the replay loop runs once per op per step)."""
     order: list[str]
-    resource: list[str]
-    kind: list[str]
+    resource: list[Resource]
+    kind: list[OpKind]
     preds: list[tuple[int, ...]]
     blocking: list[tuple[int, ...]]  # host-op predecessors a GPU-side op waits on through a future
     after_update: list[int]  # for a load: last step's update of its unit (-1: none)
@@ -117,30 +117,27 @@ class _Replay:
 def _flatten(g: nx.DiGraph, cfg: ModelConfig, plan: Plan, profile: Profile) -> _FlatGraph:
     """Phase 1: each op's resource, dependencies, duration, launch cost and GPU memory, by issue index."""
     cost = CostModel(profile, cfg, plan.seq)
-    order = issue_order(g)
+    records = ops(g)
+    order = [o.name for o in records]
     tokens = plan.chunk * plan.seq
-    workspace = {"bwd": layer_workspace(cfg, tokens, plan.mlp_tile_tokens),
-                 "head": head_workspace(cfg, min(plan.loss_chunk_tokens, tokens), tokens, profile)}
+    workspace = {OpKind.BWD: layer_workspace(cfg, tokens, plan.mlp_tile_tokens),
+                 OpKind.HEAD: head_workspace(cfg, min(plan.loss_chunk_tokens, tokens), tokens, profile)}
     index = {n: i for i, n in enumerate(order)}
-    res = [g.nodes[n]["resource"] for n in order]
+    res = [o.resource for o in records]
     preds = [tuple(index[p] for p in g.predecessors(n)) for n in order]
     graph = kept_graph(cfg, plan.seq, tokens, profile)  # measured, where the graph's own figure is a formula
 
-    def gpu_delta(n: str, key: str) -> int:
-        a = g.nodes[n]
-        if a[key].get("gpu") and plan.activations[a["layer"]] == "keep":
-            return graph
-        return a[key].get("gpu", 0)
-    kinds = [g.nodes[n]["kind"] for n in order]
+    def kept(o: Op, nbytes: int) -> int:
+        return graph if nbytes and o.layer is not None and plan.activations[o.layer] == "keep" else nbytes
     return _FlatGraph(
-        order=order, resource=res, kind=kinds, preds=preds,
+        order=order, resource=res, kind=[o.kind for o in records], preds=preds,
         blocking=[tuple(p for p in preds[i] if res[p] in HOST_RESOURCES) if res[i] not in HOST_RESOURCES else ()
                   for i in range(len(order))],
         after_update=[index[g.graph["after_previous_step"][n]] if n in g.graph["after_previous_step"] else -1
                       for n in order],
         seconds=[op_seconds(g, n, cost) for n in order], issue_seconds=[issue_seconds(g, n, cost) for n in order],
-        alloc=[gpu_delta(n, "alloc") for n in order], freed=[gpu_delta(n, "free") for n in order],
-        workspace=[workspace.get(k, 0) for k in kinds], norm=index.get("norm"))
+        alloc=[kept(o, o.gpu_alloc) for o in records], freed=[kept(o, o.gpu_free) for o in records],
+        workspace=[workspace.get(o.kind, 0) for o in records], norm=index.get("norm"))
 
 
 def _replay(f: _FlatGraph, steps: int) -> _Replay:
@@ -150,12 +147,12 @@ def _replay(f: _FlatGraph, steps: int) -> _Replay:
     n = len(f.order)
     issuer, issuer_cause = 0.0, None
     free = dict.fromkeys(RESOURCES, 0.0)
-    last_on: dict[str, tuple[int, int] | None] = dict.fromkeys(RESOURCES)
+    last_on: dict[Resource, tuple[int, int] | None] = dict.fromkeys(RESOURCES)
     out = _Replay([], [], [], {}, None)
     ends: list[list[float]] = []
     for step in range(steps):
-        for r in ("h2d", "d2h"):  # the step's barrier: copy streams wait for compute issued so far
-            free[r] = max(free[r], free["gpu"])
+        for r in (Resource.H2D, Resource.D2H):  # the step's barrier: copy streams wait for compute issued so far
+            free[r] = max(free[r], free[Resource.GPU])
         end = [0.0] * n
         for i in range(n):
             r = f.resource[i]
@@ -166,7 +163,7 @@ def _replay(f: _FlatGraph, steps: int) -> _Replay:
             u = f.after_update[i]
             if u >= 0 and step:  # this step's load waits for last step's update of the unit
                 t = ends[-1][u]
-                if f.resource[u] == "cpu" and t > issuer:  # waiting on a future blocks the issuing thread
+                if f.resource[u] == Resource.CPU and t > issuer:  # waiting on a future blocks the issuing thread
                     issuer, issuer_cause = t, (step - 1, u)
                 if t > start:
                     start, why = t, (step - 1, u)
@@ -188,7 +185,7 @@ def _replay(f: _FlatGraph, steps: int) -> _Replay:
                 out.mem_events.append((end[i], -f.freed[i]))
         ends.append(end)
         # train_step returns once the loss is read (compute stream) and, under after_norm, the norm is done
-        for key in [last_on["gpu"], (step, f.norm) if f.norm is not None else None]:
+        for key in [last_on[Resource.GPU], (step, f.norm) if f.norm is not None else None]:
             if key is not None and end[key[1]] > issuer:
                 issuer, issuer_cause = end[key[1]], key
         out.step_ends.append(issuer)
@@ -205,7 +202,7 @@ def _memory_timeline(base: int, events: list[tuple[float, int]]) -> list[tuple[f
     return timeline
 
 
-def _critical_path(run: _Replay, ops_per_step: int, lo: float, hi: float) -> dict[str, float]:
+def _critical_path(run: _Replay, ops_per_step: int, lo: float, hi: float) -> dict[Resource, float]:
     """Phase 4: seconds of the last step's critical path on each resource, followed back from its return."""
     critical = dict.fromkeys(RESOURCES, 0.0)
     key = run.final
@@ -229,11 +226,11 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     sim = Simulation(plan, run.spans, run.step_ends, _memory_timeline(base, run.mem_events), sum(host.values()),
                      static, host, plan.batch * plan.seq, cfg.model_flops_per_token(plan.seq) * plan.batch * plan.seq,
                      disk_bytes(cfg, plan))
-    sim.work_per_step = dict.fromkeys(RESOURCES, 0.0)
+    sim.work_per_step = dict.fromkeys(map(str, RESOURCES), 0.0)
     for d, r in zip(flat.seconds, flat.resource):
         sim.work_per_step[r] += d
     if profile.duplex_bandwidth:
-        pcie = sum(g.nodes[n].get("bytes", 0) for n, r in zip(flat.order, flat.resource) if r in ("h2d", "d2h"))
+        pcie = sum(o.nbytes for o in ops(g) if o.resource in (Resource.H2D, Resource.D2H))
         sim.work_per_step["pcie_duplex"] = pcie / profile.duplex_bandwidth
     lo, hi = run.step_ends[-2], run.step_ends[-1]
     busy = dict.fromkeys(RESOURCES, 0.0)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slideformer.models import PRESETS
-from slideformer.schedule.graph import build_step_graph
+from slideformer.schedule.graph import build_step_graph, op_of, ops
 from slideformer.schedule.plan import Plan, PlanError, uniform_plan
 
 
@@ -31,11 +31,11 @@ def test_graph_is_acyclic_and_updates_each_unit_once(layers, window, chunks, rin
     plan.validate(layers)
     g = build_step_graph(cfg, plan)
     assert nx.is_directed_acyclic_graph(g)
-    updates = [a["unit"] for _, a in g.nodes(data=True) if a["kind"] == "update"]
+    updates = [o.unit for o in ops(g) if o.kind == "update"]
     assert sorted(updates) == list(range(layers + 2))
     # the issue order is a topological order: every dependency is issued before its dependant
     for u, v in g.edges:
-        assert g.nodes[u]["seq"] < g.nodes[v]["seq"]
+        assert op_of(g, u).seq < op_of(g, v).seq
     # every layer's forward and backward reads weights loaded into its slot, never overwritten in between
     for lay in range(layers):
         loads = [n for n in g.nodes if n.startswith(f"load:{lay + 1}:")]
@@ -57,17 +57,14 @@ def test_bad_plans_are_refused_with_reasons(bad, message):
 
 
 def test_the_engine_has_a_body_for_every_kind_of_op_the_graph_builds():
-    from slideformer.models import PRESETS, RandomWeights
+    from slideformer.models import RandomWeights
     from slideformer.runtime import Engine
-    from slideformer.schedule.graph import build_step_graph
-    from slideformer.schedule.plan import uniform_plan
-
     cfg = PRESETS["tiny-llama"]
     kinds = set()
     for kw in (dict(activation="offload"), dict(update="after_norm"), dict(activation="disk", disk_layers=2),
                dict(streamed_layers=(1,))):
         plan = uniform_plan("tiny-llama", cfg.num_layers, 2, 16, device="cpu", **kw)
-        kinds |= {a["kind"] for _, a in build_step_graph(cfg, plan).nodes(data=True)}
+        kinds |= {o.kind for o in ops(build_step_graph(cfg, plan))}
     engine = Engine(cfg, uniform_plan("tiny-llama", cfg.num_layers, 2, 16, device="cpu"), RandomWeights(cfg))
     assert kinds == set(engine.ops.bodies)
     engine.close()

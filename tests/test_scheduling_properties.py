@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from slideformer.schedule.profile import Disk, Link, Profile
 from slideformer.models import PRESETS
-from slideformer.schedule.graph import build_step_graph, unit_numels
+from slideformer.schedule.graph import build_step_graph, op_of, unit_numels
 from slideformer.schedule.plan import uniform_plan
 from slideformer.schedule.memory import GiB, host_bytes
 from slideformer.planner.search import TIE, Budgets, choose_plan, gpu_need, least_needs
@@ -65,9 +65,9 @@ def test_simulation_honours_dependencies_resources_and_updates(data, cfg, profil
     for step in range(3):
         for u, v in g.edges:  # every op starts after its inputs are produced
             assert at[(step, v)].start >= at[(step, u)].end - 1e-12
-        updated = sorted(g.nodes[op]["unit"] for (k, op) in at if k == step and g.nodes[op]["kind"] == "update")
-        pieces = [(g.nodes[op]["unit"], g.nodes[op]["params"]) for (k, op) in at
-                  if k == step and g.nodes[op]["kind"] == "state_update"]
+        this_step = [op_of(g, name) for (k, name) in at if k == step]
+        updated = sorted(o.unit for o in this_step if o.kind == "update")
+        pieces = [(o.unit, o.params) for o in this_step if o.kind == "state_update"]
         for u in plan.streamed_units:  # a streamed unit's pieces cover its parameters once
             assert sum(n for v, n in pieces if v == u) == unit_numels(cfg)[u]
         # each unit updated exactly once per step
@@ -103,9 +103,9 @@ def test_a_disk_ring_buffer_serves_one_unit_or_layer_at_a_time(data, cfg, profil
     for lay in (lay for lay, p in enumerate(plan.activations) if p == "disk"):
         for k in range(2):
             held.append((at[(k, f"save:{lay}:0")].start, at[(k, f"act_write:{lay}")].end, "act",
-                         g.nodes[f"save:{lay}:0"]["slot"]))
+                         op_of(g, f"save:{lay}:0").slot))
             held.append((at[(k, f"act_read:{lay}")].start, at[(k, f"fetch:{lay}:{C - 1}")].end, "act",
-                         g.nodes[f"act_read:{lay}"]["slot"]))
+                         op_of(g, f"act_read:{lay}").slot))
     for ring in {(kind, s) for _, _, kind, s in held}:
         spans = sorted((a, b) for a, b, kind, s in held if (kind, s) == ring)
         for (a0, b0), (a1, b1) in zip(spans, spans[1:]):

@@ -8,7 +8,7 @@ import torch
 from slideformer.checkpoint import STATE_FILE, write_safetensors
 from slideformer.models import PRESETS, RandomWeights
 from slideformer.runtime import AdamWConfig, Engine
-from slideformer.schedule.graph import build_step_graph
+from slideformer.schedule.graph import build_step_graph, op_of, ops
 from slideformer.schedule.plan import PlanError, uniform_plan
 
 # layers of 553,344 parameters: two pieces each at transfer_chunk_mb=1 (524,288 per piece)
@@ -79,13 +79,13 @@ def test_streamed_pieces_cycle_through_the_gpu_slots_in_order():
     from slideformer.schedule.plan import STATE_STAGING_BUFFERS
     plan = uniform_plan("mid", MID.num_layers, 4, 32, device="cpu", transfer_chunk_mb=1, streamed_layers=(0, 1, 2))
     g = build_step_graph(MID, plan)
-    ins = sorted((n for n, a in g.nodes(data=True) if a["kind"] == "state_in"), key=lambda n: g.nodes[n]["seq"])
+    ins = [o.name for o in ops(g) if o.kind == "state_in"]
     assert len(ins) == 6
     for j, n in enumerate(ins):
         unit, piece = n.split(":")[1:]
-        assert g.nodes[n]["slot"] == j % STATE_STAGING_BUFFERS
+        assert op_of(g, n).slot == j % STATE_STAGING_BUFFERS
         assert g.has_edge(n, f"state_update:{unit}:{piece}") and g.has_edge(f"state_update:{unit}:{piece}",
                                                                            f"state_out:{unit}:{piece}")
         if j >= STATE_STAGING_BUFFERS:
             assert g.has_edge(ins[j - STATE_STAGING_BUFFERS].replace("state_in", "state_out"), n)
-    assert sum(a["params"] for _, a in g.nodes(data=True) if a["kind"] == "state_update") == 3 * MID.layer_params
+    assert sum(o.params for o in ops(g) if o.kind == "state_update") == 3 * MID.layer_params
