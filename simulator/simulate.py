@@ -87,6 +87,14 @@ class Simulation:
         """The resource holding the largest share of the last step's critical path."""
         return max(self.critical, key=lambda r: self.critical[r])
 
+    def summary(self) -> dict:
+        """What `slideformer simulate --json` prints: step time, rates, busy share per resource, the bottleneck
+        and the peaks."""
+        return {"step_s": self.step_s, "tokens_per_s": self.tokens_per_s, "tflops": self.tflops,
+                "utilisation": self.utilisation, "bottleneck": RESOURCE_NAMES[self.bottleneck],
+                "peak_gpu_bytes": self.peak_gpu_bytes, "peak_host_bytes": self.host_memory_bytes,
+                "peak_disk_bytes": self.disk_bytes}
+
 
 @dataclass
 class _FlatGraph:

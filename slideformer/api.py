@@ -1,22 +1,42 @@
-"""The Python entry points, for pipelines: what `slideformer train` and `slideformer plan --json` do.
+"""The Python entry points, for pipelines: what `slideformer train`, `plan --json` and `simulate` do.
 
     import slideformer
     report = slideformer.plan("llama-3.1-8b", seq=2048, batch=8, gpu_mem_gib=22, host_mem_gib=110)
-    summary = slideformer.train({"model": "/models/Llama-3.1-8B-Instruct", "data": ["chat.jsonl"]}, max_steps=200)
+    summary = slideformer.finetune(model="/models/Llama-3.1-8B-Instruct", dataset=rows, max_steps=200)
+    sim = slideformer.simulate(slideformer.Plan(**report["plan"]))
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from slideformer.models import load_model_config
 from slideformer.planner.report import capacity_report
 from slideformer.planner.search import GPU_BUDGET_FRACTION, HOST_BUDGET_FRACTION, Budgets
+from slideformer.progress import MetricsCallback
 from slideformer.schedule.memory import GiB
+from slideformer.schedule.plan import Plan
 from slideformer.schedule.profile import Profile, ProfileError
-from slideformer.train_config import ConfigError, TrainConfig, load_config
+from slideformer.simulator import Simulation
+from slideformer.train_config import ConfigError, TrainConfig, config_values
 
 DEFAULT_PROFILE = "h100-80gb"
+
+
+def _config(config: TrainConfig | dict | str | Path | None, overrides: dict, rows_given: bool) -> TrainConfig:
+    """A validated TrainConfig from a TrainConfig, a dict of its fields or a YAML file, with keyword overrides."""
+    if isinstance(config, (str, Path)):
+        values = config_values(str(config))
+    else:
+        values = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config or {})
+    unknown = set(values) | set(overrides)
+    unknown -= {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ConfigError(f"unknown training settings {sorted(unknown)}")
+    cfg = TrainConfig(**(values | overrides))
+    cfg.validate(rows_given)
+    return cfg
 
 
 def train(config: TrainConfig | dict | str | Path, **overrides) -> dict:
@@ -24,16 +44,37 @@ def train(config: TrainConfig | dict | str | Path, **overrides) -> dict:
     `config`: a TrainConfig, a dict of its fields, or a YAML file; keyword arguments override its fields."""
     from slideformer.recipes.train import train_from_config
 
-    if isinstance(config, (str, Path)):
-        config = load_config(str(config))
-    values = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config)
-    unknown = set(values) | set(overrides)
-    unknown -= {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise ConfigError(f"unknown training settings {sorted(unknown)}")
-    cfg = TrainConfig(**(values | overrides))
-    cfg.validate()
-    return train_from_config(cfg)
+    return train_from_config(_config(config, overrides, rows_given=False))
+
+
+def finetune(config: TrainConfig | dict | str | Path | None = None, *, dataset: Iterable[dict] | None = None,
+             eval_dataset: Iterable[dict] | None = None, callbacks: Sequence[MetricsCallback] = (),
+             **settings) -> dict:
+    """Fine-tune on rows given in Python and return the run's summary: 'checkpoint' (a Hugging Face directory),
+    'first_loss', 'last_loss', 'eval_loss_before/after', 'steps', 'seconds', 'plan'.
+
+    `config` and `settings`: the keys of the YAML config (`slideformer train --print-config`), as a TrainConfig,
+    a dict, a YAML file or keyword arguments (which win). `dataset`: a `datasets.Dataset` or any iterable of rows
+    of the shapes data files hold ({"text"}, {"messages": [...]}, {"instruction", "input", "output"}), in place
+    of `data`; `eval_dataset` likewise for `eval_data`. Without `dataset` it trains on `data` as `train` does.
+    `callbacks`: functions called with every metrics record (a step's loss, grad_norm, lr, tokens_per_s, ...,
+    or an eval_loss), besides metrics.jsonl and the `report_to` sinks."""
+    from slideformer.recipes.train import train_from_config
+
+    cfg = _config(config, settings, rows_given=dataset is not None)
+    if eval_dataset is not None and (cfg.eval_data or cfg.eval_fraction):
+        raise ConfigError("give eval_dataset, eval_data or eval_fraction, not two of them")
+    return train_from_config(cfg, dataset, eval_dataset, callbacks)
+
+
+def simulate(plan: Plan | str | Path, profile: str | Path = DEFAULT_PROFILE) -> Simulation:
+    """Predict one plan (a Plan or a plan JSON) on a profile's machine: `.step_s`, `.tokens_per_s`, `.tflops`,
+    `.utilisation`, `.bottleneck`, the peaks, every op's simulated span (`.spans`) and `.summary()` (what
+    `slideformer simulate --json` prints)."""
+    from slideformer.simulator import simulate as replay
+
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    return replay(load_model_config(plan.model), plan, Profile.load(profile))
 
 
 def plan(model: str, seq: int, batch: int | None = None, *, gpu_mem_gib: float | None = None,

@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict
 from functools import partial
 
-from slideformer.schedule.profile import Profile, ProfileError
+from slideformer.schedule.profile import ProfileError
 from slideformer.dataset import DataError
 from slideformer.health import TrainingStopped
 from slideformer.models import ModelConfigError, load_model_config
@@ -73,15 +73,13 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:
-    from slideformer.simulator import RESOURCE_NAMES, simulate
+    from slideformer.api import simulate
+    from slideformer.simulator import RESOURCE_NAMES
     from slideformer.simulator.gantt import draw
 
     plan = Plan.load(a.plan)
-    cfg = load_model_config(plan.model)
-    sim = simulate(cfg, plan, Profile.load(a.profile))
-    out = {"step_s": sim.step_s, "tokens_per_s": sim.tokens_per_s, "tflops": sim.tflops,
-           "utilisation": sim.utilisation, "bottleneck": RESOURCE_NAMES[sim.bottleneck],
-           "peak_gpu_bytes": sim.peak_gpu_bytes, "peak_host_bytes": sim.host_memory_bytes, "peak_disk_bytes": sim.disk_bytes}
+    sim = simulate(plan, a.profile)
+    out = sim.summary()
     if a.json:
         print(json.dumps(out, indent=2))
     else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -153,6 +153,15 @@ def load_examples(paths: Sequence[str | Path], tok: Tokenizer) -> list[Example]:
     out = [to_example(row, where, tok) for p in paths for where, row in read_rows(p)]
     if not out:
         raise DataError(f"{', '.join(map(str, paths))}: no rows")
+    return out
+
+
+def examples_from_rows(rows: Iterable[dict], name: str, tok: Tokenizer) -> list[Example]:
+    """Rows given in Python (a `datasets.Dataset` or any iterable of dicts) of the shapes data files hold; a bad
+    row is named as '<name> row N'."""
+    out = [to_example(row, f"{name} row {i}", tok) for i, row in enumerate(rows)]
+    if not out:
+        raise DataError(f"{name}: no rows")
     return out
 
 

@@ -1,9 +1,11 @@
-"""What a run reports: a progress bar, metrics as JSONL (and TensorBoard when installed), a loss curve."""
+"""What a run reports: a progress bar, metrics as JSONL and to the sinks the config names (TensorBoard when
+installed, Weights & Biases) and to Python callbacks, a loss curve."""
 from __future__ import annotations
 
 import json
 import resource
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -12,8 +14,12 @@ from slideformer.schedule.memory import GiB
 
 
 
+MetricsCallback = Callable[[dict], None]  # called with every record: a step's metrics, or an eval loss
+
+
 class RunLog:
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int) -> None:
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int, report_to: Sequence[str] = ("tensorboard",),
+                 callbacks: Sequence[MetricsCallback] = (), run_config: dict | None = None) -> None:
         from tqdm import tqdm
 
         self.path = out_dir / "metrics.jsonl"
@@ -25,19 +31,31 @@ class RunLog:
             self.path.write_text("")
         self.file = self.path.open("a")
         self.bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr, dynamic_ncols=True, unit="step")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb: SummaryWriter | None = SummaryWriter(str(out_dir / "tensorboard"))
-        except ImportError:
-            self.tb = None
+        self.callbacks = list(callbacks)
+        self.tb = None
+        if "tensorboard" in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                pass  # TensorBoard is optional: metrics.jsonl has everything
+        self.wandb = None
+        if "wandb" in report_to:  # the config checked that wandb is installed
+            import wandb
+            self.wandb = wandb.init(project="slideformer", name=out_dir.name, dir=str(out_dir), config=run_config,
+                                    resume="allow")
 
     def record(self, entry: dict) -> None:
         self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
+        scalars = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb:
-            for k, v in entry.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, entry["step"])
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, entry["step"])
+        if self.wandb:
+            self.wandb.log(scalars, step=entry["step"])
+        for callback in self.callbacks:
+            callback(dict(entry))
 
     def step(self, entry: dict) -> None:
         entry |= memory()
@@ -58,6 +76,8 @@ class RunLog:
         self.file.close()
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def memory() -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +14,9 @@ import yaml
 
 class ConfigError(ValueError):
     pass
+
+
+REPORTERS = ("tensorboard", "wandb")  # metrics sinks besides metrics.jsonl
 
 
 @dataclass
@@ -48,11 +52,14 @@ class TrainConfig:
     disk_dir: str | None = None  # the disk tier's directory (on a local NVMe), for layers' states
     disk_budget_gb: float | None = None  # GiB of it plan 'auto' may use (default: 90% of its free space)
     device: str = "auto"  # 'auto', 'cuda' or 'cpu'
+    # Where metrics go besides metrics.jsonl: 'tensorboard' (when installed, else off) and 'wandb' (needs wandb)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     resume: bool = False  # continue from output_dir's newest valid checkpoint
     overwrite: bool = False  # start again in an output_dir that holds an earlier run (its files are removed)
 
-    def validate(self) -> None:
-        """Every field's type, range and the relations between fields; all problems in one message."""
+    def validate(self, rows_given: bool = False) -> None:
+        """Every field's type, range and the relations between fields; all problems in one message.
+        `rows_given`: the training rows come from Python (`slideformer.finetune(dataset=...)`), not from `data`."""
         problems = []
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
@@ -64,8 +71,15 @@ class TrainConfig:
             raise ConfigError("invalid training config: " + "; ".join(problems))
         if not self.model:
             problems.append("model is required")
-        if not self.data:
+        if not self.data and not rows_given:
             problems.append("data is required (one or more files)")
+        if self.data and rows_given:
+            problems.append("give data (files) or a dataset, not both")
+        unknown = sorted(set(self.report_to) - set(REPORTERS))
+        if unknown:
+            problems.append(f"report_to takes {list(REPORTERS)}, not {unknown}")
+        elif "wandb" in self.report_to and importlib.util.find_spec("wandb") is None:
+            problems.append("report_to 'wandb' needs the wandb package: pip install wandb")
         if self.schedule not in ("cosine", "constant"):
             problems.append(f"schedule must be 'cosine' or 'constant', not {self.schedule!r}")
         if self.nonfinite not in ("stop", "skip"):
@@ -106,7 +120,7 @@ class TrainConfig:
 # What a resumed run may change: how the run is executed and recorded, not what it computes. max_steps and epochs
 # may move the end (the schedule follows the new length), not to before the checkpoint (the run checks that).
 RESUMABLE_CHANGES = {"resume", "overwrite", "output_dir", "device", "plan", "profile", "disk_dir", "disk_budget_gb",
-                     "eval_every", "save_every", "keep_checkpoints", "max_steps", "epochs"}
+                     "eval_every", "save_every", "keep_checkpoints", "max_steps", "epochs", "report_to"}
 
 
 def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -176,7 +190,14 @@ def add_flags(ap: argparse.ArgumentParser) -> None:
 
 
 def load_config(path: str | None, args: argparse.Namespace | None = None) -> TrainConfig:
-    """The YAML file's values, overridden by any flag given."""
+    """The YAML file's values, overridden by any flag given, validated."""
+    cfg = TrainConfig(**config_values(path, args))
+    cfg.validate()
+    return cfg
+
+
+def config_values(path: str | None, args: argparse.Namespace | None = None) -> dict[str, typing.Any]:
+    """The YAML file's keys and values (unknown keys refused), overridden by any flag given; not validated."""
     values: dict[str, typing.Any] = {}
     if path:
         p = Path(path)
@@ -195,9 +216,7 @@ def load_config(path: str | None, args: argparse.Namespace | None = None) -> Tra
     if args is not None:
         values |= {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                    if getattr(args, f.name, None) is not None}
-    cfg = TrainConfig(**values)
-    cfg.validate()
-    return cfg
+    return values
 
 
 EXAMPLE = """\
@@ -232,6 +251,7 @@ profile: h100-80gb          # machine profile the planner uses (slideformer cali
 disk_dir: null              # e.g. /nvme/slideformer: lets the planner keep layers' states on disk when RAM is short
 disk_budget_gb: null        # default: 90% of disk_dir's free space
 device: auto
+report_to: [tensorboard]    # metrics besides metrics.jsonl: tensorboard (when installed), wandb (needs wandb); [] for none
 resume: false               # true: continue from output_dir's newest valid checkpoint
 overwrite: false            # true: start again in an output_dir that holds an earlier run (removes its files)
 """

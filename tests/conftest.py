@@ -1,14 +1,11 @@
+"""Fixtures shared by the whole suite: the devices to run on, GPU tests skipped without CUDA."""
 import os
-import sys
-from pathlib import Path
 
 if not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU through the interpreter
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parent.parent
+from tests import REPO
+
 # layer folder -> the project layers its modules may import (beyond themselves)
 ALLOWED = {
     "kernels": set(),
@@ -38,6 +39,6 @@ def imported_layers(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
 def test_a_layer_imports_only_the_layers_below_it(layer):
-    wrong = {f"{p.relative_to(ROOT)} imports {sorted(imported_layers(p) - ALLOWED[layer] - {layer})}"
-             for p in sorted((ROOT / layer).rglob("*.py")) if imported_layers(p) - ALLOWED[layer] - {layer}}
+    wrong = {f"{p.relative_to(REPO)} imports {sorted(imported_layers(p) - ALLOWED[layer] - {layer})}"
+             for p in sorted((REPO / layer).rglob("*.py")) if imported_layers(p) - ALLOWED[layer] - {layer}}
     assert not wrong, "imports against the layers' direction:\n" + "\n".join(sorted(wrong))

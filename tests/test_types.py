@@ -5,21 +5,20 @@ follow through an editable install; the test lays out the package as installed, 
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
-ROOT = Path(__file__).parent.parent
+from tests import REPO
 
 
 def test_mypy_finds_nothing(tmp_path):
-    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    mapping = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     package = tmp_path / "slideformer"
     package.mkdir()
-    for source in (ROOT / mapping["slideformer"]).iterdir():  # the application's own modules and recipes
+    for source in (REPO / mapping["slideformer"]).iterdir():  # the application's own modules and recipes
         (package / source.name).symlink_to(source)
     for name, folder in mapping.items():
         if name != "slideformer":
-            (package / name.split(".", 1)[1]).symlink_to(ROOT / folder)
-    proc = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
+            (package / name.split(".", 1)[1]).symlink_to(REPO / folder)
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(REPO / "pyproject.toml"),
                            "--cache-dir", str(tmp_path / "cache"), "-p", "slideformer"],
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr  # 'No module named mypy': pip install -e ".[test]"

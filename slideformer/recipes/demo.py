@@ -103,7 +103,7 @@ def demo(steps: int, device: str, out_dir: str, digits: int = 2, seed: int = 0) 
     source = RandomWeights(DEMO_MODEL, seed=seed)
     before = accuracy({n: source.get(n) for n in _names()}, test_pairs, tok)
     started = time.perf_counter()
-    summary = run(cfg, DEMO_MODEL, tok, source, Sequences(ids, labels), Sequences(held_ids, held_labels), [], plan)
+    summary = run(cfg, DEMO_MODEL, source, Sequences(ids, labels), Sequences(held_ids, held_labels), [], plan)
     from slideformer.models.weights import SafetensorsReader
     trained = SafetensorsReader(summary["checkpoint"])
     after = accuracy({n: trained.get(n) for n in _names()}, test_pairs, tok)

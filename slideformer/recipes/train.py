@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import yaml
 from slideformer.schedule.profile import Profile
 from slideformer.checkpoint import (check_free_space, checkpoint_bytes, load_checkpoint, newest_valid_checkpoint,
                                     read_trainer_state, save_checkpoint)
-from slideformer.dataset import Batches, DataError, cut_rows, load_examples, to_sequences
+from slideformer.dataset import Batches, DataError, Example, cut_rows, examples_from_rows, load_examples, to_sequences
 from slideformer.health import TrainingStopped, check_step
 from slideformer.models import RandomWeights, load_model_config
 from slideformer.models.config import ModelConfig, parse_model_spec
@@ -27,7 +28,7 @@ from slideformer.models.weights import CheckpointError, check_weights, open_weig
 from slideformer.schedule.plan import Plan, PlanError, uniform_plan
 from slideformer.schedule.memory import GiB
 from slideformer.planner.search import DISK_BUDGET_FRACTION, GPU_BUDGET_FRACTION, HOST_BUDGET_FRACTION, Budgets, choose_plan
-from slideformer.progress import RunLog, loss_curve
+from slideformer.progress import MetricsCallback, RunLog, loss_curve
 from slideformer.run_dir import claim_output_dir
 from slideformer.runtime import AdamWConfig, Engine
 from slideformer.learning_rate import learning_rate
@@ -52,10 +53,9 @@ def weights_for(cfg: TrainConfig, model_cfg: ModelConfig):
     return reader
 
 
-def sequences(cfg: TrainConfig, tok: Tokenizer, paths: list[str], split: str) -> Sequences:
-    """The files' rows as sequences; rows that lose trained tokens to seq are counted, reported, and stop the
-    run above max_cut_fraction."""
-    examples = load_examples(paths, tok)
+def sequences(cfg: TrainConfig, examples: list[Example], tok: Tokenizer, split: str) -> Sequences:
+    """The rows as sequences; rows that lose trained tokens to seq are counted, reported, and stop the run above
+    max_cut_fraction."""
     truncated, dropped = cut_rows(examples, cfg.seq, cfg.pack)
     if truncated or dropped:
         share = (truncated + dropped) / len(examples)
@@ -68,13 +68,18 @@ def sequences(cfg: TrainConfig, tok: Tokenizer, paths: list[str], split: str) ->
     return Sequences(*to_sequences(examples, cfg.seq, tok, cfg.pack))
 
 
-def tokenized_data(cfg: TrainConfig, tok: Tokenizer) -> tuple[Sequences, Sequences | None]:
-    train = sequences(cfg, tok, cfg.data, "train")
-    if cfg.eval_data:
-        held_out = sequences(cfg, tok, cfg.eval_data, "eval")
+def tokenized_data(cfg: TrainConfig, tok: Tokenizer, rows: Iterable[dict] | None = None,
+                   eval_rows: Iterable[dict] | None = None) -> tuple[Sequences, Sequences | None]:
+    """The training and held-out sequences: from the config's files, or from rows given in Python."""
+    examples = examples_from_rows(rows, "dataset", tok) if rows is not None else load_examples(cfg.data, tok)
+    train = sequences(cfg, examples, tok, "train")
+    if cfg.eval_data or eval_rows is not None:
+        held_examples = examples_from_rows(eval_rows, "eval_dataset", tok) if eval_rows is not None else \
+            load_examples(cfg.eval_data, tok)
+        held_out = sequences(cfg, held_examples, tok, "eval")
         if not len(held_out.ids):
-            raise DataError(f"eval_data {', '.join(cfg.eval_data)}: no row has a trained token within seq {cfg.seq}; "
-                            "fix the eval data or raise seq")
+            where = "eval_dataset" if eval_rows is not None else f"eval_data {', '.join(cfg.eval_data)}"
+            raise DataError(f"{where}: no row has a trained token within seq {cfg.seq}; fix the eval data or raise seq")
         return train, held_out
     if cfg.eval_fraction:
         order = torch.randperm(len(train.ids), generator=torch.Generator().manual_seed(cfg.seed))
@@ -135,102 +140,131 @@ def disk_budget(cfg: TrainConfig) -> int:
     return int(shutil.disk_usage(cfg.disk_dir).free * DISK_BUDGET_FRACTION)
 
 
-def run(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, source, train: Sequences, held_out: Sequences | None,
-        tokenizer_files: list[Path], plan: Plan) -> dict:
-    """The training loop; returns the run's summary (also written to output_dir/summary.json)."""
-    out = Path(cfg.output_dir)
-    ckpt_root = out / "checkpoints"
-    batches = Batches(train.ids, train.labels, cfg.sequences_per_step, cfg.seed)
-    total = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
-    if cfg.warmup_steps > total:
-        raise ConfigError(f"warmup_steps {cfg.warmup_steps} is longer than the run's {total} steps")
-    data_sha = fingerprint(train, held_out)
-    start, resume_from = 0, None
-    if cfg.resume:  # checked before the engine loads any weights
-        resume_from, skipped = newest_valid_checkpoint(ckpt_root)
+class FineTune:
+    """The fine-tuning recipe, in three phases: `setup` (resume checks, the engine, a restored state, the run's
+    records), `train` (the steps, with eval and checkpoints) and `close` (the engine, the loss curve and the
+    summary). `run` calls them in order; the demo runs the same recipe on its own data."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, source, train: Sequences, held_out: Sequences | None,
+                 tokenizer_files: list[Path], plan: Plan, callbacks: Sequence[MetricsCallback] = ()) -> None:
+        self.cfg, self.model_cfg, self.source, self.plan = cfg, model_cfg, source, plan
+        self.held_out, self.tokenizer_files, self.callbacks = held_out, tokenizer_files, callbacks
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.batches = Batches(train.ids, train.labels, cfg.sequences_per_step, cfg.seed)
+        self.total = cfg.max_steps or cfg.epochs * self.batches.steps_per_epoch
+        self.data_sha = fingerprint(train, held_out)
+        self.start, self.saved_at = 0, None  # type: int, Path | None
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.warmup_steps > self.total:
+            raise ConfigError(f"warmup_steps {cfg.warmup_steps} is longer than the run's {self.total} steps")
+        resume_from = self._resume_point() if cfg.resume else None  # checked before the engine loads any weights
+        self.engine = Engine(self.model_cfg, self.plan, self.source,
+                             AdamWConfig(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                                         max_grad_norm=cfg.max_grad_norm, skip_nonfinite=cfg.nonfinite == "skip"),
+                             disk_dir=cfg.disk_dir)
+        self.out.mkdir(parents=True, exist_ok=True)  # claimed by train_from_config; the demo calls run directly
+        check_free_space(self.out, checkpoint_bytes(self.model_cfg, self.engine, self.tokenizer_files), "a checkpoint")
+        if resume_from is not None:
+            self.batches.restore(load_checkpoint(resume_from, self.engine)["data"])
+        self.saved_at = resume_from
+        (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        (self.out / "plan.json").write_text(self.plan.to_json())
+        self.log = RunLog(self.out, self.total, self.start, cfg.report_to, self.callbacks, dataclasses.asdict(cfg))
+
+    def _resume_point(self) -> Path:
+        """The newest valid checkpoint, refused if it was trained with other settings or data."""
+        cfg = self.cfg
+        resume_from, skipped = newest_valid_checkpoint(self.ckpt_root)
         for line in skipped:
             print(f"resume: skipping {line}", file=sys.stderr)
         if resume_from is None:
-            raise CheckpointError(f"resume: no valid checkpoint under {ckpt_root}" + "".join(f"; {s}" for s in skipped))
+            raise CheckpointError(f"resume: no valid checkpoint under {self.ckpt_root}" + "".join(f"; {s}" for s in skipped))
         print(f"resume: from {resume_from.name}", file=sys.stderr)
         saved = read_trainer_state(resume_from)
-        start = saved["step"]
+        self.start = saved["step"]
         changes = resume_changes(saved["config"], cfg)
-        if saved.get("data_sha256") != data_sha:
+        if saved.get("data_sha256") != self.data_sha:
             changes.append("the tokenized data (its files' content, the tokenizer or the eval split)")
         if changes:
             raise ConfigError(f"resume: {resume_from} was trained with other settings ({'; '.join(changes)}); "
                               "restore them, or start again with --overwrite")
-        if total <= start:
-            raise ConfigError(f"resume: {resume_from} is at step {start}, the run ends at step {total}; "
+        if self.total <= self.start:
+            raise ConfigError(f"resume: {resume_from} is at step {self.start}, the run ends at step {self.total}; "
                               "raise max_steps (or epochs) to train on")
-    engine = Engine(model_cfg, plan, source, AdamWConfig(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                                                         skip_nonfinite=cfg.nonfinite == "skip"),
-                    disk_dir=cfg.disk_dir)
-    out.mkdir(parents=True, exist_ok=True)  # claimed by train_from_config; the demo calls run directly
-    check_free_space(out, checkpoint_bytes(model_cfg, engine, tokenizer_files), "a checkpoint")
-    if resume_from is not None:
-        batches.restore(load_checkpoint(resume_from, engine)["data"])
-    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    (out / "plan.json").write_text(plan.to_json())
-    log = RunLog(out, total, start)
-    flops_per_step = model_cfg.model_flops_per_token(cfg.seq) * cfg.sequences_per_step * cfg.seq
+        return resume_from
 
-    def evaluate(step: int) -> None:
-        if held_out is None:
+    def evaluate(self, step: int) -> None:
+        if self.held_out is None:
             return
-        n = cfg.sequences_per_step
+        n = self.cfg.sequences_per_step
         total_loss = total_tokens = 0.0
-        for i in range(0, len(held_out.ids), n):
-            labels = held_out.labels[i: i + n]
+        for i in range(0, len(self.held_out.ids), n):
+            labels = self.held_out.labels[i: i + n]
             tokens = int((labels >= 0).sum())
-            total_loss += engine.eval_loss(held_out.ids[i: i + n], labels) * tokens
+            total_loss += self.engine.eval_loss(self.held_out.ids[i: i + n], labels) * tokens
             total_tokens += tokens
-        log.record({"step": step, "eval_loss": total_loss / max(total_tokens, 1)})
+        self.log.record({"step": step, "eval_loss": total_loss / max(total_tokens, 1)})
 
-    def checkpoint(step: int) -> Path:
-        return save_checkpoint(ckpt_root, step, model_cfg, engine, tokenizer_files,
-                               {"step": step, "data": batches.state(), "config": dataclasses.asdict(cfg),
-                                "data_sha256": data_sha}, cfg.keep_checkpoints)
+    def checkpoint(self, step: int) -> Path:
+        return save_checkpoint(self.ckpt_root, step, self.model_cfg, self.engine, self.tokenizer_files,
+                               {"step": step, "data": self.batches.state(), "config": dataclasses.asdict(self.cfg),
+                                "data_sha256": self.data_sha}, self.cfg.keep_checkpoints)
 
-    if start == 0:
-        evaluate(0)
-    started = time.perf_counter()
-    saved_at = resume_from
-    with StopRequests() as stop, log:
-        for step in range(start, total):
-            lr = learning_rate(step, cfg.lr, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-            engine.set_lr(lr)
-            ids, labels = batches.next()
-            t = time.perf_counter()
-            r = engine.train_step(ids, labels)
-            dt = time.perf_counter() - t
-            log.step({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": lr, "trained_tokens": r.tokens,
-                      "step_s": dt, "tokens_per_s": ids.numel() / dt, "tflops": flops_per_step / dt / 1e12,
-                      "epoch": batches.epoch})
-            check_step(step + 1, r.loss, r.grad_norm, cfg.nonfinite, saved_at.name if saved_at else None)
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-                evaluate(step + 1)
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (stop.signal and step + 1 < total):
-                saved_at = checkpoint(step + 1)
-            if stop.signal and step + 1 < total:
-                raise TrainingStopped(f"stopped by {stop.signal.name} after step {step + 1}: saved {saved_at}; "
-                                      "continue with --resume", exit_code=128 + stop.signal)
-        evaluate(total)
-        if saved_at is None or not saved_at.name.endswith(f"{total:06d}"):
-            saved_at = checkpoint(total)
-    engine.close()
-    loss_curve(out / "metrics.jsonl", out / "loss.png")
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # resumed runs too
-    losses = [h["loss"] for h in history if "loss" in h]
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    summary = {"steps": total, "resumed_from": start or None, "first_loss": losses[0] if losses else None,
-               "last_loss": losses[-1] if losses else None, "eval_loss_before": evals[0] if evals else None,
-               "eval_loss_after": evals[-1] if evals else None, "seconds": time.perf_counter() - started,
-               "checkpoint": str(saved_at), "plan": str(out / "plan.json")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    def train(self) -> None:
+        cfg, engine, batches, total, log = self.cfg, self.engine, self.batches, self.total, self.log
+        flops_per_step = self.model_cfg.model_flops_per_token(cfg.seq) * cfg.sequences_per_step * cfg.seq
+        if self.start == 0:
+            self.evaluate(0)
+        self.started = time.perf_counter()
+        with StopRequests() as stop, log:
+            for step in range(self.start, total):
+                lr = learning_rate(step, cfg.lr, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+                engine.set_lr(lr)
+                ids, labels = batches.next()
+                t = time.perf_counter()
+                r = engine.train_step(ids, labels)
+                dt = time.perf_counter() - t
+                log.step({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": lr,
+                          "trained_tokens": r.tokens, "step_s": dt, "tokens_per_s": ids.numel() / dt,
+                          "tflops": flops_per_step / dt / 1e12, "epoch": batches.epoch})
+                check_step(step + 1, r.loss, r.grad_norm, cfg.nonfinite, self.saved_at.name if self.saved_at else None)
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+                    self.evaluate(step + 1)
+                if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (stop.signal and step + 1 < total):
+                    self.saved_at = self.checkpoint(step + 1)
+                if stop.signal and step + 1 < total:
+                    raise TrainingStopped(f"stopped by {stop.signal.name} after step {step + 1}: saved {self.saved_at}; "
+                                          "continue with --resume", exit_code=128 + stop.signal)
+            self.evaluate(total)
+            if self.saved_at is None or not self.saved_at.name.endswith(f"{total:06d}"):
+                self.saved_at = self.checkpoint(total)
+
+    def close(self) -> dict:
+        """The run's summary (also written to output_dir/summary.json)."""
+        self.engine.close()
+        out = self.out
+        loss_curve(out / "metrics.jsonl", out / "loss.png")
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # resumed runs too
+        losses = [h["loss"] for h in history if "loss" in h]
+        evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+        summary = {"steps": self.total, "resumed_from": self.start or None, "first_loss": losses[0] if losses else None,
+                   "last_loss": losses[-1] if losses else None, "eval_loss_before": evals[0] if evals else None,
+                   "eval_loss_after": evals[-1] if evals else None, "seconds": time.perf_counter() - self.started,
+                   "checkpoint": str(self.saved_at), "plan": str(out / "plan.json")}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def run(cfg: TrainConfig, model_cfg: ModelConfig, source, train: Sequences, held_out: Sequences | None,
+        tokenizer_files: list[Path], plan: Plan, callbacks: Sequence[MetricsCallback] = ()) -> dict:
+    """The whole recipe: setup, train, close; returns the run's summary."""
+    recipe = FineTune(cfg, model_cfg, source, train, held_out, tokenizer_files, plan, callbacks)
+    recipe.setup()
+    recipe.train()
+    return recipe.close()
 
 
 def fingerprint(train: Sequences, held_out: Sequences | None) -> str:
@@ -266,8 +300,10 @@ class StopRequests:
             signal.signal(s, handler)
 
 
-def train_from_config(cfg: TrainConfig) -> dict:
-    """Everything `slideformer train --config` does."""
+def train_from_config(cfg: TrainConfig, rows: Iterable[dict] | None = None, eval_rows: Iterable[dict] | None = None,
+                      callbacks: Sequence[MetricsCallback] = ()) -> dict:
+    """Everything `slideformer train --config` does; `rows` and `eval_rows` (from Python) stand in for the
+    config's data and eval_data files, `callbacks` get every metrics record."""
     model_cfg = load_model_config(cfg.model)
     if cfg.seq > model_cfg.max_position_embeddings:
         raise ConfigError(f"seq {cfg.seq} is longer than the model's max_position_embeddings "
@@ -283,8 +319,8 @@ def train_from_config(cfg: TrainConfig) -> dict:
     device = device_of(cfg)
     plan = make_plan(cfg, model_cfg, device)  # refuses a job that does not fit before any data or weights load
     with claim_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite):
-        train, held_out = tokenized_data(cfg, tok)
-        return run(cfg, model_cfg, tok, source, train, held_out, tok.files(), plan)
+        train, held_out = tokenized_data(cfg, tok, rows, eval_rows)
+        return run(cfg, model_cfg, source, train, held_out, tok.files(), plan, callbacks)
 
 
 def print_summary(summary: dict) -> None:

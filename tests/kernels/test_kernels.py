@@ -132,7 +132,7 @@ def test_training_with_kernels_is_as_close_to_fp32_as_eager_bf16():
     from slideformer.models import RandomWeights
     from slideformer.schedule.plan import uniform_plan
     from slideformer.runtime import AdamWConfig, Engine
-    from test_exactness import assert_no_farther_from_fp32_than_eager, batches
+    from tests.reference import assert_no_farther_from_fp32_than_eager, batches
 
     cfg = replace(PRESETS["tiny-llama"], num_layers=2)
     data = [(ids[:, :16], labels[:, :16]) for ids, labels in batches(cfg.vocab_size)]

@@ -107,7 +107,7 @@ def test_disk_plan_without_a_directory_is_refused():
                                                        ("during_backward", "disk", 1), ("after_norm", "disk", 2)])
 def test_training_with_states_and_activations_on_disk_matches_the_reference_loop(update, activation, ring, device,
                                                                                  tmp_path):
-    from test_exactness import B, S, assert_trains_like_reference, batches
+    from tests.reference import B, S, assert_trains_like_reference, batches
     cfg = PRESETS["tiny-llama"]
     data = batches(cfg.vocab_size)
     src, optim = RandomWeights(cfg, seed=3), AdamWConfig(lr=1e-3, weight_decay=0.01)
@@ -127,7 +127,7 @@ def test_checkpoint_of_disk_states_resumes_bit_exactly(tmp_path):
     from safetensors import safe_open
 
     from slideformer.checkpoint import STATE_FILE, write_safetensors
-    from test_exactness import B, S, batches
+    from tests.reference import B, S, batches
     torch.manual_seed(0)
     cfg = PRESETS["tiny-llama"]
     data = batches(cfg.vocab_size)

@@ -1,0 +1,130 @@
+"""The Python API does what the CLI does: a capacity report as `plan --json` prints it, a prediction as
+`simulate --json` prints it, a training run as `train --config` makes it (also on rows given in Python, with
+metrics to callbacks and Weights & Biases), bad settings refused with the setting's name; the README's example runs."""
+import importlib.machinery
+import json
+import math
+import sys
+import types
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import slideformer
+from bench.synthetic import chat_rows, make_model_dir, write_jsonl
+from slideformer.cli import main
+from slideformer.dataset import DataError
+from slideformer.models import PRESETS
+from slideformer.schedule.plan import uniform_plan
+from slideformer.train_config import ConfigError
+from tests import REPO
+
+
+def test_plan_is_the_cli_report(capsys):
+    args = dict(gpu_mem_gib=20.0, host_mem_gib=60.0)
+    report = slideformer.plan("llama-3.1-8b:4", 1024, 8, **args)
+    assert main(["plan", "--model", "llama-3.1-8b:4", "--seq", "1024", "--batch", "8", "--gpu-mem", "20",
+                 "--host-mem", "60", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
+    assert report["fits"] and report["plan"]["batch"] == 8
+    with pytest.raises(ConfigError, match="gpu_mem_gib must be > 0"):
+        slideformer.plan("llama-3.1-8b:4", 1024, 8, gpu_mem_gib=0)
+
+
+def test_train_takes_a_dict_with_overrides(tmp_path):
+    rows = chat_rows(60)
+    model_dir = make_model_dir(tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows)
+    config = {"model": str(model_dir), "data": [str(write_jsonl(rows, tmp_path / "chat.jsonl"))], "seq": 64,
+              "batch": 2, "lr": 1e-3, "device": "cpu", "output_dir": str(tmp_path / "run")}
+    summary = slideformer.train(config, max_steps=3, eval_every=0)
+    assert summary["steps"] == 3 and math.isfinite(summary["last_loss"])
+    assert (tmp_path / "run" / "summary.json").exists()
+    with pytest.raises(ConfigError, match="unknown training settings"):
+        slideformer.train(config, learning_rate=1e-3)
+
+
+def test_finetune_trains_on_rows_from_python_and_calls_back_with_every_record(tmp_path):
+    rows = chat_rows(60)
+    model_dir = make_model_dir(tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows)
+    records = []
+    summary = slideformer.finetune(model=str(model_dir), dataset=(r for r in rows), eval_dataset=rows[:8], seq=64,
+                                   batch=2, lr=1e-3, device="cpu", max_steps=3, output_dir=str(tmp_path / "run"),
+                                   report_to=[], callbacks=[records.append])
+    assert summary["steps"] == 3 and math.isfinite(summary["last_loss"])
+    steps = [r["step"] for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert steps == [1, 2, 3] and [r["step"] for r in evals] == [0, 3]
+    assert evals[-1]["eval_loss"] == summary["eval_loss_after"]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == records  # the callbacks see exactly what metrics.jsonl holds
+    assert (Path(summary["checkpoint"]) / "config.json").exists()
+
+
+def test_finetune_names_a_bad_row_by_its_index_and_refuses_two_sources_of_data(tmp_path):
+    rows = chat_rows(10)
+    model_dir = make_model_dir(tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows)
+    with pytest.raises(DataError, match="dataset row 3: a row needs 'text', 'messages'"):
+        slideformer.finetune(model=str(model_dir), dataset=rows[:3] + [{"prompt": "x"}], seq=64, batch=2,
+                             device="cpu", output_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="give data \\(files\\) or a dataset, not both"):
+        slideformer.finetune(model=str(model_dir), data=["chat.jsonl"], dataset=rows, output_dir=str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match="data is required"):
+        slideformer.finetune(model=str(model_dir), output_dir=str(tmp_path / "r"))
+
+
+def test_report_to_wandb_logs_every_record_and_needs_wandb_installed(tmp_path, monkeypatch):
+    rows = chat_rows(40)
+    model_dir = make_model_dir(tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows)
+    settings = dict(model=str(model_dir), dataset=rows, seq=64, batch=2, device="cpu", max_steps=2, report_to=["wandb"])
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ConfigError, match="report_to 'wandb' needs the wandb package: pip install wandb"):
+        slideformer.finetune(output_dir=str(tmp_path / "a"), **settings)
+
+    calls = []
+
+    class Run:
+        def log(self, scalars, step):
+            calls.append(("log", step, scalars))
+
+        def finish(self):
+            calls.append(("finish",))
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    slideformer.finetune(output_dir=str(tmp_path / "b"), **settings)
+    assert calls[0][0] == "init" and calls[0][1]["config"]["max_steps"] == 2 and calls[-1] == ("finish",)
+    logged = [(step, scalars) for kind, *rest in calls[1:-1] if kind == "log" for step, scalars in [rest]]
+    assert [step for step, s in logged if "loss" in s] == [1, 2]
+    assert all(isinstance(v, (int, float)) for _, s in logged for v in s.values())
+    with pytest.raises(ConfigError, match=r"report_to takes \['tensorboard', 'wandb'\], not \['mlflow'\]"):
+        slideformer.finetune(output_dir=str(tmp_path / "c"), **(settings | {"report_to": ["mlflow"]}))
+
+
+def test_simulate_is_the_cli_prediction(capsys, tmp_path):
+    plan = uniform_plan("llama-3.1-8b:4", 4, 8, 1024, chunk=4)
+    plan.save(tmp_path / "plan.json")
+    sim = slideformer.simulate(plan)
+    assert main(["simulate", str(tmp_path / "plan.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(sim.summary()))
+    assert sim.step_s > 0 and sim.spans
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python API example, as written, with a small synthetic model directory in place of the
+    Qwen one (the only thing CI cannot have)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### The Python API"):]
+    code = section[section.index("```python\n") + len("```python\n"): section.index("```\n", section.index("```python"))]
+    example_model = "/models/Qwen2.5-0.5B-Instruct"
+    assert example_model in code
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {a}?"},
+                          {"role": "assistant", "content": f"{a} plus {a} is {2 * a}."}]} for a in range(200)]
+    model_dir = make_model_dir(tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(code.replace(example_model, str(model_dir)), scope)
+    assert scope["report"]["fits"] and scope["sim"].step_s == pytest.approx(scope["report"]["predicted_step_s"])
+    assert len(scope["losses"]) == 20 and scope["losses"][-1] < scope["losses"][0]
+    assert (tmp_path / "runs" / "quick" / "summary.json").exists()
