@@ -1,4 +1,5 @@
 """Shared pieces of the benchmark: the workload, timing, memory readings and the result record."""
+
 from __future__ import annotations
 
 import datetime
@@ -46,7 +47,10 @@ def throughput(model: str, batch: int, seq: int, step_s: float) -> dict:
     cfg = load_model_config(model)
     tokens = batch * seq
     return {
-        "model": model, "params": cfg.total_params, "batch": batch, "seq": seq,
+        "model": model,
+        "params": cfg.total_params,
+        "batch": batch,
+        "seq": seq,
         "tokens_per_s": tokens / step_s,
         # Model TFLOPS = (6·P + 6·L·S·H) · tokens/s: the convention of the peers' reports.
         "model_tflops": cfg.model_flops_per_token(seq) * tokens / step_s / 1e12,
@@ -59,6 +63,7 @@ def provenance() -> dict:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
+
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

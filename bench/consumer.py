@@ -12,6 +12,7 @@ measured step time and peaks side by side. The official SlideFormer runs through
 (assembled as `../shared/peers/README.md` says, git-ignored), its CSV and logs kept verbatim.
 Each call runs what fits in the device's 10-minute limit: split workloads across calls with --only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,26 +53,50 @@ def run_ours(workloads: list[str], timeout_s: int, profile_path: str) -> dict:
     for w in workloads:
         seq, batch = seq_batch(w)
         verdict = choose_plan(cfg, MODEL, seq, batch, profile, budgets)
-        row: dict = {"seq": seq, "batch": batch, "budgets": asdict(budgets), "profile": profile.name,
-                     "profile_date": profile.date, "fits": verdict.fits,
-                     "planner_max_batch": verdict.max_batch, "shortfalls": verdict.shortfalls}
+        row: dict = {
+            "seq": seq,
+            "batch": batch,
+            "budgets": asdict(budgets),
+            "profile": profile.name,
+            "profile_date": profile.date,
+            "fits": verdict.fits,
+            "planner_max_batch": verdict.max_batch,
+            "shortfalls": verdict.shortfalls,
+        }
         rows[w] = row
         print(f"{w}: {'FITS' if verdict.fits else 'refused: ' + '; '.join(verdict.shortfalls)}", flush=True)
         if not verdict.fits:
             continue
         sim = verdict.simulation
-        row |= {"plan": asdict(verdict.plan), "predicted_step_s": sim.step_s,
-                "predicted_peak_gpu_gib": sim.peak_gpu_bytes / GiB,
-                "predicted_peak_gpu_allocated_gib": sim.peak_gpu_allocated_bytes / GiB,
-                "predicted_peak_host_gib": sim.host_memory_bytes / GiB,
-                "predicted_bottleneck": sim.bottleneck}
+        row |= {
+            "plan": asdict(verdict.plan),
+            "predicted_step_s": sim.step_s,
+            "predicted_peak_gpu_gib": sim.peak_gpu_bytes / GiB,
+            "predicted_peak_gpu_allocated_gib": sim.peak_gpu_allocated_bytes / GiB,
+            "predicted_peak_host_gib": sim.host_memory_bytes / GiB,
+            "predicted_bottleneck": sim.bottleneck,
+        }
         long_step = seq * batch >= 32768
         with tempfile.TemporaryDirectory() as tmp:
             plan_path, out = Path(tmp) / "plan.json", Path(tmp) / "result.json"
             verdict.plan.save(plan_path)
-            cmd = [sys.executable, "-m", "bench.ours", "--name", f"consumer-{w}", "--plan", str(plan_path),
-                   "--gpu-cap-gib", str(GPU_CAP_GIB), "--warmup", "1" if long_step else "2",
-                   "--steps", "2" if long_step else "3", "--out", str(out)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.ours",
+                "--name",
+                f"consumer-{w}",
+                "--plan",
+                str(plan_path),
+                "--gpu-cap-gib",
+                str(GPU_CAP_GIB),
+                "--warmup",
+                "1" if long_step else "2",
+                "--steps",
+                "2" if long_step else "3",
+                "--out",
+                str(out),
+            ]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
                 error = None if proc.returncode == 0 and out.exists() else (proc.stdout + proc.stderr)[-3000:]
@@ -82,14 +107,29 @@ def run_ours(workloads: list[str], timeout_s: int, profile_path: str) -> dict:
                 print(f"  FAILED: {error[-800:]}", flush=True)
                 continue
             measured = json.loads(out.read_text())
-        row |= {k: measured[k] for k in ("step_s", "per_step_s", "losses", "tokens_per_s", "model_tflops", "init_s",
-                                          "peak_gpu_allocated_gib", "peak_gpu_reserved_gib", "peak_host_rss_gib")}
+        row |= {
+            k: measured[k]
+            for k in (
+                "step_s",
+                "per_step_s",
+                "losses",
+                "tokens_per_s",
+                "model_tflops",
+                "init_s",
+                "peak_gpu_allocated_gib",
+                "peak_gpu_reserved_gib",
+                "peak_host_rss_gib",
+            )
+        }
         row["step_error"] = row["predicted_step_s"] / row["step_s"] - 1
         row["gpu_peak_error"] = row["predicted_peak_gpu_allocated_gib"] / row["peak_gpu_allocated_gib"] - 1
         row["host_peak_error"] = row["predicted_peak_host_gib"] / row["peak_host_rss_gib"] - 1
-        print(f"  {row['step_s']:.2f} s/step (predicted {row['predicted_step_s']:.2f}), {row['tokens_per_s']:.0f} tok/s, "
-              f"GPU {row['peak_gpu_allocated_gib']:.1f} GiB (pred {row['predicted_peak_gpu_allocated_gib']:.1f}), "
-              f"host {row['peak_host_rss_gib']:.1f} GiB (pred {row['predicted_peak_host_gib']:.1f})", flush=True)
+        print(
+            f"  {row['step_s']:.2f} s/step (predicted {row['predicted_step_s']:.2f}), {row['tokens_per_s']:.0f} tok/s, "
+            f"GPU {row['peak_gpu_allocated_gib']:.1f} GiB (pred {row['predicted_peak_gpu_allocated_gib']:.1f}), "
+            f"host {row['peak_host_rss_gib']:.1f} GiB (pred {row['predicted_peak_host_gib']:.1f})",
+            flush=True,
+        )
     report = capacity_report(cfg, MODEL, 1024, 8, profile, budgets)
     capacity = {"max_batch_at_seq_1024": report["max_batch"], "max_seq_at_batch_1": report["max_seq_at_batch_1"]}
     return {"workloads": rows, "planner_capacity": capacity}
@@ -99,20 +139,37 @@ def run_official(workloads: list[str], deadline_s: int) -> dict:
     """The peer's own benchmark script on the same workloads; its CSV rows and peak-memory lines verbatim."""
     out = Path(tempfile.mkdtemp(prefix="sf-official-"))
     configs = " ".join(f"{seq}:{batch}" for seq, batch in map(seq_batch, workloads))
-    env = os.environ | {"OUT": str(out), "CONFIGS": configs, "GPU_CAP_GIB": str(GPU_CAP_GIB), "FULL_LENGTH": "1",
-                        "WARM": "1", "TEST": "3", "DEADLINE_S": str(deadline_s), "KEEP_MODEL": "1"}
+    env = os.environ | {
+        "OUT": str(out),
+        "CONFIGS": configs,
+        "GPU_CAP_GIB": str(GPU_CAP_GIB),
+        "FULL_LENGTH": "1",
+        "WARM": "1",
+        "TEST": "3",
+        "DEADLINE_S": str(deadline_s),
+        "KEEP_MODEL": "1",
+    }
     proc = subprocess.run(["bash", "peers/run_official.sh"], env=env, capture_output=True, text=True)
-    rows = list(csv.DictReader((out / "slideformer_official_results.csv").open())) \
-        if (out / "slideformer_official_results.csv").exists() else []
+    rows = (
+        list(csv.DictReader((out / "slideformer_official_results.csv").open()))
+        if (out / "slideformer_official_results.csv").exists()
+        else []
+    )
     logs = {p.name: p.read_text()[-6000:] for p in sorted(out.glob("sf_run_*.log"))}
     peaks = {}
     for name, text in logs.items():
         m = re.search(r"launcher-sampled peak RSS: .*\(([\d.]+) GiB\)", text)
         peaks[name] = float(m.group(1)) if m else None
-    return {"returncode": proc.returncode, "stdout_tail": (proc.stdout + proc.stderr)[-4000:], "csv_rows": rows,
-            "peak_rss_gib_by_log": peaks, "logs_tail": logs,
-            "summary": (out / "slideformer_official_summary.txt").read_text()
-            if (out / "slideformer_official_summary.txt").exists() else None}
+    return {
+        "returncode": proc.returncode,
+        "stdout_tail": (proc.stdout + proc.stderr)[-4000:],
+        "csv_rows": rows,
+        "peak_rss_gib_by_log": peaks,
+        "logs_tail": logs,
+        "summary": (out / "slideformer_official_summary.txt").read_text()
+        if (out / "slideformer_official_summary.txt").exists()
+        else None,
+    }
 
 
 def merge(paths: list[str]) -> dict:
@@ -134,9 +191,11 @@ def table(record: dict) -> dict[str, dict]:
         for r in call["result"]["csv_rows"]:
             w = f"{r['Sequence_Length']}x{r['Batch_Size']}"
             rows.setdefault(w, {})["official"] = {
-                "tokens_per_s": float(r["Avg_Tokens_Per_Second"]), "step_s": float(r["Avg_Time"]),
+                "tokens_per_s": float(r["Avg_Tokens_Per_Second"]),
+                "step_s": float(r["Avg_Time"]),
                 "peak_gpu_allocated_gib": float(r["Max_CUDA_Memory_Allocated_MB"]) / 1024,
-                "peak_host_rss_gib": peaks.get(f"sf_run_s{r['Sequence_Length']}_b{r['Batch_Size']}.log")}
+                "peak_host_rss_gib": peaks.get(f"sf_run_s{r['Sequence_Length']}_b{r['Batch_Size']}.log"),
+            }
     for call in record["systems"].get("ours", {}).get("calls", []):
         for w, r in call["result"]["workloads"].items():
             if "step_s" in r and "predicted_peak_gpu_allocated_gib" not in r:  # recorded before the field existed
@@ -148,26 +207,37 @@ def table(record: dict) -> dict[str, dict]:
 
 def figure(record: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = table(record)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for system, style in (("ours", "o-"), ("official", "s--")):
+
         def points(pick) -> tuple[list[int], list[float]]:
             """(x, tokens/s) of this system's runs that `pick` places on the x axis (None: not on it)."""
-            got = sorted((pick(*seq_batch(w)), r[system]["tokens_per_s"]) for w, r in rows.items()
-                         if "tokens_per_s" in r.get(system, {}) and pick(*seq_batch(w)) is not None)
+            got = sorted(
+                (pick(*seq_batch(w)), r[system]["tokens_per_s"])
+                for w, r in rows.items()
+                if "tokens_per_s" in r.get(system, {}) and pick(*seq_batch(w)) is not None
+            )
             return [x for x, _ in got], [t for _, t in got]
+
         label = "SlideFormer (this project)" if system == "ours" else "official SlideFormer"
         axes[0].plot(*points(lambda seq, batch: batch if seq == 1024 else None), style, label=label)
         axes[1].plot(*points(lambda seq, batch: seq if batch == 1 else None), style, label=label)
-        mem = sorted((seq_batch(w)[0] * seq_batch(w)[1], r[system]["peak_gpu_allocated_gib"]) for w, r in rows.items()
-                     if system in r and r[system].get("peak_gpu_allocated_gib"))
+        mem = sorted(
+            (seq_batch(w)[0] * seq_batch(w)[1], r[system]["peak_gpu_allocated_gib"])
+            for w, r in rows.items()
+            if system in r and r[system].get("peak_gpu_allocated_gib")
+        )
         axes[2].plot([t for t, _ in mem], [g for _, g in mem], style, label=label)
     axes[0].set(xscale="log", xlabel="batch (seq 1024)", ylabel="tokens/s", title="throughput against batch")
     axes[1].set(xscale="log", xlabel="sequence length (batch 1)", ylabel="tokens/s", title="throughput against length")
-    axes[2].set(xscale="log", xlabel="tokens per step", ylabel="peak GPU allocated, GiB", title="GPU memory (24 GiB cap)")
+    axes[2].set(
+        xscale="log", xlabel="tokens per step", ylabel="peak GPU allocated, GiB", title="GPU memory (24 GiB cap)"
+    )
     axes[2].axhline(GPU_CAP_GIB, color="grey", lw=0.8)
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -195,8 +265,13 @@ def main() -> None:
     else:
         workloads = a.only.split(",")
         result = run_ours(workloads, a.timeout, a.profile) if a.system == "ours" else run_official(workloads, a.timeout)
-        record = {"command": "python -m bench.consumer " + " ".join(sys.argv[1:]), **provenance(),
-                  "gpu_cap_gib": GPU_CAP_GIB, "model": MODEL, "systems": {a.system: result}}
+        record = {
+            "command": "python -m bench.consumer " + " ".join(sys.argv[1:]),
+            **provenance(),
+            "gpu_cap_gib": GPU_CAP_GIB,
+            "model": MODEL,
+            "systems": {a.system: result},
+        }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(record, indent=2))
 

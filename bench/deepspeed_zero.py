@@ -1,5 +1,6 @@
 """The peer: DeepSpeed ZeRO-3 (params + optimizer offloaded) or ZeRO-2 (optimizer offloaded), pinned, with
 gradient checkpointing, on the same transformers model and workload."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,12 @@ from slideformer.models import load_model_config
 
 
 def ds_config(stage: int) -> dict:
-    zero: dict = {"stage": stage, "offload_optimizer": {"device": "cpu", "pin_memory": True},
-                  "overlap_comm": True, "contiguous_gradients": True}
+    zero: dict = {
+        "stage": stage,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+    }
     if stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
@@ -23,8 +28,7 @@ def ds_config(stage: int) -> dict:
         "gradient_accumulation_steps": 1,
         "bf16": {"enabled": True},
         "zero_optimization": zero,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                  "weight_decay": 0.0}},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}},
         "steps_per_print": 10**9,
     }
 
@@ -65,9 +69,18 @@ def main() -> None:
         return float(loss)
 
     timing = time_steps(step, a.warmup, a.steps, torch.cuda.synchronize)
-    write_result(a.out, {"system": f"deepspeed {deepspeed.__version__} zero-{a.stage} cpu offload", "name": f"zero{a.stage}",
-                         **provenance(), "ds_config": config, **timing,
-                         **throughput(a.model, BATCH, SEQ, timing["step_s"]), **memory_readings()})
+    write_result(
+        a.out,
+        {
+            "system": f"deepspeed {deepspeed.__version__} zero-{a.stage} cpu offload",
+            "name": f"zero{a.stage}",
+            **provenance(),
+            "ds_config": config,
+            **timing,
+            **throughput(a.model, BATCH, SEQ, timing["step_s"]),
+            **memory_readings(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Each plan runs in its own process (so its peak host RSS is its own): 2 warm-up s
 (untraced: the measured step time), then 2 traced steps (the measured Gantt). The parent simulates the
 same plan with the profile, which is measured on the same machine beforehand and not fitted to these runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,17 +31,26 @@ L16 = load_model_config(MODEL).num_layers
 def plans(profile: Profile) -> dict[str, Plan]:
     def p(batch=BATCH, seq=SEQ, **kw) -> Plan:
         return uniform_plan(MODEL, L16, batch, seq, **kw)
-    chosen = choose_plan(load_model_config(MODEL), MODEL, SEQ, BATCH, profile,
-                         Budgets(int(profile.gpu_memory_bytes * GPU_BUDGET_FRACTION),
-                                 int(profile.host_memory_bytes * HOST_BUDGET_FRACTION))).plan
+
+    chosen = choose_plan(
+        load_model_config(MODEL),
+        MODEL,
+        SEQ,
+        BATCH,
+        profile,
+        Budgets(
+            int(profile.gpu_memory_bytes * GPU_BUDGET_FRACTION), int(profile.host_memory_bytes * HOST_BUDGET_FRACTION)
+        ),
+    ).plan
     return {
         "offload-w2": p(window=2),
         "offload-w3-keep1": p(window=3, keep_last=1),
         "recompute-w2-gpu6": p(window=2, activation="recompute", gpu_units=6),
         "after-norm-w3-keep1": p(window=3, keep_last=1, update="after_norm"),
         "seq4096-b4-chunk2": p(batch=4, seq=4096, chunk=2, window=2),
-        "seq1024-b16-chunk8-recompute-keep2-gpu3": p(batch=16, seq=1024, chunk=8, window=3, activation="recompute",
-                                                     keep_last=2, gpu_units=3),
+        "seq1024-b16-chunk8-recompute-keep2-gpu3": p(
+            batch=16, seq=1024, chunk=8, window=3, activation="recompute", keep_last=2, gpu_units=3
+        ),
         "planner-choice": chosen,
     }
 
@@ -59,8 +69,9 @@ def run_one(plan: Plan, out: Path) -> None:
         engine.train_step(*data[i % 2])
     engine.synchronize()
     spans = trace.spans()
-    out.write_text(json.dumps({"step_s": step_s, "traced_step_ends": trace.step_ends, "spans": spans,
-                               **memory_readings()}))
+    out.write_text(
+        json.dumps({"step_s": step_s, "traced_step_ends": trace.step_ends, "spans": spans, **memory_readings()})
+    )
     engine.close()
 
 
@@ -77,11 +88,16 @@ def compare(name: str, plan: Plan, measured: dict, profile: Profile) -> dict:
     m_lo, m_hi = (0.0, ends[0]) if len(ends) < 2 else (ends[-2], ends[-1])
     p_lo, p_hi = sim.step_ends[-2], sim.step_ends[-1]
     row = {
-        "name": name, "plan": asdict(plan),
-        "measured_step_s": measured["step_s"], "predicted_step_s": sim.step_s,
-        "measured_peak_gpu_gib": measured["peak_gpu_allocated_gib"], "predicted_peak_gpu_gib": predicted_gpu,
-        "measured_peak_host_gib": measured["peak_host_rss_gib"], "predicted_peak_host_gib": sim.host_memory_bytes / GiB,
-        "predicted_bottleneck": sim.bottleneck, "predicted_utilisation": sim.utilisation,
+        "name": name,
+        "plan": asdict(plan),
+        "measured_step_s": measured["step_s"],
+        "predicted_step_s": sim.step_s,
+        "measured_peak_gpu_gib": measured["peak_gpu_allocated_gib"],
+        "predicted_peak_gpu_gib": predicted_gpu,
+        "measured_peak_host_gib": measured["peak_host_rss_gib"],
+        "predicted_peak_host_gib": sim.host_memory_bytes / GiB,
+        "predicted_bottleneck": sim.bottleneck,
+        "predicted_utilisation": sim.utilisation,
         "measured_spans": last_step(measured["spans"], m_lo, m_hi),
         "predicted_spans": last_step([asdict(s) for s in sim.spans], p_lo, p_hi),
     }
@@ -102,8 +118,12 @@ def main() -> None:
         run_one(Plan.load(a.one), Path(a.out))
         return
     profile = Profile.load(a.profile)
-    record = {"command": " ".join(["python -m bench.fidelity", *sys.argv[1:]]), **provenance(),
-              "profile": asdict(profile), "runs": []}
+    record = {
+        "command": " ".join(["python -m bench.fidelity", *sys.argv[1:]]),
+        **provenance(),
+        "profile": asdict(profile),
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name, plan in plans(profile).items():
             if a.only and name not in a.only.split(","):
@@ -111,10 +131,25 @@ def main() -> None:
             plan_path, out = Path(tmp) / f"{name}.plan.json", Path(tmp) / f"{name}.json"
             plan.save(plan_path)
             print("+", name, flush=True)
-            proc = subprocess.run([sys.executable, "-m", "bench.fidelity", "--profile", a.profile, "--one",
-                                   str(plan_path), "--out", str(out)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.fidelity",
+                    "--profile",
+                    a.profile,
+                    "--one",
+                    str(plan_path),
+                    "--out",
+                    str(out),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
-                record["runs"].append({"name": name, "plan": asdict(plan), "error": (proc.stdout + proc.stderr)[-3000:]})
+                record["runs"].append(
+                    {"name": name, "plan": asdict(plan), "error": (proc.stdout + proc.stderr)[-3000:]}
+                )
                 print(record["runs"][-1]["error"], flush=True)
             else:
                 row = compare(name, plan, json.loads(out.read_text()), profile)

@@ -3,6 +3,7 @@ at the 16-layer Llama-3.1-8B benchmark's shapes (one chunk of 8 x 2048 tokens).
 
     python -m bench.kernels --out bench/results/X.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,6 +51,7 @@ def fwd_bwd(f, *inputs):
         out = f(*leaves)
         d = d if d is not None else torch.randn_like(out)
         torch.autograd.grad(out, leaves, d)
+
     return run
 
 
@@ -93,12 +95,14 @@ def main() -> None:
     results = {}
     cases = {
         "rms_norm": (lambda t, weight: rms_norm(t, weight, 1e-5), eager_norm, (x, w)),
-        "add_rms_norm": (fused_add_norm, eager_add_norm,
-                         (x, torch.randn_like(x), w)),
+        "add_rms_norm": (fused_add_norm, eager_add_norm, (x, torch.randn_like(x), w)),
         "swiglu": (swiglu, lambda g, u: F.silu(g) * u, (gate, up)),
         "rope": (lambda t: apply_rope(t, cos, sin), eager_rope, (q,)),
-        "rope_from_projection": (lambda t: apply_rope(from_projection(t), cos, sin),
-                                 lambda t: eager_rope(from_projection(t)), (q_proj,)),
+        "rope_from_projection": (
+            lambda t: apply_rope(from_projection(t), cos, sin),
+            lambda t: eager_rope(from_projection(t)),
+            (q_proj,),
+        ),
     }
     for name, (ours, eager, inputs) in cases.items():
         with kernels.use(True):
@@ -123,12 +127,19 @@ def main() -> None:
     }
     with kernels.use(False):  # the runtime's own chunked PyTorch path (norm + head + loss), for reference
         results["linear_cross_entropy"]["chunked_pytorch"] = measure(
-            lambda: head_loss_and_grads(x.view(1, TOKENS, h), labels.view(1, -1), norm_w, head, 1e-5, TOKENS, 4096,
-                                        grad_norm, grad_w))
+            lambda: head_loss_and_grads(
+                x.view(1, TOKENS, h), labels.view(1, -1), norm_w, head, 1e-5, TOKENS, 4096, grad_norm, grad_w
+            )
+        )
     ce = results["linear_cross_entropy"]
     ce["peak_ratio_eager_over_triton"] = ce["eager"]["peak_extra_gib"] / ce["triton"]["peak_extra_gib"]
-    record = {"command": "python -m bench.kernels --out " + a.out, **provenance(), "tokens": TOKENS,
-              "model_shape": "llama-3.1-8b", "results": results}
+    record = {
+        "command": "python -m bench.kernels --out " + a.out,
+        **provenance(),
+        "tokens": TOKENS,
+        "model_shape": "llama-3.1-8b",
+        "results": results,
+    }
     with open(a.out, "w") as f:
         json.dump(record, f, indent=1)
     print(json.dumps(results, indent=1))

@@ -4,6 +4,7 @@ through the whole layer at once (the path before `decoder_layer_backward`).
 
     python -m bench.layer_memory --out bench/results/X.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ def main() -> None:
     rows = []
     for model, shapes in WORKLOADS.items():
         cfg = load_model_config(model)
-        params = {n: (torch.randn(s, device=dev, dtype=bf16) * 0.02).requires_grad_()
-                  for n, s in cfg.layer_param_shapes().items()}
+        params = {
+            n: (torch.randn(s, device=dev, dtype=bf16) * 0.02).requires_grad_()
+            for n, s in cfg.layer_param_shapes().items()
+        }
         for batch, seq in shapes:
             x = torch.randn(batch, seq, cfg.hidden_size, device=dev, dtype=bf16)
             dy = torch.randn_like(x)
@@ -48,7 +51,9 @@ def main() -> None:
 
             variants = {"autograd": whole_layer_autograd} | {
                 f"tile{t}": (lambda t=t: decoder_layer_backward(params, x, dy, cos, sin, cfg, t, lambda n, g: None))
-                for t in TILES if t == 0 or t < tokens}
+                for t in TILES
+                if t == 0 or t < tokens
+            }
             for name, fn in variants.items():
                 try:
                     fn()
@@ -62,8 +67,16 @@ def main() -> None:
                 except torch.OutOfMemoryError:
                     peak, ms = None, None
                 torch.cuda.empty_cache()
-                row = {"model": model, "batch": batch, "seq": seq, "tokens": tokens, "variant": name, "ms": ms,
-                       "peak_extra_bytes": peak, "bytes_per_token": peak / tokens if peak else None}
+                row = {
+                    "model": model,
+                    "batch": batch,
+                    "seq": seq,
+                    "tokens": tokens,
+                    "variant": name,
+                    "ms": ms,
+                    "peak_extra_bytes": peak,
+                    "bytes_per_token": peak / tokens if peak else None,
+                }
                 rows.append(row)
                 print(row, flush=True)
         torch.cuda.empty_cache()

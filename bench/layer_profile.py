@@ -3,6 +3,7 @@
 
     python -m bench.layer_profile --out bench/results/X.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,24 @@ def main() -> None:
         torch.cuda.synchronize()
     rows = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
     total = sum(e.device_time_total for e in rows)
-    kernels = [{"kernel": e.key[:160], "ms_per_step": e.device_time_total / 5 / 1e3, "share": e.device_time_total / total,
-                "calls_per_step": e.count / 5} for e in rows[: a.top]]
-    write_result(a.out, {"command": f"python -m bench.layer_profile --out {a.out}", **provenance(),
-                         "gpu_ms_per_step": total / 5 / 1e3, "kernels": kernels})
+    kernels = [
+        {
+            "kernel": e.key[:160],
+            "ms_per_step": e.device_time_total / 5 / 1e3,
+            "share": e.device_time_total / total,
+            "calls_per_step": e.count / 5,
+        }
+        for e in rows[: a.top]
+    ]
+    write_result(
+        a.out,
+        {
+            "command": f"python -m bench.layer_profile --out {a.out}",
+            **provenance(),
+            "gpu_ms_per_step": total / 5 / 1e3,
+            "kernels": kernels,
+        },
+    )
 
 
 if __name__ == "__main__":

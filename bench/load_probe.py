@@ -4,6 +4,7 @@ is the design before `runtime/weight_stream.py`.
 
     python -m bench.load_probe --out bench/results/X.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,15 @@ def main() -> None:
     for seq, sequences in ((1024, 8), (2048, 8)):
         for buffers, priority in ((1, False), (1, True), (4, False), (4, True)):
             rate = staged_load_bandwidth(cfg, seq, sequences, 64 * 2**20, buffers, priority)
-            rows.append({"seq": seq, "sequences": sequences, "buffers": buffers, "cast_priority": priority,
-                         "gb_per_s": rate / 1e9})
+            rows.append(
+                {
+                    "seq": seq,
+                    "sequences": sequences,
+                    "buffers": buffers,
+                    "cast_priority": priority,
+                    "gb_per_s": rate / 1e9,
+                }
+            )
             print(rows[-1], flush=True)
     write_result(a.out, {"command": f"python -m bench.load_probe --out {a.out}", **provenance(), "rows": rows})
 

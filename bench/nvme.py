@@ -8,6 +8,7 @@ activations) partly on disk, beside the simulator's prediction.
 The simulation uses the committed profile with the disk rates just measured (the I/O path the engine
 takes). Results are written after each phase, so a run stopped early keeps what it measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--host-fraction", type=float, default=0.85, help="of available RAM, for the host budget")
-    ap.add_argument("--disk-fraction", type=float, default=0.9,
-                    help="of the disk's free space, for the disk budget (the train recipe's default)")
+    ap.add_argument(
+        "--disk-fraction",
+        type=float,
+        default=0.9,
+        help="of the disk's free space, for the disk budget (the train recipe's default)",
+    )
     ap.add_argument("--tier-gib", type=float, default=4.0, help="file size for the tier-alone rates")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
@@ -61,8 +66,11 @@ def main() -> None:
     profile = Profile.load(a.profile)
     engine_io = paths[0]
     profile.disk = Disk(**record["tier"][engine_io])
-    budgets = Budgets(int(torch.cuda.mem_get_info()[0] * GPU_BUDGET_FRACTION), int(available_host_bytes() * a.host_fraction),
-                      int(shutil.disk_usage(root).free * a.disk_fraction))
+    budgets = Budgets(
+        int(torch.cuda.mem_get_info()[0] * GPU_BUDGET_FRACTION),
+        int(available_host_bytes() * a.host_fraction),
+        int(shutil.disk_usage(root).free * a.disk_fraction),
+    )
     record["budgets_gib"] = {k: v / GiB for k, v in dataclasses.asdict(budgets).items()}
     tried = []
     chosen = None
@@ -70,9 +78,16 @@ def main() -> None:
         cfg = load_model_config(shape)
         with_disk = choose_plan(cfg, shape, a.seq, a.batch, profile, budgets)
         without = choose_plan(cfg, shape, a.seq, a.batch, profile, dataclasses.replace(budgets, disk_bytes=0))
-        tried.append({"model": shape, "params": cfg.total_params, "fits_with_disk": with_disk.fits,
-                      "fits_without_disk": without.fits, "without_disk_shortfalls": without.shortfalls,
-                      "with_disk_shortfalls": with_disk.shortfalls})
+        tried.append(
+            {
+                "model": shape,
+                "params": cfg.total_params,
+                "fits_with_disk": with_disk.fits,
+                "fits_without_disk": without.fits,
+                "without_disk_shortfalls": without.shortfalls,
+                "with_disk_shortfalls": with_disk.shortfalls,
+            }
+        )
         if with_disk.fits and not without.fits:
             chosen = (shape, cfg, with_disk)
             break
@@ -82,26 +97,40 @@ def main() -> None:
         raise SystemExit("no shape fits with the disk and not without it")
     shape, cfg, verdict = chosen
     plan, sim = verdict.plan, verdict.simulation
-    record |= {"model": shape, "params": cfg.total_params, "plan": dataclasses.asdict(plan),
-               "disk_layers": len(plan.disk_units), "disk_activation_layers": plan.activations.count("disk"),
-               "disk_tier_bytes": disk_bytes(cfg, plan),
-               "predicted": {"step_s": sim.step_s, "bottleneck": RESOURCE_NAMES[sim.bottleneck],
-                             "utilisation": sim.utilisation, "peak_host_gib": sim.host_memory_bytes / GiB,
-                             "peak_gpu_gib": sim.peak_gpu_bytes / GiB},
-               "profile_disk": dataclasses.asdict(profile.disk)}
+    record |= {
+        "model": shape,
+        "params": cfg.total_params,
+        "plan": dataclasses.asdict(plan),
+        "disk_layers": len(plan.disk_units),
+        "disk_activation_layers": plan.activations.count("disk"),
+        "disk_tier_bytes": disk_bytes(cfg, plan),
+        "predicted": {
+            "step_s": sim.step_s,
+            "bottleneck": RESOURCE_NAMES[sim.bottleneck],
+            "utilisation": sim.utilisation,
+            "peak_host_gib": sim.host_memory_bytes / GiB,
+            "peak_gpu_gib": sim.peak_gpu_bytes / GiB,
+        },
+        "profile_disk": dataclasses.asdict(profile.disk),
+    }
     write_result(a.out, record)
 
     # 3. Train it.
     t0 = time.perf_counter()
-    engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5), disk_dir=str(root / "tier"),
-                    disk_io=engine_io)
+    engine = Engine(
+        cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5), disk_dir=str(root / "tier"), disk_io=engine_io
+    )
     record["init_s"] = time.perf_counter() - t0
     record["engine_io"] = engine.tier.method
     data = [random_next_token_batch(cfg.vocab_size, a.batch, a.seq, seed=i) for i in range(2)]
     timing = time_steps(lambda i: engine.train_step(*data[i % 2]).loss, a.warmup, a.steps, engine.synchronize)
     measured = timing["step_s"]
-    record |= {**timing, **throughput(shape, a.batch, a.seq, measured), **memory_readings(),
-               "predicted_over_measured": sim.step_s / measured}
+    record |= {
+        **timing,
+        **throughput(shape, a.batch, a.seq, measured),
+        **memory_readings(),
+        "predicted_over_measured": sim.step_s / measured,
+    }
     engine.close()
     write_result(a.out, record)
 

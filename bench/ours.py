@@ -1,4 +1,5 @@
 """SlideFormer on the benchmark workload, one plan per process (so peak host RSS is this run's)."""
+
 from __future__ import annotations
 
 import argparse
@@ -43,18 +44,41 @@ def main() -> None:
         a.model, a.batch, a.seq = plan.model, plan.batch, plan.seq
     cfg = load_model_config(a.model)
     if not a.plan:
-        plan = uniform_plan(a.model, cfg.num_layers, a.batch, a.seq, chunk=a.chunk, window=a.window,
-                            activation=a.activation, keep_last=a.keep_last, gpu_units=a.gpu_units, update=a.update,
-                            grad_ring=a.grad_ring, loss_chunk_tokens=a.loss_chunk)
+        plan = uniform_plan(
+            a.model,
+            cfg.num_layers,
+            a.batch,
+            a.seq,
+            chunk=a.chunk,
+            window=a.window,
+            activation=a.activation,
+            keep_last=a.keep_last,
+            gpu_units=a.gpu_units,
+            update=a.update,
+            grad_ring=a.grad_ring,
+            loss_chunk_tokens=a.loss_chunk,
+        )
     t0 = time.perf_counter()
     budget = int(a.gpu_cap_gib * 2**30) if a.gpu_cap_gib else None
     engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5), gpu_budget_bytes=budget)
     init_s = time.perf_counter() - t0
     data = [random_next_token_batch(cfg.vocab_size, a.batch, a.seq, seed=i) for i in range(2)]
     timing = time_steps(lambda i: engine.train_step(*data[i % 2]).loss, a.warmup, a.steps, engine.synchronize)
-    write_result(a.out, {"system": "slideformer", "name": a.name, **provenance(), "plan": plan.__dict__,
-                         "init_s": init_s, "triton_kernels": kernels.active(torch.empty(0, device="cuda")), **timing, **throughput(a.model, a.batch, a.seq, timing["step_s"]),
-                         **memory_readings(), "gpu_cap_gib": a.gpu_cap_gib})
+    write_result(
+        a.out,
+        {
+            "system": "slideformer",
+            "name": a.name,
+            **provenance(),
+            "plan": plan.__dict__,
+            "init_s": init_s,
+            "triton_kernels": kernels.active(torch.empty(0, device="cuda")),
+            **timing,
+            **throughput(a.model, a.batch, a.seq, timing["step_s"]),
+            **memory_readings(),
+            "gpu_cap_gib": a.gpu_cap_gib,
+        },
+    )
     engine.close()
 
 

@@ -1,4 +1,5 @@
 """The ceiling: the same model wholly on the GPU (transformers, bf16 params/grads/AdamW, checkpointing)."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,17 @@ def main() -> None:
         return float(loss)
 
     timing = time_steps(step, a.warmup, a.steps, torch.cuda.synchronize)
-    write_result(a.out, {"system": "gpu-resident transformers (bf16 AdamW, checkpointing)", "name": "resident",
-                         **provenance(), **timing, **throughput(a.model, BATCH, SEQ, timing["step_s"]),
-                         **memory_readings()})
+    write_result(
+        a.out,
+        {
+            "system": "gpu-resident transformers (bf16 AdamW, checkpointing)",
+            "name": "resident",
+            **provenance(),
+            **timing,
+            **throughput(a.model, BATCH, SEQ, timing["step_s"]),
+            **memory_readings(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ a copy of an existing profile, for a lease too short for a whole calibration.
 
     python -m bench.streamed_rates h100-80gb-2026-11-25 profile.json
 """
+
 from __future__ import annotations
 
 import argparse

@@ -2,6 +2,7 @@
 
 Timings take the median of several repeats after a warm-up; GPU work is timed with CUDA events.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -90,7 +91,7 @@ def disk_rates(directory: str | Path, nbytes: int, io: str = "auto") -> Disk:
 
     sizes = [max(nbytes // 16, 4 * DISK_ALIGN), nbytes]
     buf = torch.empty(padded(nbytes) + DISK_ALIGN, dtype=torch.uint8)
-    buf = buf[-buf.data_ptr() % DISK_ALIGN:][: padded(nbytes)].fill_(0x5A)
+    buf = buf[-buf.data_ptr() % DISK_ALIGN :][: padded(nbytes)].fill_(0x5A)
     times: dict[str, list[float]] = {"read": [], "write": []}
     with tempfile.TemporaryDirectory(dir=directory, prefix=".slideformer-calibrate-") as d:
         tier = DiskTier(d, {f"calibrate{n}": n for n in sizes}, io)
@@ -114,8 +115,11 @@ def pcie_link(direction: str, sizes: list[int]) -> Link:
     for n in sizes:
         host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
         dev = torch.empty(n, dtype=torch.uint8, device="cuda")
-        copy = (lambda: dev.copy_(host, non_blocking=True)) if direction == "h2d" else \
-            (lambda: host.copy_(dev, non_blocking=True))
+        copy = (
+            (lambda: dev.copy_(host, non_blocking=True))
+            if direction == "h2d"
+            else (lambda: host.copy_(dev, non_blocking=True))
+        )
         times.append(median_time(copy, cuda=True))
     slope, intercept = np.polyfit(np.array(sizes, dtype=float), np.array(times), 1)
     return Link(bandwidth=float(1 / slope), latency_s=float(max(intercept, 0.0)))
@@ -135,6 +139,7 @@ def duplex_bandwidth(nbytes: int) -> float:
         with torch.cuda.stream(s2):
             h_dst.copy_(d_src, non_blocking=True)
         torch.cuda.synchronize()
+
     return 2 * nbytes / median_time(both)
 
 
@@ -146,8 +151,10 @@ def streamed_update_bandwidths(numel: int, piece_numel: int, slots: int) -> tupl
     weights = torch.empty(numel, dtype=torch.bfloat16, pin_memory=True)
     grad = torch.full((numel,), 1e-3, device="cuda")
     step = torch.ones((), device="cuda")
-    gpu = [(torch.empty(3, piece_numel, device="cuda"), torch.empty(piece_numel, dtype=torch.bfloat16, device="cuda"))
-           for _ in range(slots)]
+    gpu = [
+        (torch.empty(3, piece_numel, device="cuda"), torch.empty(piece_numel, dtype=torch.bfloat16, device="cuda"))
+        for _ in range(slots)
+    ]
     h2d, opt, d2h = torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.Stream()
 
     def timed(stream: torch.cuda.Stream, work: Callable[[], object], spans: list) -> torch.cuda.Event:
@@ -172,18 +179,36 @@ def streamed_update_bandwidths(numel: int, piece_numel: int, slots: int) -> tupl
             copied = timed(h2d, lambda: [states[i, :n].copy_(host[i][rows], non_blocking=True) for i in range(3)], ins)
             opt.wait_event(copied)
             with torch.cuda.stream(opt):
-                torch._fused_adamw_([states[0, :n]], [grad[rows]], [states[1, :n]], [states[2, :n]], [], [step],
-                                    lr=1e-5, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
-                                    maximize=False)
+                torch._fused_adamw_(
+                    [states[0, :n]],
+                    [grad[rows]],
+                    [states[1, :n]],
+                    [states[2, :n]],
+                    [],
+                    [step],
+                    lr=1e-5,
+                    beta1=0.9,
+                    beta2=0.999,
+                    weight_decay=0.0,
+                    eps=1e-8,
+                    amsgrad=False,
+                    maximize=False,
+                )
                 bf16[:n].copy_(states[0, :n])
                 updated = torch.cuda.Event()
                 updated.record()
             d2h.wait_event(updated)
-            freed[k % slots] = timed(d2h, lambda: [*(host[i][rows].copy_(states[i, :n], non_blocking=True)
-                                                     for i in range(3)),
-                                                   weights[rows].copy_(bf16[:n], non_blocking=True)], outs)
+            freed[k % slots] = timed(
+                d2h,
+                lambda: [
+                    *(host[i][rows].copy_(states[i, :n], non_blocking=True) for i in range(3)),
+                    weights[rows].copy_(bf16[:n], non_blocking=True),
+                ],
+                outs,
+            )
         torch.cuda.synchronize()
         return tuple(sum(a.elapsed_time(b) for a, b in spans) / 1e3 for spans in (ins, outs))
+
     run()  # warm-up
     times = [run() for _ in range(3)]
     in_s, out_s = (statistics.median(t[i] for t in times) for i in range(2))
@@ -220,8 +245,9 @@ class BackgroundCopies:
         torch.cuda.synchronize()
 
 
-def cpu_adamw_rate_under_copies(numel: int, copies: BackgroundCopies, link_bandwidth: float,
-                                duty: float = 1 / 3) -> float:
+def cpu_adamw_rate_under_copies(
+    numel: int, copies: BackgroundCopies, link_bandwidth: float, duty: float = 1 / 3
+) -> float:
     """Fused CPU AdamW while DMA competes for host memory as during the runtime's backward, where weight loads
     and gradient copies keep each PCIe direction about a third busy (one layer's 4 bytes/param each way
     against its recompute + backward)."""
@@ -238,8 +264,14 @@ def cpu_adamw_rate_under_copies(numel: int, copies: BackgroundCopies, link_bandw
     return rate
 
 
-def staged_load_bandwidth(cfg: ModelConfig, seq: int, sequences: int, piece_bytes: int,
-                          buffers: int = STAGING_BUFFERS, cast_priority: bool = True) -> float:
+def staged_load_bandwidth(
+    cfg: ModelConfig,
+    seq: int,
+    sequences: int,
+    piece_bytes: int,
+    buffers: int = STAGING_BUFFERS,
+    cast_priority: bool = True,
+) -> float:
     """The runtime's weight load (`WeightStream`: fp32 pinned -> staging ring -> bf16 cast) of one layer
     while the compute stream runs that layer's recompute + backward, as in the runtime's backward."""
     numel = cfg.layer_params
@@ -263,8 +295,9 @@ def staged_load_bandwidth(cfg: ModelConfig, seq: int, sequences: int, piece_byte
     return numel * 4 / statistics.median(times[1:])
 
 
-def compute_slowdown_under_copies(cfg: ModelConfig, seq: int, sequences: int, copies: BackgroundCopies,
-                                  link_bandwidth: float) -> float:
+def compute_slowdown_under_copies(
+    cfg: ModelConfig, seq: int, sequences: int, copies: BackgroundCopies, link_bandwidth: float
+) -> float:
     """Layer recompute+backward time with both PCIe directions busy, over its time without."""
     params = _layer_weights(cfg, "cuda")
     cos, sin = rope_tables(cfg, seq, torch.device("cuda"), torch.bfloat16)
@@ -274,6 +307,7 @@ def compute_slowdown_under_copies(cfg: ModelConfig, seq: int, sequences: int, co
     def bwd() -> None:
         xi = x.detach().requires_grad_()
         torch.autograd.grad(decoder_layer(params, xi, cos, sin, cfg), [xi, *params.values()], dy)
+
     alone = median_time(bwd, cuda=True)
     copies.queue(seconds=alone * 8, bandwidth=link_bandwidth)
     busy = median_time(bwd, cuda=True)
@@ -312,8 +346,9 @@ def peak_extra_bytes(fn: Callable[[], None]) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def kept_bytes(params: dict[str, torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               cfg: ModelConfig) -> int:
+def kept_bytes(
+    params: dict[str, torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig
+) -> int:
     """GPU bytes a layer's forward with autograd holds (its saved tensors and output) until backward."""
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -327,8 +362,10 @@ def kept_bytes(params: dict[str, torch.Tensor], x: torch.Tensor, cos: torch.Tens
 
 def _layer_weights(cfg: ModelConfig, device: str) -> dict[str, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(0)
-    return {name: (torch.randn(shape, generator=g) * 0.02).to(device, torch.bfloat16).requires_grad_()
-            for name, shape in cfg.layer_param_shapes().items()}
+    return {
+        name: (torch.randn(shape, generator=g) * 0.02).to(device, torch.bfloat16).requires_grad_()
+        for name, shape in cfg.layer_param_shapes().items()
+    }
 
 
 def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str) -> list[LayerTiming]:
@@ -363,10 +400,21 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
         for _ in range(4):
             kept_bwd()
         hidden, intermediate, heads, kv_heads, head_dim = cfg.layer_shape()
-        out.append(LayerTiming(hidden, intermediate, heads, kv_heads, head_dim,
-                               seq, n * seq, median_time(fwd, cuda=cuda), median_time(recompute_bwd, cuda=cuda),
-                               statistics.median(kept[1:]),
-                               kept_bytes(params, x, cos, sin, cfg) if cuda else 0))
+        out.append(
+            LayerTiming(
+                hidden,
+                intermediate,
+                heads,
+                kv_heads,
+                head_dim,
+                seq,
+                n * seq,
+                median_time(fwd, cuda=cuda),
+                median_time(recompute_bwd, cuda=cuda),
+                statistics.median(kept[1:]),
+                kept_bytes(params, x, cos, sin, cfg) if cuda else 0,
+            )
+        )
     return out
 
 
@@ -380,11 +428,20 @@ def head_timings(cfg: ModelConfig, token_counts: list[int], loss_chunk_tokens: i
     for tokens in token_counts:
         h = torch.randn(1, tokens, cfg.hidden_size, dtype=torch.bfloat16, device=device)
         labels = torch.randint(0, cfg.vocab_size, (1, tokens), device=device)
+
         def run() -> None:
             head_loss_and_grads(h, labels, norm_w, w, cfg.rms_norm_eps, tokens, loss_chunk_tokens, g_norm, g_w)
+
         cuda = device == "cuda"
-        out.append(HeadTiming(cfg.hidden_size, cfg.vocab_size, tokens, median_time(run, cuda=cuda),
-                              peak_extra_bytes(run) if cuda else 0))
+        out.append(
+            HeadTiming(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                tokens,
+                median_time(run, cuda=cuda),
+                peak_extra_bytes(run) if cuda else 0,
+            )
+        )
     return out
 
 

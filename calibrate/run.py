@@ -1,4 +1,5 @@
 """Measure this machine into a Profile (what `slideformer calibrate` runs)."""
+
 from __future__ import annotations
 
 import datetime
@@ -16,16 +17,26 @@ from slideformer.schedule.profile import Profile
 MiB = 2**20
 
 
-def calibrate(models: list[ModelConfig], seqs: list[int], sequences_per_chunk: list[int], disk_dir: str | None,
-              quick: bool = False, name: str | None = None, loss_chunk_tokens: int = 4096,
-              transfer_chunk_mb: int = 64, max_chunk_tokens: int | None = None) -> Profile:
+def calibrate(
+    models: list[ModelConfig],
+    seqs: list[int],
+    sequences_per_chunk: list[int],
+    disk_dir: str | None,
+    quick: bool = False,
+    name: str | None = None,
+    loss_chunk_tokens: int = 4096,
+    transfer_chunk_mb: int = 64,
+    max_chunk_tokens: int | None = None,
+) -> Profile:
     """Everything the simulator reads. `quick` uses small sizes (tests, CPU smoke runs): its numbers are rough.
     `max_chunk_tokens` caps the chunks timed at each sequence length (one sequence is always timed), so long
     sequences can be calibrated in the same call as short ones."""
     cuda = torch.cuda.is_available()
     scale = 1 if not quick else 1 / 64
     cores = os.cpu_count() or 1
-    threads = sorted({1, 2, 4, 8, 16, 32, torch.get_num_threads()} & set(range(1, cores + 1)) | {torch.get_num_threads()})
+    threads = sorted(
+        {1, 2, 4, 8, 16, 32, torch.get_num_threads()} & set(range(1, cores + 1)) | {torch.get_num_threads()}
+    )
     if cuda:
         torch.cuda.init()
     prof = Profile(
@@ -59,16 +70,21 @@ def calibrate(models: list[ModelConfig], seqs: list[int], sequences_per_chunk: l
         copies = measure.BackgroundCopies(int(256 * MiB * scale))
         prof.cpu_adamw_busy_params_per_s = measure.cpu_adamw_rate_under_copies(unit, copies, prof.h2d.bandwidth)
         prof.streamed_in_bandwidth, prof.streamed_out_bandwidth = measure.streamed_update_bandwidths(
-            unit, int(transfer_chunk_mb * MiB * scale) // 2, STATE_STAGING_BUFFERS)
+            unit, int(transfer_chunk_mb * MiB * scale) // 2, STATE_STAGING_BUFFERS
+        )
         if models:
             prof.staged_load_bandwidth = measure.staged_load_bandwidth(
-                models[0], seqs[0], max(sequences_per_chunk), int(transfer_chunk_mb * MiB * scale))
+                models[0], seqs[0], max(sequences_per_chunk), int(transfer_chunk_mb * MiB * scale)
+            )
             prof.compute_slowdown_under_copies = measure.compute_slowdown_under_copies(
-                models[0], seqs[0], max(sequences_per_chunk), copies, prof.h2d.bandwidth)
+                models[0], seqs[0], max(sequences_per_chunk), copies, prof.h2d.bandwidth
+            )
     device = "cuda" if cuda else "cpu"
     for cfg in models:
         for seq in seqs:
-            sequences = [n for n in sequences_per_chunk if n == 1 or max_chunk_tokens is None or n * seq <= max_chunk_tokens]
+            sequences = [
+                n for n in sequences_per_chunk if n == 1 or max_chunk_tokens is None or n * seq <= max_chunk_tokens
+            ]
             prof.layers += measure.layer_timings(cfg, seq, sequences, device)
             prof.heads += measure.head_timings(cfg, [n * seq for n in sequences], loss_chunk_tokens, device)
         if cuda:

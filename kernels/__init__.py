@@ -5,6 +5,7 @@ off); the plain PyTorch code in `models/layers.py` and `runtime/loss.py` stays t
 path. They round once in fp32 where eager bf16 rounds every op, so training with them is checked to stay
 no farther from an fp32 loop than eager bf16 is. Tests run the kernels on the CPU through `TRITON_INTERPRET=1`.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ One program per row: an online max/sum-exp pass, then a pass that writes (softma
 With the head matmuls around it (`linear_cross_entropy`), a piece of T tokens holds only T x vocab
 bf16 logits, never B x S x vocab, and never an fp32 copy or a separate gradient buffer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,10 +14,10 @@ import triton.language as tl
 from slideformer.kernels import IGNORE_INDEX
 
 
-
 @triton.jit
-def _cross_entropy_in_place(logits_ptr, stride, labels_ptr, loss_ptr, vocab: tl.constexpr, scale, ignore_index,
-                            BLOCK: tl.constexpr):
+def _cross_entropy_in_place(
+    logits_ptr, stride, labels_ptr, loss_ptr, vocab: tl.constexpr, scale, ignore_index, BLOCK: tl.constexpr
+):
     row = tl.program_id(0)
     ptr = logits_ptr + row.to(tl.int64) * stride
     label = tl.load(labels_ptr + row)
@@ -45,21 +46,35 @@ def cross_entropy_in_place(logits: torch.Tensor, labels: torch.Tensor, scale: fl
     """Per-row loss (fp32, 0 where ignored); `logits` [T, V] becomes d(scale * sum of losses)/d logits."""
     assert logits.is_contiguous() and logits.dim() == 2
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    _cross_entropy_in_place[(logits.shape[0],)](logits, logits.stride(0), labels, loss, logits.shape[1], scale,
-                                                IGNORE_INDEX, BLOCK=4096 if logits.is_cuda else 1024)
+    _cross_entropy_in_place[(logits.shape[0],)](
+        logits,
+        logits.stride(0),
+        labels,
+        loss,
+        logits.shape[1],
+        scale,
+        IGNORE_INDEX,
+        BLOCK=4096 if logits.is_cuda else 1024,
+    )
     return loss
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float,
-                         piece_tokens: int, grad_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float,
+    piece_tokens: int,
+    grad_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """scale * summed cross-entropy of x @ weight.T against labels, its gradient to x, and its gradient to
     weight added into the fp32 `grad_weight`; `piece_tokens` rows of logits at a time. x: [T, H]."""
     dx = torch.empty_like(x)
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     for start in range(0, x.shape[0], piece_tokens):
-        piece = x[start: start + piece_tokens]
+        piece = x[start : start + piece_tokens]
         logits = piece @ weight.t()
-        loss += cross_entropy_in_place(logits, labels[start: start + piece_tokens], scale).sum() * scale
-        dx[start: start + piece_tokens] = logits @ weight
+        loss += cross_entropy_in_place(logits, labels[start : start + piece_tokens], scale).sum() * scale
+        dx[start : start + piece_tokens] = logits @ weight
         grad_weight += logits.t() @ piece
     return loss, dx

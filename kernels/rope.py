@@ -6,6 +6,7 @@ output transposed ([B, S, heads, D] in memory), and the rotation writes [B, head
 attention kernel, so the transpose costs no copy of its own. The backward writes its gradient back in
 the projection's layout, so the gradient flows into the projection's matmul without a copy either.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope(x_ptr, cos_ptr, sin_ptr, o_ptr, heads, seq, half, xb, xh, xs, ob, oh, os, backward: tl.constexpr,
-          BLOCK_H: tl.constexpr, BLOCK: tl.constexpr):
+def _rope(
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    o_ptr,
+    heads,
+    seq,
+    half,
+    xb,
+    xh,
+    xs,
+    ob,
+    oh,
+    os,
+    backward: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # One (batch, position) per program, all its heads at once: one load of the position's cos/sin, and in
     # the projection's layout one contiguous [heads, D] read.
     pid = tl.program_id(0).to(tl.int64)
@@ -47,9 +64,20 @@ def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
     if x.stride(-1) != 1:
         x = x.contiguous()
     b, heads, seq, d = x.shape
-    _rope[(b * seq,)](x, cos.contiguous(), sin.contiguous(), out, heads, seq, d // 2, *x.stride()[:3],
-                      *out.stride()[:3], backward=backward, BLOCK_H=triton.next_power_of_2(heads),
-                      BLOCK=triton.next_power_of_2(d // 2))
+    _rope[(b * seq,)](
+        x,
+        cos.contiguous(),
+        sin.contiguous(),
+        out,
+        heads,
+        seq,
+        d // 2,
+        *x.stride()[:3],
+        *out.stride()[:3],
+        backward=backward,
+        BLOCK_H=triton.next_power_of_2(heads),
+        BLOCK=triton.next_power_of_2(d // 2),
+    )
     return out
 
 

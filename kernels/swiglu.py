@@ -1,4 +1,5 @@
 """SwiGLU, silu(gate) * up, forward and backward in one pass each, rounded where eager bf16 rounds."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Model shape: one dataclass for every supported decoder-only family, built from presets or HF config.json."""
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,12 @@ class ModelConfig:
 
     def layer_param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Parameters of one decoder layer, in Hugging Face names relative to `model.layers.{i}.`."""
-        h, q, kv, ff = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        h, q, kv, ff = (
+            self.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.intermediate_size,
+        )
         shapes: dict[str, tuple[int, ...]] = {
             "input_layernorm.weight": (h,),
             "self_attn.q_proj.weight": (q, h),
@@ -109,10 +115,15 @@ class ModelConfig:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind != "llama3":
                 raise ModelConfigError(f"unsupported rope scaling {kind!r}; supported: llama3 or none")
-            scaling = {k: float(scaling[k]) for k in
-                       ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if not isinstance(hf.get(k), int) or hf[k] < 1]
+            scaling = {
+                k: float(scaling[k])
+                for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            }
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+            if not isinstance(hf.get(k), int) or hf[k] < 1
+        ]
         if missing:
             raise ModelConfigError(f"config.json of {name}: {', '.join(missing)} missing or not a positive integer")
         heads = hf["num_attention_heads"]
@@ -136,8 +147,12 @@ class ModelConfig:
         )
 
     def to_hf(self) -> dict[str, Any]:
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                "mistral": "MistralForCausalLM"}[self.family]
+        arch = {
+            "llama": "LlamaForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+            "mistral": "MistralForCausalLM",
+        }[self.family]
         hf: dict[str, Any] = {
             "architectures": [arch],
             "model_type": self.family,
@@ -167,31 +182,164 @@ class ModelConfig:
         return asdict(self)
 
 
-_LLAMA31_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                 "original_max_position_embeddings": 8192.0}
+_LLAMA31_ROPE = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192.0,
+}
 
 PRESETS: dict[str, ModelConfig] = {
-    "llama-3.1-8b": ModelConfig("llama", 128256, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, _LLAMA31_ROPE,
-                                131072, name="llama-3.1-8b"),
-    "llama-3.1-70b": ModelConfig("llama", 128256, 8192, 28672, 80, 64, 8, 128, 1e-5, 500000.0, _LLAMA31_ROPE,
-                                 131072, name="llama-3.1-70b"),
-    "qwen3-8b": ModelConfig("qwen3", 151936, 4096, 12288, 36, 32, 8, 128, 1e-6, 1000000.0, None, 40960,
-                            qk_norm=True, name="qwen3-8b"),
-    "qwen3-14b": ModelConfig("qwen3", 151936, 5120, 17408, 40, 40, 8, 128, 1e-6, 1000000.0, None, 40960,
-                             qk_norm=True, name="qwen3-14b"),
-    "qwen2.5-32b": ModelConfig("qwen2", 152064, 5120, 27648, 64, 40, 8, 128, 1e-6, 1000000.0, None, 32768,
-                               qkv_bias=True, name="qwen2.5-32b"),
-    "mistral-large-123b": ModelConfig("mistral", 32768, 12288, 28672, 88, 96, 8, 128, 1e-5, 1000000.0, None,
-                                      131072, name="mistral-large-123b"),
+    "llama-3.1-8b": ModelConfig(
+        name="llama-3.1-8b",
+        family="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA31_ROPE,
+        max_position_embeddings=131072,
+    ),
+    "llama-3.1-70b": ModelConfig(
+        name="llama-3.1-70b",
+        family="llama",
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA31_ROPE,
+        max_position_embeddings=131072,
+    ),
+    "qwen3-8b": ModelConfig(
+        name="qwen3-8b",
+        family="qwen3",
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        qk_norm=True,
+    ),
+    "qwen3-14b": ModelConfig(
+        name="qwen3-14b",
+        family="qwen3",
+        vocab_size=151936,
+        hidden_size=5120,
+        intermediate_size=17408,
+        num_layers=40,
+        num_heads=40,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        qk_norm=True,
+    ),
+    "qwen2.5-32b": ModelConfig(
+        name="qwen2.5-32b",
+        family="qwen2",
+        vocab_size=152064,
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_layers=64,
+        num_heads=40,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        qkv_bias=True,
+    ),
+    "mistral-large-123b": ModelConfig(
+        name="mistral-large-123b",
+        family="mistral",
+        vocab_size=32768,
+        hidden_size=12288,
+        intermediate_size=28672,
+        num_layers=88,
+        num_heads=96,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=1000000.0,
+        max_position_embeddings=131072,
+    ),
     # Tiny shapes of each family for tests and the CPU demo.
-    "tiny-llama": ModelConfig("llama", 256, 64, 176, 4, 4, 2, 16, 1e-5, 500000.0,
-                              {**_LLAMA31_ROPE, "original_max_position_embeddings": 64.0}, 256, name="tiny-llama"),
-    "tiny-qwen2": ModelConfig("qwen2", 256, 64, 160, 3, 4, 2, 16, 1e-6, 1000000.0, None, 256,
-                              tie_word_embeddings=True, qkv_bias=True, name="tiny-qwen2"),
-    "tiny-qwen3": ModelConfig("qwen3", 256, 64, 160, 3, 4, 2, 32, 1e-6, 1000000.0, None, 256,
-                              qk_norm=True, name="tiny-qwen3"),
-    "tiny-mistral": ModelConfig("mistral", 256, 64, 192, 3, 8, 2, 8, 1e-5, 1000000.0, None, 256,
-                                name="tiny-mistral"),
+    "tiny-llama": ModelConfig(
+        name="tiny-llama",
+        family="llama",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=176,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={**_LLAMA31_ROPE, "original_max_position_embeddings": 64.0},
+        max_position_embeddings=256,
+    ),
+    "tiny-qwen2": ModelConfig(
+        name="tiny-qwen2",
+        family="qwen2",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        qkv_bias=True,
+    ),
+    "tiny-qwen3": ModelConfig(
+        name="tiny-qwen3",
+        family="qwen3",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=256,
+        qk_norm=True,
+    ),
+    "tiny-mistral": ModelConfig(
+        name="tiny-mistral",
+        family="mistral",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=192,
+        num_layers=3,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-5,
+        rope_theta=1000000.0,
+        max_position_embeddings=256,
+    ),
 }
 
 
@@ -234,5 +382,3 @@ def load_model_config(spec: str) -> ModelConfig:
             raise ModelConfigError(f"{name} has {cfg.num_layers} layers; cannot cut to {layers}")
         cfg = cfg.with_layers(layers)
     return cfg
-
-

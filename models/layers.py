@@ -4,6 +4,7 @@ The runtime calls these on views into its flat weight buffers; the reference `Tr
 them on its own parameters, so both compute the same maths. Numerics follow Hugging Face's modeling
 (fp32 RMSNorm statistics, RoPE tables in fp32 cast to the activation dtype, SDPA causal attention).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,6 +23,7 @@ Params = dict[str, torch.Tensor]
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if kernels.active(x):
         from slideformer.kernels.rms_norm import rms_norm as fused
+
         return fused(x, weight, eps)
     dtype = x.dtype
     h = x.float()
@@ -29,10 +31,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual sum x + delta and its RMSNorm (one fused pass under the kernels)."""
     if kernels.active(x):
         from slideformer.kernels.rms_norm import add_rms_norm as fused
+
         return fused(x, delta, weight, eps)
     total = x + delta
     return total, rms_norm(total, weight, eps)
@@ -45,7 +50,12 @@ def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
     if s is None:
         return inv
     # Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
-    factor, low, high, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    factor, low, high, old = (
+        s["factor"],
+        s["low_freq_factor"],
+        s["high_freq_factor"],
+        s["original_max_position_embeddings"],
+    )
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > old / low, inv / factor, inv)
     smooth = (old / wavelen - low) / (high - low)
@@ -54,7 +64,9 @@ def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rope_tables(cfg: ModelConfig, seq: int, device: torch.device | str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    cfg: ModelConfig, seq: int, device: torch.device | str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape [seq, head_dim] for positions 0..seq-1."""
     freqs = torch.outer(torch.arange(seq, dtype=torch.float32), inverse_frequencies(cfg))
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -70,6 +82,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: [B, heads, S, D]; cos, sin: [S, D]."""
     if kernels.active(x):
         from slideformer.kernels.rope import rope
+
         return rope(x, cos, sin)
     return x * cos + _rotate_half(x) * sin
 
@@ -86,8 +99,9 @@ def attention(p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # GQA inside SDPA: k and v are never repeated per query head
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d**-0.5,
-                                       enable_gqa=cfg.num_heads != cfg.num_kv_heads)
+    o = F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=d**-0.5, enable_gqa=cfg.num_heads != cfg.num_kv_heads
+    )
     return F.linear(o.transpose(1, 2).reshape(b, s, cfg.num_heads * d), p["self_attn.o_proj.weight"])
 
 
@@ -97,6 +111,7 @@ def gated_activation(p: Params, x: torch.Tensor) -> torch.Tensor:
     up = F.linear(x, p["mlp.up_proj.weight"])
     if kernels.active(x):
         from slideformer.kernels.swiglu import swiglu
+
         return swiglu(gate, up)
     return F.silu(gate) * up
 
@@ -105,8 +120,9 @@ def mlp(p: Params, x: torch.Tensor) -> torch.Tensor:
     return F.linear(gated_activation(p, x), p["mlp.down_proj.weight"])
 
 
-def attention_block(p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_block(
+    p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual stream after attention, and its post-attention norm (the MLP's input)."""
     attn = attention(p, rms_norm(x, p["input_layernorm.weight"], cfg.rms_norm_eps), cos, sin, cfg)
     return add_rms_norm(x, attn, p["post_attention_layernorm.weight"], cfg.rms_norm_eps)
@@ -121,8 +137,16 @@ MLP_WEIGHTS = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weig
 Accumulate = Callable[[str, torch.Tensor], None]
 
 
-def decoder_layer_backward(p: Params, x: torch.Tensor, dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           cfg: ModelConfig, tile_tokens: int, accumulate: Accumulate) -> torch.Tensor:
+def decoder_layer_backward(
+    p: Params,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cfg: ModelConfig,
+    tile_tokens: int,
+    accumulate: Accumulate,
+) -> torch.Tensor:
     """Recompute one layer from its input x and back-propagate dy: returns dx and hands every weight's
     gradient to `accumulate(name, grad)` (the MLP's once per token tile, to be summed).
 

@@ -1,4 +1,5 @@
 """A plain `nn.Module` transformer over the same layer functions: the reference the runtime is tested against."""
+
 from __future__ import annotations
 
 import zlib

@@ -1,5 +1,6 @@
 """Reading Hugging Face checkpoints one tensor at a time (safetensors, sharded or not, or pytorch_model.bin
 through torch's safe loading), always on the host, and checking them against the model's config."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ def _weight_map(model_dir: Path, index_name: str) -> dict[str, Path]:
     files = {n: model_dir / f for n, f in names.items()}
     missing = sorted({f.name for f in files.values() if not f.is_file()})
     if missing:
-        raise CheckpointError(f"{model_dir}: shards {missing} named in {index_name} are missing (a partial "
-                              "download?): download them again")
+        raise CheckpointError(
+            f"{model_dir}: shards {missing} named in {index_name} are missing (a partial "
+            "download?): download them again"
+        )
     return files
 
 
@@ -74,16 +77,21 @@ class TorchBinReader:
     def __init__(self, model_dir: str | Path) -> None:
         self.dir = Path(model_dir)
         index = self.dir / "pytorch_model.bin.index.json"
-        self.files = _weight_map(self.dir, index.name) if index.is_file() else \
-            {n: self.dir / "pytorch_model.bin" for n in self._load(self.dir / "pytorch_model.bin")}
+        self.files = (
+            _weight_map(self.dir, index.name)
+            if index.is_file()
+            else {n: self.dir / "pytorch_model.bin" for n in self._load(self.dir / "pytorch_model.bin")}
+        )
         self.cached: tuple[Path, dict[str, torch.Tensor]] | None = None
 
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:  # torch refusing the file
-            raise CheckpointError(f"{path}: torch's safe loading refuses it ({' '.join(str(e).split())[:200]}); "
-                                  "convert the model to safetensors") from None
+            raise CheckpointError(
+                f"{path}: torch's safe loading refuses it ({' '.join(str(e).split())[:200]}); "
+                "convert the model to safetensors"
+            ) from None
         if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
             raise CheckpointError(f"{path}: not a state dict of tensors; convert the model to safetensors")
         return state
@@ -99,8 +107,12 @@ class TorchBinReader:
         return self._state(self.files[name])[name].to(dtype, copy=True)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(t.shape) for path in sorted(set(self.files.values()))
-                for n, t in self._state(path).items() if self.files.get(n) == path}
+        return {
+            n: tuple(t.shape)
+            for path in sorted(set(self.files.values()))
+            for n, t in self._state(path).items()
+            if self.files.get(n) == path
+        }
 
 
 def open_weights(model_dir: str | Path) -> SafetensorsReader | TorchBinReader:
@@ -110,8 +122,10 @@ def open_weights(model_dir: str | Path) -> SafetensorsReader | TorchBinReader:
         return SafetensorsReader(d)
     if (d / "pytorch_model.bin").is_file() or (d / "pytorch_model.bin.index.json").is_file():
         return TorchBinReader(d)
-    raise CheckpointError(f"{d}: no weights (model.safetensors, its shards, or pytorch_model.bin; a partial "
-                          "download?); download them, or give a preset name for random weights")
+    raise CheckpointError(
+        f"{d}: no weights (model.safetensors, its shards, or pytorch_model.bin; a partial "
+        "download?); download them, or give a preset name for random weights"
+    )
 
 
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")  # a buffer older checkpoints saved, recomputed from the config
@@ -129,26 +143,38 @@ def check_weights(reader: SafetensorsReader | TorchBinReader, cfg: ModelConfig) 
 
     def described(name: str) -> bool:  # layers past a cut (NAME:LAYERS) and a tied head's copy are fine
         layer = re.match(r"model\.layers\.(\d+)\.", name)
-        return bool(_IGNORED.match(name) or (layer and int(layer.group(1)) >= cfg.num_layers)
-                    or (name == "lm_head.weight" and cfg.tie_word_embeddings))
+        return bool(
+            _IGNORED.match(name)
+            or (layer and int(layer.group(1)) >= cfg.num_layers)
+            or (name == "lm_head.weight" and cfg.tie_word_embeddings)
+        )
+
     extra = [n for n in found if n not in expected and not described(n)]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} tensors missing ({', '.join(missing[:3])}"
-                        f"{', ...' if len(missing) > 3 else ''})")
+        problems.append(
+            f"{len(missing)} tensors missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+        )
     if wrong:
-        problems.append(f"{len(wrong)} with another shape than config.json's ({'; '.join(wrong[:3])}"
-                        f"{'; ...' if len(wrong) > 3 else ''})")
+        problems.append(
+            f"{len(wrong)} with another shape than config.json's ({'; '.join(wrong[:3])}"
+            f"{'; ...' if len(wrong) > 3 else ''})"
+        )
     if extra:
-        problems.append(f"{len(extra)} tensors config.json does not describe ({', '.join(extra[:3])}"
-                        f"{', ...' if len(extra) > 3 else ''})")
+        problems.append(
+            f"{len(extra)} tensors config.json does not describe ({', '.join(extra[:3])}"
+            f"{', ...' if len(extra) > 3 else ''})"
+        )
     if problems:
-        raise CheckpointError(f"{reader.dir}: the weights do not match config.json: {'; '.join(problems)}; "
-                              "use the config.json that came with these weights")
+        raise CheckpointError(
+            f"{reader.dir}: the weights do not match config.json: {'; '.join(problems)}; "
+            "use the config.json that came with these weights"
+        )
 
 
-def save_hf_checkpoint(cfg: ModelConfig, tensors: dict[str, torch.Tensor], out_dir: str | Path,
-                       shard_bytes: int = 2**30) -> None:
+def save_hf_checkpoint(
+    cfg: ModelConfig, tensors: dict[str, torch.Tensor], out_dir: str | Path, shard_bytes: int = 2**30
+) -> None:
     """Write config.json and bf16 safetensors shards (+ index when more than one shard)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,4 +198,5 @@ def save_hf_checkpoint(cfg: ModelConfig, tensors: dict[str, torch.Tensor], out_d
         weight_map |= {n: fname for n in shard}
     total = sum(t.nbytes for s in shards for t in s.values())
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )

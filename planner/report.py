@@ -1,4 +1,5 @@
 """The capacity report behind `slideformer plan`: one verdict, its numbers, and what would change it."""
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -11,31 +12,55 @@ from slideformer.schedule.memory import GiB
 from .search import Budgets, choose_plan, feasible, largest, least_needs
 
 
-def capacity_report(cfg: ModelConfig, model: str, seq: int, batch: int | None, profile: Profile, budgets: Budgets,
-                    clip: bool = False) -> dict:
+def capacity_report(
+    cfg: ModelConfig, model: str, seq: int, batch: int | None, profile: Profile, budgets: Budgets, clip: bool = False
+) -> dict:
     update = "after_norm" if clip else "during_backward"
     verdict = choose_plan(cfg, model, seq, batch, profile, budgets, clip)
     max_seq = largest(lambda s: feasible(cfg, model, 1, s, profile, budgets, update), cfg.max_position_embeddings)
     least_gpu, least_host = least_needs(cfg, model, batch or 1, seq, profile, budgets, update)
     report = {
-        "model": model, "params": cfg.total_params, "seq": seq, "fits": verdict.fits,
+        "model": model,
+        "params": cfg.total_params,
+        "seq": seq,
+        "fits": verdict.fits,
         "batch": verdict.plan.batch if verdict.plan else batch,
-        "max_batch": verdict.max_batch, "max_seq_at_batch_1": max_seq,
-        "predicted_step_s": None, "predicted_tokens_per_s": None, "predicted_tflops": None,
-        "peak_gpu_bytes": None, "peak_host_bytes": None, "peak_disk_bytes": 0, "bottleneck": None,
-        "utilisation": None, "gpu_breakdown": None, "host_breakdown": None,
-        "budgets": asdict(budgets), "least_gpu_bytes": least_gpu, "least_host_bytes": least_host,
-        "shortfalls": verdict.shortfalls, "profile": profile.name, "profile_source": profile.source,
-        "plan": None, "levers": [],
+        "max_batch": verdict.max_batch,
+        "max_seq_at_batch_1": max_seq,
+        "predicted_step_s": None,
+        "predicted_tokens_per_s": None,
+        "predicted_tflops": None,
+        "peak_gpu_bytes": None,
+        "peak_host_bytes": None,
+        "peak_disk_bytes": 0,
+        "bottleneck": None,
+        "utilisation": None,
+        "gpu_breakdown": None,
+        "host_breakdown": None,
+        "budgets": asdict(budgets),
+        "least_gpu_bytes": least_gpu,
+        "least_host_bytes": least_host,
+        "shortfalls": verdict.shortfalls,
+        "profile": profile.name,
+        "profile_source": profile.source,
+        "plan": None,
+        "levers": [],
     }
     if verdict.fits:
         sim, plan = verdict.simulation, verdict.plan
         assert sim is not None and plan is not None, "a plan that fits comes with its simulation"
         report |= {
-            "predicted_step_s": sim.step_s, "predicted_tokens_per_s": sim.tokens_per_s, "predicted_tflops": sim.tflops,
-            "peak_gpu_bytes": sim.peak_gpu_bytes, "peak_host_bytes": sim.host_memory_bytes,
-            "peak_disk_bytes": sim.disk_bytes, "bottleneck": RESOURCE_NAMES[sim.bottleneck], "utilisation": sim.utilisation,
-            "gpu_breakdown": sim.gpu_static, "host_breakdown": sim.host_static, "plan": asdict(plan),
+            "predicted_step_s": sim.step_s,
+            "predicted_tokens_per_s": sim.tokens_per_s,
+            "predicted_tflops": sim.tflops,
+            "peak_gpu_bytes": sim.peak_gpu_bytes,
+            "peak_host_bytes": sim.host_memory_bytes,
+            "peak_disk_bytes": sim.disk_bytes,
+            "bottleneck": RESOURCE_NAMES[sim.bottleneck],
+            "utilisation": sim.utilisation,
+            "gpu_breakdown": sim.gpu_static,
+            "host_breakdown": sim.host_static,
+            "plan": asdict(plan),
         }
         report["levers"] = _levers_when_fitting(cfg, report, sim)
     else:
@@ -47,12 +72,16 @@ def _levers_when_fitting(cfg: ModelConfig, report: dict, sim) -> list[str]:
     plan = sim.plan
     out = []
     if sim.bottleneck == "disk":
-        out.append(f"the disk tier bounds the step ({len(plan.disk_units)} layers' states on disk): more host RAM "
-                   "keeps more layers off the disk; a faster disk helps in proportion")
+        out.append(
+            f"the disk tier bounds the step ({len(plan.disk_units)} layers' states on disk): more host RAM "
+            "keeps more layers off the disk; a faster disk helps in proportion"
+        )
     elif sim.bottleneck == "cpu":
         on_cpu = plan.placement.count("cpu")
-        out.append(f"the CPU optimizer bounds the step ({on_cpu} of {cfg.num_layers + 2} units update on the host): "
-                   "more GPU memory moves more units' AdamW to the GPU")
+        out.append(
+            f"the CPU optimizer bounds the step ({on_cpu} of {cfg.num_layers + 2} units update on the host): "
+            "more GPU memory moves more units' AdamW to the GPU"
+        )
     elif sim.bottleneck == "gpu":
         out.append("GPU compute bounds the step: a faster GPU or fewer recomputed layers (more GPU memory) would help")
     else:
@@ -66,14 +95,21 @@ def _levers_when_not(report: dict) -> list[str]:
     out = []
     b = report["budgets"]
     if report["least_host_bytes"] > b["host_bytes"]:
-        out.append(f"host RAM: even the leanest plan needs {report['least_host_bytes'] / GiB:.0f} GiB "
-                   f"(fp32 master weights and AdamW states take 12 bytes per parameter); "
-                   f"budget {b['host_bytes'] / GiB:.0f} GiB"
-                   + (f" with {b['disk_bytes'] / GiB:.0f} GiB of disk" if b["disk_bytes"] else
-                      ". A disk budget (--disk GiB, --disk-dir at train time) moves layers' states to disk"))
+        out.append(
+            f"host RAM: even the leanest plan needs {report['least_host_bytes'] / GiB:.0f} GiB "
+            f"(fp32 master weights and AdamW states take 12 bytes per parameter); "
+            f"budget {b['host_bytes'] / GiB:.0f} GiB"
+            + (
+                f" with {b['disk_bytes'] / GiB:.0f} GiB of disk"
+                if b["disk_bytes"]
+                else ". A disk budget (--disk GiB, --disk-dir at train time) moves layers' states to disk"
+            )
+        )
     if report["least_gpu_bytes"] > b["gpu_bytes"]:
-        out.append(f"GPU: the leanest plan (window 2, chunk 1) needs {report['least_gpu_bytes'] / GiB:.1f} GiB; "
-                   f"budget {b['gpu_bytes'] / GiB:.1f} GiB")
+        out.append(
+            f"GPU: the leanest plan (window 2, chunk 1) needs {report['least_gpu_bytes'] / GiB:.1f} GiB; "
+            f"budget {b['gpu_bytes'] / GiB:.1f} GiB"
+        )
     if report["max_batch"]:
         out.append(f"batch up to {report['max_batch']} fits at seq {report['seq']}")
     elif report["max_seq_at_batch_1"]:
@@ -84,9 +120,11 @@ def _levers_when_not(report: dict) -> list[str]:
 def render(report: dict) -> str:
     g = lambda n: f"{n / GiB:.1f} GiB"  # noqa: E731
     b = report["budgets"]
-    lines = [f"{report['model']} ({report['params'] / 1e9:.2f} B params), seq {report['seq']}, "
-             f"budgets GPU {g(b['gpu_bytes'])} / host {g(b['host_bytes'])} / disk {g(b['disk_bytes'])}; profile {report['profile']}"
-             + (" (spec sheet, not measured)" if report["profile_source"] == "spec" else "")]
+    lines = [
+        f"{report['model']} ({report['params'] / 1e9:.2f} B params), seq {report['seq']}, "
+        f"budgets GPU {g(b['gpu_bytes'])} / host {g(b['host_bytes'])} / disk {g(b['disk_bytes'])}; profile {report['profile']}"
+        + (" (spec sheet, not measured)" if report["profile_source"] == "spec" else "")
+    ]
     if report["fits"]:
         p = report["plan"]
         lines += [
@@ -95,17 +133,23 @@ def render(report: dict) -> str:
             f"       peak GPU {g(report['peak_gpu_bytes'])}, host {g(report['peak_host_bytes'])}, "
             f"disk {g(report['peak_disk_bytes'])}",
             f"       bottleneck: {report['bottleneck']} ("
-            + ", ".join(f"{k} {v:.0%}" for k, v in report["utilisation"].items()) + " busy)",
+            + ", ".join(f"{k} {v:.0%}" for k, v in report["utilisation"].items())
+            + " busy)",
             f"       plan: chunk {p['chunk']}, window {p['window']}, activations "
             f"{_runs(p['activations'])}, optimizer on GPU for {p['placement'].count('gpu')} units, "
             f"states on disk for {p['placement'].count('disk')} layers, "
             f"update {p['update']}",
         ]
     else:
-        lines.append("DOES NOT FIT" + (f" at batch {report['batch']}" if report["batch"] else "") + ": "
-                     + "; ".join(report["shortfalls"]))
-    lines.append(f"max batch at seq {report['seq']}: {report['max_batch']}; "
-                 f"max seq at batch 1: {report['max_seq_at_batch_1']}")
+        lines.append(
+            "DOES NOT FIT"
+            + (f" at batch {report['batch']}" if report["batch"] else "")
+            + ": "
+            + "; ".join(report["shortfalls"])
+        )
+    lines.append(
+        f"max batch at seq {report['seq']}: {report['max_batch']}; max seq at batch 1: {report['max_seq_at_batch_1']}"
+    )
     lines += [f"- {x}" for x in report["levers"]]
     return "\n".join(lines)
 

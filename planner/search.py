@@ -6,6 +6,7 @@ keep their optimizer on the GPU, how many layers are updated by the streamed GPU
 how many layers keep their states in the disk tier, and the loss piece size, on a fixed grid. Memory rules candidates out
 in closed form; the simulator scores every one left, so the choice is the best of the grid.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -67,8 +68,13 @@ def _over_budget(gpu: int, host: int, disk: int, budgets: Budgets, needs: str) -
 
 
 def shortfalls(cfg: ModelConfig, plan: Plan, profile: Profile | None, budgets: Budgets) -> list[str]:
-    return _over_budget(gpu_need(cfg, plan, profile), sum(host_bytes(cfg, plan, profile).values()),
-                        disk_bytes(cfg, plan), budgets, "needs")
+    return _over_budget(
+        gpu_need(cfg, plan, profile),
+        sum(host_bytes(cfg, plan, profile).values()),
+        disk_bytes(cfg, plan),
+        budgets,
+        "needs",
+    )
 
 
 def disk_layers_that_fit(cfg: ModelConfig, budgets: Budgets) -> int:
@@ -80,11 +86,26 @@ def lean_plans(cfg: ModelConfig, model: str, batch: int, seq: int, update: str, 
     each activation policy, each number of GPU-updated units on the grid (they trade GPU for host memory),
     and no layer or as many layers as the disk budget holds on disk: one of them fits if any plan does."""
     L = cfg.num_layers
-    return [uniform_plan(model, L, batch, seq, chunk=1, window=min(2, L), activation=act, update=update,
-                         loss_chunk_tokens=LOSS_PIECES[-1], mlp_tile_tokens=MLP_TILES[-1], grad_ring=GRAD_RINGS[-1],
-                         gpu_units=units, disk_layers=disk)
-            for act in activation_policies(budgets) for units in gpu_unit_grid(L)
-            for disk in sorted({0, min(disk_layers_that_fit(cfg, budgets), L + 1 - units if units else L)})]
+    return [
+        uniform_plan(
+            model,
+            L,
+            batch,
+            seq,
+            chunk=1,
+            window=min(2, L),
+            activation=act,
+            update=update,
+            loss_chunk_tokens=LOSS_PIECES[-1],
+            mlp_tile_tokens=MLP_TILES[-1],
+            grad_ring=GRAD_RINGS[-1],
+            gpu_units=units,
+            disk_layers=disk,
+        )
+        for act in activation_policies(budgets)
+        for units in gpu_unit_grid(L)
+        for disk in sorted({0, min(disk_layers_that_fit(cfg, budgets), L + 1 - units if units else L)})
+    ]
 
 
 def activation_policies(budgets: Budgets) -> tuple[ActivationPolicy, ...]:
@@ -99,13 +120,27 @@ def gpu_unit_grid(num_layers: int) -> list[int]:
     return sorted({0, L + 1} | {1 << k for k in range(L.bit_length()) if 1 << k <= L + 1})
 
 
-def feasible(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile | None, budgets: Budgets,
-             update: str = "during_backward") -> bool:
+def feasible(
+    cfg: ModelConfig,
+    model: str,
+    batch: int,
+    seq: int,
+    profile: Profile | None,
+    budgets: Budgets,
+    update: str = "during_backward",
+) -> bool:
     return any(not shortfalls(cfg, p, profile, budgets) for p in lean_plans(cfg, model, batch, seq, update, budgets))
 
 
-def least_needs(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile | None, budgets: Budgets,
-                update: str = "during_backward") -> tuple[int, int]:
+def least_needs(
+    cfg: ModelConfig,
+    model: str,
+    batch: int,
+    seq: int,
+    profile: Profile | None,
+    budgets: Budgets,
+    update: str = "during_backward",
+) -> tuple[int, int]:
     """The least GPU bytes any plan at this batch and seq needs, and the least host bytes of those within the
     GPU budget (of all, if none is)."""
     plans = lean_plans(cfg, model, batch, seq, update, budgets)
@@ -114,11 +149,14 @@ def least_needs(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Pro
     return min(gpu.values()), min(sum(host_bytes(cfg, p, profile).values()) for p in within)
 
 
-def refusal(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile | None, budgets: Budgets,
-            update: str) -> list[str]:
+def refusal(
+    cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile | None, budgets: Budgets, update: str
+) -> list[str]:
     gpu, host = least_needs(cfg, model, batch, seq, profile, budgets, update)
-    return _over_budget(gpu, host, 0, budgets, "needs at least") or [f"no single plan fits both budgets at batch {batch}, seq {seq} "
-                   f"(least GPU {gpu / GiB:.1f} GiB and least host {host / GiB:.1f} GiB come from different plans)"]
+    return _over_budget(gpu, host, 0, budgets, "needs at least") or [
+        f"no single plan fits both budgets at batch {batch}, seq {seq} "
+        f"(least GPU {gpu / GiB:.1f} GiB and least host {host / GiB:.1f} GiB come from different plans)"
+    ]
 
 
 def largest(fits, hi: int) -> int:
@@ -132,8 +170,9 @@ def largest(fits, hi: int) -> int:
     return lo
 
 
-def candidates(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile, budgets: Budgets,
-               update: str) -> list[Plan]:
+def candidates(
+    cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile, budgets: Budgets, update: str
+) -> list[Plan]:
     """Every plan on a fixed grid that fits, each with the fewest layers on disk that make it fit. The grid
     does not depend on the budgets, so a larger budget only adds candidates or moves layers off the disk."""
     L = cfg.num_layers
@@ -147,11 +186,30 @@ def candidates(cfg: ModelConfig, model: str, batch: int, seq: int, profile: Prof
                     for gpu_units in units:  # each trades GPU memory for host memory
                         for late in late_update_grid(L, update):  # each trades host memory for overlap
                             for streamed in streamed_grid(L, update, gpu_units):  # each trades PCIe for CPU time
-                                plan = _fewest_disk_layers(cfg, budgets, gpu_units, lambda disk, piece, tile, ring: uniform_plan(
-                                    model, L, batch, seq, chunk=chunk, window=window, activation=activation,
-                                    keep_last=keep, gpu_units=gpu_units, disk_layers=disk, update=update,
-                                    loss_chunk_tokens=piece, mlp_tile_tokens=tile, grad_ring=ring, late_updates=late,
-                                    streamed_layers=streamed), profile)
+                                plan = _fewest_disk_layers(
+                                    cfg,
+                                    budgets,
+                                    gpu_units,
+                                    lambda disk, piece, tile, ring: uniform_plan(
+                                        model,
+                                        L,
+                                        batch,
+                                        seq,
+                                        chunk=chunk,
+                                        window=window,
+                                        activation=activation,
+                                        keep_last=keep,
+                                        gpu_units=gpu_units,
+                                        disk_layers=disk,
+                                        update=update,
+                                        loss_chunk_tokens=piece,
+                                        mlp_tile_tokens=tile,
+                                        grad_ring=ring,
+                                        late_updates=late,
+                                        streamed_layers=streamed,
+                                    ),
+                                    profile,
+                                )
                                 if plan is not None:
                                     out.append(plan)
     return out
@@ -188,6 +246,7 @@ def _fewest_disk_layers(cfg: ModelConfig, budgets: Budgets, gpu_units: int, make
 
     def leanest_fits(disk: int) -> bool:
         return not shortfalls(cfg, make(disk, LOSS_PIECES[-1], MLP_TILES[-1], GRAD_RINGS[-1]), profile, budgets)
+
     if leanest_fits(0):
         disk = 0
     elif most >= 1 and leanest_fits(most):
@@ -211,8 +270,9 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def choose_plan(cfg: ModelConfig, model: str, seq: int, batch: int | None, profile: Profile, budgets: Budgets,
-                clip: bool = False) -> Verdict:
+def choose_plan(
+    cfg: ModelConfig, model: str, seq: int, batch: int | None, profile: Profile, budgets: Budgets, clip: bool = False
+) -> Verdict:
     """The fastest plan that fits; batch None picks the batch (powers of two up to the largest that fits)."""
     update = "after_norm" if clip else "during_backward"
     max_batch = largest(lambda b: feasible(cfg, model, b, seq, profile, budgets, update), 1 << 16)
@@ -228,9 +288,14 @@ def choose_plan(cfg: ModelConfig, model: str, seq: int, batch: int | None, profi
     # Branch and bound: simulate in order of a lower bound on time per token, stop once the bound
     # cannot come within TIE of the best simulated so far (the result is the grid's, as if all were simulated).
     cost = CostModel(profile, cfg, seq)
-    bounded = sorted(((step_lower_bound(cfg, p, cost) / (p.batch * p.seq), i, p) for b in batches
-                      for i, p in enumerate(candidates(cfg, model, b, seq, profile, budgets, update))),
-                     key=lambda t: t[:2])
+    bounded = sorted(
+        (
+            (step_lower_bound(cfg, p, cost) / (p.batch * p.seq), i, p)
+            for b in batches
+            for i, p in enumerate(candidates(cfg, model, b, seq, profile, budgets, update))
+        ),
+        key=lambda t: t[:2],
+    )
     scored: list[tuple[float, Plan, Simulation]] = []
     fastest = float("inf")
     for bound, _, p in bounded:

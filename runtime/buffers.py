@@ -4,6 +4,7 @@
 Host buffers are carved from one page-locked arena sized by the same manifest, so the engine can take no
 buffer the planner did not count.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,15 @@ F32 = torch.float32
 
 
 class StepBuffers:
-    def __init__(self, owner: object, cfg: ModelConfig, plan: Plan, layouts: list[UnitLayout], device: torch.device,
-                 compute: torch.dtype) -> None:
+    def __init__(
+        self,
+        owner: object,
+        cfg: ModelConfig,
+        plan: Plan,
+        layouts: list[UnitLayout],
+        device: torch.device,
+        compute: torch.dtype,
+    ) -> None:
         L, W = cfg.num_layers, plan.window
         n = [layout.numel for layout in layouts]
         host_specs, gpu_specs = host_buffers(cfg, plan), [s for s in gpu_buffers(cfg, plan) if not s.lazy]
@@ -52,18 +60,29 @@ class StepBuffers:
 
         def hidden(name: str) -> torch.Tensor:
             return gpu[name].view(compute).view(shape)
+
         self.hidden = [hidden(f"hidden:{k}") for k in range(2)]
         self.dgrad = [hidden(f"dgrad:{k}") for k in range(2)]
         self.fetched = [hidden(f"fetched:{k}") for k in range(2)] if "fetched:0" in gpu else []
-        self.kept_input = {lay: hidden(f"kept_input:{lay}") for lay, p in enumerate(plan.activations) if p == "recompute"}
-        self.host_act = {lay: host[f"act:{lay}"].view(compute).view(shape)
-                         for lay, p in enumerate(plan.activations) if p == "offload"}
+        self.kept_input = {
+            lay: hidden(f"kept_input:{lay}") for lay, p in enumerate(plan.activations) if p == "recompute"
+        }
+        self.host_act = {
+            lay: host[f"act:{lay}"].view(compute).view(shape)
+            for lay, p in enumerate(plan.activations)
+            if p == "offload"
+        }
         act_bytes = saved_input_bytes(cfg, plan)
         self.act_ring = [host[f"act_ring:{k}"] for k in range(plan.disk_ring) if f"act_ring:{k}" in host]
         self.act_views = [buf[:act_bytes].view(compute).view(shape) for buf in self.act_ring]
         # Disk units' states pass through `disk_ring`; streamed pieces through the GPU's state slots
         self.disk_ring = [host[f"disk_ring:{k}"] for k in range(plan.disk_ring) if f"disk_ring:{k}" in host]
         piece = plan.state_piece_numel
-        self.state_slots = [(gpu[f"state_slot:{k}"][: 12 * piece].view(F32).view(3, piece),
-                             gpu[f"state_slot:{k}"][12 * piece:].view(compute))
-                            for k in range(STATE_STAGING_BUFFERS) if f"state_slot:{k}" in gpu]
+        self.state_slots = [
+            (
+                gpu[f"state_slot:{k}"][: 12 * piece].view(F32).view(3, piece),
+                gpu[f"state_slot:{k}"][12 * piece :].view(compute),
+            )
+            for k in range(STATE_STAGING_BUFFERS)
+            if f"state_slot:{k}" in gpu
+        ]

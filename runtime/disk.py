@@ -11,6 +11,7 @@ Bytes move through kvikio (its own thread pool; GPUDirect Storage needs device b
 host buffers for the CPU AdamW) when it is installed, or through POSIX pread/pwrite with O_DIRECT on
 page-aligned buffers (buffered where the filesystem refuses O_DIRECT, e.g. tmpfs).
 """
+
 from __future__ import annotations
 
 import errno
@@ -36,6 +37,7 @@ PIECE = 16 * 2**20
 @dataclass
 class DeferredTensor:
     """A tensor read only when written out (checkpoints of disk-tier units, one unit in RAM at a time)."""
+
     shape: tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
@@ -87,6 +89,7 @@ class KvikioIO:
     def __init__(self) -> None:
         import kvikio
         import kvikio.defaults
+
         self.kvikio = kvikio
         kvikio.defaults.set({"auto_direct_io_read": True, "auto_direct_io_write": True})
 
@@ -143,15 +146,19 @@ class DiskTier:
         have = sum(self.path(n).stat().st_size for n in self.file_bytes if self.path(n).exists())
         free = shutil.disk_usage(self.dir).free + have
         if need > free:
-            raise TierError(f"disk tier needs {need / GiB:.1f} GiB in {self.dir}, but only {free / GiB:.1f} GiB "
-                            "are free: free space, choose another directory, or lower the disk budget")
+            raise TierError(
+                f"disk tier needs {need / GiB:.1f} GiB in {self.dir}, but only {free / GiB:.1f} GiB "
+                "are free: free space, choose another directory, or lower the disk budget"
+            )
         for name, nbytes in self.file_bytes.items():
             fd = os.open(self.path(name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.posix_fallocate(fd, 0, padded(nbytes))
             except OSError as e:
-                raise TierError(f"disk tier: preallocating {padded(nbytes) / GiB:.2f} GiB for {self.path(name)} "
-                                f"failed ({e.strerror})") from e
+                raise TierError(
+                    f"disk tier: preallocating {padded(nbytes) / GiB:.2f} GiB for {self.path(name)} "
+                    f"failed ({e.strerror})"
+                ) from e
             finally:
                 os.close(fd)
             self._sidecar(name).unlink(missing_ok=True)
@@ -173,7 +180,7 @@ class DiskTier:
         handle = self._open(path, write=True)
 
         def put(span: tuple[int, int]) -> int:
-            piece = view[span[0]: span[1]]
+            piece = view[span[0] : span[1]]
             try:
                 done = self.io.pwrite(handle, piece, span[0])
             except (OSError, RuntimeError) as e:  # kvikio raises RuntimeError
@@ -182,13 +189,20 @@ class DiskTier:
             if done != len(piece):
                 raise TierError(f"writing {path}: {done} of {len(piece)} bytes at offset {span[0]} written")
             return zlib.crc32(piece)
+
         try:
             crcs = list(self.pool.map(put, pieces))
         finally:
             self.io.close(handle)
         self.generation[name] += 1
-        record = {"run": self.run, "file": name, "bytes": self.file_bytes[name], "generation": self.generation[name],
-                  "piece": PIECE, "crc32": crcs}
+        record = {
+            "run": self.run,
+            "file": name,
+            "bytes": self.file_bytes[name],
+            "generation": self.generation[name],
+            "piece": PIECE,
+            "crc32": crcs,
+        }
         tmp = self._sidecar(name).with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self._sidecar(name))
@@ -200,20 +214,26 @@ class DiskTier:
         try:
             record = json.loads(sidecar.read_text())
         except FileNotFoundError:
-            raise TierError(f"{sidecar} is missing: the disk tier was changed or cleaned during the run; "
-                            "resume from the last checkpoint") from None
+            raise TierError(
+                f"{sidecar} is missing: the disk tier was changed or cleaned during the run; "
+                "resume from the last checkpoint"
+            ) from None
         expected = {"run": self.run, "file": name, "bytes": self.file_bytes[name], "generation": self.generation[name]}
         got = {k: record.get(k) for k in expected}
         if got != expected:
-            raise TierError(f"{sidecar} does not belong to this run's latest write of {name} "
-                            f"(found {got}, expected {expected}); resume from the last checkpoint")
+            raise TierError(
+                f"{sidecar} does not belong to this run's latest write of {name} "
+                f"(found {got}, expected {expected}); resume from the last checkpoint"
+            )
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise TierError(f"{path} is missing; resume from the last checkpoint") from None
         if size < padded(self.file_bytes[name]):
-            raise TierError(f"{path} is truncated: {size} bytes, expected {padded(self.file_bytes[name])}; "
-                            "resume from the last checkpoint")
+            raise TierError(
+                f"{path} is truncated: {size} bytes, expected {padded(self.file_bytes[name])}; "
+                "resume from the last checkpoint"
+            )
         handle = self._open(path, write=False)
 
         def get(item: tuple[int, tuple[int, int]]) -> None:
@@ -226,8 +246,11 @@ class DiskTier:
             if done != len(piece):
                 raise TierError(f"{path}: read {done} of {len(piece)} bytes at offset {start} (truncated?)")
             if zlib.crc32(piece) != record["crc32"][i]:
-                raise TierError(f"{path}: checksum mismatch in bytes [{start}, {end}): the file is corrupt; "
-                                "resume from the last checkpoint")
+                raise TierError(
+                    f"{path}: checksum mismatch in bytes [{start}, {end}): the file is corrupt; "
+                    "resume from the last checkpoint"
+                )
+
         try:
             list(self.pool.map(get, enumerate(pieces)))
         finally:

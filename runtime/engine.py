@@ -9,8 +9,9 @@ pass theirs through GPU slots in pieces after their backward for a fused AdamW t
 
 The pieces, in the order a step meets them: the plan's buffers (`buffers.StepBuffers`), its units' state
 (`units`), the graph's executor (`executor.GraphExecutor`, the simulator's twin) and the bodies of the ops it
-runs (`ops.StepOps`); `unit_state` saves and restores every unit's state.
+runs (`ops.StepOps`, `update_ops.UpdateOps`); `unit_state` saves and restores every unit's state.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,6 +36,7 @@ from .loss import IGNORE_INDEX, head_loss_sum
 from .ops import StepOps
 from .trace import OpTrace
 from .unit_state import UnitStates
+from .update_ops import UpdateOps
 from .units import AdamWConfig, DiskUnit, StreamedUnit, Unit, WeightSource
 
 __all__ = ["AdamWConfig", "Engine", "StepResult", "WeightSource"]
@@ -48,8 +50,16 @@ class StepResult:
 
 
 class Engine:
-    def __init__(self, cfg: ModelConfig, plan: Plan, source: WeightSource, optim: AdamWConfig | None = None,
-                 gpu_budget_bytes: int | None = None, disk_dir: str | None = None, disk_io: str = "auto") -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        plan: Plan,
+        source: WeightSource,
+        optim: AdamWConfig | None = None,
+        gpu_budget_bytes: int | None = None,
+        disk_dir: str | None = None,
+        disk_io: str = "auto",
+    ) -> None:
         """`disk_dir`: the disk tier's directory, needed when the plan places layers on disk; `disk_io`:
         'auto' (kvikio when installed), 'kvikio' or 'posix'."""
         plan.validate(cfg.num_layers)
@@ -58,35 +68,51 @@ class Engine:
         self.optim = optim or AdamWConfig()
         self.lr = self.optim.lr
         if (self.optim.max_grad_norm is not None or self.optim.skip_nonfinite) and plan.update != "after_norm":
-            raise PlanError("gradient clipping and skipping non-finite steps need the global norm before any update: "
-                            "use update='after_norm'")
+            raise PlanError(
+                "gradient clipping and skipping non-finite steps need the global norm before any update: "
+                "use update='after_norm'"
+            )
         self.device = torch.device(plan.device)
         if self.device.type == "cuda":
             need = gpu_bytes(cfg, plan)
             budget = gpu_budget_bytes if gpu_budget_bytes is not None else torch.cuda.mem_get_info(self.device)[0]
             if sum(need.values()) > budget:
-                raise PlanError(f"plan does not fit the GPU: needs {describe(need)}, budget {budget / GiB:.2f} GiB; "
-                                f"lower chunk ({plan.chunk}), window ({plan.window}), mlp_tile_tokens or loss_chunk_tokens")
+                raise PlanError(
+                    f"plan does not fit the GPU: needs {describe(need)}, budget {budget / GiB:.2f} GiB; "
+                    f"lower chunk ({plan.chunk}), window ({plan.window}), mlp_tile_tokens or loss_chunk_tokens"
+                )
         self.cfg, self.plan = cfg, plan
         self.compute_dtype = getattr(torch, plan.compute_dtype)
         self.graph = build_step_graph(cfg, plan)
         self.layouts = unit_layouts(cfg)
         # Opening the tier checks the directory and preallocates its files: before any GPU memory is taken.
-        files = {f"unit{u}": 12 * self.layouts[u].numel for u in plan.disk_units} | \
-            {f"act{lay}": saved_input_bytes(cfg, plan) for lay, p in enumerate(plan.activations) if p == "disk"}
+        files = {f"unit{u}": 12 * self.layouts[u].numel for u in plan.disk_units} | {
+            f"act{lay}": saved_input_bytes(cfg, plan) for lay, p in enumerate(plan.activations) if p == "disk"
+        }
         self.tier = DiskTier(disk_dir, files, disk_io) if files and disk_dir is not None else None
         self.buffers = StepBuffers(self, cfg, plan, self.layouts, self.device, self.compute_dtype)
         self.units = self._make_units(source)
-        self.ops = StepOps(cfg, plan, self.layouts, self.units, self.buffers, self.optim, self.tier,
-                           self.graph.graph["disk_slot"], self.device, self.compute_dtype)
-        self.executor = GraphExecutor(self.graph, self.ops.bodies, self.device)
+        self.ops = StepOps(cfg, plan, self.layouts, self.units, self.buffers, self.device, self.compute_dtype)
+        updates = UpdateOps(
+            plan,
+            self.layouts,
+            self.units,
+            self.buffers,
+            self.optim,
+            self.tier,
+            self.graph.graph["disk_slot"],
+            self.ops.sq_norm,
+        )
+        self.executor = GraphExecutor(self.graph, self.ops.bodies | updates.bodies, self.device)
         self.states = UnitStates(plan, self.units, self.buffers, self.tier, self.executor, self.device)
         for u in plan.disk_units:  # initial states to disk
+
             def fill(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, u: int = u) -> None:
                 for name, view in self.layouts[u].views(master).items():
                     view.copy_(source.get(name))
                 exp_avg.zero_()
                 exp_avg_sq.zero_()
+
             self.states.write_disk_unit(u, fill)
         self.synchronize()
 
@@ -98,10 +124,12 @@ class Engine:
             if plan.placement[u] == "disk":
                 return DiskUnit(layout, b.bf16_weights[u], self.optim)
             if plan.placement[u] == "streamed":
-                return StreamedUnit(layout, source, b.master[u], b.exp_avg[u], b.exp_avg_sq[u], b.bf16_weights[u],
-                                    self.device)
+                return StreamedUnit(
+                    layout, source, b.master[u], b.exp_avg[u], b.exp_avg_sq[u], b.bf16_weights[u], self.device
+                )
             on_gpu = plan.placement[u] == "gpu"
             return Unit(layout, source, b.gpu_master[u] if on_gpu else b.master[u], self.optim, on_gpu)
+
         with ThreadPoolExecutor(max_workers=min(16, len(self.layouts))) as pool:  # random init is single-threaded
             return list(pool.map(make, range(len(self.layouts))))
 
@@ -115,11 +143,16 @@ class Engine:
         """One optimizer step over `plan.batch` sequences. labels[b, t] is the target for input_ids[b, t]."""
         plan = self.plan
         if input_ids.shape != (plan.batch, plan.seq) or labels.shape != input_ids.shape:
-            raise ValueError(f"expected input_ids and labels of shape {(plan.batch, plan.seq)}, "
-                             f"got {tuple(input_ids.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"expected input_ids and labels of shape {(plan.batch, plan.seq)}, "
+                f"got {tuple(input_ids.shape)} and {tuple(labels.shape)}"
+            )
         total = max(int((labels != IGNORE_INDEX).sum()), 1)
-        self.ops.begin_step(input_ids.to(self.device, non_blocking=True).split(plan.chunk),
-                            labels.to(self.device, non_blocking=True).split(plan.chunk), total)
+        self.ops.begin_step(
+            input_ids.to(self.device, non_blocking=True).split(plan.chunk),
+            labels.to(self.device, non_blocking=True).split(plan.chunk),
+            total,
+        )
         done = self.executor.run_step(self.lr)
         loss = float(self.ops.loss)
         norm_op = done.get("norm")
@@ -151,14 +184,18 @@ class Engine:
         with self.executor.streams.on(Resource.GPU):
             for unit in (0, L + 1):
                 ops._load(unit)
-            hidden = [torch.index_select(ops.embed_w, 0, rows.flatten()).view(*rows.shape, -1)
-                      for rows in ids.split(self.plan.chunk)]
+            hidden = [
+                torch.index_select(ops.embed_w, 0, rows.flatten()).view(*rows.shape, -1)
+                for rows in ids.split(self.plan.chunk)
+            ]
             for lay in range(L):
                 ops._load(lay + 1)
                 params = ops._layer_params(lay)
                 hidden = [decoder_layer(params, x, cos, sin, cfg) for x in hidden]
-            total = sum(head_loss_sum(x, y, ops.norm_w, ops.head_w, cfg.rms_norm_eps, self.plan.loss_chunk_tokens)
-                        for x, y in zip(hidden, labels.split(self.plan.chunk)))
+            total = sum(
+                head_loss_sum(x, y, ops.norm_w, ops.head_w, cfg.rms_norm_eps, self.plan.loss_chunk_tokens)
+                for x, y in zip(hidden, labels.split(self.plan.chunk))
+            )
         return float(total) / max(int((labels != IGNORE_INDEX).sum()), 1)
 
     def training_state(self) -> dict[str, torch.Tensor | DeferredTensor]:

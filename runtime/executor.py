@@ -4,6 +4,7 @@
 the previous step's update of its unit. A GPU op's handle is a CUDA event, a host op's a Future. On a CPU
 device every op completes when issued, so the same walk runs in CI.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,8 +25,10 @@ class GraphExecutor:
         self.graph, self.bodies = graph, bodies
         self.ops = ops(graph)
         self.streams = Streams(device)
-        self.host_workers = {Resource.CPU: ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-adamw"),
-                             Resource.DISK: ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-tier")}
+        self.host_workers = {
+            Resource.CPU: ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-adamw"),
+            Resource.DISK: ThreadPoolExecutor(max_workers=1, thread_name_prefix="slideformer-tier"),
+        }
         self.trace: OpTrace | None = None
         self.after_previous_step: dict[str, str] = graph.graph["after_previous_step"]
         self.write_backs = [op.name for op in self.ops if op.kind == OpKind.DISK_WRITE]
@@ -56,8 +59,9 @@ class GraphExecutor:
             if on_host:  # the CPU optimizer or the disk worker, each serving its ops in order
                 preds = [done[p] for p in self.graph.predecessors(name)]
                 step = self.trace.step if self.trace else 0
-                done[name] = self.host_workers[resource].submit(self._run_host_op, name, step, resource, kind, args,
-                                                                preds)
+                done[name] = self.host_workers[resource].submit(
+                    self._run_host_op, name, step, resource, kind, args, preds
+                )
                 continue
             with self.streams.on(resource):
                 trace = self.trace

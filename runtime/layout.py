@@ -1,4 +1,5 @@
 """Where each parameter of a unit lives inside that unit's flat buffer."""
+
 from __future__ import annotations
 
 import math
@@ -29,12 +30,14 @@ class UnitLayout:
         out = {}
         for name, shape, off in zip(self.names, self.shapes, self.offsets):
             key = name.split(".", 3)[3] if short_names and name.startswith("model.layers.") else name
-            out[key] = flat[off: off + math.prod(shape)].view(shape)
+            out[key] = flat[off : off + math.prod(shape)].view(shape)
         return out
 
 
 def unit_layouts(cfg: ModelConfig) -> list[UnitLayout]:
     """Unit 0: embedding; 1..L: decoder layers; L+1: final norm and (untied) LM head."""
-    layers = [UnitLayout.of({f"model.layers.{i}.{n}": s for n, s in cfg.layer_param_shapes().items()})
-              for i in range(cfg.num_layers)]
+    layers = [
+        UnitLayout.of({f"model.layers.{i}.{n}": s for n, s in cfg.layer_param_shapes().items()})
+        for i in range(cfg.num_layers)
+    ]
     return [UnitLayout.of(cfg.embed_param_shapes()), *layers, UnitLayout.of(cfg.head_param_shapes())]

@@ -1,12 +1,12 @@
-"""What each kind of op in the step graph does: the bodies the executor runs, one method per op kind.
+"""What the step's compute and copy ops do (loads, the forward, the head, the backward, gradients out): the bodies
+the executor runs, one method per op kind; `update_ops` has the updates' and the disk tier's.
 
 They read and write the step's buffers (`StepBuffers`) and units; the executor has already put each on its
 resource's stream (or worker thread) and made it wait for its dependencies.
 """
+
 from __future__ import annotations
 
-import math
-from concurrent.futures import Future
 from typing import Callable
 
 import torch
@@ -17,25 +17,31 @@ from slideformer.schedule.op import OpKind
 from slideformer.schedule.plan import Plan
 
 from .buffers import StepBuffers
-from .disk import DiskTier
 from .layout import UnitLayout
 from .loss import head_loss_and_grads
-from .units import AdamWConfig, DiskUnit, StreamedUnit, Unit
+from .units import DiskUnit, StreamedUnit, Unit
 from .weight_stream import WeightStream
 
 
 class StepOps:
-    def __init__(self, cfg: ModelConfig, plan: Plan, layouts: list[UnitLayout], units: list[Unit | StreamedUnit | DiskUnit],
-                 buffers: StepBuffers, optim: AdamWConfig, tier: DiskTier | None, disk_slot: dict[int, int],
-                 device: torch.device, compute: torch.dtype) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        plan: Plan,
+        layouts: list[UnitLayout],
+        units: list[Unit | StreamedUnit | DiskUnit],
+        buffers: StepBuffers,
+        device: torch.device,
+        compute: torch.dtype,
+    ) -> None:
         self.cfg, self.plan, self.layouts, self.units, self.b = cfg, plan, layouts, units, buffers
-        self.optim, self.tier, self.disk_slot = optim, tier, disk_slot
         self.device = device
         L = cfg.num_layers
 
         def leaves(layout: UnitLayout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
             # Detached views are autograd leaves sharing the buffer: backward differentiates w.r.t. them.
             return {k: v.detach().requires_grad_() for k, v in layout.views(flat, True).items()}
+
         self.slot_params = [leaves(layouts[1], s) for s in buffers.slots]
         self.embed_w = buffers.edge_weights[0].view(cfg.vocab_size, cfg.hidden_size)
         head = layouts[L + 1].views(buffers.edge_weights[L + 1])
@@ -50,28 +56,24 @@ class StepOps:
         self.tokens: tuple[torch.Tensor, ...] = ()
         self.labels: tuple[torch.Tensor, ...] = ()
         self.total_tokens = 1
-        # What each kind of graph op does (the graph's `kind` attribute names one of these).
+        # What each kind of graph op does (an op's `kind` names one of these).
         self.bodies: dict[OpKind, Callable[..., object]] = {
-            OpKind.LOAD: self._load, OpKind.EMBED: self._embed, OpKind.SAVE: self._save, OpKind.FWD: self._fwd,
-            OpKind.HEAD: self._head, OpKind.FETCH: self._fetch, OpKind.BWD: self._bwd,
-            OpKind.EMBED_BWD: self._embed_bwd, OpKind.GRAD_OUT: self._grad_out, OpKind.UPDATE: self._update,
-            OpKind.NORM: self._norm, OpKind.STATE_IN: self._state_in, OpKind.STATE_UPDATE: self._state_update,
-            OpKind.STATE_OUT: self._state_out, OpKind.DISK_READ: self._disk_read, OpKind.DISK_WRITE: self._disk_write,
-            OpKind.ACT_WRITE: self._act_write, OpKind.ACT_READ: self._act_read}
+            OpKind.LOAD: self._load,
+            OpKind.EMBED: self._embed,
+            OpKind.SAVE: self._save,
+            OpKind.FWD: self._fwd,
+            OpKind.HEAD: self._head,
+            OpKind.FETCH: self._fetch,
+            OpKind.BWD: self._bwd,
+            OpKind.EMBED_BWD: self._embed_bwd,
+            OpKind.GRAD_OUT: self._grad_out,
+        }
 
     def begin_step(self, tokens: tuple[torch.Tensor, ...], labels: tuple[torch.Tensor, ...], total_tokens: int) -> None:
         """This step's inputs, split into chunks, and the loss's denominator."""
         self.tokens, self.labels, self.total_tokens = tokens, labels, total_tokens
         self.loss.zero_()
         self.sq_norm.zero_()
-
-    def _norm(self) -> tuple[float, torch.Tensor | None]:
-        """The global gradient norm, and torch's clip coefficient min(1, max_norm / (norm + 1e-6))."""
-        norm = self.sq_norm.sqrt()
-        clip = None
-        if self.optim.max_grad_norm is not None:
-            clip = torch.clamp(self.optim.max_grad_norm / (norm + 1e-6), max=1.0)
-        return float(norm), clip
 
     def _destination(self, unit: int) -> torch.Tensor:
         L = self.cfg.num_layers
@@ -91,8 +93,12 @@ class StepOps:
         self.weight_stream.load(master, dst)
 
     def _embed(self, chunk: int) -> None:
-        torch.index_select(self.embed_w, 0, self.tokens[chunk].flatten(),
-                           out=self.b.hidden[0][self._rows(chunk)].view(-1, self.cfg.hidden_size))
+        torch.index_select(
+            self.embed_w,
+            0,
+            self.tokens[chunk].flatten(),
+            out=self.b.hidden[0][self._rows(chunk)].view(-1, self.cfg.hidden_size),
+        )
 
     def _rows(self, chunk: int) -> slice:
         return slice(chunk * self.plan.chunk, (chunk + 1) * self.plan.chunk)
@@ -130,11 +136,22 @@ class StepOps:
             if self.cfg.tie_word_embeddings:
                 self.b.gpu_grad[0].zero_()
         g_head = self.grad_views[L + 1]
-        head_grad = self.b.gpu_grad[0].view(self.cfg.vocab_size, -1) if self.cfg.tie_word_embeddings \
+        head_grad = (
+            self.b.gpu_grad[0].view(self.cfg.vocab_size, -1)
+            if self.cfg.tie_word_embeddings
             else g_head["lm_head.weight"]
-        loss, dx = head_loss_and_grads(self.b.hidden[L % 2][rows], self.labels[chunk], self.norm_w, self.head_w,
-                                       self.cfg.rms_norm_eps, self.total_tokens, self.plan.loss_chunk_tokens,
-                                       g_head["model.norm.weight"], head_grad)
+        )
+        loss, dx = head_loss_and_grads(
+            self.b.hidden[L % 2][rows],
+            self.labels[chunk],
+            self.norm_w,
+            self.head_w,
+            self.cfg.rms_norm_eps,
+            self.total_tokens,
+            self.plan.loss_chunk_tokens,
+            g_head["model.norm.weight"],
+            head_grad,
+        )
         self.loss += loss
         self.b.dgrad[L % 2][rows].copy_(dx)
         if chunk == self.plan.chunks - 1:
@@ -158,6 +175,7 @@ class StepOps:
                 written.add(name)
             else:
                 acc[name].add_(g)
+
         dy = self.b.dgrad[(layer + 1) % 2][rows]
         if policy == "keep":
             x, y = self.kept_graph.pop((layer, chunk))
@@ -167,8 +185,9 @@ class StepOps:
             dx = grads[0]
         else:
             saved = self.b.kept_input[layer] if policy == "recompute" else self.b.fetched[layer % 2]
-            dx = decoder_layer_backward(params, saved[rows], dy, self.cos, self.sin, self.cfg,
-                                        self.plan.mlp_tile_tokens, accumulate)
+            dx = decoder_layer_backward(
+                params, saved[rows], dy, self.cos, self.sin, self.cfg, self.plan.mlp_tile_tokens, accumulate
+            )
         self.b.dgrad[layer % 2][rows].copy_(dx)
         if chunk == self.plan.chunks - 1:
             self._accumulate_norm(unit)
@@ -178,7 +197,8 @@ class StepOps:
             self.b.gpu_grad[0].zero_()
         rows = self._rows(chunk)
         self.b.gpu_grad[0].view(self.cfg.vocab_size, -1).index_add_(
-            0, self.tokens[chunk].flatten(), self.b.dgrad[0][rows].flatten(0, 1).float())
+            0, self.tokens[chunk].flatten(), self.b.dgrad[0][rows].flatten(0, 1).float()
+        )
         if chunk == self.plan.chunks - 1:
             self._accumulate_norm(0)
 
@@ -189,71 +209,3 @@ class StepOps:
     def _grad_out(self, unit: int) -> None:
         n = self.layouts[unit].numel
         self.b.host_grad[unit][:n].copy_(self.b.gpu_grad[unit][:n], non_blocking=True)
-
-    def _update(self, unit: int, norm: Future | None, lr: float) -> None:
-        """AdamW on one unit: on the CPU worker for host units, on the compute stream for GPU units."""
-        n = self.layouts[unit].numel
-        u = self.units[unit]
-        assert not isinstance(u, StreamedUnit), "streamed units are updated piece by piece (_state_update)"
-        grad = (self.b.gpu_grad[unit] if u.on_gpu else self.b.host_grad[unit])[:n]
-        if self.optim.skip_nonfinite and norm is not None and not math.isfinite(norm.result()[0]):
-            return
-        clip = norm.result()[1] if norm is not None else None
-        clip = float(clip) if clip is not None and not u.on_gpu else clip
-        if isinstance(u, DiskUnit):
-            u.step(self.b.disk_ring[self.disk_slot[unit]], grad, clip, lr)
-        else:
-            u.step(grad, clip, lr)
-
-    def _piece(self, unit: int, piece: int) -> tuple[StreamedUnit, slice]:
-        """A streamed unit and the parameters of one of its pieces."""
-        u, step = self.units[unit], self.plan.state_piece_numel
-        assert isinstance(u, StreamedUnit), f"unit {unit} is not streamed"
-        return u, slice(piece * step, min((piece + 1) * step, self.layouts[unit].numel))
-
-    def _state_in(self, unit: int, piece: int, slot: int) -> None:
-        """A streamed unit's master and AdamW states, one piece, into a GPU slot."""
-        u, rows = self._piece(unit, piece)
-        n = rows.stop - rows.start
-        states = self.b.state_slots[slot][0]
-        for k, src in enumerate((u.master, u.exp_avg, u.exp_avg_sq)):
-            states[k, :n].copy_(src[rows], non_blocking=True)
-
-    def _state_update(self, unit: int, piece: int, slot: int, lr: float) -> None:
-        """torch.optim.AdamW's fused step (the same kernel, so the same maths) on one piece, and its bf16 cast.
-        The step count goes up once per unit, before its first piece, as the optimizer's own step does."""
-        (u, rows), o = self._piece(unit, piece), self.optim
-        n = rows.stop - rows.start
-        states, weights = self.b.state_slots[slot]
-        master, exp_avg, exp_avg_sq = states[:, :n]
-        if piece == 0:
-            u.steps += 1
-        torch._fused_adamw_([master], [self.b.gpu_grad[unit][rows]], [exp_avg], [exp_avg_sq], [], [u.steps],
-                            lr=lr, beta1=o.betas[0], beta2=o.betas[1], weight_decay=o.weight_decay, eps=o.eps,
-                            amsgrad=False, maximize=False)
-        weights[:n].copy_(master)
-
-    def _state_out(self, unit: int, piece: int, slot: int) -> None:
-        """The updated piece back to the host: master, states and the bf16 weights the unit's loads read."""
-        u, rows = self._piece(unit, piece)
-        n = rows.stop - rows.start
-        states, weights = self.b.state_slots[slot]
-        for k, dst in enumerate((u.master, u.exp_avg, u.exp_avg_sq)):
-            dst[rows].copy_(states[k, :n], non_blocking=True)
-        u.weights[rows].copy_(weights[:n], non_blocking=True)
-
-    def _disk(self) -> DiskTier:
-        assert self.tier is not None, "disk ops come only with a disk tier"
-        return self.tier
-
-    def _disk_read(self, unit: int, slot: int) -> None:
-        self._disk().read(f"unit{unit}", self.b.disk_ring[slot])
-
-    def _disk_write(self, unit: int, slot: int) -> None:
-        self._disk().write(f"unit{unit}", self.b.disk_ring[slot])
-
-    def _act_write(self, layer: int, slot: int) -> None:
-        self._disk().write(f"act{layer}", self.b.act_ring[slot])
-
-    def _act_read(self, layer: int, slot: int) -> None:
-        self._disk().read(f"act{layer}", self.b.act_ring[slot])

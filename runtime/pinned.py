@@ -5,6 +5,7 @@ costs 1 GiB). Instead the engine sizes all its pinned buffers up front, allocate
 buffer, page-locks it with a single cudaHostRegister before any worker thread starts, and hands out
 page-aligned views.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,4 +44,4 @@ class PinnedArena:
             start, self.offset = self.offset, self.offset + page_round(nbytes)
         if self.offset > self.end:
             raise RuntimeError("pinned arena overflow: the engine's buffer list and its sizing disagree")
-        return self.raw[start: start + nbytes].view(dtype).view(shape)
+        return self.raw[start : start + nbytes].view(dtype).view(shape)

@@ -2,6 +2,7 @@
 
 On a CPU device every op completes when issued, so the same executor runs unchanged in CI.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import Future
@@ -19,8 +20,12 @@ class Streams:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         if self.cuda:
-            self.by_resource = {Resource.GPU: torch.cuda.current_stream(device), Resource.H2D: torch.cuda.Stream(device),
-                                Resource.D2H: torch.cuda.Stream(device), Resource.OPT: torch.cuda.Stream(device)}
+            self.by_resource = {
+                Resource.GPU: torch.cuda.current_stream(device),
+                Resource.H2D: torch.cuda.Stream(device),
+                Resource.D2H: torch.cuda.Stream(device),
+                Resource.OPT: torch.cuda.Stream(device),
+            }
 
     @contextmanager
     def on(self, resource: Resource) -> Iterator[None]:

@@ -3,6 +3,7 @@
 GPU-side ops are bracketed by CUDA events on their own stream; CPU ops by the worker's clock. Both are
 expressed in seconds since one synchronised origin.
 """
+
 from __future__ import annotations
 
 import time
@@ -54,5 +55,7 @@ class OpTrace:
         """Every traced op as {name, step, resource, kind, start, end} (after the GPU has finished them)."""
         if self.cuda:
             torch.cuda.synchronize()
-        return [{"name": n, "step": s, "resource": r, "kind": k, "start": self._seconds(a), "end": self._seconds(b)}
-                for n, s, r, k, a, b in self.records]
+        return [
+            {"name": n, "step": s, "resource": r, "kind": k, "start": self._seconds(a), "end": self._seconds(b)}
+            for n, s, r, k, a, b in self.records
+        ]

@@ -1,5 +1,6 @@
 """Every unit's state in and out, whatever its placement: checkpoints (`training_state`, `load_training_state`),
 Hugging Face weights (`hf_state`) and the disk tier's unit files."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -15,9 +16,23 @@ from .units import DiskUnit, StreamedUnit, Unit
 
 
 class UnitStates:
-    def __init__(self, plan: Plan, units: list[Unit | StreamedUnit | DiskUnit], buffers: StepBuffers,
-                 tier: DiskTier | None, executor: GraphExecutor, device: torch.device) -> None:
-        self.plan, self.units, self.b, self.tier, self.executor, self.device = plan, units, buffers, tier, executor, device
+    def __init__(
+        self,
+        plan: Plan,
+        units: list[Unit | StreamedUnit | DiskUnit],
+        buffers: StepBuffers,
+        tier: DiskTier | None,
+        executor: GraphExecutor,
+        device: torch.device,
+    ) -> None:
+        self.plan, self.units, self.b, self.tier, self.executor, self.device = (
+            plan,
+            units,
+            buffers,
+            tier,
+            executor,
+            device,
+        )
 
     def _disk_unit(self, unit: int) -> tuple[DiskUnit, DiskTier]:
         u = self.units[unit]
@@ -53,8 +68,11 @@ class UnitStates:
                 out[f"unit{u}.step"] = unit.steps.reshape(-1)
                 for i, key in enumerate(("master", "exp_avg", "exp_avg_sq")):
                     # master triggers the read; the two states are views of the same buffer, written next
-                    load = (lambda u=u: self.read_disk_unit(u)[0]) if i == 0 else \
-                        (lambda unit=unit, i=i: unit.states(self.b.disk_ring[0])[i])
+                    load = (
+                        (lambda u=u: self.read_disk_unit(u)[0])
+                        if i == 0
+                        else (lambda unit=unit, i=i: unit.states(self.b.disk_ring[0])[i])
+                    )
                     out[f"unit{u}.{key}"] = DeferredTensor((unit.layout.numel,), torch.float32, load)
                 continue
             out[f"unit{u}.master"] = unit.master.detach().cpu()
@@ -71,11 +89,15 @@ class UnitStates:
                 def fill(master, exp_avg, exp_avg_sq, u=u):
                     for key, view in (("master", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
                         view.copy_(get(f"unit{u}.{key}"))
+
                 self.write_disk_unit(u, fill)
                 continue
             unit.master.detach().copy_(get(f"unit{u}.master"))
-            state = {key: get(f"unit{u}.{key}").to(unit.master.device).reshape(() if key == "step" else -1)
-                     for key in ("step", "exp_avg", "exp_avg_sq") if f"unit{u}.{key}" in names}
+            state = {
+                key: get(f"unit{u}.{key}").to(unit.master.device).reshape(() if key == "step" else -1)
+                for key in ("step", "exp_avg", "exp_avg_sq")
+                if f"unit{u}.{key}" in names
+            }
             if state or isinstance(unit, StreamedUnit):
                 unit.load_optimizer_state(state)
         self.executor.wait_all()

@@ -6,6 +6,7 @@
 Streamed and disk units keep bf16 weights in RAM for the GPU's loads; units with no such copy stream their
 master, cast on the GPU.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,12 +31,18 @@ class AdamWConfig:
     skip_nonfinite: bool = False  # a step whose gradient norm is not finite updates nothing (needs 'after_norm')
 
     def optimizer(self, param: torch.nn.Parameter) -> torch.optim.AdamW:
-        return torch.optim.AdamW([param], lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
-                                 fused=True)
+        return torch.optim.AdamW(
+            [param], lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, fused=True
+        )
 
 
-def adamw_step(optimizer: torch.optim.AdamW, param: torch.nn.Parameter, grad: torch.Tensor,
-               clip_coef: torch.Tensor | float | None, lr: float) -> None:
+def adamw_step(
+    optimizer: torch.optim.AdamW,
+    param: torch.nn.Parameter,
+    grad: torch.Tensor,
+    clip_coef: torch.Tensor | float | None,
+    lr: float,
+) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
     if clip_coef is not None:
@@ -55,8 +62,9 @@ class Unit:
 
     weights = None  # no bf16 copy in RAM: loads stream and cast the master
 
-    def __init__(self, layout: UnitLayout, source: WeightSource, master: torch.Tensor, optim: AdamWConfig,
-                 on_gpu: bool) -> None:
+    def __init__(
+        self, layout: UnitLayout, source: WeightSource, master: torch.Tensor, optim: AdamWConfig, on_gpu: bool
+    ) -> None:
         self.layout = layout
         self.on_gpu = on_gpu  # placed on the GPU (on a CPU device, the plan's 'gpu' units are updated in place too)
         if master.device.type != "cpu":  # filled on the host, then copied over whole
@@ -84,8 +92,16 @@ class StreamedUnit:
 
     on_gpu = False
 
-    def __init__(self, layout: UnitLayout, source: WeightSource, master: torch.Tensor, exp_avg: torch.Tensor,
-                 exp_avg_sq: torch.Tensor, weights: torch.Tensor, device: torch.device) -> None:
+    def __init__(
+        self,
+        layout: UnitLayout,
+        source: WeightSource,
+        master: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        weights: torch.Tensor,
+        device: torch.device,
+    ) -> None:
         self.layout = layout
         self.master, self.exp_avg, self.exp_avg_sq, self.weights = master, exp_avg.zero_(), exp_avg_sq.zero_(), weights
         fill_from(source, layout, master)

@@ -6,10 +6,10 @@ copy waited for the cast before it, and a cast queued behind a layer's GEMMs wai
 link idled beside compute; the ring lets copies run ahead of late casts, and the priority lets each cast
 take the next free SMs instead of waiting behind queued compute blocks.
 """
+
 from __future__ import annotations
 
 import torch
-
 
 
 class WeightStream:
@@ -28,7 +28,7 @@ class WeightStream:
         copy_stream = torch.cuda.current_stream(dst.device)
         step = self.ring[0].numel()
         for start in range(0, master.numel(), step):
-            piece = master[start: start + step]
+            piece = master[start : start + step]
             k = self.next
             self.next = (k + 1) % len(self.ring)
             stage = self.ring[k][: piece.numel()]
@@ -40,7 +40,7 @@ class WeightStream:
             copied.record(copy_stream)
             self.cast_stream.wait_event(copied)
             with torch.cuda.stream(self.cast_stream):
-                dst[start: start + piece.numel()].copy_(stage)
+                dst[start : start + piece.numel()].copy_(stage)
                 cast = self.freed[k] = torch.cuda.Event()
                 cast.record(self.cast_stream)
         last = self.freed[(self.next - 1) % len(self.ring)]

@@ -6,6 +6,7 @@ bytes or parameters) and the GPU bytes it takes and gives back. Edges are true d
 reuse (write-after-read) hazards; ops on one resource are also ordered by seq. Units: 0 is the embedding,
 1..L the decoder layers, L+1 the final norm and LM head.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -83,9 +84,16 @@ class _StepGraph:
         if self.plan.update == "after_norm":
             self.updates_after_norm()
         # Across steps: every load of a unit waits for the previous step's update of that unit.
-        after_previous_step = {o.name: self.updates[o.unit] for o in ops(self.g) if o.kind == OpKind.LOAD and o.unit is not None}
-        self.g.graph.update(cfg=self.cfg, plan=self.plan, updates=self.updates, disk_slot=self.disk_slot,
-                            after_previous_step=after_previous_step)
+        after_previous_step = {
+            o.name: self.updates[o.unit] for o in ops(self.g) if o.kind == OpKind.LOAD and o.unit is not None
+        }
+        self.g.graph.update(
+            cfg=self.cfg,
+            plan=self.plan,
+            updates=self.updates,
+            disk_slot=self.disk_slot,
+            after_previous_step=after_previous_step,
+        )
         return self.g
 
     # --- weights and saved inputs ------------------------------------------------------------
@@ -93,25 +101,61 @@ class _StepGraph:
         """fp32 masters staged and cast on the GPU, a disk or streamed unit's bf16 weights kept in RAM, or
         GPU-resident."""
         on_gpu, bf16 = self.plan.placement[u] == "gpu", self.plan.placement[u] in ("disk", "streamed")
-        return self.op(f"load:{u}:{tag}", OpKind.LOAD, Resource.GPU if on_gpu else Resource.H2D, deps, unit=u,
-                       nbytes=(2 if bf16 else 4) * self.numel[u], staged=not (on_gpu or bf16))
+        return self.op(
+            f"load:{u}:{tag}",
+            OpKind.LOAD,
+            Resource.GPU if on_gpu else Resource.H2D,
+            deps,
+            unit=u,
+            nbytes=(2 if bf16 else 4) * self.numel[u],
+            staged=not (on_gpu or bf16),
+        )
 
     def disk_read(self, u: int, after: str | None) -> None:
-        self.op(f"disk_read:{u}", OpKind.DISK_READ, Resource.DISK, [after], unit=u, slot=self.disk_slot[u],
-                nbytes=12 * self.numel[u])
+        self.op(
+            f"disk_read:{u}",
+            OpKind.DISK_READ,
+            Resource.DISK,
+            [after],
+            unit=u,
+            slot=self.disk_slot[u],
+            nbytes=12 * self.numel[u],
+        )
 
     def act_read(self, lay: int, after: list[str | None]) -> None:
-        self.op(f"act_read:{lay}", OpKind.ACT_READ, Resource.DISK, after, layer=lay,
-                slot=self.act_back.index(lay) % self.plan.disk_ring, nbytes=self.C * self.act_bytes)
+        self.op(
+            f"act_read:{lay}",
+            OpKind.ACT_READ,
+            Resource.DISK,
+            after,
+            layer=lay,
+            slot=self.act_back.index(lay) % self.plan.disk_ring,
+            nbytes=self.C * self.act_bytes,
+        )
 
     def fetch(self, lay: int, c: int, war: str | None) -> None:
         if self.plan.activations[lay] == "offload":
-            self.op(f"fetch:{lay}:{c}", OpKind.FETCH, Resource.H2D, [f"save:{lay}:{c}", war], layer=lay, chunk=c,
-                    nbytes=self.act_bytes)
+            self.op(
+                f"fetch:{lay}:{c}",
+                OpKind.FETCH,
+                Resource.H2D,
+                [f"save:{lay}:{c}", war],
+                layer=lay,
+                chunk=c,
+                nbytes=self.act_bytes,
+            )
             return
         k = self.act_back.index(lay)
-        self.op(f"fetch:{lay}:{c}", OpKind.FETCH, Resource.H2D, [f"act_read:{lay}", war], layer=lay, chunk=c,
-                nbytes=self.act_bytes, slot=k % self.plan.disk_ring)
+        self.op(
+            f"fetch:{lay}:{c}",
+            OpKind.FETCH,
+            Resource.H2D,
+            [f"act_read:{lay}", war],
+            layer=lay,
+            chunk=c,
+            nbytes=self.act_bytes,
+            slot=k % self.plan.disk_ring,
+        )
         if c == self.C - 1 and k + self.plan.disk_ring < len(self.act_back):  # the buffer is free: read ahead
             self.act_read(self.act_back[k + self.plan.disk_ring], [f"fetch:{lay}:{cc}" for cc in range(self.C)])
 
@@ -132,28 +176,59 @@ class _StepGraph:
                 self.load(layer_unit(ahead), "fwd", [f"fwd:{lay - 1}:{last}" if lay else None])
             self.forward_layer(lay)
         for c in range(C):
-            self.op(f"head:{c}", OpKind.HEAD, Resource.GPU, [f"fwd:{L - 1}:{c}", f"load:{L + 1}:fwd"], chunk=c,
-                    flops=self.head_flops)
+            self.op(
+                f"head:{c}",
+                OpKind.HEAD,
+                Resource.GPU,
+                [f"fwd:{L - 1}:{c}", f"load:{L + 1}:fwd"],
+                chunk=c,
+                flops=self.head_flops,
+            )
 
     def forward_layer(self, lay: int) -> None:
         plan, policy = self.plan, self.plan.activations[lay]
         for c in range(self.C):
             producer = f"embed:{c}" if lay == 0 else f"fwd:{lay - 1}:{c}"
             if policy == "offload":
-                self.op(f"save:{lay}:{c}", OpKind.SAVE, Resource.D2H, [producer], layer=lay, chunk=c, nbytes=self.act_bytes)
+                self.op(
+                    f"save:{lay}:{c}", OpKind.SAVE, Resource.D2H, [producer], layer=lay, chunk=c, nbytes=self.act_bytes
+                )
             if policy == "disk":
                 k = self.act_out.index(lay)
                 ring_war = f"act_write:{self.act_out[k - plan.disk_ring]}" if k >= plan.disk_ring else None
-                self.op(f"save:{lay}:{c}", OpKind.SAVE, Resource.D2H, [producer, ring_war], layer=lay, chunk=c,
-                        nbytes=self.act_bytes, slot=k % plan.disk_ring)
+                self.op(
+                    f"save:{lay}:{c}",
+                    OpKind.SAVE,
+                    Resource.D2H,
+                    [producer, ring_war],
+                    layer=lay,
+                    chunk=c,
+                    nbytes=self.act_bytes,
+                    slot=k % plan.disk_ring,
+                )
             saved_before = lay and plan.activations[lay - 1] in ("offload", "disk")
             war = f"save:{lay - 1}:{c}" if saved_before else None
             kept = {"keep": self.graph_bytes, "recompute": self.act_bytes}.get(policy, 0)
-            self.op(f"fwd:{lay}:{c}", OpKind.FWD, Resource.GPU, [producer, f"load:{layer_unit(lay)}:fwd", war],
-                    layer=lay, chunk=c, flops=self.fwd_flops, gpu_alloc=kept)
+            self.op(
+                f"fwd:{lay}:{c}",
+                OpKind.FWD,
+                Resource.GPU,
+                [producer, f"load:{layer_unit(lay)}:fwd", war],
+                layer=lay,
+                chunk=c,
+                flops=self.fwd_flops,
+                gpu_alloc=kept,
+            )
         if policy == "disk":
-            self.op(f"act_write:{lay}", OpKind.ACT_WRITE, Resource.DISK, [f"save:{lay}:{c}" for c in range(self.C)], layer=lay,
-                    slot=self.act_out.index(lay) % plan.disk_ring, nbytes=self.C * self.act_bytes)
+            self.op(
+                f"act_write:{lay}",
+                OpKind.ACT_WRITE,
+                Resource.DISK,
+                [f"save:{lay}:{c}" for c in range(self.C)],
+                layer=lay,
+                slot=self.act_out.index(lay) % plan.disk_ring,
+                nbytes=self.C * self.act_bytes,
+            )
 
     # --- backward and updates ------------------------------------------------------------
     def backward(self) -> None:
@@ -190,8 +265,16 @@ class _StepGraph:
         for c in range(self.C):
             upstream = f"head:{c}" if lay == L - 1 else f"bwd:{lay + 1}:{c}"
             saved = f"fetch:{lay}:{c}" if policy in ("offload", "disk") else f"fwd:{lay}:{c}"
-            self.op(f"bwd:{lay}:{c}", OpKind.BWD, Resource.GPU, [upstream, saved, weights, grad_war if c == 0 else None],
-                    layer=lay, chunk=c, flops=flops, gpu_free=kept)
+            self.op(
+                f"bwd:{lay}:{c}",
+                OpKind.BWD,
+                Resource.GPU,
+                [upstream, saved, weights, grad_war if c == 0 else None],
+                layer=lay,
+                chunk=c,
+                flops=flops,
+                gpu_free=kept,
+            )
 
     def grad_out_and_update(self, u: int, ready: str) -> None:
         """A unit's gradient is complete: streamed to the GPU's AdamW, updated in place on the GPU, or copied to
@@ -202,7 +285,9 @@ class _StepGraph:
             return
         if plan.placement[u] == "gpu":
             if plan.update == "during_backward":
-                self.updates[u] = self.op(f"update:{u}", OpKind.UPDATE, Resource.GPU, [ready], unit=u, params=self.numel[u])
+                self.updates[u] = self.op(
+                    f"update:{u}", OpKind.UPDATE, Resource.GPU, [ready], unit=u, params=self.numel[u]
+                )
             return
         ring_war = f"update:{L + 1}" if u == 0 and plan.shares_edge_grad else None
         late = u in plan.late_units
@@ -210,7 +295,9 @@ class _StepGraph:
             if len(self.ring) >= plan.grad_ring:
                 ring_war = f"update:{self.ring[-plan.grad_ring]}"
             self.ring.append(u)
-        out = self.op(f"grad_out:{u}", OpKind.GRAD_OUT, Resource.D2H, [ready, ring_war], unit=u, nbytes=4 * self.numel[u])
+        out = self.op(
+            f"grad_out:{u}", OpKind.GRAD_OUT, Resource.D2H, [ready, ring_war], unit=u, nbytes=4 * self.numel[u]
+        )
         if u not in (0, L + 1):
             self.grad_buffer_reader[u % 2] = out
         if plan.update == "during_backward" and not late:
@@ -224,12 +311,38 @@ class _StepGraph:
             j = len(self.state_outs)
             war = self.state_outs[j - STATE_STAGING_BUFFERS] if j >= STATE_STAGING_BUFFERS else None
             slot = j % STATE_STAGING_BUFFERS
-            into = self.op(f"state_in:{u}:{p}", OpKind.STATE_IN, Resource.H2D, [war], unit=u, piece=p, slot=slot,
-                           nbytes=STREAMED_IN_BYTES * n)
-            step = self.op(f"state_update:{u}:{p}", OpKind.STATE_UPDATE, Resource.OPT, [into, ready], unit=u, piece=p, slot=slot,
-                           params=n)
-            self.state_outs.append(self.op(f"state_out:{u}:{p}", OpKind.STATE_OUT, Resource.D2H, [step], unit=u, piece=p,
-                                           slot=slot, nbytes=STREAMED_OUT_BYTES * n))
+            into = self.op(
+                f"state_in:{u}:{p}",
+                OpKind.STATE_IN,
+                Resource.H2D,
+                [war],
+                unit=u,
+                piece=p,
+                slot=slot,
+                nbytes=STREAMED_IN_BYTES * n,
+            )
+            step = self.op(
+                f"state_update:{u}:{p}",
+                OpKind.STATE_UPDATE,
+                Resource.OPT,
+                [into, ready],
+                unit=u,
+                piece=p,
+                slot=slot,
+                params=n,
+            )
+            self.state_outs.append(
+                self.op(
+                    f"state_out:{u}:{p}",
+                    OpKind.STATE_OUT,
+                    Resource.D2H,
+                    [step],
+                    unit=u,
+                    piece=p,
+                    slot=slot,
+                    nbytes=STREAMED_OUT_BYTES * n,
+                )
+            )
         self.grad_buffer_reader[u % 2] = step
         self.updates[u] = self.state_outs[-1]
 
@@ -238,11 +351,25 @@ class _StepGraph:
         kept in RAM and writes its states back after."""
         plan = self.plan
         on_disk = plan.placement[u] == "disk"
-        self.updates[u] = self.op(f"update:{u}", OpKind.UPDATE, Resource.CPU, [*deps, f"disk_read:{u}" if on_disk else None],
-                                  unit=u, params=self.numel[u], cast=on_disk)
+        self.updates[u] = self.op(
+            f"update:{u}",
+            OpKind.UPDATE,
+            Resource.CPU,
+            [*deps, f"disk_read:{u}" if on_disk else None],
+            unit=u,
+            params=self.numel[u],
+            cast=on_disk,
+        )
         if on_disk:
-            write = self.op(f"disk_write:{u}", OpKind.DISK_WRITE, Resource.DISK, [self.updates[u]], unit=u,
-                            slot=self.disk_slot[u], nbytes=12 * self.numel[u])
+            write = self.op(
+                f"disk_write:{u}",
+                OpKind.DISK_WRITE,
+                Resource.DISK,
+                [self.updates[u]],
+                unit=u,
+                slot=self.disk_slot[u],
+                nbytes=12 * self.numel[u],
+            )
             k = self.disk_order.index(u) + plan.disk_ring
             if k < len(self.disk_order):
                 self.disk_read(self.disk_order[k], write)
@@ -254,7 +381,9 @@ class _StepGraph:
         norm = self.op("norm", OpKind.NORM, Resource.CPU, ready)
         for u in range(self.L + 2):
             if self.plan.placement[u] == "gpu":
-                self.updates[u] = self.op(f"update:{u}", OpKind.UPDATE, Resource.GPU, [norm], unit=u, params=self.numel[u])
+                self.updates[u] = self.op(
+                    f"update:{u}", OpKind.UPDATE, Resource.GPU, [norm], unit=u, params=self.numel[u]
+                )
             else:
                 self.host_update(u, [norm])
 

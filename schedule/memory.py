@@ -4,6 +4,7 @@ A recomputed layer's workspace comes from the layer's dimensions (checked agains
 several shapes, `bench.layer_memory`); a kept graph and the loss piece from the profile's measured peaks for
 the model's shape where there are any, else from formulas.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,9 @@ def kept_graph(cfg: ModelConfig, seq: int, tokens: int, profile: Profile | None 
     """GPU bytes one kept layer-chunk graph holds (measured where the profile has this shape)."""
     if profile is not None:
         shape = cfg.layer_shape()
-        got = _fit([(t.tokens, t.kept_graph_bytes) for t in profile.layers if t.shape() == shape and t.seq == seq],
-                   tokens)
+        got = _fit(
+            [(t.tokens, t.kept_graph_bytes) for t in profile.layers if t.shape() == shape and t.seq == seq], tokens
+        )
         if got is not None:
             return got
     return activation_bytes_per_token(cfg) * tokens
@@ -66,8 +68,14 @@ def kept_graph(cfg: ModelConfig, seq: int, tokens: int, profile: Profile | None 
 
 def head_workspace(cfg: ModelConfig, piece_tokens: int, tokens: int, profile: Profile | None = None) -> int:
     if profile is not None:
-        got = _fit([(t.tokens, t.peak_bytes) for t in profile.heads
-                    if (t.hidden, t.vocab) == (cfg.hidden_size, cfg.vocab_size)], tokens)
+        got = _fit(
+            [
+                (t.tokens, t.peak_bytes)
+                for t in profile.heads
+                if (t.hidden, t.vocab) == (cfg.hidden_size, cfg.vocab_size)
+            ],
+            tokens,
+        )
         if got is not None:
             return got
     # fp32 logits of one piece, their softmax gradient, and the head-weight gradient temporary
@@ -83,6 +91,7 @@ def saved_input_bytes(cfg: ModelConfig, plan: Plan) -> int:
 class BufferSpec:
     """One buffer the runtime allocates (or, `lazy`, torch's AdamW allocates at its first step): the planner sums
     these and the engine allocates exactly these, by name."""
+
     name: str  # e.g. 'master:3', 'grad_ring:1', 'slot:0'
     kind: str  # the accounting line it counts under
     nbytes: int
@@ -116,19 +125,30 @@ def host_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
     L, n = cfg.num_layers, unit_numels(cfg)
     itemsize = 4 if plan.compute_dtype == "float32" else 2
     saved = saved_input_bytes(cfg, plan)
-    specs = [BufferSpec(f"master:{u}", "master_weights", 4 * n[u], (u,))
-             for u in range(L + 2) if plan.placement[u] in ("cpu", "streamed")]
-    specs += [BufferSpec(f"{state}:{u}", "streamed_states", 4 * n[u], (u,))
-              for u in plan.streamed_units for state in ("exp_avg", "exp_avg_sq")]
+    specs = [
+        BufferSpec(f"master:{u}", "master_weights", 4 * n[u], (u,))
+        for u in range(L + 2)
+        if plan.placement[u] in ("cpu", "streamed")
+    ]
+    specs += [
+        BufferSpec(f"{state}:{u}", "streamed_states", 4 * n[u], (u,))
+        for u in plan.streamed_units
+        for state in ("exp_avg", "exp_avg_sq")
+    ]
     grads = host_grad_buffer(cfg, plan)
     for name in dict.fromkeys(grads.values()):  # in first-use order
         users = tuple(u for u, g in grads.items() if g == name)
         specs.append(BufferSpec(name, "gradients", max(4 * n[u] for u in users), users))
-    specs += [BufferSpec(f"act:{lay}", "offloaded_activations", saved, (lay,))
-              for lay, p in enumerate(plan.activations) if p == "offload"]
+    specs += [
+        BufferSpec(f"act:{lay}", "offloaded_activations", saved, (lay,))
+        for lay, p in enumerate(plan.activations)
+        if p == "offload"
+    ]
     if "disk" in plan.activations:
         specs += [BufferSpec(f"act_ring:{k}", "disk_activation_ring", padded(saved)) for k in range(plan.disk_ring)]
-    specs += [BufferSpec(f"bf16:{u}", "bf16_weights", itemsize * n[u], (u,)) for u in plan.disk_units + plan.streamed_units]
+    specs += [
+        BufferSpec(f"bf16:{u}", "bf16_weights", itemsize * n[u], (u,)) for u in plan.disk_units + plan.streamed_units
+    ]
     if plan.disk_units:
         specs += [BufferSpec(f"disk_ring:{k}", "disk_ring", padded(12 * n[1])) for k in range(plan.disk_ring)]
     return specs
@@ -143,27 +163,41 @@ def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
     hidden = plan.batch * plan.seq * cfg.hidden_size * itemsize
     specs = [BufferSpec(f"slot:{k}", "weight_window", itemsize * n[1]) for k in range(plan.window)]
     if plan.stages_fp32_loads and plan.device != "cpu":
-        specs += [BufferSpec(f"staging:{k}", "transfer_staging", plan.transfer_chunk_mb * 2**20)
-                  for k in range(STAGING_BUFFERS)]
+        specs += [
+            BufferSpec(f"staging:{k}", "transfer_staging", plan.transfer_chunk_mb * 2**20)
+            for k in range(STAGING_BUFFERS)
+        ]
     shared = [u for u in range(1, L + 1) if plan.placement[u] != "gpu"]
     if shared:
-        specs += [BufferSpec(f"layer_grad:{k}", "layer_grad_buffers", 4 * n[1], tuple(u for u in shared if u % 2 == k))
-                  for k in range(2)]
+        specs += [
+            BufferSpec(f"layer_grad:{k}", "layer_grad_buffers", 4 * n[1], tuple(u for u in shared if u % 2 == k))
+            for k in range(2)
+        ]
     if plan.streamed_units:
-        specs += [BufferSpec(f"state_slot:{k}", "state_staging", (12 + itemsize) * plan.state_piece_numel)
-                  for k in range(STATE_STAGING_BUFFERS)]
-    specs += [BufferSpec(f"{what}:{u}", "edge_weights_and_grads", size * n[u], (u,))
-              for u in (0, L + 1) for what, size in (("edge_weights", itemsize), ("grad", 4))]
+        specs += [
+            BufferSpec(f"state_slot:{k}", "state_staging", (12 + itemsize) * plan.state_piece_numel)
+            for k in range(STATE_STAGING_BUFFERS)
+        ]
+    specs += [
+        BufferSpec(f"{what}:{u}", "edge_weights_and_grads", size * n[u], (u,))
+        for u in (0, L + 1)
+        for what, size in (("edge_weights", itemsize), ("grad", 4))
+    ]
     for u in (u for u in range(L + 2) if plan.placement[u] == "gpu"):
         specs.append(BufferSpec(f"gpu_master:{u}", "gpu_optimizer_states", 4 * n[u], (u,)))
         specs.append(BufferSpec(f"adamw_states:{u}", "gpu_optimizer_states", 8 * n[u], (u,), lazy=True))
         if 0 < u <= L:
             specs.append(BufferSpec(f"grad:{u}", "gpu_optimizer_states", 4 * n[u], (u,)))
-    specs += [BufferSpec(f"{what}:{k}", "hidden_buffers", hidden)
-              for what in ("hidden", "dgrad") + (("fetched",) if {"offload", "disk"} & set(plan.activations) else ())
-              for k in range(2)]
-    specs += [BufferSpec(f"kept_input:{lay}", "kept_inputs", hidden, (lay,))
-              for lay, p in enumerate(plan.activations) if p == "recompute"]
+    specs += [
+        BufferSpec(f"{what}:{k}", "hidden_buffers", hidden)
+        for what in ("hidden", "dgrad") + (("fetched",) if {"offload", "disk"} & set(plan.activations) else ())
+        for k in range(2)
+    ]
+    specs += [
+        BufferSpec(f"kept_input:{lay}", "kept_inputs", hidden, (lay,))
+        for lay, p in enumerate(plan.activations)
+        if p == "recompute"
+    ]
     return specs
 
 
@@ -174,10 +208,25 @@ def by_kind(specs: list[BufferSpec], kinds: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-GPU_STATIC_KINDS = ("weight_window", "transfer_staging", "layer_grad_buffers", "state_staging", "edge_weights_and_grads",
-                    "gpu_optimizer_states", "hidden_buffers", "kept_inputs")
-HOST_KINDS = ("master_weights", "streamed_states", "gradients", "offloaded_activations", "disk_activation_ring",
-              "bf16_weights", "disk_ring")
+GPU_STATIC_KINDS = (
+    "weight_window",
+    "transfer_staging",
+    "layer_grad_buffers",
+    "state_staging",
+    "edge_weights_and_grads",
+    "gpu_optimizer_states",
+    "hidden_buffers",
+    "kept_inputs",
+)
+HOST_KINDS = (
+    "master_weights",
+    "streamed_states",
+    "gradients",
+    "offloaded_activations",
+    "disk_activation_ring",
+    "bf16_weights",
+    "disk_ring",
+)
 
 
 def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
@@ -187,8 +236,10 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
     graph = kept_graph(cfg, plan.seq, chunk_tokens, profile)
     return by_kind(gpu_buffers(cfg, plan), GPU_STATIC_KINDS) | {
         "kept_graphs": plan.activations.count("keep") * graph * plan.chunks,
-        "workspace": max(layer_workspace(cfg, chunk_tokens, plan.mlp_tile_tokens),
-                         head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile)),
+        "workspace": max(
+            layer_workspace(cfg, chunk_tokens, plan.mlp_tile_tokens),
+            head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile),
+        ),
         "runtime_overhead": RUNTIME_OVERHEAD,
     }
 
@@ -197,8 +248,9 @@ def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> 
     """Host RAM of the runtime's buffers: fp32 masters and gradients (pinned), AdamW states (pinned where
     streamed), offloaded activations, disk and streamed units' bf16 weights, and the disk tier's rings."""
     pinned = by_kind(host_buffers(cfg, plan), HOST_KINDS)
-    states = sum(8 * n for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu") \
-        + pinned["streamed_states"]
+    states = (
+        sum(8 * n for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu") + pinned["streamed_states"]
+    )
     return {
         "master_weights": pinned["master_weights"],
         "optimizer_states": states,
@@ -214,9 +266,12 @@ def disk_bytes(cfg: ModelConfig, plan: Plan) -> int:
     """The disk tier's files: each disk unit's fp32 master weights and AdamW states, and each disk-bound
     layer's saved input."""
     n = unit_numels(cfg)
-    return sum(padded(12 * n[u]) for u in plan.disk_units) + padded(saved_input_bytes(cfg, plan)) * \
-        plan.activations.count("disk")
+    return sum(padded(12 * n[u]) for u in plan.disk_units) + padded(
+        saved_input_bytes(cfg, plan)
+    ) * plan.activations.count("disk")
 
 
 def describe(need: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v / GiB:.2f}" for k, v in need.items() if v) + f" (total {sum(need.values()) / GiB:.2f} GiB)"
+    return (
+        ", ".join(f"{k} {v / GiB:.2f}" for k, v in need.items() if v) + f" (total {sum(need.values()) / GiB:.2f} GiB)"
+    )

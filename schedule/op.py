@@ -1,5 +1,6 @@
 """The vocabulary of the step graph: the resources that serve ops, the kinds of op, and the record each graph
 node carries. The runtime's executor runs an op's body on its resource; the simulator costs it there."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ from enum import StrEnum
 
 class Resource(StrEnum):
     """What serves an op, one op at a time in issue order."""
+
     GPU = "gpu"  # the compute stream
     H2D = "h2d"  # host-to-GPU copies
     D2H = "d2h"  # GPU-to-host copies
@@ -47,6 +49,7 @@ BODY_ARGUMENTS = ("unit", "layer", "chunk", "slot", "piece")  # the fields an op
 @dataclass(frozen=True)
 class Op:
     """One op of the step graph (the node's `op` attribute)."""
+
     name: str  # e.g. 'bwd:3:0' (kind, layer, chunk)
     seq: int  # issue order; every resource serves its ops in this order
     kind: OpKind

@@ -1,4 +1,5 @@
 """The Plan: every decision the runtime and the simulator share, as one JSON-serialisable dataclass."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ class Plan:
     # updated there by the fused AdamW and written back with the bf16 weights the unit's loads read; its
     # gradient never leaves the GPU and the CPU does no work for it).
     placement: list[Placement] = field(default_factory=list)
-    update: UpdateSchedule = "during_backward"  # or 'after_norm' (exact global-norm clipping, overlapped with next forward)
+    update: UpdateSchedule = (
+        "during_backward"  # or 'after_norm' (exact global-norm clipping, overlapped with next forward)
+    )
     # during_backward only: the first `late_updates` units (embedding, layer 0, ...) updated on the CPU wait for
     # the end of the backward and then run in forward order, so the next step's forward starts after the first
     # of them instead of after all (their gradients get their own host buffers instead of the ring's).
@@ -75,7 +78,8 @@ class Plan:
         """CPU-updated layers pass their gradients through `grad_ring` shared host buffers (during_backward)."""
         late = set(self.late_units)
         return self.update == "during_backward" and any(
-            self.host_updated(u) and u not in late for u in range(1, len(self.placement) - 1))
+            self.host_updated(u) and u not in late for u in range(1, len(self.placement) - 1)
+        )
 
     @property
     def streamed_units(self) -> list[int]:
@@ -100,8 +104,11 @@ class Plan:
     def shares_edge_grad(self) -> bool:
         """The embedding's and the head's host gradients share one pinned buffer: the head's update is done
         long before the embedding's gradient arrives (during_backward, both updated on the CPU)."""
-        return self.update == "during_backward" and self.placement[0] == self.placement[-1] == "cpu" \
+        return (
+            self.update == "during_backward"
+            and self.placement[0] == self.placement[-1] == "cpu"
             and self.late_updates == 0
+        )
 
     @property
     def stages_fp32_loads(self) -> bool:
@@ -127,20 +134,26 @@ class Plan:
         if len(self.placement) != num_layers + 2 or set(self.placement) - set(PLACEMENTS):
             problems.append(f"placement needs {num_layers + 2} entries (embed, layers, head) from {PLACEMENTS}")
         elif {"disk", "streamed"} & {self.placement[0], self.placement[-1]}:
-            problems.append("'disk' and 'streamed' placements are for decoder layers; the embedding and head are "
-                            "'cpu' or 'gpu'")
+            problems.append(
+                "'disk' and 'streamed' placements are for decoder layers; the embedding and head are 'cpu' or 'gpu'"
+            )
         if self.update not in UPDATE_SCHEDULES:
             problems.append(f"update must be one of {UPDATE_SCHEDULES}")
         elif self.update != "during_backward" and "streamed" in self.placement:
-            problems.append("'streamed' placement needs update 'during_backward' (its gradient stays in a shared GPU "
-                            "buffer that the next layers' backward reuses)")
-        if self.compute_dtype not in get_args(ComputeDtype) or (self.compute_dtype == "float32" and self.device != "cpu"):
+            problems.append(
+                "'streamed' placement needs update 'during_backward' (its gradient stays in a shared GPU "
+                "buffer that the next layers' backward reuses)"
+            )
+        if self.compute_dtype not in get_args(ComputeDtype) or (
+            self.compute_dtype == "float32" and self.device != "cpu"
+        ):
             problems.append("compute_dtype is 'bfloat16', or 'float32' on device 'cpu'")
         if min(self.grad_ring, self.disk_ring, self.transfer_chunk_mb, self.loss_chunk_tokens) < 1:
             problems.append("grad_ring, disk_ring, transfer_chunk_mb and loss_chunk_tokens must be positive")
         if not 0 <= self.late_updates <= num_layers + 1 or (self.late_updates and self.update != "during_backward"):
-            problems.append(f"late_updates must be between 0 and {num_layers + 1}, and 0 unless update is "
-                            "'during_backward'")
+            problems.append(
+                f"late_updates must be between 0 and {num_layers + 1}, and 0 unless update is 'during_backward'"
+            )
         if self.mlp_tile_tokens < 0:
             problems.append("mlp_tile_tokens must be 0 (whole chunk) or positive")
         if problems:
@@ -168,9 +181,20 @@ class Plan:
             raise PlanError(f"{path}: {e}") from None
 
 
-def uniform_plan(model: str, num_layers: int, batch: int, seq: int, chunk: int | None = None, window: int = 2,
-                 activation: ActivationPolicy = "offload", keep_last: int = 0, gpu_units: int = 0, disk_layers: int = 0,
-                 streamed_layers: tuple[int, ...] = (), **kw) -> Plan:
+def uniform_plan(
+    model: str,
+    num_layers: int,
+    batch: int,
+    seq: int,
+    chunk: int | None = None,
+    window: int = 2,
+    activation: ActivationPolicy = "offload",
+    keep_last: int = 0,
+    gpu_units: int = 0,
+    disk_layers: int = 0,
+    streamed_layers: tuple[int, ...] = (),
+    **kw,
+) -> Plan:
     """A plan with one policy for every layer; the last `keep_last` layers keep their graphs, the first
     `gpu_units` units (embed, layer 0, ...) plus the head when gpu_units > 0 are updated on the GPU, the
     last `disk_layers` layers keep their states on disk (updated first in backward, needed last in forward)
@@ -188,5 +212,13 @@ def uniform_plan(model: str, num_layers: int, batch: int, seq: int, chunk: int |
     for lay in streamed_layers:
         if placement[lay + 1] == "cpu":
             placement[lay + 1] = "streamed"
-    return Plan(model=model, batch=batch, seq=seq, chunk=chunk or batch, window=window, activations=acts,
-                placement=placement, **kw)
+    return Plan(
+        model=model,
+        batch=batch,
+        seq=seq,
+        chunk=chunk or batch,
+        window=window,
+        activations=acts,
+        placement=placement,
+        **kw,
+    )

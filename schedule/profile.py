@@ -4,6 +4,7 @@ Rates are in bytes/s, parameters/s or flop/s; times in seconds. Entries a machin
 disk measured) are None. Kernel timings are per model shape, so the simulator can read the model's own
 layer times and fall back to flops at the measured efficiency for shapes not measured.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,6 +44,7 @@ class Link:
 @dataclass
 class LayerTiming:
     """One decoder layer of this shape at `tokens` tokens (`tokens // seq` sequences of `seq`)."""
+
     hidden: int
     intermediate: int
     heads: int
@@ -62,6 +64,7 @@ class LayerTiming:
 @dataclass
 class HeadTiming:
     """Final norm, LM head and loss with gradients, in `loss_chunk_tokens` pieces."""
+
     hidden: int
     vocab: int
     tokens: int

@@ -6,6 +6,7 @@ did (or half of peak for a spec-sheet profile). Copies cost latency + bytes / ba
 run at the rate calibrate measured beside a layer's backward. Each direction runs at its own rate; the
 simulator bounds the step by both directions' bytes at the measured duplex rate (streamed updates fill both).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -36,8 +37,10 @@ def layer_flops(cfg: ModelConfig, seq: int, tokens: int) -> float:
 class CostModel:
     def __init__(self, profile: Profile, cfg: ModelConfig, seq: int) -> None:
         if not profile.has_gpu or profile.h2d is None or profile.d2h is None:
-            raise ProfileError(f"profile {profile.name!r} has no GPU measurements; calibrate on a GPU machine "
-                               "or pass a GPU profile (e.g. --profile h100-80gb)")
+            raise ProfileError(
+                f"profile {profile.name!r} has no GPU measurements; calibrate on a GPU machine "
+                "or pass a GPU profile (e.g. --profile h100-80gb)"
+            )
         self.p, self.cfg, self.seq = profile, cfg, seq
         # the GPU measurements checked above, as non-optional values
         self.h2d, self.d2h = profile.h2d, profile.d2h
@@ -50,11 +53,16 @@ class CostModel:
         peak = self.gpu_flops
 
         def efficiency(work: float, key: str) -> float:
-            rates = [work * layer_flops(_cfg_of(t, cfg), t.seq, t.tokens) / getattr(t, key) / peak
-                     for t in profile.layers]
+            rates = [
+                work * layer_flops(_cfg_of(t, cfg), t.seq, t.tokens) / getattr(t, key) / peak for t in profile.layers
+            ]
             return statistics.median(rates) if rates else SPEC_EFFICIENCY
-        self.eff = {"fwd_s": efficiency(1, "fwd_s"), "bwd_recompute_s": efficiency(3, "bwd_recompute_s"),
-                    "bwd_kept_s": efficiency(2, "bwd_kept_s")}
+
+        self.eff = {
+            "fwd_s": efficiency(1, "fwd_s"),
+            "bwd_recompute_s": efficiency(3, "bwd_recompute_s"),
+            "bwd_kept_s": efficiency(2, "bwd_kept_s"),
+        }
 
     @lru_cache(maxsize=None)
     def layer(self, key: str, tokens: int) -> float:
@@ -98,8 +106,10 @@ class CostModel:
 
     def disk(self, direction: str, nbytes: int) -> float:
         if self.p.disk is None:
-            raise ProfileError(f"profile {self.p.name!r} has no disk measurements; calibrate with --disk-dir "
-                               "on the disk the tier will use")
+            raise ProfileError(
+                f"profile {self.p.name!r} has no disk measurements; calibrate with --disk-dir "
+                "on the disk the tier will use"
+            )
         d = self.p.disk
         if direction == "read":
             return d.read_latency_s + nbytes / d.read_bandwidth
@@ -113,8 +123,14 @@ class CostModel:
 
 def _cfg_of(t, like: ModelConfig) -> ModelConfig:
     """A config with a timing entry's shape, for its flop count (layer_params needs the whole shape)."""
-    return replace(like, hidden_size=t.hidden, intermediate_size=t.intermediate, num_heads=t.heads,
-                   num_kv_heads=t.kv_heads, head_dim=t.head_dim)
+    return replace(
+        like,
+        hidden_size=t.hidden,
+        intermediate_size=t.intermediate,
+        num_heads=t.heads,
+        num_kv_heads=t.kv_heads,
+        head_dim=t.head_dim,
+    )
 
 
 def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
@@ -181,8 +197,10 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
     the disk tier's reads and writes alone, or either PCIe direction's weight, gradient and streamed-state
     copies alone (each op's cost is at least its term here)."""
     tokens, slow = plan.chunk * plan.seq, cost.p.compute_slowdown_under_copies
-    layers = sum(cost.layer("fwd_s", tokens) + cost.layer("bwd_kept_s" if a == "keep" else "bwd_recompute_s", tokens)
-                 for a in plan.activations)
+    layers = sum(
+        cost.layer("fwd_s", tokens) + cost.layer("bwd_kept_s" if a == "keep" else "bwd_recompute_s", tokens)
+        for a in plan.activations
+    )
     gpu = plan.chunks * (layers + cost.head(tokens)) * slow
     numels = unit_numels(cfg)
     cpu = sum(cost.host_update(n, plan.placement[u] == "disk") for u, n in enumerate(numels) if plan.host_updated(u))

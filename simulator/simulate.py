@@ -10,6 +10,7 @@ future does. Steps run back to back (the next step's loads wait for this step's 
 when its loss is read. Memory is tracked per tier: the plan's static buffers, kept activations from their
 forward to their backward, and each compute op's workspace while it runs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,8 +27,14 @@ from slideformer.schedule.memory import disk_bytes, gpu_bytes, head_workspace, h
 from .costs import CostModel, issue_seconds, op_seconds
 
 RESOURCES = tuple(Resource)
-RESOURCE_NAMES: dict[str, str] = {Resource.GPU: "GPU compute", Resource.H2D: "PCIe host-to-device", Resource.D2H: "PCIe device-to-host",
-                  Resource.CPU: "CPU optimizer", Resource.DISK: "disk tier", Resource.OPT: "GPU streamed optimizer"}
+RESOURCE_NAMES: dict[str, str] = {
+    Resource.GPU: "GPU compute",
+    Resource.H2D: "PCIe host-to-device",
+    Resource.D2H: "PCIe device-to-host",
+    Resource.CPU: "CPU optimizer",
+    Resource.DISK: "disk tier",
+    Resource.OPT: "GPU streamed optimizer",
+}
 
 
 @dataclass
@@ -55,7 +62,9 @@ class Simulation:
     # seconds of ops per step on each resource, and 'pcie_duplex': both copy directions' bytes at the duplex rate
     work_per_step: dict[str, float] = field(default_factory=dict)
     utilisation: dict[Resource, float] = field(default_factory=dict)
-    critical: dict[Resource, float] = field(default_factory=dict)  # seconds of the last step's critical path per resource
+    critical: dict[Resource, float] = field(
+        default_factory=dict
+    )  # seconds of the last step's critical path per resource
 
     @property
     def step_s(self) -> float:
@@ -90,15 +99,22 @@ class Simulation:
     def summary(self) -> dict:
         """What `slideformer simulate --json` prints: step time, rates, busy share per resource, the bottleneck
         and the peaks."""
-        return {"step_s": self.step_s, "tokens_per_s": self.tokens_per_s, "tflops": self.tflops,
-                "utilisation": self.utilisation, "bottleneck": RESOURCE_NAMES[self.bottleneck],
-                "peak_gpu_bytes": self.peak_gpu_bytes, "peak_host_bytes": self.host_memory_bytes,
-                "peak_disk_bytes": self.disk_bytes}
+        return {
+            "step_s": self.step_s,
+            "tokens_per_s": self.tokens_per_s,
+            "tflops": self.tflops,
+            "utilisation": self.utilisation,
+            "bottleneck": RESOURCE_NAMES[self.bottleneck],
+            "peak_gpu_bytes": self.peak_gpu_bytes,
+            "peak_host_bytes": self.host_memory_bytes,
+            "peak_disk_bytes": self.disk_bytes,
+        }
 
 
 @dataclass
 class _FlatGraph:
     """The step graph as arrays in issue order (the replay loop runs once per op per step)."""
+
     order: list[str]
     resource: list[Resource]
     kind: list[OpKind]
@@ -128,8 +144,10 @@ def _flatten(g: nx.DiGraph, cfg: ModelConfig, plan: Plan, profile: Profile) -> _
     records = ops(g)
     order = [o.name for o in records]
     tokens = plan.chunk * plan.seq
-    workspace = {OpKind.BWD: layer_workspace(cfg, tokens, plan.mlp_tile_tokens),
-                 OpKind.HEAD: head_workspace(cfg, min(plan.loss_chunk_tokens, tokens), tokens, profile)}
+    workspace = {
+        OpKind.BWD: layer_workspace(cfg, tokens, plan.mlp_tile_tokens),
+        OpKind.HEAD: head_workspace(cfg, min(plan.loss_chunk_tokens, tokens), tokens, profile),
+    }
     index = {n: i for i, n in enumerate(order)}
     res = [o.resource for o in records]
     preds = [tuple(index[p] for p in g.predecessors(n)) for n in order]
@@ -137,15 +155,26 @@ def _flatten(g: nx.DiGraph, cfg: ModelConfig, plan: Plan, profile: Profile) -> _
 
     def kept(o: Op, nbytes: int) -> int:
         return graph if nbytes and o.layer is not None and plan.activations[o.layer] == "keep" else nbytes
+
     return _FlatGraph(
-        order=order, resource=res, kind=[o.kind for o in records], preds=preds,
-        blocking=[tuple(p for p in preds[i] if res[p] in HOST_RESOURCES) if res[i] not in HOST_RESOURCES else ()
-                  for i in range(len(order))],
-        after_update=[index[g.graph["after_previous_step"][n]] if n in g.graph["after_previous_step"] else -1
-                      for n in order],
-        seconds=[op_seconds(g, n, cost) for n in order], issue_seconds=[issue_seconds(g, n, cost) for n in order],
-        alloc=[kept(o, o.gpu_alloc) for o in records], freed=[kept(o, o.gpu_free) for o in records],
-        workspace=[workspace.get(o.kind, 0) for o in records], norm=index.get("norm"))
+        order=order,
+        resource=res,
+        kind=[o.kind for o in records],
+        preds=preds,
+        blocking=[
+            tuple(p for p in preds[i] if res[p] in HOST_RESOURCES) if res[i] not in HOST_RESOURCES else ()
+            for i in range(len(order))
+        ],
+        after_update=[
+            index[g.graph["after_previous_step"][n]] if n in g.graph["after_previous_step"] else -1 for n in order
+        ],
+        seconds=[op_seconds(g, n, cost) for n in order],
+        issue_seconds=[issue_seconds(g, n, cost) for n in order],
+        alloc=[kept(o, o.gpu_alloc) for o in records],
+        freed=[kept(o, o.gpu_free) for o in records],
+        workspace=[workspace.get(o.kind, 0) for o in records],
+        norm=index.get("norm"),
+    )
 
 
 def _replay(f: _FlatGraph, steps: int) -> _Replay:
@@ -231,9 +260,18 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     static = gpu_bytes(cfg, plan, profile)
     base = sum(v for k, v in static.items() if k not in ("kept_inputs", "kept_graphs", "workspace"))
     host = host_bytes(cfg, plan, profile)
-    sim = Simulation(plan, run.spans, run.step_ends, _memory_timeline(base, run.mem_events), sum(host.values()),
-                     static, host, plan.batch * plan.seq, cfg.model_flops_per_token(plan.seq) * plan.batch * plan.seq,
-                     disk_bytes(cfg, plan))
+    sim = Simulation(
+        plan,
+        run.spans,
+        run.step_ends,
+        _memory_timeline(base, run.mem_events),
+        sum(host.values()),
+        static,
+        host,
+        plan.batch * plan.seq,
+        cfg.model_flops_per_token(plan.seq) * plan.batch * plan.seq,
+        disk_bytes(cfg, plan),
+    )
     sim.work_per_step = dict.fromkeys(map(str, RESOURCES), 0.0)
     for d, r in zip(flat.seconds, flat.resource):
         sim.work_per_step[r] += d

@@ -5,6 +5,7 @@ The Python API (see `slideformer.api`): `slideformer.finetune(config, dataset=ro
 `slideformer.simulate(plan, profile)`; `slideformer.TrainConfig` is the training config and
 `slideformer.Plan` a plan.
 """
+
 __version__ = "0.1.0"
 __all__ = ["Plan", "TrainConfig", "finetune", "plan", "simulate", "train"]
 
@@ -13,11 +14,14 @@ def __getattr__(name: str):
     # Imported on first use: `import slideformer.kernels` and the CLI's start stay light.
     if name in ("finetune", "train", "plan", "simulate"):
         from slideformer import api
+
         return getattr(api, name)
     if name == "TrainConfig":
         from slideformer.train_config import TrainConfig
+
         return TrainConfig
     if name == "Plan":
         from slideformer.schedule.plan import Plan
+
         return Plan
     raise AttributeError(f"module 'slideformer' has no attribute {name!r}")

@@ -1,10 +1,11 @@
 """The Python entry points, for pipelines: what `slideformer train`, `plan --json` and `simulate` do.
 
-    import slideformer
-    report = slideformer.plan("llama-3.1-8b", seq=2048, batch=8, gpu_mem_gib=22, host_mem_gib=110)
-    summary = slideformer.finetune(model="/models/Llama-3.1-8B-Instruct", dataset=rows, max_steps=200)
-    sim = slideformer.simulate(slideformer.Plan(**report["plan"]))
+import slideformer
+report = slideformer.plan("llama-3.1-8b", seq=2048, batch=8, gpu_mem_gib=22, host_mem_gib=110)
+summary = slideformer.finetune(model="/models/Llama-3.1-8B-Instruct", dataset=rows, max_steps=200)
+sim = slideformer.simulate(slideformer.Plan(**report["plan"]))
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,9 +48,14 @@ def train(config: TrainConfig | dict | str | Path, **overrides) -> dict:
     return train_from_config(_config(config, overrides, rows_given=False))
 
 
-def finetune(config: TrainConfig | dict | str | Path | None = None, *, dataset: Iterable[dict] | None = None,
-             eval_dataset: Iterable[dict] | None = None, callbacks: Sequence[MetricsCallback] = (),
-             **settings) -> dict:
+def finetune(
+    config: TrainConfig | dict | str | Path | None = None,
+    *,
+    dataset: Iterable[dict] | None = None,
+    eval_dataset: Iterable[dict] | None = None,
+    callbacks: Sequence[MetricsCallback] = (),
+    **settings,
+) -> dict:
     """Fine-tune on rows given in Python and return the run's summary: 'checkpoint' (a Hugging Face directory),
     'first_loss', 'last_loss', 'eval_loss_before/after', 'steps', 'seconds', 'plan'.
 
@@ -77,15 +83,26 @@ def simulate(plan: Plan | str | Path, profile: str | Path = DEFAULT_PROFILE) -> 
     return replay(load_model_config(plan.model), plan, Profile.load(profile))
 
 
-def plan(model: str, seq: int, batch: int | None = None, *, gpu_mem_gib: float | None = None,
-         host_mem_gib: float | None = None, disk_gib: float = 0.0, profile: str | Path = DEFAULT_PROFILE,
-         clip: bool = False) -> dict:
+def plan(
+    model: str,
+    seq: int,
+    batch: int | None = None,
+    *,
+    gpu_mem_gib: float | None = None,
+    host_mem_gib: float | None = None,
+    disk_gib: float = 0.0,
+    profile: str | Path = DEFAULT_PROFILE,
+    clip: bool = False,
+) -> dict:
     """The capacity report of `slideformer plan --json`: whether `batch` x `seq` fits these budgets (default:
     92% of the profile's GPU and 90% of its RAM), the fastest plan found (report['plan'], a Plan's fields), its
     predicted step time and peaks, the largest batch at this seq and the longest seq at batch 1.
     `batch` None picks the batch."""
-    problems = [f"{name} must be > 0, got {v}" for name, v in (("gpu_mem_gib", gpu_mem_gib), ("host_mem_gib", host_mem_gib))
-                if v is not None and not v > 0]
+    problems = [
+        f"{name} must be > 0, got {v}"
+        for name, v in (("gpu_mem_gib", gpu_mem_gib), ("host_mem_gib", host_mem_gib))
+        if v is not None and not v > 0
+    ]
     if not disk_gib >= 0:
         problems.append(f"disk_gib must be >= 0, got {disk_gib}")
     if seq < 2:
@@ -97,8 +114,11 @@ def plan(model: str, seq: int, batch: int | None = None, *, gpu_mem_gib: float |
     prof = Profile.load(profile)
     cfg = load_model_config(model)
     # By default leave 8% of the GPU to the caching allocator's fragmentation (reserved above allocated).
-    gpu = gpu_mem_gib * GiB if gpu_mem_gib is not None else \
-        prof.gpu_memory_bytes and int(prof.gpu_memory_bytes * GPU_BUDGET_FRACTION)
+    gpu = (
+        gpu_mem_gib * GiB
+        if gpu_mem_gib is not None
+        else prof.gpu_memory_bytes and int(prof.gpu_memory_bytes * GPU_BUDGET_FRACTION)
+    )
     host = host_mem_gib * GiB if host_mem_gib is not None else int(prof.host_memory_bytes * HOST_BUDGET_FRACTION)
     if gpu is None:
         raise ProfileError(f"profile {prof.name!r} has no GPU; pass gpu_mem_gib and a GPU profile")

@@ -10,6 +10,7 @@ A checkpoint is built in `step-N.tmp` and renamed into place; older ones are del
 killed at any moment leaves at least one complete checkpoint. Resuming takes the newest checkpoint whose files
 all match its manifest, whatever LATEST says, and names any newer one it skipped.
 """
+
 from __future__ import annotations
 
 import base64
@@ -72,12 +73,15 @@ def checkpoint_bytes(model_cfg: ModelConfig, engine, tokenizer_files: list[Path]
 def check_free_space(root: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(root).free
     if free < need:
-        raise CheckpointError(f"{what} needs {need / GiB:.3g} GiB in {root}, only {free / GiB:.3g} GiB free; free "
-                              "space there, lower keep_checkpoints or choose another output_dir")
+        raise CheckpointError(
+            f"{what} needs {need / GiB:.3g} GiB in {root}, only {free / GiB:.3g} GiB free; free "
+            "space there, lower keep_checkpoints or choose another output_dir"
+        )
 
 
-def save_checkpoint(root: Path, step: int, model_cfg: ModelConfig, engine, tokenizer_files: list[Path],
-                    trainer_state: dict, keep: int) -> Path:
+def save_checkpoint(
+    root: Path, step: int, model_cfg: ModelConfig, engine, tokenizer_files: list[Path], trainer_state: dict, keep: int
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -95,8 +99,10 @@ def save_checkpoint(root: Path, step: int, model_cfg: ModelConfig, engine, token
         shutil.rmtree(tmp, ignore_errors=True)
         # safetensors reports the OS error in its message only ("... Os { code: 28, kind: StorageFull ...")
         if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in str(e):
-            raise CheckpointError(f"checkpoint step-{step:06d}: the disk filled up in {root} (it needs "
-                                  f"{need / GiB:.3g} GiB); free space there or lower keep_checkpoints") from None
+            raise CheckpointError(
+                f"checkpoint step-{step:06d}: the disk filled up in {root} (it needs "
+                f"{need / GiB:.3g} GiB); free space there or lower keep_checkpoints"
+            ) from None
         raise
     if final.exists():  # a damaged copy of this step, skipped by the resume: the new one is whole, swap it in
         old = root / f"step-{step:06d}.old"
@@ -130,8 +136,11 @@ def _crc32(path: Path) -> int:
 
 def write_manifest(path: Path, step: int, crcs: dict[str, int]) -> None:
     """manifest.json: every file's size and CRC32 (taken from `crcs` where given, else read back)."""
-    files = {f.name: {"bytes": f.stat().st_size, "crc32": crcs[f.name] if f.name in crcs else _crc32(f)}
-             for f in sorted(path.iterdir()) if f.is_file()}
+    files = {
+        f.name: {"bytes": f.stat().st_size, "crc32": crcs[f.name] if f.name in crcs else _crc32(f)}
+        for f in sorted(path.iterdir())
+        if f.is_file()
+    }
     with (path / MANIFEST).open("w") as f:
         json.dump({"step": step, "files": files}, f, indent=1)
         f.flush()

@@ -1,4 +1,5 @@
 """Synthetic training data: random tokens whose label is the next token (benchmarks and plan smoke runs)."""
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ attention is causal over the whole packed sequence, so a sample can attend to th
 the same sequence (their tokens are never its labels). Without packing, each sample is truncated or
 padded to one sequence.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,9 @@ def to_example(row: dict, where: str, tok: Tokenizer) -> Example:
             raise DataError(f"{where}: instruction rows need string fields {missing}")
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
         if tok.has_chat_template:
-            return _chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}],
-                         where, tok)
+            return _chat(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}], where, tok
+            )
         head = tok.encode(f"### Instruction:\n{prompt}\n\n### Response:\n")
         answer = tok.encode(row["output"]) + [tok.eos_id]
         return Example(head + answer, [False] * len(head) + [True] * len(answer))
@@ -108,8 +110,9 @@ def _text(content, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        other = sorted({str(p.get("type")) for p in content
-                        if p.get("type") != "text" or not isinstance(p.get("text"), str)})
+        other = sorted(
+            {str(p.get("type")) for p in content if p.get("type") != "text" or not isinstance(p.get("text"), str)}
+        )
         if other:
             raise DataError(f"{where}: content parts of type {other} are not supported (only text parts)")
         return "".join(p["text"] for p in content)
@@ -119,8 +122,9 @@ def _text(content, where: str) -> str:
 def _chat(messages, where: str, tok: Tokenizer) -> Example:
     if not tok.has_chat_template:
         raise DataError(f"{where}: chat rows need a tokenizer with a chat template")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m)
-                                                 for m in messages):
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages
+    ):
         raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
     for i, m in enumerate(messages):
         if m["role"] not in ROLES:
@@ -136,16 +140,16 @@ def _chat(messages, where: str, tok: Tokenizer) -> Example:
         # The turn starts where its conversation prefix + generation prompt ends.
         head = tok.chat(messages[:i], add_generation_prompt=True)
         turn = tok.chat(messages[: i + 1], add_generation_prompt=False)
-        if ids[:len(head)] != head or turn[:len(head)] != head:
+        if ids[: len(head)] != head or turn[: len(head)] != head:
             raise DataError(f"{where}: the chat template does not render conversations prefix by prefix")
         # `turn` renders it as the last message; a template may add to a last turn what it leaves out of an
         # earlier one (Qwen3: an empty thinking block after the last user message). The turn in the whole
         # conversation is the longest tail of that rendering found at its start.
-        start, last = len(head), turn[len(head):]
-        n = next((k for k in range(min(len(last), len(ids) - start), 0, -1) if last[-k:] == ids[start: start + k]), 0)
+        start, last = len(head), turn[len(head) :]
+        n = next((k for k in range(min(len(last), len(ids) - start), 0, -1) if last[-k:] == ids[start : start + k]), 0)
         if n == 0:
             raise DataError(f"{where}: assistant message {i} is not found in the rendered conversation")
-        trained[start: start + n] = [True] * n
+        trained[start : start + n] = [True] * n
     return Example(ids, trained)
 
 
@@ -172,7 +176,7 @@ def to_sequences(examples: list[Example], seq: int, tok: Tokenizer, pack: bool) 
         ids = [t for e in examples for t in e.ids]
         trained = [m for e in examples for m in e.trained]
         for start in range(0, max(len(ids) - 1, 0), seq):
-            w, m = ids[start: start + seq + 1], trained[start: start + seq + 1]
+            w, m = ids[start : start + seq + 1], trained[start : start + seq + 1]
             if len(w) < 2:
                 break
             windows.append((w + [tok.pad_id] * (seq + 1 - len(w)), m + [False] * (seq + 1 - len(m))))
@@ -194,7 +198,7 @@ def cut_rows(examples: list[Example], seq: int, pack: bool) -> tuple[int, int]:
         return 0, 0
     truncated = dropped = 0
     for e in examples:
-        kept, cut = any(e.trained[1: seq + 1]), any(e.trained[seq + 1:])
+        kept, cut = any(e.trained[1 : seq + 1]), any(e.trained[seq + 1 :])
         dropped += not kept
         truncated += kept and cut
     return truncated, dropped
@@ -205,8 +209,10 @@ class Batches:
 
     def __init__(self, ids: torch.Tensor, labels: torch.Tensor, batch: int, seed: int) -> None:
         if len(ids) < batch:
-            raise DataError(f"{len(ids)} training sequences, fewer than one batch of {batch}: "
-                            "lower batch/accumulation or seq, or add data")
+            raise DataError(
+                f"{len(ids)} training sequences, fewer than one batch of {batch}: "
+                "lower batch/accumulation or seq, or add data"
+            )
         self.ids, self.labels, self.batch, self.seed = ids, labels, batch, seed
         self.epoch, self.index = 0, 0
         self.order = self._order()
@@ -222,7 +228,7 @@ class Batches:
         if self.index + self.batch > len(self.ids):  # drop the ragged tail, start the next epoch
             self.epoch, self.index = self.epoch + 1, 0
             self.order = self._order()
-        rows = self.order[self.index: self.index + self.batch]
+        rows = self.order[self.index : self.index + self.batch]
         self.index += self.batch
         return self.ids[rows], self.labels[rows]
 

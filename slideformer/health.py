@@ -1,4 +1,5 @@
 """Training health: a step whose loss or gradient norm is not finite stops the run before anything of it is saved."""
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,12 @@ def check_step(step: int, loss: float, grad_norm: float, policy: str, last_check
     if policy == "skip" and not math.isfinite(grad_norm):
         print(f"step {step}: loss {loss}, gradient norm {grad_norm}: skipped (no update)", file=sys.stderr)
         return
-    kept = (f"the newest checkpoint, {last_checkpoint}, is from before it" if last_checkpoint
-            else "no checkpoint was written")
-    raise TrainingStopped(f"step {step}: loss {loss}, gradient norm {grad_norm}: training diverged and stopped "
-                          f"({kept}); lower lr or set max_grad_norm, then start again with --overwrite")
+    kept = (
+        f"the newest checkpoint, {last_checkpoint}, is from before it"
+        if last_checkpoint
+        else "no checkpoint was written"
+    )
+    raise TrainingStopped(
+        f"step {step}: loss {loss}, gradient norm {grad_norm}: training diverged and stopped "
+        f"({kept}); lower lr or set max_grad_norm, then start again with --overwrite"
+    )

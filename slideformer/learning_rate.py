@@ -1,4 +1,5 @@
 """Learning-rate schedules: linear warmup, then cosine decay to a floor or constant."""
+
 from __future__ import annotations
 
 import math

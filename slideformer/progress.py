@@ -1,5 +1,6 @@
 """What a run reports: a progress bar, metrics as JSONL and to the sinks the config names (TensorBoard when
 installed, Weights & Biases) and to Python callbacks, a loss curve."""
+
 from __future__ import annotations
 
 import json
@@ -13,19 +14,26 @@ import torch
 from slideformer.schedule.memory import GiB
 
 
-
 MetricsCallback = Callable[[dict], None]  # called with every record: a step's metrics, or an eval loss
 
 
 class RunLog:
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int, report_to: Sequence[str] = ("tensorboard",),
-                 callbacks: Sequence[MetricsCallback] = (), run_config: dict | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        total_steps: int,
+        start_step: int,
+        report_to: Sequence[str] = ("tensorboard",),
+        callbacks: Sequence[MetricsCallback] = (),
+        run_config: dict | None = None,
+    ) -> None:
         from tqdm import tqdm
 
         self.path = out_dir / "metrics.jsonl"
         if start_step and self.path.exists():  # a resumed run keeps the history up to its checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if json.loads(line).get("step", 0) <= start_step]
+            kept = [
+                line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= start_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif not start_step:
             self.path.write_text("")
@@ -36,14 +44,17 @@ class RunLog:
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:
                 pass  # TensorBoard is optional: metrics.jsonl has everything
         self.wandb = None
         if "wandb" in report_to:  # the config checked that wandb is installed
             import wandb
-            self.wandb = wandb.init(project="slideformer", name=out_dir.name, dir=str(out_dir), config=run_config,
-                                    resume="allow")
+
+            self.wandb = wandb.init(
+                project="slideformer", name=out_dir.name, dir=str(out_dir), config=run_config, resume="allow"
+            )
 
     def record(self, entry: dict) -> None:
         self.file.write(json.dumps(entry) + "\n")
@@ -60,9 +71,12 @@ class RunLog:
     def step(self, entry: dict) -> None:
         entry |= memory()
         self.record(entry)
-        self.bar.set_postfix_str(f"loss {entry['loss']:.4f}  {entry['tokens_per_s']:,.0f} tok/s  "
-                                 f"{entry['tflops']:.0f} TFLOPS  GPU {entry['gpu_gib']:.1f} GiB  "
-                                 f"host {entry['host_gib']:.1f} GiB", refresh=False)
+        self.bar.set_postfix_str(
+            f"loss {entry['loss']:.4f}  {entry['tokens_per_s']:,.0f} tok/s  "
+            f"{entry['tflops']:.0f} TFLOPS  GPU {entry['gpu_gib']:.1f} GiB  "
+            f"host {entry['host_gib']:.1f} GiB",
+            refresh=False,
+        )
         self.bar.update(1)
 
     def __enter__(self) -> RunLog:
@@ -87,6 +101,7 @@ def memory() -> dict:
 
 def loss_curve(metrics: Path, out: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -1,4 +1,5 @@
 """The output directory: one run at a time (a lock), and never another run's files by accident."""
+
 from __future__ import annotations
 
 import fcntl
@@ -25,8 +26,10 @@ def claim_output_dir(out: Path, resume: bool, overwrite: bool) -> IO:
         lock.seek(0)
         holder = lock.read().strip()
         lock.close()
-        raise ConfigError(f"output_dir {out} is in use by another run (pid {holder}); wait for it to finish or "
-                          "choose another output_dir") from None
+        raise ConfigError(
+            f"output_dir {out} is in use by another run (pid {holder}); wait for it to finish or "
+            "choose another output_dir"
+        ) from None
     lock.seek(0)
     lock.truncate()
     lock.write(f"{os.getpid()}\n")
@@ -38,8 +41,10 @@ def claim_output_dir(out: Path, resume: bool, overwrite: bool) -> IO:
             raise ConfigError(f"resume: no checkpoint under {out / 'checkpoints'}; start without --resume")
     elif earlier and not overwrite:
         lock.close()
-        raise ConfigError(f"output_dir {out} already holds a run ({', '.join(earlier[:4])}); continue it with "
-                          "--resume, replace it with --overwrite, or choose another output_dir")
+        raise ConfigError(
+            f"output_dir {out} already holds a run ({', '.join(earlier[:4])}); continue it with "
+            "--resume, replace it with --overwrite, or choose another output_dir"
+        )
     elif overwrite:
         for name in RUN_FILES:
             path = out / name

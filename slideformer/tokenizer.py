@@ -1,4 +1,5 @@
 """Tokenizers the data pipeline accepts: a Hugging Face tokenizer from a local directory, or the demo's own."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,16 +27,20 @@ class HFTokenizer:
         self.directory = Path(directory)
         # Without tokenizer.json, transformers may build a tokenizer that encodes every text to nothing.
         if not (self.directory / "tokenizer.json").is_file():
-            raise ModelConfigError(f"{self.directory}: no tokenizer.json; save the model's fast tokenizer there "
-                                   "(AutoTokenizer.from_pretrained(...).save_pretrained(DIR)) or set tokenizer")
+            raise ModelConfigError(
+                f"{self.directory}: no tokenizer.json; save the model's fast tokenizer there "
+                "(AutoTokenizer.from_pretrained(...).save_pretrained(DIR)) or set tokenizer"
+            )
         try:
             self.tok = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True)
         except (OSError, ValueError, TypeError) as e:
-            raise ModelConfigError(f"{self.directory}: the tokenizer does not load "
-                                   f"({' '.join(str(e).split())})") from None
+            raise ModelConfigError(
+                f"{self.directory}: the tokenizer does not load ({' '.join(str(e).split())})"
+            ) from None
         if self.tok.eos_token_id is None:
-            raise ModelConfigError(f"{self.directory}: the tokenizer defines no eos token; set eos_token in "
-                                   "tokenizer_config.json")
+            raise ModelConfigError(
+                f"{self.directory}: the tokenizer defines no eos token; set eos_token in tokenizer_config.json"
+            )
         if not self.tok.encode("Hello, world.", add_special_tokens=False):
             raise ModelConfigError(f"{self.directory}: the tokenizer encodes text to no tokens; check tokenizer.json")
         self.eos_id = self.tok.eos_token_id
@@ -52,6 +57,12 @@ class HFTokenizer:
 
     def files(self) -> list[Path]:
         """The tokenizer's files, copied into each checkpoint."""
-        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                 "chat_template.jinja", "generation_config.json")
+        names = (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "tokenizer.model",
+            "chat_template.jinja",
+            "generation_config.json",
+        )
         return [self.directory / n for n in names if (self.directory / n).is_file()]

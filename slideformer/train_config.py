@@ -1,4 +1,5 @@
 """The fine-tuning configuration: one dataclass, read from YAML, every key also a command-line flag."""
+
 from __future__ import annotations
 
 import argparse
@@ -86,8 +87,17 @@ class TrainConfig:
             problems.append(f"nonfinite must be 'stop' or 'skip', not {self.nonfinite!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             problems.append(f"device must be 'auto', 'cuda' or 'cpu', not {self.device!r}")
-        for name, low in (("seq", 2), ("batch", 1), ("accumulation", 1), ("epochs", 1), ("keep_checkpoints", 1),
-                          ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0), ("max_steps", 1)):
+        for name, low in (
+            ("seq", 2),
+            ("batch", 1),
+            ("accumulation", 1),
+            ("epochs", 1),
+            ("keep_checkpoints", 1),
+            ("warmup_steps", 0),
+            ("eval_every", 0),
+            ("save_every", 0),
+            ("max_steps", 1),
+        ):
             value = getattr(self, name)
             if value is not None and value < low:
                 problems.append(f"{name} must be >= {low}, got {value}")
@@ -119,14 +129,31 @@ class TrainConfig:
 
 # What a resumed run may change: how the run is executed and recorded, not what it computes. max_steps and epochs
 # may move the end (the schedule follows the new length), not to before the checkpoint (the run checks that).
-RESUMABLE_CHANGES = {"resume", "overwrite", "output_dir", "device", "plan", "profile", "disk_dir", "disk_budget_gb",
-                     "eval_every", "save_every", "keep_checkpoints", "max_steps", "epochs", "report_to"}
+RESUMABLE_CHANGES = {
+    "resume",
+    "overwrite",
+    "output_dir",
+    "device",
+    "plan",
+    "profile",
+    "disk_dir",
+    "disk_budget_gb",
+    "eval_every",
+    "save_every",
+    "keep_checkpoints",
+    "max_steps",
+    "epochs",
+    "report_to",
+}
 
 
 def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
     """The settings that differ from a checkpoint's and may not ('name: old -> new')."""
-    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-            if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    return [
+        f"{k}: {saved.get(k)!r} -> {v!r}"
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in RESUMABLE_CHANGES and saved.get(k) != v
+    ]
 
 
 def _typed(value, hint):
@@ -214,8 +241,11 @@ def config_values(path: str | None, args: argparse.Namespace | None = None) -> d
         if unknown:
             raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(names)}")
     if args is not None:
-        values |= {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                   if getattr(args, f.name, None) is not None}
+        values |= {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(TrainConfig)
+            if getattr(args, f.name, None) is not None
+        }
     return values
 
 

@@ -1,4 +1,5 @@
 """Fixtures shared by the whole suite: the devices to run on, GPU tests skipped without CUDA."""
+
 import os
 
 if not __import__("torch").cuda.is_available():

@@ -6,6 +6,7 @@ checks that a run trained like it, which the runtime's, disk tier's and kernels'
 With the Triton kernels on (the default on CUDA) the runtime rounds in fp32 where eager bf16 rounds each
 op, so the two differ by bf16 noise that AdamW amplifies; there the claim checked is that the runtime is
 no farther from an fp32 training loop than the eager bf16 loop is (`assert_no_farther_from_fp32_than_eager`)."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,10 +25,16 @@ def reference_train(*args, **kwargs) -> tuple[list[float], dict[str, torch.Tenso
         return _train(*args, **kwargs)
 
 
-def _train(cfg: ModelConfig, source: WeightSource, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                    optim: AdamWConfig, micro_batch: int, device: str = "cpu",
-                    lrs: list[float] | None = None, compute_dtype: torch.dtype = torch.bfloat16,
-                    ) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _train(
+    cfg: ModelConfig,
+    source: WeightSource,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    optim: AdamWConfig,
+    micro_batch: int,
+    device: str = "cpu",
+    lrs: list[float] | None = None,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[list[float], dict[str, torch.Tensor]]:
     master_model = Transformer(cfg)
     master = master_model.named_hf_parameters()
     with torch.no_grad():
@@ -36,8 +43,9 @@ def _train(cfg: ModelConfig, source: WeightSource, batches: list[tuple[torch.Ten
     model = Transformer(cfg).to(device=device, dtype=compute_dtype)
     compute = model.named_hf_parameters()
     masters = [p for p in master.values()]
-    opt = torch.optim.AdamW(masters, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                            weight_decay=optim.weight_decay, fused=True)
+    opt = torch.optim.AdamW(
+        masters, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay, fused=True
+    )
     losses = []
     for step, (input_ids, labels) in enumerate(batches):
         if lrs is not None:
@@ -52,8 +60,12 @@ def _train(cfg: ModelConfig, source: WeightSource, batches: list[tuple[torch.Ten
         step_loss = 0.0
         for ids, lab in zip(input_ids.split(micro_batch), labels.split(micro_batch)):
             logits = model(ids.to(device))
-            loss = F.cross_entropy(logits.float().flatten(0, 1), lab.to(device).flatten(), ignore_index=IGNORE,
-                                   reduction="sum") / total
+            loss = (
+                F.cross_entropy(
+                    logits.float().flatten(0, 1), lab.to(device).flatten(), ignore_index=IGNORE, reduction="sum"
+                )
+                / total
+            )
             loss.backward()
             step_loss += float(loss.detach())
             for name, p in compute.items():
@@ -103,8 +115,9 @@ def assert_trains_like_reference(cfg, src, data, optim, chunk, device, lrs, loss
 def assert_no_farther_from_fp32_than_eager(cfg, src, data, optim, chunk, device, lrs, losses, ours) -> None:
     """Losses and final weights no farther from an fp32 loop's than the eager bf16 loop's are (with slack)."""
     eager_losses, eager = reference_train(cfg, src, data, optim, micro_batch=chunk, device=device, lrs=lrs)
-    exact_losses, exact = reference_train(cfg, src, data, optim, micro_batch=chunk, device=device, lrs=lrs,
-                                          compute_dtype=torch.float32)
+    exact_losses, exact = reference_train(
+        cfg, src, data, optim, micro_batch=chunk, device=device, lrs=lrs, compute_dtype=torch.float32
+    )
     for step, (got, bf16, want) in enumerate(zip(losses, eager_losses, exact_losses)):
         allowed = max(LOSS_RTOL * abs(want), KERNEL_SLACK * abs(bf16 - want))
         assert abs(got - want) <= allowed, f"step {step}: loss {got} vs fp32 {want}, eager bf16 {bf16}"

@@ -1,5 +1,6 @@
 """Imports point one way: models (and kernels) <- schedule <- runtime, simulator <- calibrate, planner <- the
 application (CLI, recipes, data, checkpoints). A module importing against that direction fails here."""
+
 import ast
 from pathlib import Path
 
@@ -39,6 +40,9 @@ def imported_layers(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
 def test_a_layer_imports_only_the_layers_below_it(layer):
-    wrong = {f"{p.relative_to(REPO)} imports {sorted(imported_layers(p) - ALLOWED[layer] - {layer})}"
-             for p in sorted((REPO / layer).rglob("*.py")) if imported_layers(p) - ALLOWED[layer] - {layer}}
+    wrong = {
+        f"{p.relative_to(REPO)} imports {sorted(imported_layers(p) - ALLOWED[layer] - {layer})}"
+        for p in sorted((REPO / layer).rglob("*.py"))
+        if imported_layers(p) - ALLOWED[layer] - {layer}
+    }
     assert not wrong, "imports against the layers' direction:\n" + "\n".join(sorted(wrong))

@@ -5,6 +5,7 @@ newline): least significant digit first is how a left-to-right model can carry. 
 the same engine, plan and training loop as `slideformer train`, then decodes held-out problems greedily
 with the plain PyTorch reference model and reports exact-match accuracy before and after.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,19 @@ class CharTokenizer:
         raise NotImplementedError
 
 
-DEMO_MODEL = ModelConfig("llama", vocab_size=16, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=64, name="demo-adder")
+DEMO_MODEL = ModelConfig(
+    "llama",
+    vocab_size=16,
+    hidden_size=128,
+    intermediate_size=384,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    rope_theta=10000.0,
+    max_position_embeddings=64,
+    name="demo-adder",
+)
 
 
 def problems(n: int, digits: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -56,8 +68,9 @@ def examples(pairs: list[tuple[str, str]], tok: CharTokenizer) -> list[Example]:
 
 
 @torch.no_grad()
-def accuracy(weights: dict[str, torch.Tensor], pairs: list[tuple[str, str]], tok: CharTokenizer,
-             cfg: ModelConfig = DEMO_MODEL) -> float:
+def accuracy(
+    weights: dict[str, torch.Tensor], pairs: list[tuple[str, str]], tok: CharTokenizer, cfg: ModelConfig = DEMO_MODEL
+) -> float:
     """Exact match of greedy decoding with the reference model (fp32), a batch at a time."""
     model = Transformer(cfg)
     model.load_hf_state(weights)
@@ -67,7 +80,7 @@ def accuracy(weights: dict[str, torch.Tensor], pairs: list[tuple[str, str]], tok
     for _ in range(width):
         nxt = model(seqs)[:, -1].argmax(-1, keepdim=True)
         seqs = torch.cat([seqs, nxt], dim=1)
-    answers = [tok.decode(row[prompts.shape[1]:].tolist()) for row in seqs]
+    answers = [tok.decode(row[prompts.shape[1] :].tolist()) for row in seqs]
     return sum(got[: len(want)] == want for got, (_, want) in zip(answers, pairs)) / len(pairs)
 
 
@@ -92,25 +105,55 @@ def demo(steps: int, device: str, out_dir: str, digits: int = 2, seed: int = 0) 
     # Cosine decay to zero: the last steps settle the carry rule on every seed and float path tried
     # (seeds 0-6, 1 and 2 threads, torch's default and AVX2 CPU kernels), where a constant rate left some
     # runs near 40%.
-    cfg = TrainConfig(model="demo-adder", data=["(generated addition problems)"], seq=seq, batch=batch, lr=2e-3,
-                      schedule="cosine", warmup_steps=50, min_lr_ratio=0.0, weight_decay=0.01, adam_beta2=0.98,
-                      max_steps=steps,
-                      eval_every=max(steps // 4, 1), save_every=0, keep_checkpoints=1, output_dir=out_dir, seed=seed,
-                      device=device, plan="auto")
-    plan = uniform_plan("demo-adder", DEMO_MODEL.num_layers, batch, seq, chunk=batch, window=2,
-                        activation="recompute", device=device,
-                        compute_dtype="float32" if device == "cpu" else "bfloat16")
+    cfg = TrainConfig(
+        model="demo-adder",
+        data=["(generated addition problems)"],
+        seq=seq,
+        batch=batch,
+        lr=2e-3,
+        schedule="cosine",
+        warmup_steps=50,
+        min_lr_ratio=0.0,
+        weight_decay=0.01,
+        adam_beta2=0.98,
+        max_steps=steps,
+        eval_every=max(steps // 4, 1),
+        save_every=0,
+        keep_checkpoints=1,
+        output_dir=out_dir,
+        seed=seed,
+        device=device,
+        plan="auto",
+    )
+    plan = uniform_plan(
+        "demo-adder",
+        DEMO_MODEL.num_layers,
+        batch,
+        seq,
+        chunk=batch,
+        window=2,
+        activation="recompute",
+        device=device,
+        compute_dtype="float32" if device == "cpu" else "bfloat16",
+    )
     source = RandomWeights(DEMO_MODEL, seed=seed)
     before = accuracy({n: source.get(n) for n in _names()}, test_pairs, tok)
     started = time.perf_counter()
     summary = run(cfg, DEMO_MODEL, source, Sequences(ids, labels), Sequences(held_ids, held_labels), [], plan)
     from slideformer.models.weights import SafetensorsReader
+
     trained = SafetensorsReader(summary["checkpoint"])
     after = accuracy({n: trained.get(n) for n in _names()}, test_pairs, tok)
-    return summary | {"accuracy_before": before, "accuracy_after": after, "demo_seconds": time.perf_counter() - started,
-                      "examples": [(p, a[::-1].strip()) for p, a in test_pairs[:3]], "config": dataclasses.asdict(cfg)}
+    return summary | {
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "demo_seconds": time.perf_counter() - started,
+        "examples": [(p, a[::-1].strip()) for p, a in test_pairs[:3]],
+        "config": dataclasses.asdict(cfg),
+    }
 
 
 def _names() -> list[str]:
     from slideformer.models.model import hf_param_shapes
+
     return list(hf_param_shapes(DEMO_MODEL))

@@ -1,4 +1,5 @@
 """Fine-tuning: config -> data -> plan -> engine -> steps with eval, checkpoints and records."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,14 @@ import torch
 import yaml
 
 from slideformer.schedule.profile import Profile
-from slideformer.checkpoint import (check_free_space, checkpoint_bytes, load_checkpoint, newest_valid_checkpoint,
-                                    read_trainer_state, save_checkpoint)
+from slideformer.checkpoint import (
+    check_free_space,
+    checkpoint_bytes,
+    load_checkpoint,
+    newest_valid_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
 from slideformer.dataset import Batches, DataError, Example, cut_rows, examples_from_rows, load_examples, to_sequences
 from slideformer.health import TrainingStopped, check_step
 from slideformer.models import RandomWeights, load_model_config
@@ -27,7 +34,13 @@ from slideformer.models.config import ModelConfig, parse_model_spec
 from slideformer.models.weights import CheckpointError, check_weights, open_weights
 from slideformer.schedule.plan import Plan, PlanError, uniform_plan
 from slideformer.schedule.memory import GiB
-from slideformer.planner.search import DISK_BUDGET_FRACTION, GPU_BUDGET_FRACTION, HOST_BUDGET_FRACTION, Budgets, choose_plan
+from slideformer.planner.search import (
+    DISK_BUDGET_FRACTION,
+    GPU_BUDGET_FRACTION,
+    HOST_BUDGET_FRACTION,
+    Budgets,
+    choose_plan,
+)
 from slideformer.progress import MetricsCallback, RunLog, loss_curve
 from slideformer.run_dir import claim_output_dir
 from slideformer.runtime import AdamWConfig, Engine
@@ -59,23 +72,31 @@ def sequences(cfg: TrainConfig, examples: list[Example], tok: Tokenizer, split: 
     truncated, dropped = cut_rows(examples, cfg.seq, cfg.pack)
     if truncated or dropped:
         share = (truncated + dropped) / len(examples)
-        report = (f"{split} data: of {len(examples)} rows, {truncated} longer than seq {cfg.seq} were truncated and "
-                  f"{dropped} dropped (no trained token within seq)")
+        report = (
+            f"{split} data: of {len(examples)} rows, {truncated} longer than seq {cfg.seq} were truncated and "
+            f"{dropped} dropped (no trained token within seq)"
+        )
         if share > cfg.max_cut_fraction:
-            raise DataError(f"{report}: {share:.1%} of the rows, above max_cut_fraction {cfg.max_cut_fraction}; "
-                            "raise seq, set pack: true, or raise max_cut_fraction")
+            raise DataError(
+                f"{report}: {share:.1%} of the rows, above max_cut_fraction {cfg.max_cut_fraction}; "
+                "raise seq, set pack: true, or raise max_cut_fraction"
+            )
         print(report, file=sys.stderr)
     return Sequences(*to_sequences(examples, cfg.seq, tok, cfg.pack))
 
 
-def tokenized_data(cfg: TrainConfig, tok: Tokenizer, rows: Iterable[dict] | None = None,
-                   eval_rows: Iterable[dict] | None = None) -> tuple[Sequences, Sequences | None]:
+def tokenized_data(
+    cfg: TrainConfig, tok: Tokenizer, rows: Iterable[dict] | None = None, eval_rows: Iterable[dict] | None = None
+) -> tuple[Sequences, Sequences | None]:
     """The training and held-out sequences: from the config's files, or from rows given in Python."""
     examples = examples_from_rows(rows, "dataset", tok) if rows is not None else load_examples(cfg.data, tok)
     train = sequences(cfg, examples, tok, "train")
     if cfg.eval_data or eval_rows is not None:
-        held_examples = examples_from_rows(eval_rows, "eval_dataset", tok) if eval_rows is not None else \
-            load_examples(cfg.eval_data, tok)
+        held_examples = (
+            examples_from_rows(eval_rows, "eval_dataset", tok)
+            if eval_rows is not None
+            else load_examples(cfg.eval_data, tok)
+        )
         held_out = sequences(cfg, held_examples, tok, "eval")
         if not len(held_out.ids):
             where = "eval_dataset" if eval_rows is not None else f"eval_data {', '.join(cfg.eval_data)}"
@@ -110,21 +131,38 @@ def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str) -> Plan:
         plan = Plan.load(cfg.plan)
         plan.validate(model_cfg.num_layers)
         if (plan.batch, plan.seq) != (batch, cfg.seq):
-            raise PlanError(f"{cfg.plan}: plan is for batch {plan.batch} x seq {plan.seq}, the config asks for "
-                            f"{batch} (batch x accumulation) x {cfg.seq}")
+            raise PlanError(
+                f"{cfg.plan}: plan is for batch {plan.batch} x seq {plan.seq}, the config asks for "
+                f"{batch} (batch x accumulation) x {cfg.seq}"
+            )
         if plan.device != device:
-            raise PlanError(f"{cfg.plan}: plan is for device {plan.device!r}, the run is on {device!r}; set device "
-                            f"or make the plan for {device!r}")
+            raise PlanError(
+                f"{cfg.plan}: plan is for device {plan.device!r}, the run is on {device!r}; set device "
+                f"or make the plan for {device!r}"
+            )
         return plan
     # Clipping and skipping a non-finite step need the global norm before any update.
     update = "after_norm" if cfg.max_grad_norm is not None or cfg.nonfinite == "skip" else "during_backward"
     if device == "cpu":
-        return uniform_plan(cfg.model, model_cfg.num_layers, batch, cfg.seq, chunk=cfg.batch,
-                            window=min(2, model_cfg.num_layers), activation="recompute", update=update, device="cpu")
-    budgets = Budgets(int(torch.cuda.mem_get_info()[0] * GPU_BUDGET_FRACTION),
-                      int(available_host_bytes() * HOST_BUDGET_FRACTION), disk_budget(cfg))
-    verdict = choose_plan(model_cfg, cfg.model, cfg.seq, batch, Profile.load(cfg.profile), budgets,
-                          clip=update == "after_norm")
+        return uniform_plan(
+            cfg.model,
+            model_cfg.num_layers,
+            batch,
+            cfg.seq,
+            chunk=cfg.batch,
+            window=min(2, model_cfg.num_layers),
+            activation="recompute",
+            update=update,
+            device="cpu",
+        )
+    budgets = Budgets(
+        int(torch.cuda.mem_get_info()[0] * GPU_BUDGET_FRACTION),
+        int(available_host_bytes() * HOST_BUDGET_FRACTION),
+        disk_budget(cfg),
+    )
+    verdict = choose_plan(
+        model_cfg, cfg.model, cfg.seq, batch, Profile.load(cfg.profile), budgets, clip=update == "after_norm"
+    )
     if not verdict.fits:
         raise PlanError(f"no plan fits batch {batch} x seq {cfg.seq}: " + "; ".join(verdict.shortfalls))
     assert verdict.plan is not None, "a plan that fits is returned with the verdict"
@@ -145,8 +183,17 @@ class FineTune:
     records), `train` (the steps, with eval and checkpoints) and `close` (the engine, the loss curve and the
     summary). `run` calls them in order; the demo runs the same recipe on its own data."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, source, train: Sequences, held_out: Sequences | None,
-                 tokenizer_files: list[Path], plan: Plan, callbacks: Sequence[MetricsCallback] = ()) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model_cfg: ModelConfig,
+        source,
+        train: Sequences,
+        held_out: Sequences | None,
+        tokenizer_files: list[Path],
+        plan: Plan,
+        callbacks: Sequence[MetricsCallback] = (),
+    ) -> None:
         self.cfg, self.model_cfg, self.source, self.plan = cfg, model_cfg, source, plan
         self.held_out, self.tokenizer_files, self.callbacks = held_out, tokenizer_files, callbacks
         self.out = Path(cfg.output_dir)
@@ -161,10 +208,19 @@ class FineTune:
         if cfg.warmup_steps > self.total:
             raise ConfigError(f"warmup_steps {cfg.warmup_steps} is longer than the run's {self.total} steps")
         resume_from = self._resume_point() if cfg.resume else None  # checked before the engine loads any weights
-        self.engine = Engine(self.model_cfg, self.plan, self.source,
-                             AdamWConfig(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
-                                         max_grad_norm=cfg.max_grad_norm, skip_nonfinite=cfg.nonfinite == "skip"),
-                             disk_dir=cfg.disk_dir)
+        self.engine = Engine(
+            self.model_cfg,
+            self.plan,
+            self.source,
+            AdamWConfig(
+                lr=cfg.lr,
+                betas=(cfg.adam_beta1, cfg.adam_beta2),
+                weight_decay=cfg.weight_decay,
+                max_grad_norm=cfg.max_grad_norm,
+                skip_nonfinite=cfg.nonfinite == "skip",
+            ),
+            disk_dir=cfg.disk_dir,
+        )
         self.out.mkdir(parents=True, exist_ok=True)  # claimed by train_from_config; the demo calls run directly
         check_free_space(self.out, checkpoint_bytes(self.model_cfg, self.engine, self.tokenizer_files), "a checkpoint")
         if resume_from is not None:
@@ -181,7 +237,9 @@ class FineTune:
         for line in skipped:
             print(f"resume: skipping {line}", file=sys.stderr)
         if resume_from is None:
-            raise CheckpointError(f"resume: no valid checkpoint under {self.ckpt_root}" + "".join(f"; {s}" for s in skipped))
+            raise CheckpointError(
+                f"resume: no valid checkpoint under {self.ckpt_root}" + "".join(f"; {s}" for s in skipped)
+            )
         print(f"resume: from {resume_from.name}", file=sys.stderr)
         saved = read_trainer_state(resume_from)
         self.start = saved["step"]
@@ -189,11 +247,15 @@ class FineTune:
         if saved.get("data_sha256") != self.data_sha:
             changes.append("the tokenized data (its files' content, the tokenizer or the eval split)")
         if changes:
-            raise ConfigError(f"resume: {resume_from} was trained with other settings ({'; '.join(changes)}); "
-                              "restore them, or start again with --overwrite")
+            raise ConfigError(
+                f"resume: {resume_from} was trained with other settings ({'; '.join(changes)}); "
+                "restore them, or start again with --overwrite"
+            )
         if self.total <= self.start:
-            raise ConfigError(f"resume: {resume_from} is at step {self.start}, the run ends at step {self.total}; "
-                              "raise max_steps (or epochs) to train on")
+            raise ConfigError(
+                f"resume: {resume_from} is at step {self.start}, the run ends at step {self.total}; "
+                "raise max_steps (or epochs) to train on"
+            )
         return resume_from
 
     def evaluate(self, step: int) -> None:
@@ -202,16 +264,27 @@ class FineTune:
         n = self.cfg.sequences_per_step
         total_loss = total_tokens = 0.0
         for i in range(0, len(self.held_out.ids), n):
-            labels = self.held_out.labels[i: i + n]
+            labels = self.held_out.labels[i : i + n]
             tokens = int((labels >= 0).sum())
-            total_loss += self.engine.eval_loss(self.held_out.ids[i: i + n], labels) * tokens
+            total_loss += self.engine.eval_loss(self.held_out.ids[i : i + n], labels) * tokens
             total_tokens += tokens
         self.log.record({"step": step, "eval_loss": total_loss / max(total_tokens, 1)})
 
     def checkpoint(self, step: int) -> Path:
-        return save_checkpoint(self.ckpt_root, step, self.model_cfg, self.engine, self.tokenizer_files,
-                               {"step": step, "data": self.batches.state(), "config": dataclasses.asdict(self.cfg),
-                                "data_sha256": self.data_sha}, self.cfg.keep_checkpoints)
+        return save_checkpoint(
+            self.ckpt_root,
+            step,
+            self.model_cfg,
+            self.engine,
+            self.tokenizer_files,
+            {
+                "step": step,
+                "data": self.batches.state(),
+                "config": dataclasses.asdict(self.cfg),
+                "data_sha256": self.data_sha,
+            },
+            self.cfg.keep_checkpoints,
+        )
 
     def train(self) -> None:
         cfg, engine, batches, total, log = self.cfg, self.engine, self.batches, self.total, self.log
@@ -227,17 +300,30 @@ class FineTune:
                 t = time.perf_counter()
                 r = engine.train_step(ids, labels)
                 dt = time.perf_counter() - t
-                log.step({"step": step + 1, "loss": r.loss, "grad_norm": r.grad_norm, "lr": lr,
-                          "trained_tokens": r.tokens, "step_s": dt, "tokens_per_s": ids.numel() / dt,
-                          "tflops": flops_per_step / dt / 1e12, "epoch": batches.epoch})
+                log.step(
+                    {
+                        "step": step + 1,
+                        "loss": r.loss,
+                        "grad_norm": r.grad_norm,
+                        "lr": lr,
+                        "trained_tokens": r.tokens,
+                        "step_s": dt,
+                        "tokens_per_s": ids.numel() / dt,
+                        "tflops": flops_per_step / dt / 1e12,
+                        "epoch": batches.epoch,
+                    }
+                )
                 check_step(step + 1, r.loss, r.grad_norm, cfg.nonfinite, self.saved_at.name if self.saved_at else None)
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
                     self.evaluate(step + 1)
                 if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (stop.signal and step + 1 < total):
                     self.saved_at = self.checkpoint(step + 1)
                 if stop.signal and step + 1 < total:
-                    raise TrainingStopped(f"stopped by {stop.signal.name} after step {step + 1}: saved {self.saved_at}; "
-                                          "continue with --resume", exit_code=128 + stop.signal)
+                    raise TrainingStopped(
+                        f"stopped by {stop.signal.name} after step {step + 1}: saved {self.saved_at}; "
+                        "continue with --resume",
+                        exit_code=128 + stop.signal,
+                    )
             self.evaluate(total)
             if self.saved_at is None or not self.saved_at.name.endswith(f"{total:06d}"):
                 self.saved_at = self.checkpoint(total)
@@ -250,16 +336,31 @@ class FineTune:
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # resumed runs too
         losses = [h["loss"] for h in history if "loss" in h]
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-        summary = {"steps": self.total, "resumed_from": self.start or None, "first_loss": losses[0] if losses else None,
-                   "last_loss": losses[-1] if losses else None, "eval_loss_before": evals[0] if evals else None,
-                   "eval_loss_after": evals[-1] if evals else None, "seconds": time.perf_counter() - self.started,
-                   "checkpoint": str(self.saved_at), "plan": str(out / "plan.json")}
+        summary = {
+            "steps": self.total,
+            "resumed_from": self.start or None,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "eval_loss_before": evals[0] if evals else None,
+            "eval_loss_after": evals[-1] if evals else None,
+            "seconds": time.perf_counter() - self.started,
+            "checkpoint": str(self.saved_at),
+            "plan": str(out / "plan.json"),
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
 
-def run(cfg: TrainConfig, model_cfg: ModelConfig, source, train: Sequences, held_out: Sequences | None,
-        tokenizer_files: list[Path], plan: Plan, callbacks: Sequence[MetricsCallback] = ()) -> dict:
+def run(
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    source,
+    train: Sequences,
+    held_out: Sequences | None,
+    tokenizer_files: list[Path],
+    plan: Plan,
+    callbacks: Sequence[MetricsCallback] = (),
+) -> dict:
     """The whole recipe: setup, train, close; returns the run's summary."""
     recipe = FineTune(cfg, model_cfg, source, train, held_out, tokenizer_files, plan, callbacks)
     recipe.setup()
@@ -300,14 +401,20 @@ class StopRequests:
             signal.signal(s, handler)
 
 
-def train_from_config(cfg: TrainConfig, rows: Iterable[dict] | None = None, eval_rows: Iterable[dict] | None = None,
-                      callbacks: Sequence[MetricsCallback] = ()) -> dict:
+def train_from_config(
+    cfg: TrainConfig,
+    rows: Iterable[dict] | None = None,
+    eval_rows: Iterable[dict] | None = None,
+    callbacks: Sequence[MetricsCallback] = (),
+) -> dict:
     """Everything `slideformer train --config` does; `rows` and `eval_rows` (from Python) stand in for the
     config's data and eval_data files, `callbacks` get every metrics record."""
     model_cfg = load_model_config(cfg.model)
     if cfg.seq > model_cfg.max_position_embeddings:
-        raise ConfigError(f"seq {cfg.seq} is longer than the model's max_position_embeddings "
-                          f"{model_cfg.max_position_embeddings}; lower seq")
+        raise ConfigError(
+            f"seq {cfg.seq} is longer than the model's max_position_embeddings "
+            f"{model_cfg.max_position_embeddings}; lower seq"
+        )
     model_dir = parse_model_spec(cfg.model)[0]
     tok_dir = cfg.tokenizer or (model_dir if Path(model_dir).is_dir() else None)
     if tok_dir is None:
@@ -326,8 +433,11 @@ def train_from_config(cfg: TrainConfig, rows: Iterable[dict] | None = None, eval
 def print_summary(summary: dict) -> None:
     def fmt(x):
         return "-" if x is None else f"{x:.4f}"
-    print(f"\n{summary['steps']} steps in {summary['seconds']:.0f} s"
-          + (f" (resumed at step {summary['resumed_from']})" if summary["resumed_from"] else "")
-          + f"; train loss {fmt(summary['first_loss'])} -> {fmt(summary['last_loss'])}; "
-          f"eval loss {fmt(summary['eval_loss_before'])} -> {fmt(summary['eval_loss_after'])}\n"
-          f"checkpoint (Hugging Face directory): {summary['checkpoint']}")
+
+    print(
+        f"\n{summary['steps']} steps in {summary['seconds']:.0f} s"
+        + (f" (resumed at step {summary['resumed_from']})" if summary["resumed_from"] else "")
+        + f"; train loss {fmt(summary['first_loss'])} -> {fmt(summary['last_loss'])}; "
+        f"eval loss {fmt(summary['eval_loss_before'])} -> {fmt(summary['eval_loss_after'])}\n"
+        f"checkpoint (Hugging Face directory): {summary['checkpoint']}"
+    )

@@ -1,6 +1,7 @@
 """The Python API does what the CLI does: a capacity report as `plan --json` prints it, a prediction as
 `simulate --json` prints it, a training run as `train --config` makes it (also on rows given in Python, with
 metrics to callbacks and Weights & Biases), bad settings refused with the setting's name; the README's example runs."""
+
 import importlib.machinery
 import json
 import math
@@ -24,8 +25,25 @@ from tests import REPO
 def test_plan_is_the_cli_report(capsys):
     args = dict(gpu_mem_gib=20.0, host_mem_gib=60.0)
     report = slideformer.plan("llama-3.1-8b:4", 1024, 8, **args)
-    assert main(["plan", "--model", "llama-3.1-8b:4", "--seq", "1024", "--batch", "8", "--gpu-mem", "20",
-                 "--host-mem", "60", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "llama-3.1-8b:4",
+                "--seq",
+                "1024",
+                "--batch",
+                "8",
+                "--gpu-mem",
+                "20",
+                "--host-mem",
+                "60",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
     assert report["fits"] and report["plan"]["batch"] == 8
     with pytest.raises(ConfigError, match="gpu_mem_gib must be > 0"):
@@ -34,9 +52,18 @@ def test_plan_is_the_cli_report(capsys):
 
 def test_train_takes_a_dict_with_overrides(tmp_path):
     rows = chat_rows(60)
-    model_dir = make_model_dir(tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows)
-    config = {"model": str(model_dir), "data": [str(write_jsonl(rows, tmp_path / "chat.jsonl"))], "seq": 64,
-              "batch": 2, "lr": 1e-3, "device": "cpu", "output_dir": str(tmp_path / "run")}
+    model_dir = make_model_dir(
+        tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows
+    )
+    config = {
+        "model": str(model_dir),
+        "data": [str(write_jsonl(rows, tmp_path / "chat.jsonl"))],
+        "seq": 64,
+        "batch": 2,
+        "lr": 1e-3,
+        "device": "cpu",
+        "output_dir": str(tmp_path / "run"),
+    }
     summary = slideformer.train(config, max_steps=3, eval_every=0)
     assert summary["steps"] == 3 and math.isfinite(summary["last_loss"])
     assert (tmp_path / "run" / "summary.json").exists()
@@ -46,11 +73,23 @@ def test_train_takes_a_dict_with_overrides(tmp_path):
 
 def test_finetune_trains_on_rows_from_python_and_calls_back_with_every_record(tmp_path):
     rows = chat_rows(60)
-    model_dir = make_model_dir(tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows)
+    model_dir = make_model_dir(
+        tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows
+    )
     records = []
-    summary = slideformer.finetune(model=str(model_dir), dataset=(r for r in rows), eval_dataset=rows[:8], seq=64,
-                                   batch=2, lr=1e-3, device="cpu", max_steps=3, output_dir=str(tmp_path / "run"),
-                                   report_to=[], callbacks=[records.append])
+    summary = slideformer.finetune(
+        model=str(model_dir),
+        dataset=(r for r in rows),
+        eval_dataset=rows[:8],
+        seq=64,
+        batch=2,
+        lr=1e-3,
+        device="cpu",
+        max_steps=3,
+        output_dir=str(tmp_path / "run"),
+        report_to=[],
+        callbacks=[records.append],
+    )
     assert summary["steps"] == 3 and math.isfinite(summary["last_loss"])
     steps = [r["step"] for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
@@ -63,10 +102,18 @@ def test_finetune_trains_on_rows_from_python_and_calls_back_with_every_record(tm
 
 def test_finetune_names_a_bad_row_by_its_index_and_refuses_two_sources_of_data(tmp_path):
     rows = chat_rows(10)
-    model_dir = make_model_dir(tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows)
+    model_dir = make_model_dir(
+        tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows
+    )
     with pytest.raises(DataError, match="dataset row 3: a row needs 'text', 'messages'"):
-        slideformer.finetune(model=str(model_dir), dataset=rows[:3] + [{"prompt": "x"}], seq=64, batch=2,
-                             device="cpu", output_dir=str(tmp_path / "run"))
+        slideformer.finetune(
+            model=str(model_dir),
+            dataset=rows[:3] + [{"prompt": "x"}],
+            seq=64,
+            batch=2,
+            device="cpu",
+            output_dir=str(tmp_path / "run"),
+        )
     with pytest.raises(ConfigError, match="give data \\(files\\) or a dataset, not both"):
         slideformer.finetune(model=str(model_dir), data=["chat.jsonl"], dataset=rows, output_dir=str(tmp_path / "r"))
     with pytest.raises(ConfigError, match="data is required"):
@@ -75,7 +122,9 @@ def test_finetune_names_a_bad_row_by_its_index_and_refuses_two_sources_of_data(t
 
 def test_report_to_wandb_logs_every_record_and_needs_wandb_installed(tmp_path, monkeypatch):
     rows = chat_rows(40)
-    model_dir = make_model_dir(tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows)
+    model_dir = make_model_dir(
+        tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows
+    )
     settings = dict(model=str(model_dir), dataset=rows, seq=64, batch=2, device="cpu", max_steps=2, report_to=["wandb"])
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(ConfigError, match="report_to 'wandb' needs the wandb package: pip install wandb"):
@@ -89,6 +138,7 @@ def test_report_to_wandb_logs_every_record_and_needs_wandb_installed(tmp_path, m
 
         def finish(self):
             calls.append(("finish",))
+
     fake = types.ModuleType("wandb")
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
     fake.init = lambda **kw: calls.append(("init", kw)) or Run()
@@ -115,13 +165,24 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     """The README's Python API example, as written, with a small synthetic model directory in place of the
     Qwen one (the only thing CI cannot have)."""
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("### The Python API"):]
-    code = section[section.index("```python\n") + len("```python\n"): section.index("```\n", section.index("```python"))]
+    section = readme[readme.index("### The Python API") :]
+    code = section[
+        section.index("```python\n") + len("```python\n") : section.index("```\n", section.index("```python"))
+    ]
     example_model = "/models/Qwen2.5-0.5B-Instruct"
     assert example_model in code
-    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {a}?"},
-                          {"role": "assistant", "content": f"{a} plus {a} is {2 * a}."}]} for a in range(200)]
-    model_dir = make_model_dir(tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows)
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {a} plus {a}?"},
+                {"role": "assistant", "content": f"{a} plus {a} is {2 * a}."},
+            ]
+        }
+        for a in range(200)
+    ]
+    model_dir = make_model_dir(
+        tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows
+    )
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(code.replace(example_model, str(model_dir)), scope)

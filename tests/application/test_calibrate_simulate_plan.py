@@ -1,17 +1,51 @@
 """The calibrate, simulate and plan commands end to end on a CPU machine."""
+
 import json
 
 from slideformer.schedule.profile import Profile
 from slideformer.cli import main
 
-REPORT_FIELDS = {"fits", "batch", "seq", "predicted_step_s", "predicted_tokens_per_s", "predicted_tflops",
-                 "peak_gpu_bytes", "peak_host_bytes", "peak_disk_bytes", "bottleneck", "plan"}
+REPORT_FIELDS = {
+    "fits",
+    "batch",
+    "seq",
+    "predicted_step_s",
+    "predicted_tokens_per_s",
+    "predicted_tflops",
+    "peak_gpu_bytes",
+    "peak_host_bytes",
+    "peak_disk_bytes",
+    "bottleneck",
+    "plan",
+}
 
 
 def test_calibrate_runs_without_a_gpu_and_writes_a_loadable_profile(tmp_path):
     out = tmp_path / "p.json"
-    assert main(["calibrate", "--model", "tiny-llama", "--seq", "32", "--seq", "128", "--sequences", "1", "2", "--quick",
-                 "--max-chunk-tokens", "64", "--disk-dir", str(tmp_path), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                "tiny-llama",
+                "--seq",
+                "32",
+                "--seq",
+                "128",
+                "--sequences",
+                "1",
+                "2",
+                "--quick",
+                "--max-chunk-tokens",
+                "64",
+                "--disk-dir",
+                str(tmp_path),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     prof = Profile.load(out)
     assert prof.cpu_adamw_params_per_s and all(r > 0 for r in prof.cpu_adamw_params_per_s)
     assert prof.disk.read_bandwidth > 0 and prof.disk.write_bandwidth > 0
@@ -23,8 +57,27 @@ def test_calibrate_runs_without_a_gpu_and_writes_a_loadable_profile(tmp_path):
 
 def test_plan_for_8b_on_24_gib_fits_and_its_plan_simulates(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["plan", "--model", "llama-3.1-8b", "--seq", "2048", "--gpu-mem", "24", "--host-mem", "120",
-                 "--batch", "8", "--json", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "llama-3.1-8b",
+                "--seq",
+                "2048",
+                "--gpu-mem",
+                "24",
+                "--host-mem",
+                "120",
+                "--batch",
+                "8",
+                "--json",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert REPORT_FIELDS <= set(report) and report["fits"] and report["batch"] == 8
     assert report["peak_gpu_bytes"] <= 24 * 2**30 and report["peak_host_bytes"] <= 120 * 2**30
@@ -47,4 +100,3 @@ def test_simulate_with_a_cpu_only_profile_says_what_is_missing(tmp_path, capsys)
     main(["calibrate", "--model", "tiny-llama", "--seq", "32", "--sequences", "1", "--quick", "--out", str(prof)])
     assert main(["simulate", "examples/llama-3.1-8b-16l-offload.json", "--profile", str(prof)]) == 2
     assert "has no GPU measurements" in capsys.readouterr().err
-

@@ -1,4 +1,5 @@
 """Data rows in their common shapes: tokenized, prompt-masked, packed; bad rows named by file and line."""
+
 import json
 
 import pytest
@@ -27,8 +28,14 @@ def trained_text(tok, ex: Example) -> str:
 
 
 def test_chat_rows_train_on_assistant_turns_only(tmp_path, tok):
-    row = {"messages": [{"role": "user", "content": "Is 4 even?"}, {"role": "assistant", "content": "Yes."},
-                        {"role": "user", "content": "And 5?"}, {"role": "assistant", "content": "No."}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "Is 4 even?"},
+            {"role": "assistant", "content": "Yes."},
+            {"role": "user", "content": "And 5?"},
+            {"role": "assistant", "content": "No."},
+        ]
+    }
     (ex,) = load_examples([write(tmp_path / "c.jsonl", [row])], tok)
     assert ex.ids == tok.chat(row["messages"], add_generation_prompt=False)
     assert trained_text(tok, ex) == "Yes.<|end|>No.<|end|>"
@@ -51,12 +58,15 @@ def test_packing_fills_sequences_and_labels_are_the_next_trained_token(tok):
     assert (labels != IGNORE_INDEX).sum() == torch.tensor(4)
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"text": 3}', "c.jsonl:2: 'text' must be a string"),
-    ('{"prompt": "x"}', "c.jsonl:2: a row needs 'text', 'messages', or 'instruction' and 'output'"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "c.jsonl:2: a chat row needs at least one assistant"),
-    ('{"text": "a"', "c.jsonl:2: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": 3}', "c.jsonl:2: 'text' must be a string"),
+        ('{"prompt": "x"}', "c.jsonl:2: a row needs 'text', 'messages', or 'instruction' and 'output'"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "c.jsonl:2: a chat row needs at least one assistant"),
+        ('{"text": "a"', "c.jsonl:2: not valid JSON"),
+    ],
+)
 def test_a_bad_row_names_its_file_and_line(tmp_path, tok, line, message):
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "fine"}\n' + line + "\n")
@@ -76,12 +86,15 @@ def test_unsupported_or_missing_files_are_refused(tmp_path, tok):
 # own way, and Qwen3's renders an assistant turn after the last user message with a thinking block it leaves
 # out of earlier turns, so a conversation is not rendered prefix by prefix there.
 TEMPLATES = {
-    "qwen2.5": (r"""{%- if messages[0].role != 'system' %}
+    "qwen2.5": (
+        r"""{%- if messages[0].role != 'system' %}
 {{- '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{%- endif %}
 {%- for m in messages %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}""",
-                "A one.<|im_end|>\nA two.<|im_end|>\n"),
-    "qwen3": (r"""{%- set ns = namespace(last_user=-1) %}
+        "A one.<|im_end|>\nA two.<|im_end|>\n",
+    ),
+    "qwen3": (
+        r"""{%- set ns = namespace(last_user=-1) %}
 {%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
 {%- for m in messages %}
 {%- if m.role == 'assistant' and loop.index0 > ns.last_user %}
@@ -89,34 +102,55 @@ TEMPLATES = {
 {%- else %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}""",
-              "A one.<|im_end|>\n<think>\n\n</think>\n\nA two.<|im_end|>\n"),
-    "llama-3.1": (r"""{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n' }}
+        "A one.<|im_end|>\n<think>\n\n</think>\n\nA two.<|im_end|>\n",
+    ),
+    "llama-3.1": (
+        r"""{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n' }}
 {{- 'Cutting Knowledge Date: December 2023\n\n' }}
 {%- if messages[0].role == 'system' %}{{- messages[0].content }}{%- endif %}{{- '<|eot_id|>' }}
 {%- for m in messages %}{%- if m.role != 'system' %}
 {{- '<|start_header_id|>' + m.role + '<|end_header_id|>\n\n' + m.content + '<|eot_id|>' }}
 {%- endif %}{%- endfor %}
 {%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}""",
-                  "A one.<|eot_id|>A two.<|eot_id|>"),
-    "mistral": (r"""{{- '<s>' }}{%- for m in messages %}
+        "A one.<|eot_id|>A two.<|eot_id|>",
+    ),
+    "mistral": (
+        r"""{{- '<s>' }}{%- for m in messages %}
 {%- if m.role == 'user' %}{{- '[INST] ' + m.content + ' [/INST]' }}
 {%- elif m.role == 'assistant' %}{{- ' ' + m.content + '</s>' }}
 {%- else %}{{- raise_exception('system messages are not supported') }}{%- endif %}{%- endfor %}""",
-                " A one.</s> A two.</s>"),
+        " A one.</s> A two.</s>",
+    ),
 }
-FAMILY_SPECIALS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|begin_of_text|>", "<|start_header_id|>",
-                   "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>", "[INST]", "[/INST]"]
+FAMILY_SPECIALS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<think>",
+    "</think>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+]
 
 
 @pytest.fixture(scope="module")
 def family_tokenizer_dir(tmp_path_factory):
     from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+
     d = tmp_path_factory.mktemp("families")
     raw = RawTokenizer(models.BPE(unk_token="<|unk|>"))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|unk|>", *FAMILY_SPECIALS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|unk|>", *FAMILY_SPECIALS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     raw.train_from_iterator(["Hi there. A one. A two. Why? system user assistant"] * 10, trainer)
     raw.save(str(d / "tokenizer.json"))
     return d
@@ -125,14 +159,28 @@ def family_tokenizer_dir(tmp_path_factory):
 @pytest.mark.parametrize("family", TEMPLATES)
 def test_each_family_template_masks_exactly_the_assistant_turns(family, family_tokenizer_dir, tmp_path):
     import shutil
+
     template, expected = TEMPLATES[family]
     shutil.copy(family_tokenizer_dir / "tokenizer.json", tmp_path / "tokenizer.json")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "unk_token": "<|unk|>",
-        "chat_template": template}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|im_end|>",
+                "unk_token": "<|unk|>",
+                "chat_template": template,
+            }
+        )
+    )
     tok = HFTokenizer(tmp_path)
-    row = {"messages": [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "A one."},
-                        {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "A two."}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "Hi there."},
+            {"role": "assistant", "content": "A one."},
+            {"role": "user", "content": "Why?"},
+            {"role": "assistant", "content": "A two."},
+        ]
+    }
     (ex,) = load_examples([write(tmp_path / "c.jsonl", [row])], tok)
     assert ex.ids == tok.chat(row["messages"], add_generation_prompt=False)
     assert trained_text(tok, ex) == expected
@@ -140,13 +188,19 @@ def test_each_family_template_masks_exactly_the_assistant_turns(family, family_t
 
 def test_content_as_text_parts_is_concatenated_and_other_shapes_are_refused(tmp_path, tok):
     text = [{"type": "text", "text": "Is 4 "}, {"type": "text", "text": "even?"}]
-    parts = {"messages": [{"role": "user", "content": text},
-                          {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}]}
+    parts = {
+        "messages": [
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]},
+        ]
+    }
     plain = {"messages": [{"role": "user", "content": "Is 4 even?"}, {"role": "assistant", "content": "Yes."}]}
     a, b = load_examples([write(tmp_path / "p.jsonl", [parts, plain])], tok)
     assert a == b
-    for content, message in [([{"type": "image", "url": "x.png"}], r"content parts of type \['image'\] are not supported"),
-                             (None, "content must be a string or a list of text parts, got null")]:
+    for content, message in [
+        ([{"type": "image", "url": "x.png"}], r"content parts of type \['image'\] are not supported"),
+        (None, "content must be a string or a list of text parts, got null"),
+    ]:
         bad = {"messages": [plain["messages"][0], {"role": "assistant", "content": content}]}
         with pytest.raises(DataError, match=r"b.jsonl:1: message 1: " + message):
             load_examples([write(tmp_path / "b.jsonl", [bad])], tok)
@@ -159,11 +213,18 @@ def test_rows_cut_at_seq_are_counted_reported_and_stop_the_run_above_the_thresho
     from slideformer.recipes.train import tokenized_data
     from slideformer.train_config import TrainConfig
 
-    rows = [{"text": "hello world " * 20}, {"instruction": "hello world " * 20, "output": "hi"}, {"text": "hello"},
-            {"text": "world"}]
+    rows = [
+        {"text": "hello world " * 20},
+        {"instruction": "hello world " * 20, "output": "hi"},
+        {"text": "hello"},
+        {"text": "world"},
+    ]
     cfg = TrainConfig(model="tiny-llama", data=[str(write(tmp_path / "d.jsonl", rows))], seq=8, pack=False)
-    with pytest.raises(DataError, match=r"train data: of 4 rows, 1 longer than seq 8 were truncated and 1 dropped "
-                                        r"\(no trained token within seq\): 50.0% of the rows, above max_cut_fraction 0.0"):
+    with pytest.raises(
+        DataError,
+        match=r"train data: of 4 rows, 1 longer than seq 8 were truncated and 1 dropped "
+        r"\(no trained token within seq\): 50.0% of the rows, above max_cut_fraction 0.0",
+    ):
         tokenized_data(cfg, tok)
     cfg.max_cut_fraction = 0.5
     train, _ = tokenized_data(cfg, tok)

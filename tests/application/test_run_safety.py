@@ -1,6 +1,7 @@
 """A run's work is protected: divergence stops it before anything diverged is saved, checkpoints are verified
 on resume (falling back past a damaged one), a resumed run must be the same run, an output_dir holds one run
 at a time, a full disk is a clear error, and SIGTERM saves at the next step and exits cleanly."""
+
 import json
 import os
 import signal
@@ -30,9 +31,22 @@ def job(tmp_path_factory):
 
 def config(job, out, **kw) -> TrainConfig:
     d, model, data = job
-    cfg = TrainConfig(**{"model": str(model), "data": [str(data)], "seq": 32, "batch": 2, "lr": 1e-3,
-                         "schedule": "constant", "max_steps": 4, "save_every": 1, "keep_checkpoints": 3,
-                         "device": "cpu", "output_dir": str(d / out)} | kw)
+    cfg = TrainConfig(
+        **{
+            "model": str(model),
+            "data": [str(data)],
+            "seq": 32,
+            "batch": 2,
+            "lr": 1e-3,
+            "schedule": "constant",
+            "max_steps": 4,
+            "save_every": 1,
+            "keep_checkpoints": 3,
+            "device": "cpu",
+            "output_dir": str(d / out),
+        }
+        | kw
+    )
     cfg.validate()
     return cfg
 
@@ -48,8 +62,11 @@ def steps(out):
 
 def test_divergence_stops_the_run_and_keeps_the_finite_checkpoints(job):
     d = job[0]
-    with pytest.raises(TrainingStopped, match=r"step \d+: loss .*, gradient norm nan: training diverged and stopped "
-                                              r"\(the newest checkpoint, step-0+\d+, is from before it\)"):
+    with pytest.raises(
+        TrainingStopped,
+        match=r"step \d+: loss .*, gradient norm nan: training diverged and stopped "
+        r"\(the newest checkpoint, step-0+\d+, is from before it\)",
+    ):
         train_from_config(config(job, "diverged", lr=1e7, warmup_steps=4, max_steps=20, keep_checkpoints=2))
     rows = [json.loads(line) for line in (d / "diverged" / "metrics.jsonl").read_text().splitlines()]
     norms = {r["step"]: r["grad_norm"] for r in rows if "grad_norm" in r}
@@ -94,14 +111,17 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_says_which(job, capsys)
     assert "step-000005: no manifest.json" in err and "resume: from step-000004" in err
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"lr": 2e-3}, "lr: 0.001 -> 0.002"),
-    ({"batch": 4}, "batch: 2 -> 4"),
-    ({"seed": 1}, "seed: 0 -> 1"),
-    ({"eval_fraction": 0.1}, "eval_fraction: 0.0 -> 0.1"),
-    ({"max_steps": 3}, "at step 4, the run ends at step 3"),
-    ({"max_steps": 4}, "at step 4, the run ends at step 4; raise max_steps"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lr": 2e-3}, "lr: 0.001 -> 0.002"),
+        ({"batch": 4}, "batch: 2 -> 4"),
+        ({"seed": 1}, "seed: 0 -> 1"),
+        ({"eval_fraction": 0.1}, "eval_fraction: 0.0 -> 0.1"),
+        ({"max_steps": 3}, "at step 4, the run ends at step 3"),
+        ({"max_steps": 4}, "at step 4, the run ends at step 4; raise max_steps"),
+    ],
+)
 def test_resume_refuses_a_changed_run(job, change, message):
     d = job[0]
     if not (d / "base").exists():
@@ -129,7 +149,9 @@ def test_an_output_dir_holds_one_run(job):
         train_from_config(config(job, "one", max_steps=2))
     assert losses(d / "one") and steps(d / "one") == ["step-000001", "step-000002"]
     with claim_output_dir(d / "one", resume=True, overwrite=False):  # another run holds it
-        with pytest.raises(ConfigError, match=f"output_dir {d / 'one'} is in use by another run \\(pid {os.getpid()}\\)"):
+        with pytest.raises(
+            ConfigError, match=f"output_dir {d / 'one'} is in use by another run \\(pid {os.getpid()}\\)"
+        ):
             train_from_config(config(job, "one", resume=True, max_steps=3))
     train_from_config(config(job, "one", max_steps=1, overwrite=True))
     assert steps(d / "one") == ["step-000001"] and list(losses(d / "one")) == [1]
@@ -139,6 +161,7 @@ def test_a_full_disk_is_a_clear_error(job, monkeypatch):
     import shutil
 
     import slideformer.checkpoint as ckpt
+
     d = job[0]
     usage = shutil.disk_usage(d)
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage._replace(free=1000))
@@ -152,13 +175,18 @@ def test_a_full_disk_is_a_clear_error(job, monkeypatch):
         raise OSError(28, "No space left on device")
 
     def no_space_in_safetensors(*a, **kw):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
-                              'space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
     for where, fail in (("write_safetensors", no_space), ("save_hf_checkpoint", no_space_in_safetensors)):
         with monkeypatch.context() as m:
             m.setattr(ckpt, where, fail)
-            with pytest.raises(CheckpointError, match=r"checkpoint step-000001: the disk filled up in .* \(it needs "
-                                                      r"0\.0\d+ GiB\)"):
+            with pytest.raises(
+                CheckpointError,
+                match=r"checkpoint step-000001: the disk filled up in .* \(it needs "
+                r"0\.0\d+ GiB\)",
+            ):
                 train_from_config(config(job, "full", resume=False, overwrite=True))
         assert not list((d / "full" / "checkpoints").iterdir())  # the partial step-000001.tmp is gone
 
@@ -171,7 +199,17 @@ def test_sigterm_saves_at_the_next_step_and_the_resumed_run_matches(job):
     env = os.environ | {"OMP_NUM_THREADS": "1"}  # deterministic CPU kernels, as in the SIGKILL test
 
     def train(out, *extra):
-        cmd = [sys.executable, "-m", "slideformer.cli", "train", "--config", str(path), "--output-dir", str(d / out), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "slideformer.cli",
+            "train",
+            "--config",
+            str(path),
+            "--output-dir",
+            str(d / out),
+            *extra,
+        ]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
     proc = train("stopped")
@@ -183,8 +221,10 @@ def test_sigterm_saves_at_the_next_step_and_the_resumed_run_matches(job):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     last = max(losses(d / "stopped"))
-    assert err.strip().splitlines()[-1] == (f"slideformer: stopped by SIGTERM after step {last}: saved "
-                                            f"{d / 'stopped' / 'checkpoints' / f'step-{last:06d}'}; continue with --resume")
+    assert err.strip().splitlines()[-1] == (
+        f"slideformer: stopped by SIGTERM after step {last}: saved "
+        f"{d / 'stopped' / 'checkpoints' / f'step-{last:06d}'}; continue with --resume"
+    )
     resumed = train("stopped", "--resume", "--max-steps", str(last + 2))
     straight = train("straight", "--max-steps", str(last + 2))
     for p in (resumed, straight):

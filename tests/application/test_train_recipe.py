@@ -1,5 +1,6 @@
 """The fine-tuning recipe end to end on CPU: a run killed with SIGKILL mid-step and resumed reproduces the
 losses of a run that never stopped; its checkpoints load in transformers with the same logits as ours."""
+
 import json
 import os
 import signal
@@ -24,9 +25,21 @@ def job(tmp_path_factory):
     d = tmp_path_factory.mktemp("job")
     rows = chat_rows(300)
     model_dir = make_model_dir(d / "model", MODEL, rows)
-    config = {"model": str(model_dir), "data": [str(write_jsonl(rows, d / "chat.jsonl"))], "eval_fraction": 0.1,
-              "seq": 64, "batch": 2, "accumulation": 2, "lr": 1e-3, "warmup_steps": 2, "max_steps": 10,
-              "save_every": 2, "eval_every": 5, "device": "cpu", "max_grad_norm": 1.0}
+    config = {
+        "model": str(model_dir),
+        "data": [str(write_jsonl(rows, d / "chat.jsonl"))],
+        "eval_fraction": 0.1,
+        "seq": 64,
+        "batch": 2,
+        "accumulation": 2,
+        "lr": 1e-3,
+        "warmup_steps": 2,
+        "max_steps": 10,
+        "save_every": 2,
+        "eval_every": 5,
+        "device": "cpu",
+        "max_grad_norm": 1.0,
+    }
     path = d / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return d, path
@@ -78,8 +91,16 @@ def test_checkpoint_loads_in_transformers_with_our_logits(job):
     reader = SafetensorsReader(ckpt)
     ours.load_hf_state({n: reader.get(n) for n in ours.named_hf_parameters()})
     tok = AutoTokenizer.from_pretrained(ckpt)
-    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 2?"}],
-                                                add_generation_prompt=True, tokenize=True, return_dict=False)])
+    ids = torch.tensor(
+        [
+            tok.apply_chat_template(
+                [{"role": "user", "content": "What is 2 plus 2?"}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        ]
+    )
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
 

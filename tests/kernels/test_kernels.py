@@ -1,5 +1,6 @@
 """Each Triton kernel against the PyTorch reference on fresh random inputs, forward and gradients, at the
 tolerance of bf16 (on CPU through TRITON_INTERPRET=1, set in conftest; on the GPU natively)."""
+
 from dataclasses import replace
 
 import pytest
@@ -19,7 +20,9 @@ def close(got: torch.Tensor, want: torch.Tensor) -> None:
     got, want = got.float(), want.float()
     bound = 2e-2 * want.abs() + 1e-2 * want.abs().max()
     worst = ((got - want).abs() - bound).max()
-    assert worst <= 0, f"off by {worst.item():.3g} beyond the bf16 bound (largest |value| {want.abs().max().item():.3g})"
+    assert worst <= 0, (
+        f"off by {worst.item():.3g} beyond the bf16 bound (largest |value| {want.abs().max().item():.3g})"
+    )
 
 
 def run(fn, *inputs, use, fp32=False):
@@ -27,7 +30,9 @@ def run(fn, *inputs, use, fp32=False):
     leaves = [(t.float() if fp32 else t).detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
     with kernels.use(use, on_cpu=use):
         out = fn(*leaves)
-    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, torch.bfloat16).to(out.dtype)
+    d_out = (
+        torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, torch.bfloat16).to(out.dtype)
+    )
     grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], d_out)
     return out, grads
 
@@ -57,6 +62,7 @@ def test_rms_norm_with_residual_add(shape):
 
     def both(a, d, b):
         return torch.stack(add_rms_norm(a, d, b, 1e-5))
+
     ref_out, ref_grads = run(both, x, delta, w, use=False, fp32=True)
     out, grads = run(both, x, delta, w, use=True)
     close(out, ref_out)
@@ -67,6 +73,7 @@ def test_rms_norm_with_residual_add(shape):
 @pytest.mark.parametrize("shape", [(2, 3, 176), (5, 1000), (1, 7, 14336)])
 def test_swiglu(shape):
     from slideformer.kernels.swiglu import swiglu
+
     g = torch.Generator().manual_seed(0)
     gate, up = (torch.randn(shape, generator=g).to(device(), torch.bfloat16) for _ in range(2))
     ref_out, ref_grads = run(lambda a, b: F.silu(a) * b, gate, up, use=False, fp32=True)
@@ -93,8 +100,9 @@ def test_rope_reads_the_projection_layout_and_writes_its_gradient_back_in_it():
     cfg = replace(PRESETS["llama-3.1-8b"], head_dim=64)
     cos, sin = rope_tables(cfg, 9, device(), torch.bfloat16)
     projected = torch.randn(2, 9, 3, 64, generator=torch.Generator().manual_seed(0)).to(device(), torch.bfloat16)
-    ref_out, (ref_grad,) = run(lambda a: apply_rope(a.transpose(1, 2), cos.float(), sin.float()), projected,
-                               use=False, fp32=True)
+    ref_out, (ref_grad,) = run(
+        lambda a: apply_rope(a.transpose(1, 2), cos.float(), sin.float()), projected, use=False, fp32=True
+    )
     leaf = projected.detach().clone().requires_grad_()
     with kernels.use(True, on_cpu=True):
         out = apply_rope(leaf.transpose(1, 2), cos, sin)
@@ -108,6 +116,7 @@ def test_rope_reads_the_projection_layout_and_writes_its_gradient_back_in_it():
 @pytest.mark.parametrize("tokens, hidden, vocab, piece", [(9, 32, 1000, 4), (6, 64, 128256, 4), (5, 16, 151936, 8)])
 def test_linear_cross_entropy_with_ignored_tokens(tokens, hidden, vocab, piece):
     from slideformer.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, hidden, generator=g).to(device(), torch.bfloat16)
     w = (0.05 * torch.randn(vocab, hidden, generator=g)).to(device(), torch.bfloat16)

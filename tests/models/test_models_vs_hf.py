@@ -1,4 +1,5 @@
 """Our model numerics against Hugging Face transformers' own modeling, every family, logits and gradients."""
+
 import pytest
 import torch
 import transformers
@@ -10,8 +11,9 @@ FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
 
 
 def hf_model(cfg: ModelConfig, state: dict) -> torch.nn.Module:
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg.to_hf()),
-                                                       attn_implementation="sdpa").float()
+    hf = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**cfg.to_hf()), attn_implementation="sdpa"
+    ).float()
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     return hf
@@ -41,6 +43,7 @@ def test_logits_and_gradients_match_transformers(name):
 def test_llama3_rope_scaling_changes_long_wavelengths():
     """The Llama-3 scaling is applied (a preset without it would give different logits)."""
     from dataclasses import replace
+
     cfg = PRESETS["tiny-llama"]
     state = random_hf_state(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, 128))
@@ -66,14 +69,31 @@ def test_sharded_checkpoint_round_trips_through_transformers(name, tmp_path):
 def test_config_json_of_a_real_shape_builds(tmp_path):
     """A Llama-3.1-8B config.json as Hugging Face ships it gives our preset's shape."""
     import json
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-          "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-          "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
-          "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                           "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-          "tie_word_embeddings": False}
+
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 131072,
+        "rope_scaling": {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "tie_word_embeddings": False,
+    }
     (tmp_path / "config.json").write_text(json.dumps(hf))
     from slideformer.models import load_model_config
+
     cfg = load_model_config(str(tmp_path))
     assert cfg.total_params == PRESETS["llama-3.1-8b"].total_params == 8_030_261_248
 
@@ -85,15 +105,18 @@ def test_layer_backward_matches_autograd_through_the_layer(tile):
 
     cfg = PRESETS["tiny-qwen3"]  # GQA and q/k norms
     g = torch.Generator().manual_seed(0)
-    params = {n: (torch.randn(s, generator=g) * 0.1 + (1.0 if n.endswith("norm.weight") else 0.0)).requires_grad_()
-              for n, s in cfg.layer_param_shapes().items()}
+    params = {
+        n: (torch.randn(s, generator=g) * 0.1 + (1.0 if n.endswith("norm.weight") else 0.0)).requires_grad_()
+        for n, s in cfg.layer_param_shapes().items()
+    }
     x = torch.randn(3, 16, cfg.hidden_size, generator=g, dtype=torch.float64).float().requires_grad_()
     dy = torch.randn(3, 16, cfg.hidden_size, generator=g)
     cos, sin = rope_tables(cfg, 16, "cpu", torch.float32)
     want = torch.autograd.grad(decoder_layer(params, x, cos, sin, cfg), [x, *params.values()], dy)
     got: dict[str, torch.Tensor] = {}
-    dx = decoder_layer_backward(params, x, dy, cos, sin, cfg, tile,
-                                lambda n, t: got.__setitem__(n, got[n] + t if n in got else t.clone()))
+    dx = decoder_layer_backward(
+        params, x, dy, cos, sin, cfg, tile, lambda n, t: got.__setitem__(n, got[n] + t if n in got else t.clone())
+    )
     torch.testing.assert_close(dx, want[0], rtol=1e-5, atol=1e-6)
     assert set(got) == set(params)
     for (name, _), w in zip(params.items(), want[1:]):

@@ -1,6 +1,7 @@
 """The disk tier: files round-trip through both I/O paths, every damage is a clear error, training with
 layers' states on disk matches the reference loop and resumes exactly, and the planner uses the disk only
 when RAM is short."""
+
 import errno
 import json
 import os
@@ -21,9 +22,11 @@ NBYTES = 40 * 2**20 + 12  # three pieces, the last one short and unaligned befor
 
 def aligned(nbytes: int, fill: int | None = None) -> torch.Tensor:
     raw = torch.empty(padded(nbytes) + 4096, dtype=torch.uint8)
-    buf = raw[-raw.data_ptr() % 4096:][: padded(nbytes)]
+    buf = raw[-raw.data_ptr() % 4096 :][: padded(nbytes)]
     if fill is None:
-        return buf.copy_(torch.randint(0, 256, buf.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+        return buf.copy_(
+            torch.randint(0, 256, buf.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        )
     return buf.fill_(fill)
 
 
@@ -84,6 +87,7 @@ def test_full_disk_during_a_write_is_a_clear_error(tmp_path, monkeypatch):
 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(TierError, match="writing .*unit1.bin failed: the disk is full"):
         t.write("unit1", aligned(NBYTES))
@@ -103,16 +107,35 @@ def test_disk_plan_without_a_directory_is_refused():
         Engine(cfg, plan, RandomWeights(cfg))
 
 
-@pytest.mark.parametrize("update, activation, ring", [("during_backward", "offload", 2), ("after_norm", "offload", 2),
-                                                       ("during_backward", "disk", 1), ("after_norm", "disk", 2)])
-def test_training_with_states_and_activations_on_disk_matches_the_reference_loop(update, activation, ring, device,
-                                                                                 tmp_path):
+@pytest.mark.parametrize(
+    "update, activation, ring",
+    [
+        ("during_backward", "offload", 2),
+        ("after_norm", "offload", 2),
+        ("during_backward", "disk", 1),
+        ("after_norm", "disk", 2),
+    ],
+)
+def test_training_with_states_and_activations_on_disk_matches_the_reference_loop(
+    update, activation, ring, device, tmp_path
+):
     from tests.reference import B, S, assert_trains_like_reference, batches
+
     cfg = PRESETS["tiny-llama"]
     data = batches(cfg.vocab_size)
     src, optim = RandomWeights(cfg, seed=3), AdamWConfig(lr=1e-3, weight_decay=0.01)
-    plan = uniform_plan("tiny-llama", cfg.num_layers, B, S, chunk=2, device=device, disk_layers=3, update=update,
-                        activation=activation, disk_ring=ring)
+    plan = uniform_plan(
+        "tiny-llama",
+        cfg.num_layers,
+        B,
+        S,
+        chunk=2,
+        device=device,
+        disk_layers=3,
+        update=update,
+        activation=activation,
+        disk_ring=ring,
+    )
     engine = Engine(cfg, plan, src, optim, disk_dir=tmp_path)
     losses = [engine.train_step(ids, labels).loss for ids, labels in data]
     ours = engine.hf_state()
@@ -128,6 +151,7 @@ def test_checkpoint_of_disk_states_resumes_bit_exactly(tmp_path):
 
     from slideformer.checkpoint import STATE_FILE, write_safetensors
     from tests.reference import B, S, batches
+
     torch.manual_seed(0)
     cfg = PRESETS["tiny-llama"]
     data = batches(cfg.vocab_size)
@@ -152,6 +176,7 @@ def test_planner_puts_states_on_disk_only_when_ram_is_short():
     from slideformer.schedule.memory import GiB, disk_bytes
     from slideformer.planner.search import Budgets, choose_plan
     from slideformer.models import load_model_config
+
     profile, cfg = Profile.load("h100-80gb"), load_model_config("qwen3-14b")
     without = choose_plan(cfg, "qwen3-14b", 2048, 8, profile, Budgets(72 * GiB, 110 * GiB))
     assert not without.fits and "host RAM needs at least" in without.shortfalls[0]

@@ -1,14 +1,25 @@
 """The runtime trains exactly like a plain PyTorch mixed-precision loop (within bf16 tolerance; with the Triton
 kernels on, no farther from an fp32 loop than eager bf16 is: `tests.reference`)."""
+
 import pytest
 
 from slideformer.models import PRESETS, RandomWeights
 from slideformer.schedule.plan import uniform_plan
 from slideformer.runtime import AdamWConfig, Engine
-from tests.reference import WEIGHT_TOL, B, S, assert_trains_like_reference, batches, reference_train, relative_weight_error
+from tests.reference import (
+    WEIGHT_TOL,
+    B,
+    S,
+    assert_trains_like_reference,
+    batches,
+    reference_train,
+    relative_weight_error,
+)
 
-def check_against_references(name: str, device: str, optim: AdamWConfig, lrs: list[float] | None = None,
-                             **plan_kw) -> None:
+
+def check_against_references(
+    name: str, device: str, optim: AdamWConfig, lrs: list[float] | None = None, **plan_kw
+) -> None:
     cfg = PRESETS[name]
     data = batches(cfg.vocab_size)
     src = RandomWeights(cfg, seed=3)
@@ -40,28 +51,35 @@ PLANS = {
 
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
 def test_runtime_matches_reference_loop(plan_name, device):
-    check_against_references("tiny-llama", device, AdamWConfig(lr=1e-3, weight_decay=0.01),
-                                        **dict(PLANS[plan_name]))
+    check_against_references("tiny-llama", device, AdamWConfig(lr=1e-3, weight_decay=0.01), **dict(PLANS[plan_name]))
 
 
 @pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-qwen3", "tiny-mistral"])
 def test_every_family_trains_exactly(family, device):
-    check_against_references(family, device, AdamWConfig(lr=1e-3), window=2, activation="offload",
-                                        chunk=2)
+    check_against_references(family, device, AdamWConfig(lr=1e-3), window=2, activation="offload", chunk=2)
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1e9])  # clipping active, and inactive
 def test_global_norm_clipping_after_norm_schedule(max_norm, device):
     optim = AdamWConfig(lr=1e-3, max_grad_norm=max_norm)
-    check_against_references("tiny-llama", device, optim, window=2, activation="offload",
-                                        update="after_norm", chunk=2, gpu_units=1)
+    check_against_references(
+        "tiny-llama", device, optim, window=2, activation="offload", update="after_norm", chunk=2, gpu_units=1
+    )
 
 
 @pytest.mark.parametrize("update", ["during_backward", "after_norm"])
 def test_learning_rate_schedule_applies_to_the_step_it_was_set_for(update, device):
     """A schedule changes the rate every step while the last updates of the step before still run."""
-    check_against_references("tiny-llama", device, AdamWConfig(lr=1e-3), lrs=[3e-3, 1e-4, 2e-3, 5e-4],
-                                        window=2, activation="offload", update=update, chunk=2)
+    check_against_references(
+        "tiny-llama",
+        device,
+        AdamWConfig(lr=1e-3),
+        lrs=[3e-3, 1e-4, 2e-3, 5e-4],
+        window=2,
+        activation="offload",
+        update=update,
+        chunk=2,
+    )
 
 
 def test_tolerance_detects_a_real_difference():
@@ -85,13 +103,32 @@ def test_weights_streamed_in_many_pieces_match_reference(streamed_layers):
     """Units larger than the staging buffer stream through it piece by piece (the large-model path), and so do
     streamed layers' states through the GPU's AdamW."""
     from dataclasses import replace
-    cfg = replace(PRESETS["tiny-llama"], vocab_size=4096, hidden_size=512, intermediate_size=1408, num_heads=8,
-                  num_kv_heads=2, head_dim=64, num_layers=3, name="mid-llama")
+
+    cfg = replace(
+        PRESETS["tiny-llama"],
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        num_layers=3,
+        name="mid-llama",
+    )
     data = batches(cfg.vocab_size)
     src = RandomWeights(cfg, seed=3)
     optim = AdamWConfig(lr=1e-3)
-    plan = uniform_plan("tiny-llama", cfg.num_layers, B, S, chunk=2, window=2, transfer_chunk_mb=1,
-                        streamed_layers=streamed_layers, device="cuda")
+    plan = uniform_plan(
+        "tiny-llama",
+        cfg.num_layers,
+        B,
+        S,
+        chunk=2,
+        window=2,
+        transfer_chunk_mb=1,
+        streamed_layers=streamed_layers,
+        device="cuda",
+    )
     assert cfg.layer_params * 4 > 3 * 2**20  # each layer crosses PCIe in several pieces
     assert all(plan.streamed_pieces(cfg.layer_params) > 2 for _ in plan.streamed_units)
     engine = Engine(cfg, plan, src, optim)

@@ -1,5 +1,6 @@
 """The 'streamed' placement: master and AdamW states stream to the GPU in pieces and back; the same maths
 as the CPU's torch AdamW (the same fused kernel, piece by piece), so on a CPU device it is bit-identical."""
+
 from dataclasses import replace
 
 import pytest
@@ -34,8 +35,14 @@ def train(cfg, steps=4, state=None, **kw):
     return losses, {k: v.clone() for k, v in out.items()}
 
 
-@pytest.mark.parametrize("kw", [dict(streamed_layers=(0, 1, 2)), dict(streamed_layers=(1,), late_updates=3),
-                                dict(streamed_layers=(0, 2), activation="recompute", window=1)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(streamed_layers=(0, 1, 2)),
+        dict(streamed_layers=(1,), late_updates=3),
+        dict(streamed_layers=(0, 2), activation="recompute", window=1),
+    ],
+)
 def test_streamed_layers_train_bit_identically_to_cpu_ones(kw):
     cfg = MID
     plan = uniform_plan("mid", cfg.num_layers, 4, 32, device="cpu", transfer_chunk_mb=1, **kw)
@@ -51,6 +58,7 @@ def test_streamed_layers_train_bit_identically_to_cpu_ones(kw):
 
 def test_a_streamed_checkpoint_resumes_on_the_cpu_placement_and_back(tmp_path):
     from safetensors.torch import load_file
+
     _, after_two = train(MID, steps=2, streamed_layers=(0, 2))
     write_safetensors(tmp_path / STATE_FILE, after_two.items())
     state = load_file(tmp_path / STATE_FILE)
@@ -61,9 +69,12 @@ def test_a_streamed_checkpoint_resumes_on_the_cpu_placement_and_back(tmp_path):
     assert back == train(MID, steps=1, state=cpu_state)[0]
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(update="after_norm", streamed_layers=(1,)), "'streamed' placement needs update 'during_backward'"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(update="after_norm", streamed_layers=(1,)), "'streamed' placement needs update 'during_backward'"),
+    ],
+)
 def test_streamed_plans_that_cannot_run_are_refused(kw, message):
     plan = uniform_plan("tiny-llama", 4, 4, 32, device="cpu", **kw)
     with pytest.raises(PlanError, match=message):
@@ -77,6 +88,7 @@ def test_streamed_plans_that_cannot_run_are_refused(kw, message):
 def test_streamed_pieces_cycle_through_the_gpu_slots_in_order():
     """Each piece goes in, is updated and goes out on one slot; a slot is refilled only after it went out."""
     from slideformer.schedule.plan import STATE_STAGING_BUFFERS
+
     plan = uniform_plan("mid", MID.num_layers, 4, 32, device="cpu", transfer_chunk_mb=1, streamed_layers=(0, 1, 2))
     g = build_step_graph(MID, plan)
     ins = [o.name for o in ops(g) if o.kind == "state_in"]
@@ -84,8 +96,9 @@ def test_streamed_pieces_cycle_through_the_gpu_slots_in_order():
     for j, n in enumerate(ins):
         unit, piece = n.split(":")[1:]
         assert op_of(g, n).slot == j % STATE_STAGING_BUFFERS
-        assert g.has_edge(n, f"state_update:{unit}:{piece}") and g.has_edge(f"state_update:{unit}:{piece}",
-                                                                           f"state_out:{unit}:{piece}")
+        assert g.has_edge(n, f"state_update:{unit}:{piece}") and g.has_edge(
+            f"state_update:{unit}:{piece}", f"state_out:{unit}:{piece}"
+        )
         if j >= STATE_STAGING_BUFFERS:
             assert g.has_edge(ins[j - STATE_STAGING_BUFFERS].replace("state_in", "state_out"), n)
     assert sum(o.params for o in ops(g) if o.kind == "state_update") == 3 * MID.layer_params

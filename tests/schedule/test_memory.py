@@ -1,4 +1,5 @@
 """The memory model's workspace formula against the H100's measurements."""
+
 import json
 
 from slideformer.models import load_model_config

@@ -1,4 +1,5 @@
 """The Plan round-trips through JSON; the operation graph is well formed for every plan shape."""
+
 from dataclasses import replace
 
 import networkx as nx
@@ -12,22 +13,39 @@ from slideformer.schedule.plan import Plan, PlanError, uniform_plan
 
 
 def test_plan_json_round_trip(tmp_path):
-    plan = uniform_plan("llama-3.1-8b", 32, 8, 2048, chunk=4, window=3, keep_last=2, gpu_units=3,
-                        update="after_norm")
+    plan = uniform_plan("llama-3.1-8b", 32, 8, 2048, chunk=4, window=3, keep_last=2, gpu_units=3, update="after_norm")
     plan.save(tmp_path / "p.json")
     assert Plan.load(tmp_path / "p.json") == plan
 
 
 @settings(max_examples=60, deadline=None)
-@given(layers=st.integers(1, 7), window=st.integers(1, 4), chunks=st.integers(1, 3), ring=st.integers(1, 4),
-       policy=st.sampled_from(["offload", "recompute"]), keep=st.integers(0, 2), gpu_units=st.integers(0, 3),
-       update=st.sampled_from(["during_backward", "after_norm"]))
+@given(
+    layers=st.integers(1, 7),
+    window=st.integers(1, 4),
+    chunks=st.integers(1, 3),
+    ring=st.integers(1, 4),
+    policy=st.sampled_from(["offload", "recompute"]),
+    keep=st.integers(0, 2),
+    gpu_units=st.integers(0, 3),
+    update=st.sampled_from(["during_backward", "after_norm"]),
+)
 def test_graph_is_acyclic_and_updates_each_unit_once(layers, window, chunks, ring, policy, keep, gpu_units, update):
     cfg = replace(PRESETS["tiny-llama"], num_layers=layers)
     window = min(window, layers)
-    plan = uniform_plan("tiny-llama", layers, 2 * chunks, 16, chunk=2, window=window, activation=policy,
-                        keep_last=min(keep, window), gpu_units=gpu_units, grad_ring=ring, update=update,
-                        device="cpu")
+    plan = uniform_plan(
+        "tiny-llama",
+        layers,
+        2 * chunks,
+        16,
+        chunk=2,
+        window=window,
+        activation=policy,
+        keep_last=min(keep, window),
+        gpu_units=gpu_units,
+        grad_ring=ring,
+        update=update,
+        device="cpu",
+    )
     plan.validate(layers)
     g = build_step_graph(cfg, plan)
     assert nx.is_directed_acyclic_graph(g)
@@ -42,12 +60,15 @@ def test_graph_is_acyclic_and_updates_each_unit_once(layers, window, chunks, rin
         assert loads, f"layer {lay} never loaded"
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(chunk=3), "chunk 3 must divide batch 4"),
-    (dict(window=9), "window 9"),
-    (dict(activations=["keep", "offload", "offload", "offload"]), "'keep' is allowed only"),
-    (dict(update="sometimes"), "update must be one of"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(chunk=3), "chunk 3 must divide batch 4"),
+        (dict(window=9), "window 9"),
+        (dict(activations=["keep", "offload", "offload", "offload"]), "'keep' is allowed only"),
+        (dict(update="sometimes"), "update must be one of"),
+    ],
+)
 def test_bad_plans_are_refused_with_reasons(bad, message):
     plan = uniform_plan("tiny-llama", 4, 4, 32, chunk=2, device="cpu")
     for k, v in bad.items():
@@ -59,12 +80,17 @@ def test_bad_plans_are_refused_with_reasons(bad, message):
 def test_the_engine_has_a_body_for_every_kind_of_op_the_graph_builds():
     from slideformer.models import RandomWeights
     from slideformer.runtime import Engine
+
     cfg = PRESETS["tiny-llama"]
     kinds = set()
-    for kw in (dict(activation="offload"), dict(update="after_norm"), dict(activation="disk", disk_layers=2),
-               dict(streamed_layers=(1,))):
+    for kw in (
+        dict(activation="offload"),
+        dict(update="after_norm"),
+        dict(activation="disk", disk_layers=2),
+        dict(streamed_layers=(1,)),
+    ):
         plan = uniform_plan("tiny-llama", cfg.num_layers, 2, 16, device="cpu", **kw)
         kinds |= {o.kind for o in ops(build_step_graph(cfg, plan))}
     engine = Engine(cfg, uniform_plan("tiny-llama", cfg.num_layers, 2, 16, device="cpu"), RandomWeights(cfg))
-    assert kinds == set(engine.ops.bodies)
+    assert kinds == set(engine.executor.bodies)
     engine.close()

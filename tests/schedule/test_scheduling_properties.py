@@ -1,5 +1,6 @@
 """Property-based tests of the schedule: the graph, its simulation and the planner, over random model
 shapes, plans, budgets and machine profiles."""
+
 from dataclasses import replace
 
 from hypothesis import given, settings
@@ -15,29 +16,48 @@ from slideformer.simulator import simulate
 from slideformer.simulator.costs import CostModel, step_lower_bound
 
 
-
 @st.composite
 def models(draw):
     """Real-sized shapes (nothing is allocated: the simulator and planner only count bytes and flops)."""
     heads = draw(st.sampled_from([8, 16, 32]))
-    return replace(PRESETS["llama-3.1-8b"], num_layers=draw(st.integers(1, 6)), num_heads=heads,
-                   num_kv_heads=draw(st.sampled_from([h for h in (1, 2, 4, 8) if heads % h == 0])),
-                   hidden_size=heads * 128, intermediate_size=draw(st.sampled_from([2, 3, 4])) * heads * 128,
-                   vocab_size=draw(st.sampled_from([32000, 128256])), name="random")
+    return replace(
+        PRESETS["llama-3.1-8b"],
+        num_layers=draw(st.integers(1, 6)),
+        num_heads=heads,
+        num_kv_heads=draw(st.sampled_from([h for h in (1, 2, 4, 8) if heads % h == 0])),
+        hidden_size=heads * 128,
+        intermediate_size=draw(st.sampled_from([2, 3, 4])) * heads * 128,
+        vocab_size=draw(st.sampled_from([32000, 128256])),
+        name="random",
+    )
 
 
 @st.composite
 def profiles(draw):
     rate = lambda lo, hi: draw(st.floats(lo, hi))  # noqa: E731
     return Profile(
-        name="random", source="spec", device="random", date="-", host_memory_bytes=64 * GiB, host_cores=8,
-        cpu_adamw_threads=[8], cpu_adamw_params_per_s=[rate(1e6, 1e10)], runtime_threads=8,
-        gpu_memory_bytes=80 * GiB, gpu_bf16_flops=rate(1e9, 1e15), gpu_memory_bandwidth=rate(1e9, 3e12),
-        gpu_adamw_params_per_s=rate(1e7, 1e11), issue_s=rate(0, 1e-3),
-        h2d=Link(rate(1e7, 6e10), rate(0, 1e-4)), d2h=Link(rate(1e7, 6e10), rate(0, 1e-4)),
-        staged_load_bandwidth=draw(st.none() | st.floats(1e7, 6e10)), host_cast_bandwidth=rate(1e8, 1e11),
+        name="random",
+        source="spec",
+        device="random",
+        date="-",
+        host_memory_bytes=64 * GiB,
+        host_cores=8,
+        cpu_adamw_threads=[8],
+        cpu_adamw_params_per_s=[rate(1e6, 1e10)],
+        runtime_threads=8,
+        gpu_memory_bytes=80 * GiB,
+        gpu_bf16_flops=rate(1e9, 1e15),
+        gpu_memory_bandwidth=rate(1e9, 3e12),
+        gpu_adamw_params_per_s=rate(1e7, 1e11),
+        issue_s=rate(0, 1e-3),
+        h2d=Link(rate(1e7, 6e10), rate(0, 1e-4)),
+        d2h=Link(rate(1e7, 6e10), rate(0, 1e-4)),
+        staged_load_bandwidth=draw(st.none() | st.floats(1e7, 6e10)),
+        host_cast_bandwidth=rate(1e8, 1e11),
         disk=Disk("-", "spec", rate(1e7, 1e10), rate(1e7, 1e10), rate(0, 0.1), rate(0, 0.1)),
-        compute_slowdown_under_copies=rate(1.0, 1.3), duplex_bandwidth=draw(st.none() | st.floats(1e7, 1e11)))
+        compute_slowdown_under_copies=rate(1.0, 1.3),
+        duplex_bandwidth=draw(st.none() | st.floats(1e7, 1e11)),
+    )
 
 
 @st.composite
@@ -46,13 +66,25 @@ def plans(draw, cfg):
     window = draw(st.integers(1, min(4, L)))
     chunk = draw(st.sampled_from([1, 2]))
     update = draw(st.sampled_from(["during_backward", "after_norm"]))
-    return uniform_plan("random", L, chunk * draw(st.integers(1, 3)), draw(st.sampled_from([16, 64])), chunk=chunk,
-                        window=window, activation=draw(st.sampled_from(["offload", "recompute", "disk"])),
-                        keep_last=draw(st.integers(0, window)), gpu_units=draw(st.integers(0, L + 2)), update=update,
-                        late_updates=draw(st.integers(0, L + 1)) if update == "during_backward" else 0,
-                        grad_ring=draw(st.integers(1, 4)), disk_layers=draw(st.integers(0, L)),
-                        disk_ring=draw(st.integers(1, 3)), transfer_chunk_mb=1, device="cpu",
-                        streamed_layers=tuple(draw(st.sets(st.integers(0, L - 1)))) if update == "during_backward" else ())
+    return uniform_plan(
+        "random",
+        L,
+        chunk * draw(st.integers(1, 3)),
+        draw(st.sampled_from([16, 64])),
+        chunk=chunk,
+        window=window,
+        activation=draw(st.sampled_from(["offload", "recompute", "disk"])),
+        keep_last=draw(st.integers(0, window)),
+        gpu_units=draw(st.integers(0, L + 2)),
+        update=update,
+        late_updates=draw(st.integers(0, L + 1)) if update == "during_backward" else 0,
+        grad_ring=draw(st.integers(1, 4)),
+        disk_layers=draw(st.integers(0, L)),
+        disk_ring=draw(st.integers(1, 3)),
+        transfer_chunk_mb=1,
+        device="cpu",
+        streamed_layers=tuple(draw(st.sets(st.integers(0, L - 1)))) if update == "during_backward" else (),
+    )
 
 
 @settings(max_examples=80, deadline=None)
@@ -97,15 +129,25 @@ def test_a_disk_ring_buffer_serves_one_unit_or_layer_at_a_time(data, cfg, profil
     g = build_step_graph(cfg, plan)
     slot = g.graph["disk_slot"]
     at = {(s.step, s.name): s for s in sim.spans}
-    held = [(at[(k, f"disk_read:{u}")].start, at[(k, f"disk_write:{u}")].end, "state", slot[u])
-            for k in range(2) for u in plan.disk_units]
+    held = [
+        (at[(k, f"disk_read:{u}")].start, at[(k, f"disk_write:{u}")].end, "state", slot[u])
+        for k in range(2)
+        for u in plan.disk_units
+    ]
     C = plan.chunks
     for lay in (lay for lay, p in enumerate(plan.activations) if p == "disk"):
         for k in range(2):
-            held.append((at[(k, f"save:{lay}:0")].start, at[(k, f"act_write:{lay}")].end, "act",
-                         op_of(g, f"save:{lay}:0").slot))
-            held.append((at[(k, f"act_read:{lay}")].start, at[(k, f"fetch:{lay}:{C - 1}")].end, "act",
-                         op_of(g, f"act_read:{lay}").slot))
+            held.append(
+                (at[(k, f"save:{lay}:0")].start, at[(k, f"act_write:{lay}")].end, "act", op_of(g, f"save:{lay}:0").slot)
+            )
+            held.append(
+                (
+                    at[(k, f"act_read:{lay}")].start,
+                    at[(k, f"fetch:{lay}:{C - 1}")].end,
+                    "act",
+                    op_of(g, f"act_read:{lay}").slot,
+                )
+            )
     for ring in {(kind, s) for _, _, kind, s in held}:
         spans = sorted((a, b) for a, b, kind, s in held if (kind, s) == ring)
         for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
@@ -157,19 +199,28 @@ def test_planner_never_returns_a_plan_over_budget(cfg, profile, gpu_scale, host_
 
 
 @settings(max_examples=30, deadline=None)
-@given(cfg=models(), profile=profiles(), gpu_scale=scales, host_scale=scales, more=st.floats(1.0, 4.0),
-       faster=st.floats(1.0, 4.0))
-def test_more_memory_or_bandwidth_never_makes_the_chosen_plan_slower(cfg, profile, gpu_scale, host_scale, more,
-                                                                    faster):
+@given(
+    cfg=models(),
+    profile=profiles(),
+    gpu_scale=scales,
+    host_scale=scales,
+    more=st.floats(1.0, 4.0),
+    faster=st.floats(1.0, 4.0),
+)
+def test_more_memory_or_bandwidth_never_makes_the_chosen_plan_slower(cfg, profile, gpu_scale, host_scale, more, faster):
     budget = budget_for(cfg, profile, 2, gpu_scale, host_scale)
     base = choose_plan(cfg, "random", 64, 2, profile, budget)
     if not base.fits:
         return
-    roomier = choose_plan(cfg, "random", 64, 2, profile,
-                          Budgets(int(budget.gpu_bytes * more), int(budget.host_bytes * more)))
-    quicker_profile = replace(profile, h2d=Link(profile.h2d.bandwidth * faster, profile.h2d.latency_s),
-                              d2h=Link(profile.d2h.bandwidth * faster, profile.d2h.latency_s),
-                              staged_load_bandwidth=profile.staged_load_bandwidth and profile.staged_load_bandwidth * faster)
+    roomier = choose_plan(
+        cfg, "random", 64, 2, profile, Budgets(int(budget.gpu_bytes * more), int(budget.host_bytes * more))
+    )
+    quicker_profile = replace(
+        profile,
+        h2d=Link(profile.h2d.bandwidth * faster, profile.h2d.latency_s),
+        d2h=Link(profile.d2h.bandwidth * faster, profile.d2h.latency_s),
+        staged_load_bandwidth=profile.staged_load_bandwidth and profile.staged_load_bandwidth * faster,
+    )
     quicker = choose_plan(cfg, "random", 64, 2, quicker_profile, budget)
     assert roomier.fits and quicker.fits
     # the planner takes the fewest chunks among predictions within TIE of the fastest
