@@ -30,6 +30,7 @@ def _rope(
     oh,
     os,
     backward: tl.constexpr,
+    PER_ROW: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -45,10 +46,11 @@ def _rope(
     o_row = o_ptr + b * ob + h * oh + pos * os
     x1 = tl.load(x_row + j, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + half + j, mask=mask, other=0.0).to(tl.float32)
-    c1 = tl.load(cos_ptr + pos * 2 * half + j, mask=j < half, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + pos * 2 * half + half + j, mask=j < half, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + pos * 2 * half + j, mask=j < half, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + pos * 2 * half + half + j, mask=j < half, other=0.0).to(tl.float32)
+    table = (pid if PER_ROW else pos) * 2 * half  # [B, S, D] tables: this token's own row
+    c1 = tl.load(cos_ptr + table + j, mask=j < half, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + table + half + j, mask=j < half, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + table + j, mask=j < half, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + table + half + j, mask=j < half, other=0.0).to(tl.float32)
     dt = o_ptr.dtype.element_ty
     if backward:  # the transpose of the rotation
         o1 = x1 * c1 + x2 * s2
@@ -75,6 +77,7 @@ def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
         *x.stride()[:3],
         *out.stride()[:3],
         backward=backward,
+        PER_ROW=cos.dim() == 3,
         BLOCK_H=triton.next_power_of_2(heads),
         BLOCK=triton.next_power_of_2(d // 2),
     )
@@ -98,5 +101,6 @@ class Rope(torch.autograd.Function):
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, S, D], any strides with unit stride in D; returns [B, heads, S, D] contiguous."""
+    """x: [B, heads, S, D], any strides with unit stride in D; cos, sin [S, D] or [B, S, D]; returns
+    [B, heads, S, D] contiguous."""
     return Rope.apply(x, cos, sin)

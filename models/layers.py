@@ -8,7 +8,7 @@ them on its own parameters, so both compute the same maths. Numerics follow Hugg
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -73,21 +73,89 @@ def rope_tables(
     return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
 
 
+def rope_at(
+    cfg: ModelConfig, positions: torch.Tensor, device: torch.device | str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [B, S, head_dim] for each token's position (`positions` [B, S]): the rows of the
+    tables above, as Hugging Face computes them from position_ids."""
+    cos, sin = rope_tables(cfg, int(positions.max()) + 1, device, dtype)
+    index = positions.to(device)
+    return cos[index], sin[index]
+
+
+# Per row of a packed batch, the [start, end) token ranges of its samples: attention stays inside each.
+Spans = list[list[tuple[int, int]]]
+
+
+def sample_spans(positions: torch.Tensor) -> Spans:
+    """The samples of each row of `positions` [B, S]: a sample starts where its position is 0."""
+    out = []
+    for row in positions.tolist():
+        starts = [0] + [t for t in range(1, len(row)) if row[t] == 0]
+        out.append(list(zip(starts, [*starts[1:], len(row)])))
+    return out
+
+
+class TokenPositions(NamedTuple):
+    """What a layer needs to know of where its tokens sit: rotary tables and, for packed rows, their samples."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    spans: Spans | None
+
+
+def token_positions(
+    cfg: ModelConfig, positions: torch.Tensor | None, seq: int, device: torch.device | str, dtype: torch.dtype
+) -> TokenPositions:
+    """Rows at positions 0..seq-1, causal over each whole row (`positions` None), or packed rows: each token at
+    its position in its sample (`positions` [B, seq]), attention within each sample."""
+    if positions is None:
+        return TokenPositions(*rope_tables(cfg, seq, device, dtype), None)
+    return TokenPositions(*rope_at(cfg, positions, device, dtype), sample_spans(positions))
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, S, D]; cos, sin: [S, D]."""
+    """x: [B, heads, S, D]; cos, sin: [S, D] (every row at positions 0..S-1) or [B, S, D] (each token's own)."""
     if kernels.active(x):
         from slideformer.kernels.rope import rope
 
         return rope(x, cos, sin)
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + _rotate_half(x) * sin
 
 
-def attention(p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Spans | None) -> torch.Tensor:
+    """Causal SDPA over [B, heads, S, D]; with `spans`, separately within each sample of each row (exact, and
+    memory linear in S: no mask is built). GQA inside SDPA: k and v are never repeated per query head."""
+    gqa, scale = q.shape[1] != k.shape[1], q.shape[-1] ** -0.5
+    if spans is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    rows = []
+    for b, row in enumerate(spans):
+        qb, kb, vb = (t[b : b + 1] for t in (q, k, v))
+        rows.append(
+            torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        qb[:, :, s:e], kb[:, :, s:e], vb[:, :, s:e], is_causal=True, scale=scale, enable_gqa=gqa
+                    )
+                    for s, e in row
+                ],
+                dim=2,
+            )
+        )
+    return torch.cat(rows)
+
+
+def attention(
+    p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig, spans: Spans | None = None
+) -> torch.Tensor:
     b, s, _ = x.shape
     d = cfg.head_dim
     q = F.linear(x, p["self_attn.q_proj.weight"], p.get("self_attn.q_proj.bias")).view(b, s, cfg.num_heads, d)
@@ -98,10 +166,7 @@ def attention(p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
         k = rms_norm(k, p["self_attn.k_norm.weight"], cfg.rms_norm_eps)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    # GQA inside SDPA: k and v are never repeated per query head
-    o = F.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=d**-0.5, enable_gqa=cfg.num_heads != cfg.num_kv_heads
-    )
+    o = causal_attention(q, k, v, spans)
     return F.linear(o.transpose(1, 2).reshape(b, s, cfg.num_heads * d), p["self_attn.o_proj.weight"])
 
 
@@ -121,15 +186,19 @@ def mlp(p: Params, x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_block(
-    p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig
+    p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig, spans: Spans | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual stream after attention, and its post-attention norm (the MLP's input)."""
-    attn = attention(p, rms_norm(x, p["input_layernorm.weight"], cfg.rms_norm_eps), cos, sin, cfg)
+    attn = attention(p, rms_norm(x, p["input_layernorm.weight"], cfg.rms_norm_eps), cos, sin, cfg, spans)
     return add_rms_norm(x, attn, p["post_attention_layernorm.weight"], cfg.rms_norm_eps)
 
 
-def decoder_layer(p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    h, normed = attention_block(p, x, cos, sin, cfg)
+def decoder_layer(
+    p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig, spans: Spans | None = None
+) -> torch.Tensor:
+    """One layer; cos and sin as `apply_rope` takes them, `spans` the samples of packed rows (None: causal over
+    each whole row)."""
+    h, normed = attention_block(p, x, cos, sin, cfg, spans)
     return h + mlp(p, normed)
 
 
@@ -146,6 +215,7 @@ def decoder_layer_backward(
     cfg: ModelConfig,
     tile_tokens: int,
     accumulate: Accumulate,
+    spans: Spans | None = None,
 ) -> torch.Tensor:
     """Recompute one layer from its input x and back-propagate dy: returns dx and hands every weight's
     gradient to `accumulate(name, grad)` (the MLP's once per token tile, to be summed).
@@ -157,7 +227,7 @@ def decoder_layer_backward(
     """
     x = x.detach().requires_grad_()
     with torch.enable_grad():
-        h, normed = attention_block(p, x, cos, sin, cfg)
+        h, normed = attention_block(p, x, cos, sin, cfg, spans)
     hidden = normed.shape[-1]
     flat_in, flat_dy = normed.detach().view(-1, hidden), dy.reshape(-1, hidden)
     d_normed = torch.empty_like(flat_in)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import decoder_layer, head_logits, rope_tables
+from .layers import TokenPositions, decoder_layer, head_logits, token_positions
 
 INIT_STD = 0.02
 
@@ -33,8 +33,8 @@ class DecoderLayer(nn.Module):
     def params(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.weights))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return decoder_layer(self.params(), x, cos, sin, self.cfg)
+    def forward(self, x: torch.Tensor, pos: TokenPositions) -> torch.Tensor:
+        return decoder_layer(self.params(), x, pos.cos, pos.sin, self.cfg, pos.spans)
 
 
 class Transformer(nn.Module):
@@ -61,12 +61,13 @@ class Transformer(nn.Module):
         for name, p in self.named_hf_parameters().items():
             p.copy_(tensors[name])
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, S, vocab]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, vocab]; `positions` (packed rows) each token's position in its sample, attention within
+        each sample."""
         x = self.embed[input_ids]
-        cos, sin = rope_tables(self.cfg, input_ids.shape[1], x.device, x.dtype)
+        pos = token_positions(self.cfg, positions, input_ids.shape[1], x.device, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, pos)
         head = self.embed if self.lm_head is None else self.lm_head
         return head_logits(self.norm, head, x, self.cfg.rms_norm_eps)
 

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from slideformer.models.config import ModelConfig
-from slideformer.models.layers import decoder_layer, rope_tables
+from slideformer.models.layers import decoder_layer, token_positions
 from slideformer.schedule.graph import build_step_graph
 from slideformer.schedule.op import Resource
 from slideformer.schedule.memory import GiB, describe, gpu_bytes, saved_input_bytes
@@ -139,19 +139,29 @@ class Engine:
         though the last of them still run while the next step starts."""
         self.lr = lr
 
-    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        """One optimizer step over `plan.batch` sequences. labels[b, t] is the target for input_ids[b, t]."""
+    def train_step(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> StepResult:
+        """One optimizer step over `plan.batch` sequences. labels[b, t] is the target for input_ids[b, t];
+        `positions` (packed rows) each token's position in its sample, 0 where a sample starts: attention
+        stays within each sample (None: causal over each whole row)."""
         plan = self.plan
-        if input_ids.shape != (plan.batch, plan.seq) or labels.shape != input_ids.shape:
+        if (
+            input_ids.shape != (plan.batch, plan.seq)
+            or labels.shape != input_ids.shape
+            or (positions is not None and positions.shape != input_ids.shape)
+        ):
             raise ValueError(
-                f"expected input_ids and labels of shape {(plan.batch, plan.seq)}, "
-                f"got {tuple(input_ids.shape)} and {tuple(labels.shape)}"
+                f"expected input_ids, labels (and positions) of shape {(plan.batch, plan.seq)}, got "
+                f"{tuple(input_ids.shape)}, {tuple(labels.shape)}"
+                + ("" if positions is None else f" and {tuple(positions.shape)}")
             )
         total = max(int((labels != IGNORE_INDEX).sum()), 1)
         self.ops.begin_step(
             input_ids.to(self.device, non_blocking=True).split(plan.chunk),
             labels.to(self.device, non_blocking=True).split(plan.chunk),
             total,
+            None if positions is None else positions.split(plan.chunk),
         )
         done = self.executor.run_step(self.lr)
         loss = float(self.ops.loss)
@@ -175,12 +185,18 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
-    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
-        """Mean loss over non-ignored tokens with the current weights, changing nothing (any batch size)."""
+    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> float:
+        """Mean loss over non-ignored tokens with the current weights, changing nothing (any batch size;
+        `positions` as train_step takes them)."""
         self.synchronize()
         cfg, L, ops = self.cfg, self.cfg.num_layers, self.ops
         ids, labels = input_ids.to(self.device), labels.to(self.device)
-        cos, sin = rope_tables(cfg, ids.shape[1], self.device, self.compute_dtype)
+        chunks = [
+            token_positions(cfg, p, ids.shape[1], self.device, self.compute_dtype)
+            for p in (
+                [None] * -(-len(ids) // self.plan.chunk) if positions is None else positions.split(self.plan.chunk)
+            )
+        ]
         with self.executor.streams.on(Resource.GPU):
             for unit in (0, L + 1):
                 ops._load(unit)
@@ -191,7 +207,7 @@ class Engine:
             for lay in range(L):
                 ops._load(lay + 1)
                 params = ops._layer_params(lay)
-                hidden = [decoder_layer(params, x, cos, sin, cfg) for x in hidden]
+                hidden = [decoder_layer(params, x, p.cos, p.sin, cfg, p.spans) for x, p in zip(hidden, chunks)]
             total = sum(
                 head_loss_sum(x, y, ops.norm_w, ops.head_w, cfg.rms_norm_eps, self.plan.loss_chunk_tokens)
                 for x, y in zip(hidden, labels.split(self.plan.chunk))

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from slideformer.models.config import ModelConfig
-from slideformer.models.layers import decoder_layer, decoder_layer_backward, rope_tables
+from slideformer.models.layers import TokenPositions, decoder_layer, decoder_layer_backward, token_positions
 from slideformer.schedule.op import OpKind
 from slideformer.schedule.plan import Plan
 
@@ -50,7 +50,9 @@ class StepOps:
         self.grad_views = [layouts[u].views(buffers.gpu_grad[u], short_names=True) for u in range(L + 2)]
         self.weight_stream = WeightStream(buffers.staging) if buffers.staging else None
         self.kept_graph: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.cos, self.sin = rope_tables(cfg, plan.seq, device, compute)
+        self.compute = compute
+        self.unpacked = token_positions(cfg, None, plan.seq, device, compute)  # every row at positions 0..seq-1
+        self.positions: list[TokenPositions] = []  # this step's, by chunk
         self.sq_norm = torch.zeros((), dtype=torch.float32, device=device)
         self.loss = torch.zeros((), dtype=torch.float32, device=device)
         self.tokens: tuple[torch.Tensor, ...] = ()
@@ -69,9 +71,21 @@ class StepOps:
             OpKind.GRAD_OUT: self._grad_out,
         }
 
-    def begin_step(self, tokens: tuple[torch.Tensor, ...], labels: tuple[torch.Tensor, ...], total_tokens: int) -> None:
-        """This step's inputs, split into chunks, and the loss's denominator."""
+    def begin_step(
+        self,
+        tokens: tuple[torch.Tensor, ...],
+        labels: tuple[torch.Tensor, ...],
+        total_tokens: int,
+        positions: tuple[torch.Tensor, ...] | None = None,
+    ) -> None:
+        """This step's inputs, split into chunks, the loss's denominator and (packed rows) each chunk's token
+        positions in their samples."""
         self.tokens, self.labels, self.total_tokens = tokens, labels, total_tokens
+        self.positions = (
+            [self.unpacked] * len(tokens)
+            if positions is None
+            else [token_positions(self.cfg, p, self.plan.seq, self.device, self.compute) for p in positions]
+        )
         self.loss.zero_()
         self.sq_norm.zero_()
 
@@ -115,18 +129,18 @@ class StepOps:
         rows = self._rows(chunk)
         x = self.b.hidden[layer % 2][rows]
         out = self.b.hidden[(layer + 1) % 2][rows]
-        policy = self.plan.activations[layer]
+        policy, pos = self.plan.activations[layer], self.positions[chunk]
         if policy == "recompute":
             self.b.kept_input[layer][rows].copy_(x)
         if policy == "keep":
             x = x.detach().clone().requires_grad_()
             with torch.enable_grad():
-                y = decoder_layer(self._layer_params(layer), x, self.cos, self.sin, self.cfg)
+                y = decoder_layer(self._layer_params(layer), x, pos.cos, pos.sin, self.cfg, pos.spans)
             self.kept_graph[(layer, chunk)] = (x, y)
             out.copy_(y.detach())
         else:
             with torch.no_grad():
-                out.copy_(decoder_layer(self._layer_params(layer), x, self.cos, self.sin, self.cfg))
+                out.copy_(decoder_layer(self._layer_params(layer), x, pos.cos, pos.sin, self.cfg, pos.spans))
 
     def _head(self, chunk: int) -> None:
         L = self.cfg.num_layers
@@ -176,7 +190,7 @@ class StepOps:
             else:
                 acc[name].add_(g)
 
-        dy = self.b.dgrad[(layer + 1) % 2][rows]
+        dy, pos = self.b.dgrad[(layer + 1) % 2][rows], self.positions[chunk]
         if policy == "keep":
             x, y = self.kept_graph.pop((layer, chunk))
             grads = torch.autograd.grad(y, [x, *params.values()], dy)
@@ -186,7 +200,7 @@ class StepOps:
         else:
             saved = self.b.kept_input[layer] if policy == "recompute" else self.b.fetched[layer % 2]
             dx = decoder_layer_backward(
-                params, saved[rows], dy, self.cos, self.sin, self.cfg, self.plan.mlp_tile_tokens, accumulate
+                params, saved[rows], dy, pos.cos, pos.sin, self.cfg, self.plan.mlp_tile_tokens, accumulate, pos.spans
             )
         self.b.dgrad[layer % 2][rows].copy_(dx)
         if chunk == self.plan.chunks - 1:

@@ -169,26 +169,46 @@ def examples_from_rows(rows: Iterable[dict], name: str, tok: Tokenizer) -> list[
     return out
 
 
-def to_sequences(examples: list[Example], seq: int, tok: Tokenizer, pack: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and labels [N, seq]; labels[t] is token t+1 when that token is trained, else IGNORE_INDEX."""
-    windows: list[tuple[list[int], list[bool]]] = []
+def to_sequences(
+    examples: list[Example], seq: int, tok: Tokenizer, pack: bool, per_sample: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """input_ids and labels [N, seq]; labels[t] is token t+1 when that token is trained, else IGNORE_INDEX.
+
+    Packed (`pack`) with `per_sample`, also each token's position in its sample [N, seq], 0 where a sample (or
+    the window) starts: attention never crosses a sample boundary and no token is a target of the sample before
+    it. Packed without `per_sample`, positions are None and a sample attends to the samples before it in its
+    sequence. Unpacked, one sample per sequence (padded), positions None."""
+    windows: list[tuple[list[int], list[bool], list[int]]] = []
     if pack:
         ids = [t for e in examples for t in e.ids]
         trained = [m for e in examples for m in e.trained]
+        where = [i for e in examples for i in range(len(e.ids))]
         for start in range(0, max(len(ids) - 1, 0), seq):
-            w, m = ids[start : start + seq + 1], trained[start : start + seq + 1]
+            w, m, p = ids[start : start + seq + 1], trained[start : start + seq + 1], where[start : start + seq + 1]
             if len(w) < 2:
                 break
-            windows.append((w + [tok.pad_id] * (seq + 1 - len(w)), m + [False] * (seq + 1 - len(m))))
+            # A sample cut by the window's start counts its positions from there, as if it ran alone; the
+            # padding is a sample of its own, with nothing to learn.
+            first = next((t for t in range(1, len(p)) if p[t] == 0), len(p))
+            p = [i - p[0] for i in p[:first]] + p[first:]
+            pad = seq + 1 - len(w)
+            windows.append((w + [tok.pad_id] * pad, m + [False] * pad, p + list(range(pad))))
     else:
         for e in examples:
             w, m = e.ids[: seq + 1], e.trained[: seq + 1]
-            windows.append((w + [tok.pad_id] * (seq + 1 - len(w)), m + [False] * (seq + 1 - len(m))))
-    rows = torch.tensor([w for w, _ in windows], dtype=torch.long)
-    mask = torch.tensor([m for _, m in windows], dtype=torch.bool)
+            windows.append((w + [tok.pad_id] * (seq + 1 - len(w)), m + [False] * (seq + 1 - len(m)), []))
+    rows = torch.tensor([w for w, _, _ in windows], dtype=torch.long)
+    mask = torch.tensor([m for _, m, _ in windows], dtype=torch.bool)
+    positions = torch.tensor([p for _, _, p in windows], dtype=torch.long) if pack and per_sample else None
+    if positions is not None:
+        mask[:, 1:] &= positions[:, 1:] != 0  # a sample's first token is no target of the one before
     labels = torch.where(mask[:, 1:], rows[:, 1:], torch.full_like(rows[:, 1:], IGNORE_INDEX))
     keep = (labels != IGNORE_INDEX).any(dim=1)  # a sequence with nothing to learn is dropped
-    return rows[keep, :-1].contiguous(), labels[keep].contiguous()
+    return (
+        rows[keep, :-1].contiguous(),
+        labels[keep].contiguous(),
+        None if positions is None else positions[keep, :-1].contiguous(),
+    )
 
 
 def cut_rows(examples: list[Example], seq: int, pack: bool) -> tuple[int, int]:
@@ -207,13 +227,15 @@ def cut_rows(examples: list[Example], seq: int, pack: bool) -> tuple[int, int]:
 class Batches:
     """Sequences in a seeded order per epoch; the position (epoch, index) is part of a checkpoint."""
 
-    def __init__(self, ids: torch.Tensor, labels: torch.Tensor, batch: int, seed: int) -> None:
+    def __init__(
+        self, ids: torch.Tensor, labels: torch.Tensor, batch: int, seed: int, positions: torch.Tensor | None = None
+    ) -> None:
         if len(ids) < batch:
             raise DataError(
                 f"{len(ids)} training sequences, fewer than one batch of {batch}: "
                 "lower batch/accumulation or seq, or add data"
             )
-        self.ids, self.labels, self.batch, self.seed = ids, labels, batch, seed
+        self.ids, self.labels, self.positions, self.batch, self.seed = ids, labels, positions, batch, seed
         self.epoch, self.index = 0, 0
         self.order = self._order()
 
@@ -224,13 +246,14 @@ class Batches:
     def steps_per_epoch(self) -> int:
         return len(self.ids) // self.batch
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """input_ids, labels and (packed per sample) positions of the next batch."""
         if self.index + self.batch > len(self.ids):  # drop the ragged tail, start the next epoch
             self.epoch, self.index = self.epoch + 1, 0
             self.order = self._order()
         rows = self.order[self.index : self.index + self.batch]
         self.index += self.batch
-        return self.ids[rows], self.labels[rows]
+        return self.ids[rows], self.labels[rows], None if self.positions is None else self.positions[rows]
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}

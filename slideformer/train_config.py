@@ -30,7 +30,9 @@ class TrainConfig:
     seq: int = 2048
     batch: int = 8  # sequences per micro-batch
     accumulation: int = 1  # micro-batches per optimizer step (accumulated layer by layer, exact)
-    pack: bool = True  # pack short samples into full sequences
+    pack: bool = True  # pack short samples into full sequences (attention stays within each sample)
+    # With pack: let a sample attend to the samples before it in its sequence (cheaper attention, other maths)
+    cross_sample_attention: bool = False
     max_cut_fraction: float = 0.0  # share of rows that pack: false may truncate or drop at seq; more stops the run
     lr: float = 1e-5
     schedule: str = "cosine"  # 'cosine' (to min_lr_ratio * lr) or 'constant', after linear warmup
@@ -147,8 +149,14 @@ RESUMABLE_CHANGES = {
 }
 
 
+# Settings added after checkpoints were first written, at the value that computes what runs before them did
+# (packed runs before per-sample attention differ in their tokenized data, which the resume checks too).
+ADDED_SETTINGS = {"cross_sample_attention": False}
+
+
 def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
     """The settings that differ from a checkpoint's and may not ('name: old -> new')."""
+    saved = ADDED_SETTINGS | saved
     return [
         f"{k}: {saved.get(k)!r} -> {v!r}"
         for k, v in dataclasses.asdict(cfg).items()
@@ -258,7 +266,8 @@ eval_fraction: 0.02         # held-out share of sequences (or eval_data: [held_o
 seq: 2048
 batch: 8                    # sequences per micro-batch
 accumulation: 1             # micro-batches per optimizer step
-pack: true                  # pack short samples into full sequences
+pack: true                  # pack short samples into full sequences; attention stays within each sample
+cross_sample_attention: false  # true: packed samples also attend to those before them (cheaper, other maths)
 max_cut_fraction: 0.0       # with pack: false, the share of rows that may be truncated or dropped at seq
 lr: 1.0e-5
 schedule: cosine            # or constant; after warmup_steps of linear warmup

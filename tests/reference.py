@@ -28,7 +28,7 @@ def reference_train(*args, **kwargs) -> tuple[list[float], dict[str, torch.Tenso
 def _train(
     cfg: ModelConfig,
     source: WeightSource,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[tuple[torch.Tensor, ...]],  # (input_ids, labels) or (input_ids, labels, positions)
     optim: AdamWConfig,
     micro_batch: int,
     device: str = "cpu",
@@ -47,7 +47,8 @@ def _train(
         masters, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay, fused=True
     )
     losses = []
-    for step, (input_ids, labels) in enumerate(batches):
+    for step, (input_ids, labels, *packed) in enumerate(batches):
+        positions = packed[0] if packed else None
         if lrs is not None:
             for group in opt.param_groups:
                 group["lr"] = lrs[step]
@@ -58,8 +59,9 @@ def _train(
             p.grad = torch.zeros_like(p)
         total = int((labels != IGNORE).sum())
         step_loss = 0.0
-        for ids, lab in zip(input_ids.split(micro_batch), labels.split(micro_batch)):
-            logits = model(ids.to(device))
+        pieces = [None] * -(-len(input_ids) // micro_batch) if positions is None else positions.split(micro_batch)
+        for ids, lab, pos in zip(input_ids.split(micro_batch), labels.split(micro_batch), pieces):
+            logits = model(ids.to(device), pos)
             loss = (
                 F.cross_entropy(
                     logits.float().flatten(0, 1), lab.to(device).flatten(), ignore_index=IGNORE, reduction="sum"

@@ -99,8 +99,8 @@ def demo(steps: int, device: str, out_dir: str, digits: int = 2, seed: int = 0) 
     train_pairs = padded(problems(40_000, digits, rng), digits)
     test_pairs = padded(problems(500, digits, rng), digits)
     seq = 2 * digits + 2 + digits + 1
-    ids, labels = to_sequences(examples(train_pairs, tok), seq, tok, pack=False)
-    held_ids, held_labels = to_sequences(examples(test_pairs, tok), seq, tok, pack=False)
+    train = Sequences(*to_sequences(examples(train_pairs, tok), seq, tok, pack=False))
+    held_out = Sequences(*to_sequences(examples(test_pairs, tok), seq, tok, pack=False))
     batch = 128
     # Cosine decay to zero: the last steps settle the carry rule on every seed and float path tried
     # (seeds 0-6, 1 and 2 threads, torch's default and AVX2 CPU kernels), where a constant rate left some
@@ -139,7 +139,7 @@ def demo(steps: int, device: str, out_dir: str, digits: int = 2, seed: int = 0) 
     source = RandomWeights(DEMO_MODEL, seed=seed)
     before = accuracy({n: source.get(n) for n in _names()}, test_pairs, tok)
     started = time.perf_counter()
-    summary = run(cfg, DEMO_MODEL, source, Sequences(ids, labels), Sequences(held_ids, held_labels), [], plan)
+    summary = run(cfg, DEMO_MODEL, source, train, held_out, [], plan)
     from slideformer.models.weights import SafetensorsReader
 
     trained = SafetensorsReader(summary["checkpoint"])

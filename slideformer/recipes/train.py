@@ -53,6 +53,10 @@ from slideformer.train_config import ConfigError, TrainConfig, resume_changes
 class Sequences:
     ids: torch.Tensor
     labels: torch.Tensor
+    positions: torch.Tensor | None = None  # packed per sample: each token's position in its sample
+
+    def rows(self, index: torch.Tensor | slice) -> Sequences:
+        return Sequences(self.ids[index], self.labels[index], None if self.positions is None else self.positions[index])
 
 
 def weights_for(cfg: TrainConfig, model_cfg: ModelConfig):
@@ -82,7 +86,7 @@ def sequences(cfg: TrainConfig, examples: list[Example], tok: Tokenizer, split: 
                 "raise seq, set pack: true, or raise max_cut_fraction"
             )
         print(report, file=sys.stderr)
-    return Sequences(*to_sequences(examples, cfg.seq, tok, cfg.pack))
+    return Sequences(*to_sequences(examples, cfg.seq, tok, cfg.pack, per_sample=not cfg.cross_sample_attention))
 
 
 def tokenized_data(
@@ -106,7 +110,7 @@ def tokenized_data(
         order = torch.randperm(len(train.ids), generator=torch.Generator().manual_seed(cfg.seed))
         n_eval = max(1, int(len(order) * cfg.eval_fraction))
         held, kept = order[:n_eval], order[n_eval:]
-        return Sequences(train.ids[kept], train.labels[kept]), Sequences(train.ids[held], train.labels[held])
+        return train.rows(kept), train.rows(held)
     return train, None
 
 
@@ -198,7 +202,7 @@ class FineTune:
         self.held_out, self.tokenizer_files, self.callbacks = held_out, tokenizer_files, callbacks
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.batches = Batches(train.ids, train.labels, cfg.sequences_per_step, cfg.seed)
+        self.batches = Batches(train.ids, train.labels, cfg.sequences_per_step, cfg.seed, train.positions)
         self.total = cfg.max_steps or cfg.epochs * self.batches.steps_per_epoch
         self.data_sha = fingerprint(train, held_out)
         self.start, self.saved_at = 0, None  # type: int, Path | None
@@ -245,7 +249,10 @@ class FineTune:
         self.start = saved["step"]
         changes = resume_changes(saved["config"], cfg)
         if saved.get("data_sha256") != self.data_sha:
-            changes.append("the tokenized data (its files' content, the tokenizer or the eval split)")
+            changes.append(
+                "the tokenized data (its files' content, the tokenizer, the eval split or how packed samples "
+                "are kept apart)"
+            )
         if changes:
             raise ConfigError(
                 f"resume: {resume_from} was trained with other settings ({'; '.join(changes)}); "
@@ -264,9 +271,9 @@ class FineTune:
         n = self.cfg.sequences_per_step
         total_loss = total_tokens = 0.0
         for i in range(0, len(self.held_out.ids), n):
-            labels = self.held_out.labels[i : i + n]
-            tokens = int((labels >= 0).sum())
-            total_loss += self.engine.eval_loss(self.held_out.ids[i : i + n], labels) * tokens
+            part = self.held_out.rows(slice(i, i + n))
+            tokens = int((part.labels >= 0).sum())
+            total_loss += self.engine.eval_loss(part.ids, part.labels, part.positions) * tokens
             total_tokens += tokens
         self.log.record({"step": step, "eval_loss": total_loss / max(total_tokens, 1)})
 
@@ -296,9 +303,9 @@ class FineTune:
             for step in range(self.start, total):
                 lr = learning_rate(step, cfg.lr, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
                 engine.set_lr(lr)
-                ids, labels = batches.next()
+                ids, labels, positions = batches.next()
                 t = time.perf_counter()
-                r = engine.train_step(ids, labels)
+                r = engine.train_step(ids, labels, positions)
                 dt = time.perf_counter() - t
                 log.step(
                     {
@@ -369,11 +376,12 @@ def run(
 
 
 def fingerprint(train: Sequences, held_out: Sequences | None) -> str:
-    """SHA-256 of the tokenized sequences: a resumed run must see the same data, split the same way."""
+    """SHA-256 of the tokenized sequences: a resumed run must see the same data, split and packed the same way."""
     h = hashlib.sha256()
     for part in (train, held_out):
-        for t in (part.ids, part.labels) if part is not None else ():
-            h.update(t.contiguous().numpy().tobytes())
+        for t in (part.ids, part.labels, part.positions) if part is not None else ():
+            if t is not None:
+                h.update(t.contiguous().numpy().tobytes())
         h.update(b"|")
     return h.hexdigest()
 

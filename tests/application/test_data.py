@@ -50,10 +50,14 @@ def test_instruction_and_text_rows(tmp_path, tok):
 
 def test_packing_fills_sequences_and_labels_are_the_next_trained_token(tok):
     examples = [Example([1, 2, 3, 4], [False, False, True, True]), Example([5, 6, 7], [False, True, True])]
-    ids, labels = to_sequences(examples, seq=3, tok=tok, pack=True)
+    ids, labels, positions = to_sequences(examples, seq=3, tok=tok, pack=True)
     assert ids.tolist() == [[1, 2, 3], [4, 5, 6]]
     assert labels.tolist() == [[IGNORE_INDEX, 3, 4], [IGNORE_INDEX, 6, 7]]
-    ids, labels = to_sequences(examples, seq=5, tok=tok, pack=False)  # one sample per sequence, padded
+    # positions restart where a sample starts, and where the window cuts one (token 4 runs as if alone)
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 1]]
+    assert to_sequences(examples, seq=3, tok=tok, pack=True, per_sample=False)[2] is None
+    ids, labels, positions = to_sequences(examples, seq=5, tok=tok, pack=False)  # one sample per sequence, padded
+    assert positions is None
     assert ids[1].tolist()[:3] == [5, 6, 7] and labels[1].tolist() == [6, 7, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
     assert (labels != IGNORE_INDEX).sum() == torch.tensor(4)
 
@@ -72,6 +76,15 @@ def test_a_bad_row_names_its_file_and_line(tmp_path, tok, line, message):
     path.write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
         load_examples([path], tok)
+
+
+def test_packed_samples_are_no_targets_of_the_sample_before_unless_attention_crosses(tok):
+    examples = [Example([1, 2], [True, True]), Example([3, 4], [True, True])]  # text rows: every token trained
+    ids, labels, positions = to_sequences(examples, seq=4, tok=tok, pack=True)
+    assert ids.tolist() == [[1, 2, 3, 4]] and positions.tolist() == [[0, 1, 0, 1]]
+    assert labels.tolist() == [[2, IGNORE_INDEX, 4, IGNORE_INDEX]]  # token 3 is not predicted from sample 1
+    ids, labels, positions = to_sequences(examples, seq=4, tok=tok, pack=True, per_sample=False)
+    assert labels.tolist() == [[2, 3, 4, IGNORE_INDEX]] and positions is None
 
 
 def test_unsupported_or_missing_files_are_refused(tmp_path, tok):

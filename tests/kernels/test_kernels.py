@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from slideformer import kernels
 from slideformer.models.config import PRESETS
-from slideformer.models.layers import add_rms_norm, apply_rope, rms_norm, rope_tables
+from slideformer.models.layers import add_rms_norm, apply_rope, rms_norm, rope_at, rope_tables
 
 pytest.importorskip("triton")
 
@@ -92,6 +92,20 @@ def test_rope_with_llama3_scaling(b, heads, seq, d):
     out, (grad,) = run(lambda a: apply_rope(a, cos, sin), x, use=True)
     close(out, ref_out)
     close(grad, ref_grad)
+
+
+def test_rope_with_each_tokens_own_position():
+    """Packed rows: [B, S, D] tables, each token at its position in its sample."""
+    cfg = replace(PRESETS["llama-3.1-8b"], head_dim=32)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [5, 6, 0, 1, 2, 3, 4, 5, 6]])
+    cos, sin = rope_at(cfg, positions, device(), torch.bfloat16)
+    x = torch.randn(2, 3, 9, 32, generator=torch.Generator().manual_seed(0)).to(device(), torch.bfloat16)
+    ref_out, (ref_grad,) = run(lambda a: apply_rope(a, cos.float(), sin.float()), x, use=False, fp32=True)
+    out, (grad,) = run(lambda a: apply_rope(a, cos, sin), x, use=True)
+    close(out, ref_out)
+    close(grad, ref_grad)
+    table_cos, _ = rope_tables(cfg, 7, device(), torch.bfloat16)
+    assert torch.equal(cos[1, 0], table_cos[5]) and torch.equal(cos[1, 2], table_cos[0])
 
 
 def test_rope_reads_the_projection_layout_and_writes_its_gradient_back_in_it():
