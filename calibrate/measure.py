@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from slideformer.models.config import ModelConfig
-from slideformer.models.layers import decoder_layer, decoder_layer_backward, rope_tables
 from slideformer.schedule.plan import STAGING_BUFFERS
 from slideformer.runtime.weight_stream import WeightStream
 from slideformer.runtime.loss import head_loss_and_grads
+from slideformer.runtime.numerics import numerics_for
 
 from slideformer.schedule.memory import DISK_ALIGN, padded
 
@@ -278,13 +278,12 @@ def staged_load_bandwidth(
     master = torch.ones(numel, dtype=torch.float32, pin_memory=True)
     dst = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
     stream = WeightStream([torch.empty(piece_bytes // 4, device="cuda") for _ in range(buffers)], cast_priority)
-    params = _layer_weights(cfg, "cuda")
-    cos, sin = rope_tables(cfg, seq, torch.device("cuda"), torch.bfloat16)
+    layer = _Layer(cfg, "cuda")
     x = torch.randn(sequences, seq, cfg.hidden_size, dtype=torch.bfloat16, device="cuda")
     side = torch.cuda.Stream()
     times = []
     for _ in range(4):
-        decoder_layer_backward(params, x, x, cos, sin, cfg, 0, lambda name, g: None)
+        layer.recompute_backward(x, x)
         with torch.cuda.stream(side):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -299,14 +298,13 @@ def compute_slowdown_under_copies(
     cfg: ModelConfig, seq: int, sequences: int, copies: BackgroundCopies, link_bandwidth: float
 ) -> float:
     """Layer recompute+backward time with both PCIe directions busy, over its time without."""
-    params = _layer_weights(cfg, "cuda")
-    cos, sin = rope_tables(cfg, seq, torch.device("cuda"), torch.bfloat16)
+    layer = _Layer(cfg, "cuda")
     x = torch.randn(sequences, seq, cfg.hidden_size, dtype=torch.bfloat16, device="cuda")
     dy = torch.randn_like(x)
 
     def bwd() -> None:
         xi = x.detach().requires_grad_()
-        torch.autograd.grad(decoder_layer(params, xi, cos, sin, cfg), [xi, *params.values()], dy)
+        torch.autograd.grad(layer.forward(xi), [xi, *layer.params.values()], dy)
 
     alone = median_time(bwd, cuda=True)
     copies.queue(seconds=alone * 8, bandwidth=link_bandwidth)
@@ -346,18 +344,37 @@ def peak_extra_bytes(fn: Callable[[], None]) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def kept_bytes(
-    params: dict[str, torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig
-) -> int:
+def kept_bytes(layer: _Layer, x: torch.Tensor) -> int:
     """GPU bytes a layer's forward with autograd holds (its saved tensors and output) until backward."""
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     xi = x.detach().requires_grad_()
-    y = decoder_layer(params, xi, cos, sin, cfg)
+    y = layer.forward(xi)
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated() - before
     del y, xi
     return held
+
+
+class _Layer:
+    """One decoder layer of `cfg` as the runtime runs it (our numerics, or the architecture's own modules), on
+    random bf16 weights."""
+
+    def __init__(self, cfg: ModelConfig, device: str) -> None:
+        self.numerics, self.params = numerics_for(cfg, torch.device(device)), _layer_weights(cfg, device)
+        self.where: dict[tuple[int, ...], object] = {}  # rotary tables and masks, by input shape
+
+    def _positions(self, x: torch.Tensor) -> object:
+        if tuple(x.shape) not in self.where:
+            self.where[tuple(x.shape)] = self.numerics.positions(None, x)
+        return self.where[tuple(x.shape)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.numerics.layer(0, self.params, x, self._positions(x))
+
+    def recompute_backward(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        """As the runtime's offload and recompute policies run it."""
+        return self.numerics.layer_backward(0, self.params, x, dy, self._positions(x), 0, lambda name, g: None)
 
 
 def _layer_weights(cfg: ModelConfig, device: str) -> dict[str, torch.Tensor]:
@@ -371,8 +388,7 @@ def _layer_weights(cfg: ModelConfig, device: str) -> dict[str, torch.Tensor]:
 def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str) -> list[LayerTiming]:
     """Forward, recompute+backward and kept-graph backward of one decoder layer per chunk size."""
     cuda = device == "cuda"
-    params = _layer_weights(cfg, device)
-    cos, sin = rope_tables(cfg, seq, torch.device(device), torch.bfloat16)
+    layer = _Layer(cfg, device)
     out = []
     for n in sequences:
         x = torch.randn(n, seq, cfg.hidden_size, dtype=torch.bfloat16, device=device)
@@ -380,18 +396,18 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
 
         def fwd() -> None:
             with torch.no_grad():
-                decoder_layer(params, x, cos, sin, cfg)
+                layer.forward(x)
 
-        def recompute_bwd() -> None:  # as the runtime's offload and recompute policies run it
-            decoder_layer_backward(params, x, dy, cos, sin, cfg, 0, lambda name, g: None)
+        def recompute_bwd() -> None:
+            layer.recompute_backward(x, dy)
 
         def kept_bwd() -> None:
             xi = x.detach().requires_grad_()
-            y = decoder_layer(params, xi, cos, sin, cfg)
+            y = layer.forward(xi)
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            torch.autograd.grad(y, [xi, *params.values()], dy)
+            torch.autograd.grad(y, [xi, *layer.params.values()], dy)
             if cuda:
                 torch.cuda.synchronize()
             kept.append(time.perf_counter() - start)
@@ -412,7 +428,7 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
                 median_time(fwd, cuda=cuda),
                 median_time(recompute_bwd, cuda=cuda),
                 statistics.median(kept[1:]),
-                kept_bytes(params, x, cos, sin, cfg) if cuda else 0,
+                kept_bytes(layer, x) if cuda else 0,
             )
         )
     return out
@@ -447,17 +463,16 @@ def head_timings(cfg: ModelConfig, token_counts: list[int], loss_chunk_tokens: i
 
 def issue_time(cfg: ModelConfig, seq: int) -> float:
     """Host seconds to launch one layer forward while the GPU is busy (the executor's per-op overhead)."""
-    params = _layer_weights(cfg, "cuda")
-    cos, sin = rope_tables(cfg, seq, torch.device("cuda"), torch.bfloat16)
+    layer = _Layer(cfg, "cuda")
     x = torch.randn(1, seq, cfg.hidden_size, dtype=torch.bfloat16, device="cuda")
     big = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
-        decoder_layer(params, x, cos, sin, cfg)
+        layer.forward(x)
         for _ in range(20):  # keep the GPU busy so launches do not wait on it
             big @ big
         t = time.perf_counter()
         for _ in range(5):
-            decoder_layer(params, x, cos, sin, cfg)
+            layer.forward(x)
         spent = (time.perf_counter() - t) / 5
     torch.cuda.synchronize()
     return spent

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")  # our own numerics (`layers.py`)
+GENERIC = "hf"  # any other architecture transformers knows, through its own modules (`hf_decoder.py`)
 
 
 class ModelConfigError(ValueError):
@@ -35,9 +36,13 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2/2.5
     qk_norm: bool = False  # Qwen3
     name: str = "custom"
+    # family 'hf': the config.json (as JSON text) and the decoder layer's parameter shapes, read off the
+    # architecture's own modules
+    hf_config: str | None = None
+    hf_layer_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
+        if self.family not in FAMILIES and not (self.family == GENERIC and self.hf_config):
             raise ModelConfigError(f"unsupported family {self.family!r}; supported: {', '.join(FAMILIES)}")
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
@@ -49,6 +54,8 @@ class ModelConfig:
 
     def layer_param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Parameters of one decoder layer, in Hugging Face names relative to `model.layers.{i}.`."""
+        if self.family == GENERIC:
+            return dict(self.hf_layer_shapes)
         h, q, kv, ff = (
             self.hidden_size,
             self.num_heads * self.head_dim,
@@ -105,10 +112,7 @@ class ModelConfig:
         model_type = str(hf.get("model_type"))
         family = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}.get(model_type)
         if family is None:
-            raise ModelConfigError(
-                f"unsupported architecture model_type={model_type!r} (architectures={hf.get('architectures')}); "
-                f"supported: {', '.join(FAMILIES)}"
-            )
+            return cls._generic(hf, name)
         rope = dict(hf.get("rope_parameters") or {})
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
         if scaling is not None:
@@ -146,7 +150,52 @@ class ModelConfig:
             name=name,
         )
 
+    @classmethod
+    def _generic(cls, hf: dict[str, Any], name: str) -> ModelConfig:
+        """Any other architecture: its shapes read off its own modules (built without weights)."""
+        from .hf_decoder import UnsupportedArchitecture, check_structure, skeleton
+
+        model_type = str(hf.get("model_type"))
+        try:
+            model = skeleton(hf)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelConfigError(
+                f"unsupported architecture model_type={model_type!r} (architectures={hf.get('architectures')}): "
+                f"transformers cannot build it ({' '.join(str(e).split())[:200]}); our own numerics cover "
+                f"{', '.join(FAMILIES)}"
+            ) from None
+        try:
+            shapes = check_structure(model, model_type)
+        except UnsupportedArchitecture as e:
+            raise ModelConfigError(str(e)) from None
+        c: Any = model.config
+        heads = c.num_attention_heads
+        text = dict(hf)
+        return cls(
+            family=GENERIC,
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=getattr(c, "intermediate_size", None) or 4 * c.hidden_size,
+            num_layers=c.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+            rms_norm_eps=float(getattr(c, "rms_norm_eps", 1e-6) or 1e-6),
+            max_position_embeddings=getattr(c, "max_position_embeddings", 8192),
+            tie_word_embeddings=bool(c.tie_word_embeddings),
+            name=name,
+            hf_config=json.dumps(text, sort_keys=True),
+            hf_layer_shapes=tuple(shapes.items()),
+        )
+
     def to_hf(self) -> dict[str, Any]:
+        if self.family == GENERIC:
+            assert self.hf_config is not None
+            generic: dict[str, Any] = json.loads(self.hf_config)
+            generic["num_hidden_layers"] = self.num_layers  # a cut model keeps its first layers' kinds
+            if isinstance(generic.get("layer_types"), list):
+                generic["layer_types"] = generic["layer_types"][: self.num_layers]
+            return generic
         arch = {
             "llama": "LlamaForCausalLM",
             "qwen2": "Qwen2ForCausalLM",

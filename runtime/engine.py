@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 
 from slideformer.models.config import ModelConfig
-from slideformer.models.layers import decoder_layer, token_positions
 from slideformer.schedule.graph import build_step_graph
 from slideformer.schedule.op import Resource
 from slideformer.schedule.memory import GiB, describe, gpu_bytes, saved_input_bytes
@@ -32,7 +31,7 @@ from .buffers import StepBuffers
 from .disk import DeferredTensor, DiskTier
 from .executor import GraphExecutor
 from .layout import unit_layouts
-from .loss import IGNORE_INDEX, head_loss_sum
+from .loss import IGNORE_INDEX
 from .ops import StepOps
 from .trace import OpTrace
 from .unit_state import UnitStates
@@ -191,25 +190,23 @@ class Engine:
         self.synchronize()
         cfg, L, ops = self.cfg, self.cfg.num_layers, self.ops
         ids, labels = input_ids.to(self.device), labels.to(self.device)
-        chunks = [
-            token_positions(cfg, p, ids.shape[1], self.device, self.compute_dtype)
-            for p in (
-                [None] * -(-len(ids) // self.plan.chunk) if positions is None else positions.split(self.plan.chunk)
-            )
-        ]
+        num = ops.numerics
+        pieces = [None] * -(-len(ids) // self.plan.chunk) if positions is None else positions.split(self.plan.chunk)
         with self.executor.streams.on(Resource.GPU):
             for unit in (0, L + 1):
                 ops._load(unit)
-            hidden = [
-                torch.index_select(ops.embed_w, 0, rows.flatten()).view(*rows.shape, -1)
-                for rows in ids.split(self.plan.chunk)
-            ]
+            hidden = []
+            for rows in ids.split(self.plan.chunk):
+                x = torch.empty(*rows.shape, cfg.hidden_size, dtype=self.compute_dtype, device=self.device)
+                num.embed(ops.embed_w, rows, x)
+                hidden.append(x)
+            chunks = [num.positions(p, x) for p, x in zip(pieces, hidden)]
             for lay in range(L):
                 ops._load(lay + 1)
                 params = ops._layer_params(lay)
-                hidden = [decoder_layer(params, x, p.cos, p.sin, cfg, p.spans) for x, p in zip(hidden, chunks)]
+                hidden = [num.layer(lay, params, x, p) for x, p in zip(hidden, chunks)]
             total = sum(
-                head_loss_sum(x, y, ops.norm_w, ops.head_w, cfg.rms_norm_eps, self.plan.loss_chunk_tokens)
+                num.head_loss_sum(x, y, ops.norm_w, ops.head_w, self.plan.loss_chunk_tokens)
                 for x, y in zip(hidden, labels.split(self.plan.chunk))
             )
         return float(total) / max(int((labels != IGNORE_INDEX).sum()), 1)

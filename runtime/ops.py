@@ -7,18 +7,18 @@ resource's stream (or worker thread) and made it wait for its dependencies.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from slideformer.models.config import ModelConfig
-from slideformer.models.layers import TokenPositions, decoder_layer, decoder_layer_backward, token_positions
+
 from slideformer.schedule.op import OpKind
 from slideformer.schedule.plan import Plan
 
 from .buffers import StepBuffers
 from .layout import UnitLayout
-from .loss import head_loss_and_grads
+from .numerics import numerics_for
 from .units import DiskUnit, StreamedUnit, Unit
 from .weight_stream import WeightStream
 
@@ -50,9 +50,9 @@ class StepOps:
         self.grad_views = [layouts[u].views(buffers.gpu_grad[u], short_names=True) for u in range(L + 2)]
         self.weight_stream = WeightStream(buffers.staging) if buffers.staging else None
         self.kept_graph: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.compute = compute
-        self.unpacked = token_positions(cfg, None, plan.seq, device, compute)  # every row at positions 0..seq-1
-        self.positions: list[TokenPositions] = []  # this step's, by chunk
+        self.numerics = numerics_for(cfg, device)
+        self.unpacked = self.numerics.positions(None, buffers.hidden[0][self._rows(0)])  # rows at 0..seq-1
+        self.positions: list[Any] = []  # this step's, by chunk
         self.sq_norm = torch.zeros((), dtype=torch.float32, device=device)
         self.loss = torch.zeros((), dtype=torch.float32, device=device)
         self.tokens: tuple[torch.Tensor, ...] = ()
@@ -84,7 +84,7 @@ class StepOps:
         self.positions = (
             [self.unpacked] * len(tokens)
             if positions is None
-            else [token_positions(self.cfg, p, self.plan.seq, self.device, self.compute) for p in positions]
+            else [self.numerics.positions(p, self.b.hidden[0][self._rows(0)]) for p in positions]
         )
         self.loss.zero_()
         self.sq_norm.zero_()
@@ -107,12 +107,7 @@ class StepOps:
         self.weight_stream.load(master, dst)
 
     def _embed(self, chunk: int) -> None:
-        torch.index_select(
-            self.embed_w,
-            0,
-            self.tokens[chunk].flatten(),
-            out=self.b.hidden[0][self._rows(chunk)].view(-1, self.cfg.hidden_size),
-        )
+        self.numerics.embed(self.embed_w, self.tokens[chunk], self.b.hidden[0][self._rows(chunk)])
 
     def _rows(self, chunk: int) -> slice:
         return slice(chunk * self.plan.chunk, (chunk + 1) * self.plan.chunk)
@@ -135,12 +130,12 @@ class StepOps:
         if policy == "keep":
             x = x.detach().clone().requires_grad_()
             with torch.enable_grad():
-                y = decoder_layer(self._layer_params(layer), x, pos.cos, pos.sin, self.cfg, pos.spans)
+                y = self.numerics.layer(layer, self._layer_params(layer), x, pos)
             self.kept_graph[(layer, chunk)] = (x, y)
             out.copy_(y.detach())
         else:
             with torch.no_grad():
-                out.copy_(decoder_layer(self._layer_params(layer), x, pos.cos, pos.sin, self.cfg, pos.spans))
+                out.copy_(self.numerics.layer(layer, self._layer_params(layer), x, pos))
 
     def _head(self, chunk: int) -> None:
         L = self.cfg.num_layers
@@ -155,12 +150,11 @@ class StepOps:
             if self.cfg.tie_word_embeddings
             else g_head["lm_head.weight"]
         )
-        loss, dx = head_loss_and_grads(
+        loss, dx = self.numerics.head_loss_and_grads(
             self.b.hidden[L % 2][rows],
             self.labels[chunk],
             self.norm_w,
             self.head_w,
-            self.cfg.rms_norm_eps,
             self.total_tokens,
             self.plan.loss_chunk_tokens,
             g_head["model.norm.weight"],
@@ -199,8 +193,8 @@ class StepOps:
             dx = grads[0]
         else:
             saved = self.b.kept_input[layer] if policy == "recompute" else self.b.fetched[layer % 2]
-            dx = decoder_layer_backward(
-                params, saved[rows], dy, pos.cos, pos.sin, self.cfg, self.plan.mlp_tile_tokens, accumulate, pos.spans
+            dx = self.numerics.layer_backward(
+                layer, params, saved[rows], dy, pos, self.plan.mlp_tile_tokens, accumulate
             )
         self.b.dgrad[layer % 2][rows].copy_(dx)
         if chunk == self.plan.chunks - 1:
@@ -210,9 +204,7 @@ class StepOps:
         if chunk == 0 and not self.cfg.tie_word_embeddings:
             self.b.gpu_grad[0].zero_()
         rows = self._rows(chunk)
-        self.b.gpu_grad[0].view(self.cfg.vocab_size, -1).index_add_(
-            0, self.tokens[chunk].flatten(), self.b.dgrad[0][rows].flatten(0, 1).float()
-        )
+        self.numerics.embed_backward(self.embed_w, self.tokens[chunk], self.b.dgrad[0][rows], self.b.gpu_grad[0])
         if chunk == self.plan.chunks - 1:
             self._accumulate_norm(0)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slideformer.schedule.profile import Profile, fit_at
-from slideformer.models.config import ModelConfig
+from slideformer.models.config import GENERIC, ModelConfig
 from slideformer.schedule.graph import activation_bytes_per_token, unit_numels
 from slideformer.schedule.plan import STAGING_BUFFERS, STATE_STAGING_BUFFERS, Plan
 
@@ -44,7 +44,11 @@ def layer_workspace(cfg: ModelConfig, tokens: int, mlp_tile_tokens: int) -> int:
     - the MLP's weight gradients: the saved tensors, 3.5 intermediate-wide tensors per tile token, and two
       weight gradients.
     q/k norms save their inputs too; SDPA keeps an fp32 log-sum-exp per head. The temporaries' widths were
-    read off H100 measurements of three shapes (`bench.layer_memory`), which the formula meets within 1.5%."""
+    read off H100 measurements of three shapes (`bench.layer_memory`), which the formula meets within 1.5%.
+    A generic architecture's layer (`models/hf_decoder.py`) is recomputed through autograd whole: its graph, by
+    the kept-graph formula (derived, not yet measured), and its weights' gradients."""
+    if cfg.family == GENERIC:  # recomputed whole through autograd: the layer's graph and its weights' gradients
+        return activation_bytes_per_token(cfg) * tokens + 2 * cfg.layer_params
     h, ff, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
     q, kv = heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     qk_norm = (q + kv) if cfg.qk_norm else 0

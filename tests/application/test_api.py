@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 import slideformer
 from bench.synthetic import chat_rows, make_model_dir, write_jsonl
@@ -189,3 +190,52 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     assert scope["report"]["fits"] and scope["sim"].step_s == pytest.approx(scope["report"]["predicted_step_s"])
     assert len(scope["losses"]) == 20 and scope["losses"][-1] < scope["losses"][0]
     assert (tmp_path / "runs" / "quick" / "summary.json").exists()
+
+
+def test_finetune_trains_an_architecture_through_its_own_modules_and_transformers_loads_the_result(tmp_path):
+    """A Gemma-3-shaped model directory (no family of ours): the generic path trains it and writes a checkpoint
+    that transformers loads, with the trained weights."""
+    import transformers
+
+    from bench.synthetic import make_tokenizer
+    from slideformer.models import ModelConfig
+    from slideformer.models.model import random_hf_state
+    from slideformer.models.weights import save_hf_checkpoint
+
+    hf = {
+        "model_type": "gemma3_text",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 256,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+        "sliding_window": 8,
+        "query_pre_attn_scalar": 16,
+    }
+    cfg = ModelConfig.from_hf(hf, name="tiny-gemma3")
+    rows = chat_rows(40)
+    save_hf_checkpoint(cfg, random_hf_state(cfg, seed=1), tmp_path / "model")
+    make_tokenizer(tmp_path / "model", [m["content"] for r in rows for m in r["messages"]])
+    summary = slideformer.finetune(
+        model=str(tmp_path / "model"),
+        dataset=rows,
+        seq=64,
+        batch=2,
+        lr=3e-3,
+        device="cpu",
+        max_steps=6,
+        output_dir=str(tmp_path / "run"),
+        report_to=[],
+    )
+    assert summary["last_loss"] < summary["first_loss"]
+    trained = transformers.AutoModelForCausalLM.from_pretrained(summary["checkpoint"], dtype=torch.float32)
+    assert type(trained).__name__ == "Gemma3ForCausalLM"
+    before = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(trained(input_ids=ids).logits, before(input_ids=ids).logits)

@@ -17,7 +17,7 @@ def test_unknown_preset():
 
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ModelConfigError, match="unsupported architecture model_type='gpt2'"):
+    with pytest.raises(ModelConfigError, match="model_type 'gpt2' is not laid out as the sliding window streams"):
         load_model_config(str(tmp_path))
 
 

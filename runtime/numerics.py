@@ -1,0 +1,119 @@
+"""The model's maths as the step's ops call it: our own numerics for the families we cover (fused kernels, the
+tiled layer backward, the fused loss), or any other Hugging Face architecture's own modules (`HFDecoder`).
+`numerics_for` picks by the model config's family."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import torch
+
+from slideformer.models.config import ModelConfig
+from slideformer.models.layers import decoder_layer, decoder_layer_backward, token_positions
+
+from .loss import head_loss_and_grads, head_loss_sum
+
+Params = dict[str, torch.Tensor]
+Accumulate = Callable[[str, torch.Tensor], None]
+
+
+class NativeNumerics:
+    """Llama 3.x, Qwen2/2.5, Qwen3 and Mistral through `models/layers.py` (tested against transformers)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+
+    def positions(self, positions: torch.Tensor | None, like: torch.Tensor) -> Any:
+        """What every layer needs to know of where the tokens of hidden states shaped like `like` sit."""
+        return token_positions(self.cfg, positions, like.shape[1], like.device, like.dtype)
+
+    def embed(self, weight: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
+        torch.index_select(weight.view(self.cfg.vocab_size, -1), 0, ids.flatten(), out=out.view(-1, out.shape[-1]))
+
+    def embed_backward(self, weight: torch.Tensor, ids: torch.Tensor, d_out: torch.Tensor, grad: torch.Tensor) -> None:
+        """Adds the embedding weight's gradient into the fp32 `grad`."""
+        grad.view(self.cfg.vocab_size, -1).index_add_(0, ids.flatten(), d_out.flatten(0, 1).float())
+
+    def layer(self, index: int, params: Params, x: torch.Tensor, pos: Any) -> torch.Tensor:
+        return decoder_layer(params, x, pos.cos, pos.sin, self.cfg, pos.spans)
+
+    def layer_backward(
+        self, index: int, params: Params, x: torch.Tensor, dy: torch.Tensor, pos: Any, tile: int, accumulate: Accumulate
+    ) -> torch.Tensor:
+        return decoder_layer_backward(params, x, dy, pos.cos, pos.sin, self.cfg, tile, accumulate, pos.spans)
+
+    def head_loss_and_grads(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        norm_w: torch.Tensor,
+        head_w: torch.Tensor,
+        total_tokens: int,
+        piece_tokens: int,
+        grad_norm_w: torch.Tensor,
+        grad_head_w: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return head_loss_and_grads(
+            x, labels, norm_w, head_w, self.cfg.rms_norm_eps, total_tokens, piece_tokens, grad_norm_w, grad_head_w
+        )
+
+    def head_loss_sum(
+        self, x: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, piece_tokens: int
+    ) -> torch.Tensor:
+        return head_loss_sum(x, labels, norm_w, head_w, self.cfg.rms_norm_eps, piece_tokens)
+
+
+class HFNumerics:
+    """Any other architecture transformers knows, through its own modules (`models/hf_decoder.py`): its
+    embedding, each decoder layer (recomputed with autograd in backward), final norm, rotary embedding and
+    masks. The embedding's gradient is taken densely in the weights' dtype."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
+        from slideformer.models.hf_decoder import decoder_for
+
+        assert cfg.hf_config is not None, "a generic model config carries its config.json"
+        self.cfg, self.decoder = cfg, decoder_for(json.dumps(cfg.to_hf(), sort_keys=True), str(device))
+
+    def positions(self, positions: torch.Tensor | None, like: torch.Tensor) -> Any:
+        return self.decoder.layer_kwargs(torch.zeros_like(like), positions)
+
+    def embed(self, weight: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(self.decoder.embed(weight.view(self.cfg.vocab_size, -1), ids))
+
+    def embed_backward(self, weight: torch.Tensor, ids: torch.Tensor, d_out: torch.Tensor, grad: torch.Tensor) -> None:
+        grad.view(self.cfg.vocab_size, -1).add_(
+            self.decoder.embed_grad(weight.view(self.cfg.vocab_size, -1), ids, d_out)
+        )
+
+    def layer(self, index: int, params: Params, x: torch.Tensor, pos: Any) -> torch.Tensor:
+        return self.decoder.layer(index, params, x, pos[index])
+
+    def layer_backward(
+        self, index: int, params: Params, x: torch.Tensor, dy: torch.Tensor, pos: Any, tile: int, accumulate: Accumulate
+    ) -> torch.Tensor:
+        return self.decoder.layer_backward(index, params, x, dy, pos[index], accumulate)
+
+    def head_loss_and_grads(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        norm_w: torch.Tensor,
+        head_w: torch.Tensor,
+        total_tokens: int,
+        piece_tokens: int,
+        grad_norm_w: torch.Tensor,
+        grad_head_w: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.head_loss_and_grads(
+            x, labels, norm_w, head_w, total_tokens, piece_tokens, grad_norm_w, grad_head_w
+        )
+
+    def head_loss_sum(
+        self, x: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, piece_tokens: int
+    ) -> torch.Tensor:
+        return self.decoder.head_loss_sum(x, labels, norm_w, head_w, piece_tokens)
+
+
+def numerics_for(cfg: ModelConfig, device: torch.device) -> NativeNumerics | HFNumerics:
+    return HFNumerics(cfg, device) if cfg.family == "hf" else NativeNumerics(cfg)
