@@ -36,7 +36,8 @@ from .ops import StepOps
 from .trace import OpTrace
 from .unit_state import UnitStates
 from .update_ops import UpdateOps
-from .units import AdamWConfig, DiskUnit, StreamedUnit, Unit, WeightSource
+from .ranks import Ranks
+from .units import AdamWConfig, DiskUnit, ShardedUnit, StreamedUnit, Unit, WeightSource
 
 __all__ = ["AdamWConfig", "Engine", "StepResult", "WeightSource"]
 
@@ -58,10 +59,18 @@ class Engine:
         gpu_budget_bytes: int | None = None,
         disk_dir: str | None = None,
         disk_io: str = "auto",
+        ranks: Ranks | None = None,
     ) -> None:
         """`disk_dir`: the disk tier's directory, needed when the plan places layers on disk; `disk_io`:
-        'auto' (kvikio when installed), 'kvikio' or 'posix'."""
+        'auto' (kvikio when installed), 'kvikio' or 'posix'; `ranks`: this process's data-parallel ranks (each
+        trains `plan.batch` sequences of every step; `ranks.py`)."""
         plan.validate(cfg.num_layers)
+        if ranks is not None and {"disk", "streamed"} & set(plan.placement):
+            raise PlanError(
+                "data-parallel ranks update units on the CPU or the GPU: 'disk' and 'streamed' "
+                "placements are not supported with several ranks yet"
+            )
+        self.ranks = ranks
         if (plan.disk_units or "disk" in plan.activations) and disk_dir is None:
             raise PlanError("the plan keeps layers' states or activations on disk: give a disk directory")
         self.optim = optim or AdamWConfig()
@@ -91,7 +100,7 @@ class Engine:
         self.tier = DiskTier(disk_dir, files, disk_io) if files and disk_dir is not None else None
         self.buffers = StepBuffers(self, cfg, plan, self.layouts, self.device, self.compute_dtype)
         self.units = self._make_units(source)
-        self.ops = StepOps(cfg, plan, self.layouts, self.units, self.buffers, self.device, self.compute_dtype)
+        self.ops = StepOps(cfg, plan, self.layouts, self.units, self.buffers, self.device, self.compute_dtype, ranks)
         updates = UpdateOps(
             plan,
             self.layouts,
@@ -127,6 +136,8 @@ class Engine:
                     layout, source, b.master[u], b.exp_avg[u], b.exp_avg_sq[u], b.bf16_weights[u], self.device
                 )
             on_gpu = plan.placement[u] == "gpu"
+            if self.ranks is not None and not on_gpu:
+                return ShardedUnit(layout, source, b.master[u], self.optim, self.ranks)
             return Unit(layout, source, b.gpu_master[u] if on_gpu else b.master[u], self.optim, on_gpu)
 
         with ThreadPoolExecutor(max_workers=min(16, len(self.layouts))) as pool:  # random init is single-threaded
@@ -155,7 +166,10 @@ class Engine:
                 f"{tuple(input_ids.shape)}, {tuple(labels.shape)}"
                 + ("" if positions is None else f" and {tuple(positions.shape)}")
             )
-        total = max(int((labels != IGNORE_INDEX).sum()), 1)
+        trained = torch.tensor(int((labels != IGNORE_INDEX).sum()))
+        if self.ranks is not None:  # the loss is the mean over every rank's trained tokens
+            self.ranks.sum(trained)
+        total = max(int(trained), 1)
         self.ops.begin_step(
             input_ids.to(self.device, non_blocking=True).split(plan.chunk),
             labels.to(self.device, non_blocking=True).split(plan.chunk),
@@ -163,6 +177,8 @@ class Engine:
             None if positions is None else positions.split(plan.chunk),
         )
         done = self.executor.run_step(self.lr)
+        if self.ranks is not None:
+            self.ranks.sum(self.ops.loss)
         loss = float(self.ops.loss)
         norm_op = done.get("norm")
         norm = norm_op.result()[0] if isinstance(norm_op, Future) else math.sqrt(float(self.ops.sq_norm))

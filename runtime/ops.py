@@ -19,6 +19,7 @@ from slideformer.schedule.plan import Plan
 from .buffers import StepBuffers
 from .layout import UnitLayout
 from .numerics import numerics_for
+from .ranks import Ranks
 from .units import DiskUnit, StreamedUnit, Unit
 from .weight_stream import WeightStream
 
@@ -33,9 +34,10 @@ class StepOps:
         buffers: StepBuffers,
         device: torch.device,
         compute: torch.dtype,
+        ranks: Ranks | None = None,
     ) -> None:
         self.cfg, self.plan, self.layouts, self.units, self.b = cfg, plan, layouts, units, buffers
-        self.device = device
+        self.device, self.ranks = device, ranks
         L = cfg.num_layers
 
         def leaves(layout: UnitLayout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -163,7 +165,7 @@ class StepOps:
         self.loss += loss
         self.b.dgrad[L % 2][rows].copy_(dx)
         if chunk == self.plan.chunks - 1:
-            self._accumulate_norm(L + 1)
+            self._gradient_done(L + 1)
 
     def _fetch(self, layer: int, chunk: int, slot: int | None = None) -> None:
         rows = self._rows(chunk)
@@ -198,7 +200,7 @@ class StepOps:
             )
         self.b.dgrad[layer % 2][rows].copy_(dx)
         if chunk == self.plan.chunks - 1:
-            self._accumulate_norm(unit)
+            self._gradient_done(unit)
 
     def _embed_bwd(self, chunk: int) -> None:
         if chunk == 0 and not self.cfg.tie_word_embeddings:
@@ -206,10 +208,13 @@ class StepOps:
         rows = self._rows(chunk)
         self.numerics.embed_backward(self.embed_w, self.tokens[chunk], self.b.dgrad[0][rows], self.b.gpu_grad[0])
         if chunk == self.plan.chunks - 1:
-            self._accumulate_norm(0)
+            self._gradient_done(0)
 
-    def _accumulate_norm(self, unit: int) -> None:
+    def _gradient_done(self, unit: int) -> None:
+        """A unit's gradient is complete: summed over data-parallel ranks, then its square added to the norm."""
         g = self.b.gpu_grad[unit][: self.layouts[unit].numel]
+        if self.ranks is not None:
+            self.ranks.sum(g)
         self.sq_norm += torch.dot(g, g)
 
     def _grad_out(self, unit: int) -> None:

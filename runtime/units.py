@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from .layout import UnitLayout
+from .ranks import Ranks
 
 
 class WeightSource(Protocol):
@@ -84,6 +85,42 @@ class Unit:
 
     def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
         self.optimizer.state[self.master] = state
+
+
+class ShardedUnit(Unit):
+    """A host unit of data-parallel ranks: this rank's AdamW updates its slice of the master alone (states for the
+    slice only), then every rank's slice is broadcast into every rank's master (`Ranks`)."""
+
+    def __init__(
+        self, layout: UnitLayout, source: WeightSource, master: torch.Tensor, optim: AdamWConfig, ranks: Ranks
+    ) -> None:
+        fill_from(source, layout, master)
+        self.layout, self.on_gpu, self.ranks = layout, False, ranks
+        self.master = torch.nn.Parameter(master)
+        self.shard = ranks.shard(layout.numel)
+        self.param = torch.nn.Parameter(master[self.shard])  # a view: updates land in the master
+        self.optimizer = optim.optimizer(self.param)
+
+    def step(self, grad: torch.Tensor, clip_coef: torch.Tensor | float | None, lr: float) -> None:
+        adamw_step(self.optimizer, self.param, grad[self.shard], clip_coef, lr)
+        self.ranks.assemble(self.master.detach(), self.ranks.update)
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The whole unit's states (every rank's slices, gathered on the issuing thread: engine idle)."""
+        state = self.optimizer.state.get(self.param, {})
+        if not state:
+            return {}
+        out = {"step": state["step"]}
+        for key in ("exp_avg", "exp_avg_sq"):
+            full = torch.zeros(self.layout.numel, dtype=torch.float32)
+            full[self.shard] = state[key]
+            self.ranks.assemble(full, self.ranks.step)
+            out[key] = full
+        return out
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        """From the whole unit's states (a checkpoint of any number of ranks)."""
+        self.optimizer.state[self.param] = {k: (v if k == "step" else v[self.shard].clone()) for k, v in state.items()}
 
 
 class StreamedUnit:

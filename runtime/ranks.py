@@ -1,0 +1,46 @@
+"""Data-parallel ranks (torch.distributed): each rank runs the same plan's sliding window on its share of the
+batch; every unit's gradient is summed across ranks on the device before its norm and update, and each host
+unit's AdamW runs sharded, every rank updating its slice and broadcasting it into every rank's master, so the
+host optimizer's work and states are split between the ranks. Exact: the same AdamW as one process with the
+whole batch (AdamW is elementwise; only the order of the gradient sums differs).
+
+Two process groups keep each thread's collectives in one order on every rank: `step` for the issuing thread
+(gradients, token counts, the loss, checkpoints) and `update` for the CPU optimizer's worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+    step: Any  # process group of the issuing thread
+    update: Any  # process group of the CPU optimizer's thread
+
+    @classmethod
+    def from_default_group(cls) -> Ranks:
+        """The ranks of the initialised default process group (gloo on CPU devices, NCCL on GPUs)."""
+        return cls(dist.get_rank(), dist.get_world_size(), dist.new_group(), dist.new_group())
+
+    def shard(self, numel: int, rank: int | None = None) -> slice:
+        """Rank `rank`'s (default: this one's) contiguous slice of a unit of `numel` parameters."""
+        per = -(-numel // self.world)
+        r = self.rank if rank is None else rank
+        return slice(min(r * per, numel), min((r + 1) * per, numel))
+
+    def sum(self, tensor: torch.Tensor) -> None:
+        """In place, the sum over ranks (issuing thread)."""
+        dist.all_reduce(tensor, group=self.step)
+
+    def assemble(self, flat: torch.Tensor, group: Any) -> None:
+        """Every rank's slice of `flat`, from its owner, into every rank's `flat`."""
+        for r in range(self.world):
+            part = flat[self.shard(flat.numel(), r)]
+            if part.numel():
+                dist.broadcast(part, src=r, group=group)
