@@ -100,7 +100,7 @@ class Engine:
         self.tier = DiskTier(disk_dir, files, disk_io) if files and disk_dir is not None else None
         self.buffers = StepBuffers(self, cfg, plan, self.layouts, self.device, self.compute_dtype)
         self.units = self._make_units(source)
-        self.ops = StepOps(cfg, plan, self.layouts, self.units, self.buffers, self.device, self.compute_dtype, ranks)
+        self.ops = StepOps(cfg, plan, self.layouts, self.units, self.buffers, self.device, ranks)
         updates = UpdateOps(
             plan,
             self.layouts,
@@ -166,7 +166,7 @@ class Engine:
                 f"{tuple(input_ids.shape)}, {tuple(labels.shape)}"
                 + ("" if positions is None else f" and {tuple(positions.shape)}")
             )
-        trained = torch.tensor(int((labels != IGNORE_INDEX).sum()))
+        trained = torch.tensor(int((labels != IGNORE_INDEX).sum()), device=self.device)
         if self.ranks is not None:  # the loss is the mean over every rank's trained tokens
             self.ranks.sum(trained)
         total = max(int(trained), 1)

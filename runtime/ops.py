@@ -33,7 +33,6 @@ class StepOps:
         units: list[Unit | StreamedUnit | DiskUnit],
         buffers: StepBuffers,
         device: torch.device,
-        compute: torch.dtype,
         ranks: Ranks | None = None,
     ) -> None:
         self.cfg, self.plan, self.layouts, self.units, self.b = cfg, plan, layouts, units, buffers

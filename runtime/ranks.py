@@ -20,13 +20,13 @@ import torch.distributed as dist
 class Ranks:
     rank: int
     world: int
-    step: Any  # process group of the issuing thread
-    update: Any  # process group of the CPU optimizer's thread
+    step: Any  # process group of the issuing thread (the device's backend: gradients, counts, the loss)
+    update: Any  # gloo group of the CPU optimizer's thread (host masters; checkpoints' states, engine idle)
 
     @classmethod
     def from_default_group(cls) -> Ranks:
         """The ranks of the initialised default process group (gloo on CPU devices, NCCL on GPUs)."""
-        return cls(dist.get_rank(), dist.get_world_size(), dist.new_group(), dist.new_group())
+        return cls(dist.get_rank(), dist.get_world_size(), dist.new_group(), dist.new_group(backend="gloo"))
 
     def shard(self, numel: int, rank: int | None = None) -> slice:
         """Rank `rank`'s (default: this one's) contiguous slice of a unit of `numel` parameters."""
@@ -37,6 +37,12 @@ class Ranks:
     def sum(self, tensor: torch.Tensor) -> None:
         """In place, the sum over ranks (issuing thread)."""
         dist.all_reduce(tensor, group=self.step)
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether `flag` is set on any rank (issuing thread), so that every rank takes the same branch."""
+        t = torch.tensor(int(flag), device=device)
+        self.sum(t)
+        return bool(t)
 
     def assemble(self, flat: torch.Tensor, group: Any) -> None:
         """Every rank's slice of `flat`, from its owner, into every rank's `flat`."""

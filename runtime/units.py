@@ -114,7 +114,7 @@ class ShardedUnit(Unit):
         for key in ("exp_avg", "exp_avg_sq"):
             full = torch.zeros(self.layout.numel, dtype=torch.float32)
             full[self.shard] = state[key]
-            self.ranks.assemble(full, self.ranks.step)
+            self.ranks.assemble(full, self.ranks.update)
             out[key] = full
         return out
 

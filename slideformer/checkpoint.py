@@ -64,9 +64,11 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor | De
     return crc
 
 
-def checkpoint_bytes(model_cfg: ModelConfig, engine, tokenizer_files: list[Path]) -> int:
-    """What one checkpoint takes on disk: bf16 weights, the fp32 training state, the tokenizer files."""
-    state = sum(math.prod(t.shape) * t.dtype.itemsize for t in engine.training_state().values())
+def checkpoint_bytes(model_cfg: ModelConfig, tokenizer_files: list[Path]) -> int:
+    """What one checkpoint takes on disk: bf16 weights, the fp32 training state (masters and both AdamW states,
+    counted from the shapes: no rank's state is gathered for it), the tokenizer files."""
+    units = model_cfg.num_layers + 2  # each with a step count
+    state = 12 * model_cfg.total_params + 4 * units
     return 2 * model_cfg.total_params + state + sum(f.stat().st_size for f in tokenizer_files)
 
 
@@ -85,7 +87,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    need = checkpoint_bytes(model_cfg, engine, tokenizer_files)
+    need = checkpoint_bytes(model_cfg, tokenizer_files)
     check_free_space(root, need, f"checkpoint {final.name}")
     try:
         save_hf_checkpoint(model_cfg, engine.hf_state(torch.bfloat16), tmp)  # the model files are bf16

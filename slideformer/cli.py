@@ -41,7 +41,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.print_config:
         print(EXAMPLE, end="")
         return 0
-    print_summary(train_from_config(load_config(a.config, a)))
+    summary = train_from_config(load_config(a.config, a))
+    if summary:  # under torchrun, ranks but the first have nothing to report
+        print_summary(summary)
     return 0
 
 

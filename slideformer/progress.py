@@ -17,6 +17,22 @@ from slideformer.schedule.memory import GiB
 MetricsCallback = Callable[[dict], None]  # called with every record: a step's metrics, or an eval loss
 
 
+class SilentLog:
+    """The log of a data-parallel rank other than the first: rank 0 records the run."""
+
+    def record(self, entry: dict) -> None:
+        pass
+
+    def step(self, entry: dict) -> None:
+        pass
+
+    def __enter__(self) -> SilentLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 class RunLog:
     def __init__(
         self,

@@ -55,6 +55,9 @@ class TrainConfig:
     disk_dir: str | None = None  # the disk tier's directory (on a local NVMe), for layers' states
     disk_budget_gb: float | None = None  # GiB of it plan 'auto' may use (default: 90% of its free space)
     device: str = "auto"  # 'auto', 'cuda' or 'cpu'
+    # Data-parallel processes, one per GPU (on device 'cpu', CPU processes): each trains batch x accumulation
+    # sequences of every step and the host AdamW is sharded between them; under torchrun, its world is used
+    gpus: int = 1
     # Where metrics go besides metrics.jsonl: 'tensorboard' (when installed, else off) and 'wandb' (needs wandb)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     resume: bool = False  # continue from output_dir's newest valid checkpoint
@@ -90,6 +93,7 @@ class TrainConfig:
         if self.device not in ("auto", "cuda", "cpu"):
             problems.append(f"device must be 'auto', 'cuda' or 'cpu', not {self.device!r}")
         for name, low in (
+            ("gpus", 1),
             ("seq", 2),
             ("batch", 1),
             ("accumulation", 1),
@@ -126,6 +130,7 @@ class TrainConfig:
 
     @property
     def sequences_per_step(self) -> int:
+        """Per process (GPU); every step trains `gpus` times as many."""
         return self.batch * self.accumulation
 
 
@@ -151,17 +156,26 @@ RESUMABLE_CHANGES = {
 
 # Settings added after checkpoints were first written, at the value that computes what runs before them did
 # (packed runs before per-sample attention differ in their tokenized data, which the resume checks too).
-ADDED_SETTINGS = {"cross_sample_attention": False}
+ADDED_SETTINGS = {"cross_sample_attention": False, "gpus": 1}
+# May change on resume as long as the step's sequences (batch x accumulation x gpus) stay the same: the
+# optimizer step is the same maths on any number of processes.
+SPLITS_OF_A_STEP = ("accumulation", "gpus")
 
 
 def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
     """The settings that differ from a checkpoint's and may not ('name: old -> new')."""
     saved = ADDED_SETTINGS | saved
-    return [
+    changes = [
         f"{k}: {saved.get(k)!r} -> {v!r}"
         for k, v in dataclasses.asdict(cfg).items()
-        if k not in RESUMABLE_CHANGES and saved.get(k) != v
+        if k not in RESUMABLE_CHANGES and k not in SPLITS_OF_A_STEP and saved.get(k) != v
     ]
+    before = saved.get("batch", 0) * saved.get("accumulation", 1) * saved.get("gpus", 1)
+    if before != cfg.sequences_per_step * cfg.gpus:
+        changes.append(
+            f"sequences per step (batch x accumulation x gpus): {before} -> {cfg.sequences_per_step * cfg.gpus}"
+        )
+    return changes
 
 
 def _typed(value, hint):
@@ -290,6 +304,7 @@ profile: h100-80gb          # machine profile the planner uses (slideformer cali
 disk_dir: null              # e.g. /nvme/slideformer: lets the planner keep layers' states on disk when RAM is short
 disk_budget_gb: null        # default: 90% of disk_dir's free space
 device: auto
+gpus: 1                     # data-parallel GPUs of this host (or run under torchrun); each trains batch x accumulation
 report_to: [tensorboard]    # metrics besides metrics.jsonl: tensorboard (when installed), wandb (needs wandb); [] for none
 resume: false               # true: continue from output_dir's newest valid checkpoint
 overwrite: false            # true: start again in an output_dir that holds an earlier run (removes its files)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from slideformer.schedule.profile import Profile
@@ -41,9 +43,10 @@ from slideformer.planner.search import (
     Budgets,
     choose_plan,
 )
-from slideformer.progress import MetricsCallback, RunLog, loss_curve
+from slideformer.progress import MetricsCallback, RunLog, SilentLog, loss_curve
 from slideformer.run_dir import claim_output_dir
 from slideformer.runtime import AdamWConfig, Engine
+from slideformer.runtime.ranks import Ranks
 from slideformer.learning_rate import learning_rate
 from slideformer.tokenizer import HFTokenizer, Tokenizer
 from slideformer.train_config import ConfigError, TrainConfig, resume_changes
@@ -129,7 +132,9 @@ def available_host_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str) -> Plan:
+def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str, world: int = 1) -> Plan:
+    """This process's plan (batch x accumulation sequences of every step); `world` processes share the host's
+    RAM."""
     batch = cfg.sequences_per_step
     if cfg.plan != "auto":
         plan = Plan.load(cfg.plan)
@@ -161,7 +166,7 @@ def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str) -> Plan:
         )
     budgets = Budgets(
         int(torch.cuda.mem_get_info()[0] * GPU_BUDGET_FRACTION),
-        int(available_host_bytes() * HOST_BUDGET_FRACTION),
+        int(available_host_bytes() * HOST_BUDGET_FRACTION / world),
         disk_budget(cfg),
     )
     verdict = choose_plan(
@@ -197,12 +202,18 @@ class FineTune:
         tokenizer_files: list[Path],
         plan: Plan,
         callbacks: Sequence[MetricsCallback] = (),
+        ranks: Ranks | None = None,
     ) -> None:
+        """`ranks`: this process's data-parallel ranks; each trains its share of every step, rank 0 alone
+        evaluates and writes the run's files."""
         self.cfg, self.model_cfg, self.source, self.plan = cfg, model_cfg, source, plan
-        self.held_out, self.tokenizer_files, self.callbacks = held_out, tokenizer_files, callbacks
+        self.held_out, self.tokenizer_files, self.callbacks, self.ranks = held_out, tokenizer_files, callbacks, ranks
+        self.lead = ranks is None or ranks.rank == 0
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.batches = Batches(train.ids, train.labels, cfg.sequences_per_step, cfg.seed, train.positions)
+        world, first = (ranks.world, ranks.rank * cfg.sequences_per_step) if ranks else (1, 0)
+        self.share = slice(first, first + cfg.sequences_per_step)  # this rank's rows of every step's batch
+        self.batches = Batches(train.ids, train.labels, cfg.sequences_per_step * world, cfg.seed, train.positions)
         self.total = cfg.max_steps or cfg.epochs * self.batches.steps_per_epoch
         self.data_sha = fingerprint(train, held_out)
         self.start, self.saved_at = 0, None  # type: int, Path | None
@@ -224,12 +235,16 @@ class FineTune:
                 skip_nonfinite=cfg.nonfinite == "skip",
             ),
             disk_dir=cfg.disk_dir,
+            ranks=self.ranks,
         )
-        self.out.mkdir(parents=True, exist_ok=True)  # claimed by train_from_config; the demo calls run directly
-        check_free_space(self.out, checkpoint_bytes(self.model_cfg, self.engine, self.tokenizer_files), "a checkpoint")
         if resume_from is not None:
             self.batches.restore(load_checkpoint(resume_from, self.engine)["data"])
         self.saved_at = resume_from
+        if not self.lead:
+            self.log: RunLog | SilentLog = SilentLog()
+            return
+        self.out.mkdir(parents=True, exist_ok=True)  # claimed by train_from_config; the demo calls run directly
+        check_free_space(self.out, checkpoint_bytes(self.model_cfg, self.tokenizer_files), "a checkpoint")
         (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         (self.out / "plan.json").write_text(self.plan.to_json())
         self.log = RunLog(self.out, self.total, self.start, cfg.report_to, self.callbacks, dataclasses.asdict(cfg))
@@ -266,7 +281,7 @@ class FineTune:
         return resume_from
 
     def evaluate(self, step: int) -> None:
-        if self.held_out is None:
+        if self.held_out is None or not self.lead:  # rank 0 evaluates alone; the others wait at the next step
             return
         n = self.cfg.sequences_per_step
         total_loss = total_tokens = 0.0
@@ -278,6 +293,9 @@ class FineTune:
         self.log.record({"step": step, "eval_loss": total_loss / max(total_tokens, 1)})
 
     def checkpoint(self, step: int) -> Path:
+        if not self.lead:  # the states are gathered from every rank; rank 0 writes them
+            self.engine.training_state()
+            return self.ckpt_root / f"step-{step:06d}"
         return save_checkpoint(
             self.ckpt_root,
             step,
@@ -304,8 +322,9 @@ class FineTune:
                 lr = learning_rate(step, cfg.lr, total, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
                 engine.set_lr(lr)
                 ids, labels, positions = batches.next()
+                mine = self.share  # this rank's share of the step's sequences
                 t = time.perf_counter()
-                r = engine.train_step(ids, labels, positions)
+                r = engine.train_step(ids[mine], labels[mine], None if positions is None else positions[mine])
                 dt = time.perf_counter() - t
                 log.step(
                     {
@@ -323,21 +342,27 @@ class FineTune:
                 check_step(step + 1, r.loss, r.grad_norm, cfg.nonfinite, self.saved_at.name if self.saved_at else None)
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
                     self.evaluate(step + 1)
-                if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (stop.signal and step + 1 < total):
+                stopping = stop.signal is not None
+                if self.ranks is not None:  # every rank stops at the same step
+                    stopping = self.ranks.any(stopping, engine.device)
+                if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (stopping and step + 1 < total):
                     self.saved_at = self.checkpoint(step + 1)
-                if stop.signal and step + 1 < total:
+                if stopping and step + 1 < total:
+                    signum = stop.signal or signal.SIGTERM  # another rank's
                     raise TrainingStopped(
-                        f"stopped by {stop.signal.name} after step {step + 1}: saved {self.saved_at}; "
+                        f"stopped by {signum.name} after step {step + 1}: saved {self.saved_at}; "
                         "continue with --resume",
-                        exit_code=128 + stop.signal,
+                        exit_code=128 + signum,
                     )
             self.evaluate(total)
             if self.saved_at is None or not self.saved_at.name.endswith(f"{total:06d}"):
                 self.saved_at = self.checkpoint(total)
 
     def close(self) -> dict:
-        """The run's summary (also written to output_dir/summary.json)."""
+        """The run's summary (also written to output_dir/summary.json; {} on ranks but the first)."""
         self.engine.close()
+        if not self.lead:
+            return {}
         out = self.out
         loss_curve(out / "metrics.jsonl", out / "loss.png")
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # resumed runs too
@@ -367,9 +392,10 @@ def run(
     tokenizer_files: list[Path],
     plan: Plan,
     callbacks: Sequence[MetricsCallback] = (),
+    ranks: Ranks | None = None,
 ) -> dict:
     """The whole recipe: setup, train, close; returns the run's summary."""
-    recipe = FineTune(cfg, model_cfg, source, train, held_out, tokenizer_files, plan, callbacks)
+    recipe = FineTune(cfg, model_cfg, source, train, held_out, tokenizer_files, plan, callbacks, ranks)
     recipe.setup()
     recipe.train()
     return recipe.close()
@@ -416,7 +442,11 @@ def train_from_config(
     callbacks: Sequence[MetricsCallback] = (),
 ) -> dict:
     """Everything `slideformer train --config` does; `rows` and `eval_rows` (from Python) stand in for the
-    config's data and eval_data files, `callbacks` get every metrics record."""
+    config's data and eval_data files, `callbacks` get every metrics record. With `gpus` > 1 it starts one
+    process per GPU (under torchrun, each process is one rank already) and returns the first rank's summary."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.gpus > 1 and world == 1:
+        return launch_ranks(cfg, rows, eval_rows, callbacks)
     model_cfg = load_model_config(cfg.model)
     if cfg.seq > model_cfg.max_position_embeddings:
         raise ConfigError(
@@ -432,10 +462,61 @@ def train_from_config(
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, the model's embedding {model_cfg.vocab_size}")
     source = weights_for(cfg, model_cfg)  # names and shapes only: weights are read as the engine starts
     device = device_of(cfg)
-    plan = make_plan(cfg, model_cfg, device)  # refuses a job that does not fit before any data or weights load
-    with claim_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite):
+    ranks = join_ranks(device) if world > 1 else None
+    plan = make_plan(cfg, model_cfg, device, world)  # refuses a job that does not fit before any data or weights load
+    lead = ranks is None or ranks.rank == 0
+    with claim_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite) if lead else contextlib.nullcontext():
+        if ranks is not None:  # rank 0 has claimed (and with --overwrite cleared) the output directory
+            dist.barrier()
         train, held_out = tokenized_data(cfg, tok, rows, eval_rows)
-        return run(cfg, model_cfg, source, train, held_out, tok.files(), plan, callbacks)
+        summary = run(cfg, model_cfg, source, train, held_out, tok.files(), plan, callbacks, ranks)
+        if ranks is not None:  # no rank leaves (closing its connections) before every rank's last collective
+            dist.barrier()
+        return summary
+
+
+def join_ranks(device: str) -> Ranks:
+    """This process as one rank of the group torchrun (or `launch_ranks`) described in its environment."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return Ranks.from_default_group()
+
+
+class RankFailed(RuntimeError):
+    """A data-parallel rank stopped with an error (its message follows)."""
+
+
+def launch_ranks(
+    cfg: TrainConfig, rows: Iterable[dict] | None, eval_rows: Iterable[dict] | None, callbacks: Sequence
+) -> dict:
+    """`cfg.gpus` processes on this host, one per GPU, each one rank of the run; the first rank's summary."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if callbacks:
+        raise ConfigError("callbacks run in the calling process: with gpus > 1, start the ranks with torchrun")
+    if device_of(cfg) == "cuda" and cfg.gpus > torch.cuda.device_count():
+        raise ConfigError(f"gpus {cfg.gpus}: this host has {torch.cuda.device_count()} CUDA devices")
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rows, eval_rows = (None if r is None else list(r) for r in (rows, eval_rows))
+    try:
+        mp.spawn(_rank_main, args=(cfg, port, rows, eval_rows), nprocs=cfg.gpus)
+    except mp.ProcessRaisedException as e:
+        raise RankFailed(str(e).strip().splitlines()[-1]) from None
+    return json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+
+
+def _rank_main(rank: int, cfg: TrainConfig, port: int, rows: list | None, eval_rows: list | None) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(cfg.gpus), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    train_from_config(cfg, rows, eval_rows)
+    dist.destroy_process_group()
 
 
 def print_summary(summary: dict) -> None:
