@@ -158,7 +158,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 def cmd_model(a: argparse.Namespace) -> int:
     cfg = load_model_config(a.model)
-    print(json.dumps({**cfg.to_dict(), "total_params": cfg.total_params, "layer_params": cfg.layer_params}, indent=2))
+    shape = {k: v for k, v in cfg.to_dict().items() if k not in ("hf_config", "hf_layer_shapes")}
+    if cfg.hf_config:  # an architecture run through its own modules: name it, and its layer's tensors
+        shape |= {"model_type": cfg.to_hf()["model_type"], "layer_tensors": dict(cfg.hf_layer_shapes)}
+    print(json.dumps({**shape, "total_params": cfg.total_params, "layer_params": cfg.layer_params}, indent=2))
     return 0
 
 

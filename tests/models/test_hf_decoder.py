@@ -163,3 +163,16 @@ def test_architectures_the_window_cannot_stream_are_refused_with_why():
     }
     with pytest.raises(ModelConfigError, match="'bert' is not laid out as the sliding window streams a decoder"):
         ModelConfig.from_hf(bert)
+
+
+def test_slideformer_model_names_the_architecture_and_its_layer(tmp_path, capsys):
+    from slideformer.cli import main
+    from slideformer.models.model import random_hf_state
+    from slideformer.models.weights import save_hf_checkpoint
+
+    cfg = ModelConfig.from_hf(hf_dict("olmo2"), name="olmo2")
+    save_hf_checkpoint(cfg, random_hf_state(cfg, seed=0), tmp_path / "olmo2")
+    assert main(["model", f"{tmp_path / 'olmo2'}:2"]) == 0
+    shape = json.loads(capsys.readouterr().out)
+    assert shape["model_type"] == "olmo2" and shape["num_layers"] == 2 and "hf_config" not in shape
+    assert shape["layer_tensors"]["self_attn.q_norm.weight"] == [64] and shape["layer_params"] == cfg.layer_params
