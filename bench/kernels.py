@@ -19,7 +19,7 @@ from slideformer.kernels.rope import Rope
 from slideformer.kernels.swiglu import swiglu
 from slideformer.models import PRESETS
 from slideformer.models.layers import add_rms_norm, apply_rope, rms_norm, rope_tables
-from slideformer.runtime.loss import head_loss_and_grads
+from slideformer.models.loss import head_loss_and_grads
 
 CFG = PRESETS["llama-3.1-8b"]
 TOKENS, BATCH, SEQ = 8 * 2048, 8, 2048

@@ -17,8 +17,8 @@ import torch
 from slideformer.models.config import ModelConfig
 from slideformer.schedule.plan import STAGING_BUFFERS
 from slideformer.runtime.weight_stream import WeightStream
-from slideformer.runtime.loss import head_loss_and_grads
-from slideformer.runtime.numerics import numerics_for
+from slideformer.models.loss import head_loss_and_grads
+from slideformer.models.numerics import numerics_for
 
 from slideformer.schedule.memory import DISK_ALIGN, padded
 

@@ -1,7 +1,7 @@
 """Triton kernels for the step's bottlenecks, each with its backward, and the switch that turns them on.
 
 On CUDA the model's layers and the LM-head loss use them by default (`SLIDEFORMER_KERNELS=0` turns them
-off); the plain PyTorch code in `models/layers.py` and `runtime/loss.py` stays the reference and the CPU
+off); the plain PyTorch code in `models/layers.py` and `models/loss.py` stays the reference and the CPU
 path. They round once in fp32 where eager bf16 rounds every op, so training with them is checked to stay
 no farther from an fp32 loop than eager bf16 is. Tests run the kernels on the CPU through `TRITON_INTERPRET=1`.
 """

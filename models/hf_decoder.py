@@ -192,7 +192,7 @@ class HFDecoder:
         grad_norm_w: torch.Tensor,
         grad_head_w: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `runtime.loss.head_loss_and_grads`, through the architecture's own norm (and logit soft-capping),
+        """As `loss.head_loss_and_grads`, through the architecture's own norm (and logit soft-capping),
         a piece of tokens at a time."""
         flat, lab = x.detach().flatten(0, 1), labels.flatten()
         dx = torch.empty_like(flat)

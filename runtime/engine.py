@@ -31,7 +31,7 @@ from .buffers import StepBuffers
 from .disk import DeferredTensor, DiskTier
 from .executor import GraphExecutor
 from .layout import unit_layouts
-from .loss import IGNORE_INDEX
+from slideformer.kernels import IGNORE_INDEX
 from .ops import StepOps
 from .trace import OpTrace
 from .unit_state import UnitStates

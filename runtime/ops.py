@@ -13,12 +13,12 @@ import torch
 
 from slideformer.models.config import ModelConfig
 
+from slideformer.models.numerics import numerics_for
 from slideformer.schedule.op import OpKind
 from slideformer.schedule.plan import Plan
 
 from .buffers import StepBuffers
 from .layout import UnitLayout
-from .numerics import numerics_for
 from .ranks import Ranks
 from .units import DiskUnit, StreamedUnit, Unit
 from .weight_stream import WeightStream

@@ -15,7 +15,7 @@ ALLOWED = {
     "schedule": {"models"},
     "runtime": {"schedule", "models", "kernels"},
     "simulator": {"schedule", "models"},
-    # calibrate measures the runtime's own pieces (the weight stream, the head's loss) on this machine
+    # calibrate times the runtime's own transfer and storage pieces (the weight stream, the disk tier) here
     "calibrate": {"schedule", "models", "kernels", "runtime"},
     "planner": {"schedule", "models", "simulator"},
 }

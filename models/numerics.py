@@ -9,9 +9,8 @@ from typing import Any, Callable
 
 import torch
 
-from slideformer.models.config import ModelConfig
-from slideformer.models.layers import decoder_layer, decoder_layer_backward, token_positions
-
+from .config import ModelConfig
+from .layers import decoder_layer, decoder_layer_backward, token_positions
 from .loss import head_loss_and_grads, head_loss_sum
 
 Params = dict[str, torch.Tensor]
@@ -70,7 +69,7 @@ class HFNumerics:
     masks. The embedding's gradient is taken densely in the weights' dtype."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
-        from slideformer.models.hf_decoder import decoder_for
+        from .hf_decoder import decoder_for
 
         assert cfg.hf_config is not None, "a generic model config carries its config.json"
         self.cfg, self.decoder = cfg, decoder_for(json.dumps(cfg.to_hf(), sort_keys=True), str(device))

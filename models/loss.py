@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from slideformer import kernels
 from slideformer.kernels import IGNORE_INDEX
-from slideformer.models.layers import rms_norm
+from .layers import rms_norm
 
 
 def head_loss_and_grads(
