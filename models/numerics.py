@@ -73,6 +73,9 @@ class HFNumerics:
 
         assert cfg.hf_config is not None, "a generic model config carries its config.json"
         self.cfg, self.decoder = cfg, decoder_for(json.dumps(cfg.to_hf(), sort_keys=True), str(device))
+        # the head's loss, with and without gradients, is the architecture's own norm and head as they are
+        self.head_loss_and_grads = self.decoder.head_loss_and_grads
+        self.head_loss_sum = self.decoder.head_loss_sum
 
     def positions(self, positions: torch.Tensor | None, like: torch.Tensor) -> Any:
         return self.decoder.layer_kwargs(torch.zeros_like(like), positions)
@@ -92,26 +95,6 @@ class HFNumerics:
         self, index: int, params: Params, x: torch.Tensor, dy: torch.Tensor, pos: Any, tile: int, accumulate: Accumulate
     ) -> torch.Tensor:
         return self.decoder.layer_backward(index, params, x, dy, pos[index], accumulate)
-
-    def head_loss_and_grads(
-        self,
-        x: torch.Tensor,
-        labels: torch.Tensor,
-        norm_w: torch.Tensor,
-        head_w: torch.Tensor,
-        total_tokens: int,
-        piece_tokens: int,
-        grad_norm_w: torch.Tensor,
-        grad_head_w: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder.head_loss_and_grads(
-            x, labels, norm_w, head_w, total_tokens, piece_tokens, grad_norm_w, grad_head_w
-        )
-
-    def head_loss_sum(
-        self, x: torch.Tensor, labels: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, piece_tokens: int
-    ) -> torch.Tensor:
-        return self.decoder.head_loss_sum(x, labels, norm_w, head_w, piece_tokens)
 
 
 def numerics_for(cfg: ModelConfig, device: torch.device) -> NativeNumerics | HFNumerics:

@@ -36,7 +36,7 @@ class StepOps:
         ranks: Ranks | None = None,
     ) -> None:
         self.cfg, self.plan, self.layouts, self.units, self.b = cfg, plan, layouts, units, buffers
-        self.device, self.ranks = device, ranks
+        self.ranks = ranks
         L = cfg.num_layers
 
         def leaves(layout: UnitLayout, flat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -94,12 +94,10 @@ class ShardedUnit(Unit):
     def __init__(
         self, layout: UnitLayout, source: WeightSource, master: torch.Tensor, optim: AdamWConfig, ranks: Ranks
     ) -> None:
-        fill_from(source, layout, master)
-        self.layout, self.on_gpu, self.ranks = layout, False, ranks
-        self.master = torch.nn.Parameter(master)
-        self.shard = ranks.shard(layout.numel)
+        super().__init__(layout, source, master, optim, on_gpu=False)
+        self.ranks, self.shard = ranks, ranks.shard(layout.numel)
         self.param = torch.nn.Parameter(master[self.shard])  # a view: updates land in the master
-        self.optimizer = optim.optimizer(self.param)
+        self.optimizer = optim.optimizer(self.param)  # AdamW states for this rank's slice only
 
     def step(self, grad: torch.Tensor, clip_coef: torch.Tensor | float | None, lr: float) -> None:
         adamw_step(self.optimizer, self.param, grad[self.shard], clip_coef, lr)

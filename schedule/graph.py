@@ -400,7 +400,3 @@ def op_of(g: nx.DiGraph, name: str) -> Op:
 def ops(g: nx.DiGraph) -> list[Op]:
     """The graph's ops in issue order."""
     return sorted((a["op"] for _, a in g.nodes(data=True)), key=lambda o: o.seq)
-
-
-def issue_order(g: nx.DiGraph) -> list[str]:
-    return [o.name for o in ops(g)]
