@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,15 +41,19 @@ def seq_batch(workload: str) -> tuple[int, int]:
     return int(seq), int(batch)
 
 
-def run_ours(workloads: list[str], timeout_s: int, profile_path: str) -> dict:
+def run_ours(workloads: list[str], timeout_s: int, profile_path: str, disk_dir: str | None) -> dict:
     from slideformer.schedule.profile import Profile
     from slideformer.models import load_model_config
     from slideformer.planner.report import capacity_report
-    from slideformer.planner.search import GPU_BUDGET_FRACTION, Budgets, choose_plan
+    from slideformer.planner.search import DISK_BUDGET_FRACTION, GPU_BUDGET_FRACTION, Budgets, choose_plan
     from slideformer.recipes.train import available_host_bytes
 
     cfg, profile = load_model_config(MODEL), Profile.load(profile_path)
-    budgets = Budgets(int(GPU_CAP_GIB * GiB * GPU_BUDGET_FRACTION), available_host_bytes() - HOST_RESERVE)
+    disk = 0
+    if disk_dir is not None:  # the train recipe's disk budget: a share of the free space there
+        Path(disk_dir).mkdir(parents=True, exist_ok=True)
+        disk = int(shutil.disk_usage(disk_dir).free * DISK_BUDGET_FRACTION)
+    budgets = Budgets(int(GPU_CAP_GIB * GiB * GPU_BUDGET_FRACTION), available_host_bytes() - HOST_RESERVE, disk)
     rows: dict[str, dict] = {}
     for w in workloads:
         seq, batch = seq_batch(w)
@@ -96,7 +101,7 @@ def run_ours(workloads: list[str], timeout_s: int, profile_path: str) -> dict:
                 "2" if long_step else "3",
                 "--out",
                 str(out),
-            ]
+            ] + (["--disk-dir", disk_dir] if disk_dir is not None else [])
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
                 error = None if proc.returncode == 0 and out.exists() else (proc.stdout + proc.stderr)[-3000:]
@@ -253,6 +258,7 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated SEQxBATCH workloads")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per workload (ours) / deadline (official)")
     ap.add_argument("--profile", default="h100-80gb", help="the planner's profile (ours): a JSON or committed name")
+    ap.add_argument("--disk-dir", help="ours: a directory for the disk tier (budget: 90%% of its free space)")
     ap.add_argument("--merge", nargs="+", help="result files of earlier calls to merge into --out")
     ap.add_argument("--figure", help="with --merge: a PNG of tokens/s and peak GPU memory, both systems")
     ap.add_argument("--out", required=True)
@@ -264,7 +270,11 @@ def main() -> None:
             figure(record, a.figure)
     else:
         workloads = a.only.split(",")
-        result = run_ours(workloads, a.timeout, a.profile) if a.system == "ours" else run_official(workloads, a.timeout)
+        result = (
+            run_ours(workloads, a.timeout, a.profile, a.disk_dir)
+            if a.system == "ours"
+            else run_official(workloads, a.timeout)
+        )
         record = {
             "command": "python -m bench.consumer " + " ".join(sys.argv[1:]),
             **provenance(),

@@ -1,8 +1,13 @@
 """Where a decoder layer's GPU memory goes in recompute + backward: peak bytes beyond the layer's input,
 output gradient and weights, per token, for several shapes, chunk sizes and MLP tiles, next to autograd
-through the whole layer at once (the path before `decoder_layer_backward`).
+through the whole layer at once (the path before `decoder_layer_backward`), and next to the memory model's
+figure (`schedule.memory.layer_workspace`).
 
     python -m bench.layer_memory --out bench/results/X.json
+    python -m bench.layer_memory --seq-tiles --out bench/results/Y.json   # long sequences in sequence tiles
+
+With --seq-tiles: the whole-sequence backward beside the tiled one (`decoder_layer_backward_in_tiles`) for
+long single sequences of three shapes, and the tiled forward, with their times.
 """
 
 from __future__ import annotations
@@ -15,7 +20,14 @@ import torch
 from bench.common import provenance, write_result
 from slideformer.calibrate.measure import peak_extra_bytes
 from slideformer.models import load_model_config
-from slideformer.models.layers import decoder_layer, decoder_layer_backward, rope_tables
+from slideformer.models.layers import (
+    decoder_layer,
+    decoder_layer_backward,
+    decoder_layer_backward_in_tiles,
+    decoder_layer_in_tiles,
+    rope_tables,
+)
+from slideformer.schedule.memory import layer_workspace
 
 # (model, batch, seq): short sequences in a batch and long single sequences, for each shape
 WORKLOADS = {
@@ -24,20 +36,93 @@ WORKLOADS = {
     "qwen2.5-32b": [(1, 2048), (4, 2048), (1, 16384)],
 }
 TILES = (0, 8192, 2048)
+# (model, seq at batch 1, sequence tiles), MLP tile 2048 throughout
+SEQ_TILE_WORKLOADS = {
+    "llama-3.1-8b": [(32768, (0, 8192)), (65536, (0, 16384, 8192)), (131072, (16384, 8192, 4096))],
+    "qwen3-14b": [(32768, (0, 8192))],
+    "qwen2.5-32b": [(32768, (0, 8192))],
+}
+SEQ_MLP_TILE = 2048
+
+
+def measure(fn) -> tuple[int | None, float | None]:
+    """Peak bytes beyond what was allocated before, and milliseconds per call (mean of 3 after a warm-up)."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        peak = peak_extra_bytes(fn)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        return peak, (time.perf_counter() - t0) / 3 * 1e3
+    except torch.OutOfMemoryError:
+        return None, None
+    finally:
+        torch.cuda.empty_cache()
+
+
+def layer_params(cfg, dev: str) -> dict[str, torch.Tensor]:
+    return {
+        n: (torch.randn(s, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_()
+        for n, s in cfg.layer_param_shapes().items()
+    }
+
+
+def seq_tile_rows() -> list[dict]:
+    dev, bf16 = "cuda", torch.bfloat16
+    rows = []
+    for model, shapes in SEQ_TILE_WORKLOADS.items():
+        cfg = load_model_config(model)
+        params = layer_params(cfg, dev)
+        for seq, tiles in shapes:
+            x = torch.randn(1, seq, cfg.hidden_size, device=dev, dtype=bf16)
+            dy = torch.randn_like(x)
+            cos, sin = rope_tables(cfg, seq, dev, bf16)
+            for tile in tiles:
+                if tile:
+                    bwd = lambda t=tile: decoder_layer_backward_in_tiles(  # noqa: E731
+                        params, x, dy, cos, sin, cfg, SEQ_MLP_TILE, t, lambda n, g: None
+                    )
+                    fwd = lambda t=tile: decoder_layer_in_tiles(params, x, cos, sin, cfg, t)  # noqa: E731
+                else:
+                    bwd = lambda: decoder_layer_backward(params, x, dy, cos, sin, cfg, SEQ_MLP_TILE, lambda n, g: None)  # noqa: E731
+                    fwd = lambda: decoder_layer(params, x, cos, sin, cfg)  # noqa: E731
+                for phase, fn in (("backward", bwd), ("forward", fwd)):
+                    with torch.no_grad() if phase == "forward" else torch.enable_grad():
+                        peak, ms = measure(fn)
+                    predicted = layer_workspace(cfg, seq, SEQ_MLP_TILE, tile) if phase == "backward" else None
+                    row = {
+                        "model": model,
+                        "seq": seq,
+                        "seq_tile": tile,
+                        "phase": phase,
+                        "ms": ms,
+                        "peak_extra_bytes": peak,
+                        "bytes_per_token": peak / seq if peak else None,
+                        "predicted_bytes": predicted,
+                        "predicted_error": (predicted / peak - 1) if peak and predicted else None,
+                    }
+                    rows.append(row)
+                    print(row, flush=True)
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--seq-tiles", action="store_true", help="long sequences, whole and in sequence tiles")
     a = ap.parse_args()
+    if a.seq_tiles:
+        command = f"python -m bench.layer_memory --seq-tiles --out {a.out}"
+        write_result(a.out, {"command": command, **provenance(), "rows": seq_tile_rows()})
+        return
     dev, bf16 = "cuda", torch.bfloat16
     rows = []
     for model, shapes in WORKLOADS.items():
         cfg = load_model_config(model)
-        params = {
-            n: (torch.randn(s, device=dev, dtype=bf16) * 0.02).requires_grad_()
-            for n, s in cfg.layer_param_shapes().items()
-        }
+        params = layer_params(cfg, dev)
         for batch, seq in shapes:
             x = torch.randn(batch, seq, cfg.hidden_size, device=dev, dtype=bf16)
             dy = torch.randn_like(x)
@@ -55,18 +140,7 @@ def main() -> None:
                 if t == 0 or t < tokens
             }
             for name, fn in variants.items():
-                try:
-                    fn()
-                    torch.cuda.synchronize()
-                    peak = peak_extra_bytes(fn)
-                    t0 = time.perf_counter()
-                    for _ in range(3):
-                        fn()
-                    torch.cuda.synchronize()
-                    ms = (time.perf_counter() - t0) / 3 * 1e3
-                except torch.OutOfMemoryError:
-                    peak, ms = None, None
-                torch.cuda.empty_cache()
+                peak, ms = measure(fn)
                 row = {
                     "model": model,
                     "batch": batch,
@@ -76,6 +150,7 @@ def main() -> None:
                     "ms": ms,
                     "peak_extra_bytes": peak,
                     "bytes_per_token": peak / tokens if peak else None,
+                    "predicted_bytes": layer_workspace(cfg, tokens, int(name[4:])) if name != "autograd" else None,
                 }
                 rows.append(row)
                 print(row, flush=True)

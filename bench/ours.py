@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--loss-chunk", type=int, default=4096)
     ap.add_argument("--plan", help="a plan JSON (overrides the plan flags)")
     ap.add_argument("--gpu-cap-gib", type=float, default=None)
+    ap.add_argument("--disk-dir", help="the disk tier's directory, for plans that place layers on disk")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", required=True)
@@ -60,7 +61,9 @@ def main() -> None:
         )
     t0 = time.perf_counter()
     budget = int(a.gpu_cap_gib * 2**30) if a.gpu_cap_gib else None
-    engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5), gpu_budget_bytes=budget)
+    engine = Engine(
+        cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5), gpu_budget_bytes=budget, disk_dir=a.disk_dir
+    )
     init_s = time.perf_counter() - t0
     data = [random_next_token_batch(cfg.vocab_size, a.batch, a.seq, seed=i) for i in range(2)]
     timing = time_steps(lambda i: engine.train_step(*data[i % 2]).loss, a.warmup, a.steps, engine.synchronize)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from pathlib import Path
 import platform
 
 import torch
@@ -37,6 +38,8 @@ def calibrate(
     threads = sorted(
         {1, 2, 4, 8, 16, 32, torch.get_num_threads()} & set(range(1, cores + 1)) | {torch.get_num_threads()}
     )
+    if disk_dir is not None:  # created like the train recipe's, before anything is measured
+        Path(disk_dir).mkdir(parents=True, exist_ok=True)
     if cuda:
         torch.cuda.init()
     prof = Profile(

@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from slideformer import kernels
 
@@ -153,9 +154,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: S
     return torch.cat(rows)
 
 
-def attention(
-    p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig, spans: Spans | None = None
-) -> torch.Tensor:
+def _projections(
+    p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of the normed hidden states x [B, S, hidden], as [B, heads, S, head_dim], q and k rotated."""
     b, s, _ = x.shape
     d = cfg.head_dim
     q = F.linear(x, p["self_attn.q_proj.weight"], p.get("self_attn.q_proj.bias")).view(b, s, cfg.num_heads, d)
@@ -165,9 +167,19 @@ def attention(
         q = rms_norm(q, p["self_attn.q_norm.weight"], cfg.rms_norm_eps)
         k = rms_norm(k, p["self_attn.k_norm.weight"], cfg.rms_norm_eps)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = causal_attention(q, k, v, spans)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _out_projection(p: Params, o: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    b, _, s, d = o.shape
     return F.linear(o.transpose(1, 2).reshape(b, s, cfg.num_heads * d), p["self_attn.o_proj.weight"])
+
+
+def attention(
+    p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig, spans: Spans | None = None
+) -> torch.Tensor:
+    q, k, v = _projections(p, x, cos, sin, cfg)
+    return _out_projection(p, causal_attention(q, k, v, spans), cfg)
 
 
 def gated_activation(p: Params, x: torch.Tensor) -> torch.Tensor:
@@ -206,6 +218,32 @@ MLP_WEIGHTS = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weig
 Accumulate = Callable[[str, torch.Tensor], None]
 
 
+def _mlp_backward(
+    p: Params, normed: torch.Tensor, dy: torch.Tensor, tile_tokens: int, accumulate: Accumulate
+) -> torch.Tensor:
+    """The MLP's backward from its input `normed` and its output's gradient `dy` (both [tokens, hidden]), tile by
+    tile (`tile_tokens`; 0 = all at once), without computing its output: returns the input's gradient and hands
+    the weights' gradients to `accumulate` once per tile."""
+    d_normed = torch.empty_like(normed)
+    tokens = normed.shape[0]
+    step = tile_tokens or tokens
+    gate_up = [p[MLP_WEIGHTS[0]], p[MLP_WEIGHTS[1]]]
+    down = p[MLP_WEIGHTS[2]]
+    for start in range(0, tokens, step):
+        rows = slice(start, min(start + step, tokens))
+        xi = normed[rows].requires_grad_()
+        with torch.enable_grad():
+            act = gated_activation(p, xi)
+        dyi = dy[rows]
+        accumulate(MLP_WEIGHTS[2], dyi.t() @ act.detach())
+        dx_i, dg, du = torch.autograd.grad(act, [xi, *gate_up], dyi @ down)
+        d_normed[rows] = dx_i
+        accumulate(MLP_WEIGHTS[0], dg)
+        accumulate(MLP_WEIGHTS[1], du)
+        del act, dx_i, dg, du
+    return d_normed
+
+
 def decoder_layer_backward(
     p: Params,
     x: torch.Tensor,
@@ -229,29 +267,151 @@ def decoder_layer_backward(
     with torch.enable_grad():
         h, normed = attention_block(p, x, cos, sin, cfg, spans)
     hidden = normed.shape[-1]
-    flat_in, flat_dy = normed.detach().view(-1, hidden), dy.reshape(-1, hidden)
-    d_normed = torch.empty_like(flat_in)
-    tokens = flat_in.shape[0]
-    step = tile_tokens or tokens
-    gate_up = [p[MLP_WEIGHTS[0]], p[MLP_WEIGHTS[1]]]
-    down = p[MLP_WEIGHTS[2]]
-    for start in range(0, tokens, step):
-        rows = slice(start, min(start + step, tokens))
-        xi = flat_in[rows].requires_grad_()
-        with torch.enable_grad():
-            act = gated_activation(p, xi)
-        dyi = flat_dy[rows]
-        accumulate(MLP_WEIGHTS[2], dyi.t() @ act.detach())
-        dx_i, dg, du = torch.autograd.grad(act, [xi, *gate_up], dyi @ down)
-        d_normed[rows] = dx_i
-        accumulate(MLP_WEIGHTS[0], dg)
-        accumulate(MLP_WEIGHTS[1], du)
-        del act, dx_i, dg, du
+    d_normed = _mlp_backward(p, normed.detach().view(-1, hidden), dy.reshape(-1, hidden), tile_tokens, accumulate)
     rest = [name for name in p if name not in MLP_WEIGHTS]
     grads = torch.autograd.grad([h, normed], [x, *(p[n] for n in rest)], [dy, d_normed.view_as(normed)])
     for name, g in zip(rest, grads[1:]):
         accumulate(name, g)
     return grads[0]
+
+
+# --- Sequence tiles: a layer along its sequence, so that only k and v exist for the whole sequence ----------
+
+
+def _tile_tables(cos: torch.Tensor, sin: torch.Tensor, a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary tables of tokens a..z-1 of every row ([S, D] tables) or of each row ([B, S, D])."""
+    if cos.dim() == 2:
+        return cos[a:z], sin[a:z]
+    return cos[:, a:z].contiguous(), sin[:, a:z].contiguous()
+
+
+def _suffix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of queries that are the last q.shape[2] of the keys' tokens (lower-right aligned)."""
+    gqa, scale = q.shape[1] != k.shape[1], q.shape[-1] ** -0.5
+    if q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256:
+        # Flash attention's causal mask is lower-right aligned when there are fewer queries than keys, and it
+        # takes GQA's k and v as they are (SDPA's lower-right mask would route GQA elsewhere).
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[0]
+    mask = causal_lower_right(q.shape[2], k.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _tile_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, spans: Spans | None
+) -> torch.Tensor:
+    """Causal attention of the queries of tokens start..start+T of each row over `keys`/`values`, which hold
+    tokens 0..start+T; with `spans`, within each sample."""
+    if spans is None:
+        return _suffix_attention(q, keys, values)
+    end = start + q.shape[2]
+    rows = []
+    for b, row in enumerate(spans):
+        pieces = []
+        for s, e in row:
+            a, z = max(s, start), min(e, end)
+            if a < z:
+                qb, kb, vb = q[b : b + 1, :, a - start : z - start], keys[b : b + 1, :, s:z], values[b : b + 1, :, s:z]
+                pieces.append(_suffix_attention(qb, kb, vb))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows)
+
+
+def _tiles(seq: int, seq_tile: int) -> list[tuple[int, int]]:
+    return [(a, min(a + seq_tile, seq)) for a in range(0, seq, seq_tile)]
+
+
+def decoder_layer_in_tiles(
+    p: Params,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cfg: ModelConfig,
+    seq_tile: int,
+    spans: Spans | None = None,
+) -> torch.Tensor:
+    """`decoder_layer` without gradients, `seq_tile` tokens of each row at a time in sequence order: each tile's
+    keys and values join those of the tiles before it, its queries attend to all of them (the same maths; the
+    whole sequence's intermediates never exist, only its k and v)."""
+    b, s, _ = x.shape
+    out = torch.empty_like(x)
+    keys = x.new_empty(b, cfg.num_kv_heads, s, cfg.head_dim)
+    values = torch.empty_like(keys)
+    for a, z in _tiles(s, seq_tile):
+        c, sn = _tile_tables(cos, sin, a, z)
+        q, keys[:, :, a:z], values[:, :, a:z] = _projections(
+            p, rms_norm(x[:, a:z], p["input_layernorm.weight"], cfg.rms_norm_eps), c, sn, cfg
+        )
+        o = _tile_attention(q, keys[:, :, :z], values[:, :, :z], a, spans)
+        h, normed = add_rms_norm(
+            x[:, a:z], _out_projection(p, o, cfg), p["post_attention_layernorm.weight"], cfg.rms_norm_eps
+        )
+        out[:, a:z] = h + mlp(p, normed)
+    return out
+
+
+def decoder_layer_backward_in_tiles(
+    p: Params,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cfg: ModelConfig,
+    tile_tokens: int,
+    seq_tile: int,
+    accumulate: Accumulate,
+    spans: Spans | None = None,
+) -> torch.Tensor:
+    """`decoder_layer_backward` along the sequence, `seq_tile` tokens of each row at a time, last tile first.
+
+    The layer's k and v are recomputed for the whole sequence first; then each tile recomputes its own block
+    with autograd, its queries attending to the earlier tiles' keys (leaves here) and its own, and back-
+    propagates. A tile's keys and values also receive the gradients the later tiles sent them, summed in fp32
+    (`d_keys`, `d_values`), so when it is reached their gradient is whole. The same maths as the whole-sequence
+    backward (the partial key gradients are summed in another order); GPU memory per token of the sequence is
+    its k, v, their fp32 gradients and dx, the rest exists for one tile."""
+    x, eps = x.detach(), cfg.rms_norm_eps
+    b, s, hidden = x.shape
+    tiles = _tiles(s, seq_tile)
+    keys = x.new_empty(b, cfg.num_kv_heads, s, cfg.head_dim)
+    values = torch.empty_like(keys)
+    with torch.no_grad():
+        for a, z in tiles:
+            _, keys[:, :, a:z], values[:, :, a:z] = _projections(
+                p, rms_norm(x[:, a:z], p["input_layernorm.weight"], eps), *_tile_tables(cos, sin, a, z), cfg
+            )
+    summed = torch.promote_types(keys.dtype, torch.float32)  # the later tiles' key gradients, summed in fp32
+    d_keys, d_values = torch.zeros_like(keys, dtype=summed), torch.zeros_like(values, dtype=summed)
+    dx = torch.empty_like(x)
+    rest = [name for name in p if name not in MLP_WEIGHTS]
+    for a, z in reversed(tiles):
+        xt = x[:, a:z].detach().requires_grad_()
+        earlier = [t[:, :, :a].detach().requires_grad_() for t in (keys, values)] if a else []
+        with torch.enable_grad():
+            q, k, v = _projections(
+                p, rms_norm(xt, p["input_layernorm.weight"], eps), *_tile_tables(cos, sin, a, z), cfg
+            )
+            all_k, all_v = (torch.cat((e, t), dim=2) for e, t in zip(earlier, (k, v))) if a else (k, v)
+            o = _tile_attention(q, all_k, all_v, a, spans)
+            h, normed = add_rms_norm(xt, _out_projection(p, o, cfg), p["post_attention_layernorm.weight"], eps)
+        dyt = dy[:, a:z]
+        d_normed = _mlp_backward(
+            p, normed.detach().reshape(-1, hidden), dyt.reshape(-1, hidden), tile_tokens, accumulate
+        )
+        outputs, output_grads = [h, normed], [dyt, d_normed.view_as(normed)]
+        if z < s:  # the later tiles' gradients of this tile's keys and values
+            outputs += [k, v]
+            output_grads += [d_keys[:, :, a:z].to(k.dtype), d_values[:, :, a:z].to(v.dtype)]
+        grads = torch.autograd.grad(outputs, [xt, *(p[n] for n in rest), *earlier], output_grads)
+        dx[:, a:z] = grads[0]
+        for name, g in zip(rest, grads[1 : 1 + len(rest)]):
+            accumulate(name, g)
+        if a:
+            d_keys[:, :, :a] += grads[-2]
+            d_values[:, :, :a] += grads[-1]
+        del grads, outputs, output_grads, q, k, v, o, h, normed, d_normed, earlier
+    return dx
 
 
 def head_logits(norm_weight: torch.Tensor, head_weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:

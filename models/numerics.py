@@ -10,7 +10,13 @@ from typing import Any, Callable
 import torch
 
 from .config import ModelConfig
-from .layers import decoder_layer, decoder_layer_backward, token_positions
+from .layers import (
+    decoder_layer,
+    decoder_layer_backward,
+    decoder_layer_backward_in_tiles,
+    decoder_layer_in_tiles,
+    token_positions,
+)
 from .loss import head_loss_and_grads, head_loss_sum
 
 Params = dict[str, torch.Tensor]
@@ -34,12 +40,27 @@ class NativeNumerics:
         """Adds the embedding weight's gradient into the fp32 `grad`."""
         grad.view(self.cfg.vocab_size, -1).index_add_(0, ids.flatten(), d_out.flatten(0, 1).float())
 
-    def layer(self, index: int, params: Params, x: torch.Tensor, pos: Any) -> torch.Tensor:
+    def layer(self, index: int, params: Params, x: torch.Tensor, pos: Any, seq_tile: int = 0) -> torch.Tensor:
+        """The layer's output; `seq_tile` tokens of each row at a time (0: the whole sequence; no gradients)."""
+        if seq_tile:
+            return decoder_layer_in_tiles(params, x, pos.cos, pos.sin, self.cfg, seq_tile, pos.spans)
         return decoder_layer(params, x, pos.cos, pos.sin, self.cfg, pos.spans)
 
     def layer_backward(
-        self, index: int, params: Params, x: torch.Tensor, dy: torch.Tensor, pos: Any, tile: int, accumulate: Accumulate
+        self,
+        index: int,
+        params: Params,
+        x: torch.Tensor,
+        dy: torch.Tensor,
+        pos: Any,
+        tile: int,
+        accumulate: Accumulate,
+        seq_tile: int = 0,
     ) -> torch.Tensor:
+        if seq_tile:
+            return decoder_layer_backward_in_tiles(
+                params, x, dy, pos.cos, pos.sin, self.cfg, tile, seq_tile, accumulate, pos.spans
+            )
         return decoder_layer_backward(params, x, dy, pos.cos, pos.sin, self.cfg, tile, accumulate, pos.spans)
 
     def head_loss_and_grads(
@@ -88,12 +109,22 @@ class HFNumerics:
             self.decoder.embed_grad(weight.view(self.cfg.vocab_size, -1), ids, d_out)
         )
 
-    def layer(self, index: int, params: Params, x: torch.Tensor, pos: Any) -> torch.Tensor:
+    def layer(self, index: int, params: Params, x: torch.Tensor, pos: Any, seq_tile: int = 0) -> torch.Tensor:
+        assert not seq_tile, "sequence tiles are our own numerics' (the plan check refuses them here)"
         return self.decoder.layer(index, params, x, pos[index])
 
     def layer_backward(
-        self, index: int, params: Params, x: torch.Tensor, dy: torch.Tensor, pos: Any, tile: int, accumulate: Accumulate
+        self,
+        index: int,
+        params: Params,
+        x: torch.Tensor,
+        dy: torch.Tensor,
+        pos: Any,
+        tile: int,
+        accumulate: Accumulate,
+        seq_tile: int = 0,
     ) -> torch.Tensor:
+        assert not seq_tile, "sequence tiles are our own numerics' (the plan check refuses them here)"
         return self.decoder.layer_backward(index, params, x, dy, pos[index], accumulate)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from slideformer.schedule.profile import Profile
-from slideformer.models.config import ModelConfig
+from slideformer.models.config import GENERIC, ModelConfig
 from slideformer.schedule.plan import ActivationPolicy, Plan, uniform_plan
 from slideformer.simulator import Simulation, simulate
 from slideformer.simulator.costs import CostModel, step_lower_bound
@@ -22,6 +22,7 @@ from slideformer.schedule.memory import GiB, disk_bytes, gpu_bytes, host_bytes, 
 LOSS_PIECES = (4096, 2048, 1024, 512)
 GRAD_RINGS = (4, 2)  # pinned fp32 gradient buffers shared by the host-updated layers
 MLP_TILES = (0, 8192, 4096, 2048, 1024)  # 0: the whole chunk at once; each tile costs an MLP-gradient accumulate
+SEQ_TILES = (0, 16384, 8192, 4096)  # 0: the whole sequence; tiles are for long sequences a GPU cannot hold whole
 # Predictions this close count as a tie, won by the plan with the fewest chunks: fewer ops for the one thread
 # that issues them, which the CPU optimizer's threads slow down and the simulator does not model (on the H100,
 # 1024 x 8 predicted 2.19 s at chunk 1 and chunk 8 alike measured 3.10 and 2.44 s in one lease).
@@ -81,6 +82,11 @@ def disk_layers_that_fit(cfg: ModelConfig, budgets: Budgets) -> int:
     return min(cfg.num_layers, budgets.disk_bytes // padded(12 * cfg.layer_params))
 
 
+def seq_tiles(cfg: ModelConfig, seq: int) -> tuple[int, ...]:
+    """Sequence tiles to consider: the whole sequence, then tiles shorter than it (our own numerics only)."""
+    return (0,) if cfg.family == GENERIC else tuple(t for t in SEQ_TILES if t < seq)
+
+
 def lean_plans(cfg: ModelConfig, model: str, batch: int, seq: int, update: str, budgets: Budgets) -> list[Plan]:
     """The plans with the least GPU memory at this batch and seq (window 2, chunk 1, smallest loss piece) for
     each activation policy, each number of GPU-updated units on the grid (they trade GPU for host memory),
@@ -98,6 +104,7 @@ def lean_plans(cfg: ModelConfig, model: str, batch: int, seq: int, update: str, 
             update=update,
             loss_chunk_tokens=LOSS_PIECES[-1],
             mlp_tile_tokens=MLP_TILES[-1],
+            seq_tile_tokens=seq_tiles(cfg, seq)[-1],
             grad_ring=GRAD_RINGS[-1],
             gpu_units=units,
             disk_layers=disk,
@@ -190,7 +197,7 @@ def candidates(
                                     cfg,
                                     budgets,
                                     gpu_units,
-                                    lambda disk, piece, tile, ring: uniform_plan(
+                                    lambda disk, piece, tile, ring, seq_tile: uniform_plan(
                                         model,
                                         L,
                                         batch,
@@ -204,11 +211,13 @@ def candidates(
                                         update=update,
                                         loss_chunk_tokens=piece,
                                         mlp_tile_tokens=tile,
+                                        seq_tile_tokens=seq_tile,
                                         grad_ring=ring,
                                         late_updates=late,
                                         streamed_layers=streamed,
                                     ),
                                     profile,
+                                    seq_tiles(cfg, seq),
                                 )
                                 if plan is not None:
                                     out.append(plan)
@@ -234,18 +243,21 @@ def streamed_grid(num_layers: int, update: str, gpu_units: int) -> list[tuple[in
     return [tuple(int((i + 0.5) * num_layers / k) for i in range(k)) for k in counts]
 
 
-def _fewest_disk_layers(cfg: ModelConfig, budgets: Budgets, gpu_units: int, make, profile: Profile) -> Plan | None:
+def _fewest_disk_layers(
+    cfg: ModelConfig, budgets: Budgets, gpu_units: int, make, profile: Profile, seq_tile_grid: tuple[int, ...]
+) -> Plan | None:
     """The plan with the fewest layers on disk that fits (disk only adds time; each layer there frees host
-    RAM), with the largest gradient ring (a shorter one can stall the stream), MLP tile (smaller ones add
-    time) and loss piece (the piece does not change the time) that fit; None if none fits.
+    RAM), with the largest gradient ring (a shorter one can stall the stream), sequence tile and MLP tile
+    (smaller ones add time) and loss piece (the piece does not change the time) that fit; None if none fits.
 
-    Whether some variant fits at a disk count is decided by the leanest one (shortest ring, smallest tile
+    Whether some variant fits at a disk count is decided by the leanest one (shortest ring, smallest tiles
     and piece); from one layer on disk up, each more layer there only frees host RAM, so the fewest is
     found by bisection."""
     most = min(disk_layers_that_fit(cfg, budgets), cfg.num_layers + 1 - gpu_units if gpu_units else cfg.num_layers)
 
     def leanest_fits(disk: int) -> bool:
-        return not shortfalls(cfg, make(disk, LOSS_PIECES[-1], MLP_TILES[-1], GRAD_RINGS[-1]), profile, budgets)
+        leanest = make(disk, LOSS_PIECES[-1], MLP_TILES[-1], GRAD_RINGS[-1], seq_tile_grid[-1])
+        return not shortfalls(cfg, leanest, profile, budgets)
 
     if leanest_fits(0):
         disk = 0
@@ -258,11 +270,12 @@ def _fewest_disk_layers(cfg: ModelConfig, budgets: Budgets, gpu_units: int, make
     else:
         return None
     for ring in GRAD_RINGS:
-        for tile in MLP_TILES:
-            for piece in LOSS_PIECES:
-                plan = make(disk, piece, tile, ring)
-                if not shortfalls(cfg, plan, profile, budgets):
-                    return plan
+        for seq_tile in seq_tile_grid:
+            for tile in MLP_TILES:
+                for piece in LOSS_PIECES:
+                    plan = make(disk, piece, tile, ring, seq_tile)
+                    if not shortfalls(cfg, plan, profile, budgets):
+                        return plan
     raise AssertionError("the leanest variant fits, so one is returned above")
 
 

@@ -63,7 +63,7 @@ class StepBuffers:
 
         self.hidden = [hidden(f"hidden:{k}") for k in range(2)]
         self.dgrad = [hidden(f"dgrad:{k}") for k in range(2)]
-        self.fetched = [hidden(f"fetched:{k}") for k in range(2)] if "fetched:0" in gpu else []
+        self.fetched = self.hidden  # saved inputs come back into the forward's buffers once the head is done
         self.kept_input = {
             lay: hidden(f"kept_input:{lay}") for lay, p in enumerate(plan.activations) if p == "recompute"
         }

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from slideformer.models.config import ModelConfig
+from slideformer.models.config import GENERIC, ModelConfig
 from slideformer.schedule.graph import build_step_graph
 from slideformer.schedule.op import Resource
 from slideformer.schedule.memory import GiB, describe, gpu_bytes, saved_input_bytes
@@ -70,6 +70,11 @@ class Engine:
                 "data-parallel ranks update units on the CPU or the GPU: 'disk' and 'streamed' "
                 "placements are not supported with several ranks yet"
             )
+        if plan.seq_tile_tokens and cfg.family == GENERIC:
+            raise PlanError(
+                "seq_tile_tokens runs our own numerics' layers in tiles; an architecture run through its own "
+                "modules takes 0 (the whole sequence)"
+            )
         self.ranks = ranks
         if (plan.disk_units or "disk" in plan.activations) and disk_dir is None:
             raise PlanError("the plan keeps layers' states or activations on disk: give a disk directory")
@@ -87,7 +92,7 @@ class Engine:
             if sum(need.values()) > budget:
                 raise PlanError(
                     f"plan does not fit the GPU: needs {describe(need)}, budget {budget / GiB:.2f} GiB; "
-                    f"lower chunk ({plan.chunk}), window ({plan.window}), mlp_tile_tokens or loss_chunk_tokens"
+                    f"lower chunk ({plan.chunk}), window ({plan.window}), mlp_tile_tokens, loss_chunk_tokens or seq_tile_tokens"
                 )
         self.cfg, self.plan = cfg, plan
         self.compute_dtype = getattr(torch, plan.compute_dtype)
@@ -220,7 +225,7 @@ class Engine:
             for lay in range(L):
                 ops._load(lay + 1)
                 params = ops._layer_params(lay)
-                hidden = [num.layer(lay, params, x, p) for x, p in zip(hidden, chunks)]
+                hidden = [num.layer(lay, params, x, p, self.plan.seq_tile_tokens) for x, p in zip(hidden, chunks)]
             total = sum(
                 num.head_loss_sum(x, y, ops.norm_w, ops.head_w, self.plan.loss_chunk_tokens)
                 for x, y in zip(hidden, labels.split(self.plan.chunk))

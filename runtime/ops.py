@@ -136,7 +136,7 @@ class StepOps:
             out.copy_(y.detach())
         else:
             with torch.no_grad():
-                out.copy_(self.numerics.layer(layer, self._layer_params(layer), x, pos))
+                out.copy_(self.numerics.layer(layer, self._layer_params(layer), x, pos, self.plan.seq_tile_tokens))
 
     def _head(self, chunk: int) -> None:
         L = self.cfg.num_layers
@@ -195,7 +195,7 @@ class StepOps:
         else:
             saved = self.b.kept_input[layer] if policy == "recompute" else self.b.fetched[layer % 2]
             dx = self.numerics.layer_backward(
-                layer, params, saved[rows], dy, pos, self.plan.mlp_tile_tokens, accumulate
+                layer, params, saved[rows], dy, pos, self.plan.mlp_tile_tokens, accumulate, self.plan.seq_tile_tokens
             )
         self.b.dgrad[layer % 2][rows].copy_(dx)
         if chunk == self.plan.chunks - 1:

@@ -238,16 +238,17 @@ class _StepGraph:
         self.grad_out_and_update(L + 1, f"head:{last}")
         resident = set(range(max(L - W, 0), L))
         for lay in reversed(range(L)):
+            # Saved inputs come back into the forward's hidden-state buffers, whose last reader is the head.
             if lay == L - 1 and plan.activations[lay] in ("offload", "disk"):
                 for c in range(C):
-                    self.fetch(lay, c, None)
+                    self.fetch(lay, c, f"head:{c}")
             ahead = lay - W + 1
             if ahead >= 0 and ahead not in resident:
                 # Into the slot of layer lay+1, whose backward is done by now.
                 self.load(layer_unit(ahead), "bwd", [f"bwd:{lay + 1}:{last}"])
             if lay > 0 and plan.activations[lay - 1] in ("offload", "disk"):
                 for c in range(C):
-                    self.fetch(lay - 1, c, f"bwd:{lay + 1}:{c}" if lay + 1 < L else None)
+                    self.fetch(lay - 1, c, f"bwd:{lay + 1}:{c}" if lay + 1 < L else f"head:{c}")
             self.backward_layer(lay, f"load:{layer_unit(lay)}:{'fwd' if lay in resident else 'bwd'}")
             self.grad_out_and_update(layer_unit(lay), f"bwd:{lay}:{last}")
         for c in range(C):

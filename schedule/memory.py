@@ -32,7 +32,7 @@ def _fit(points: list[tuple[int, float]], x: int) -> int | None:
     return None if got is None else int(got)
 
 
-def layer_workspace(cfg: ModelConfig, tokens: int, mlp_tile_tokens: int) -> int:
+def layer_workspace(cfg: ModelConfig, tokens: int, mlp_tile_tokens: int, tile_tokens: int = 0) -> int:
     """GPU bytes a recomputed layer's backward (`decoder_layer_backward`) allocates at its peak beyond its input,
     output gradient and weights, from the layer's dimensions (bf16, kernels on). The peak is the largest of
     three moments:
@@ -45,17 +45,29 @@ def layer_workspace(cfg: ModelConfig, tokens: int, mlp_tile_tokens: int) -> int:
       weight gradients.
     q/k norms save their inputs too; SDPA keeps an fp32 log-sum-exp per head. The temporaries' widths were
     read off H100 measurements of three shapes (`bench.layer_memory`), which the formula meets within 1.5%.
+    In sequence tiles (`tile_tokens` of the chunk at a time, `decoder_layer_backward_in_tiles`) those moments
+    are a tile's, and every token of the chunk holds its k and v, their fp32 gradients, its dx, the tile's
+    copy of the keys before it and their gradient, and (GQA) flash attention's key gradients per query head.
     A generic architecture's layer (`models/hf_decoder.py`) is recomputed through autograd whole: its graph, by
     the kept-graph formula (derived, not yet measured), and its weights' gradients."""
     if cfg.family == GENERIC:  # recomputed whole through autograd: the layer's graph and its weights' gradients
         return activation_bytes_per_token(cfg) * tokens + 2 * cfg.layer_params
     h, ff, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
     q, kv = heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    if 0 < tile_tokens < tokens:
+        per_token = 20 * kv + 2 * h + (4 * q if kv != q else 0)
+        return per_token * tokens + layer_workspace(cfg, tile_tokens, mlp_tile_tokens)
     qk_norm = (q + kv) if cfg.qk_norm else 0
     attention_phase = (2 * (6 * h + 7 * q + 4 * kv + qk_norm) + 4 * heads) * tokens + 2 * h * q
     saved = (2 * (4 * h + 3 * q + 2 * kv + qk_norm) + 4 * heads) * tokens
     tile = min(mlp_tile_tokens or tokens, tokens)
     return max(attention_phase, saved + 12 * ff * tile, saved + 7 * ff * tile + 4 * h * ff)
+
+
+def plan_layer_workspace(cfg: ModelConfig, plan: Plan) -> int:
+    """`layer_workspace` of one chunk under the plan's MLP and sequence tiles."""
+    tile = plan.chunk * min(plan.seq_tile_tokens, plan.seq) if plan.seq_tile_tokens else 0
+    return layer_workspace(cfg, plan.chunk * plan.seq, plan.mlp_tile_tokens, tile)
 
 
 def kept_graph(cfg: ModelConfig, seq: int, tokens: int, profile: Profile | None = None) -> int:
@@ -192,11 +204,9 @@ def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
         specs.append(BufferSpec(f"adamw_states:{u}", "gpu_optimizer_states", 8 * n[u], (u,), lazy=True))
         if 0 < u <= L:
             specs.append(BufferSpec(f"grad:{u}", "gpu_optimizer_states", 4 * n[u], (u,)))
-    specs += [
-        BufferSpec(f"{what}:{k}", "hidden_buffers", hidden)
-        for what in ("hidden", "dgrad") + (("fetched",) if {"offload", "disk"} & set(plan.activations) else ())
-        for k in range(2)
-    ]
+    # Two of each: a layer reads one and writes the other. Saved inputs fetched for the backward land in the
+    # forward's hidden buffers, free once the head has read them.
+    specs += [BufferSpec(f"{what}:{k}", "hidden_buffers", hidden) for what in ("hidden", "dgrad") for k in range(2)]
     specs += [
         BufferSpec(f"kept_input:{lay}", "kept_inputs", hidden, (lay,))
         for lay, p in enumerate(plan.activations)
@@ -241,7 +251,7 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
     return by_kind(gpu_buffers(cfg, plan), GPU_STATIC_KINDS) | {
         "kept_graphs": plan.activations.count("keep") * graph * plan.chunks,
         "workspace": max(
-            layer_workspace(cfg, chunk_tokens, plan.mlp_tile_tokens),
+            plan_layer_workspace(cfg, plan),
             head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile),
         ),
         "runtime_overhead": RUNTIME_OVERHEAD,

@@ -60,6 +60,11 @@ class Plan:
     # Tokens per MLP tile in a recomputed layer's backward (0: the whole chunk at once): the MLP's wide
     # intermediates exist for one tile only. Smaller tiles trade a little speed for GPU memory.
     mlp_tile_tokens: int = 0
+    # Tokens of each sequence a layer computes at once, forward and backward (0: the whole sequence): its
+    # queries, attention output and MLP input exist for one tile, only its keys and values (and their fp32
+    # gradients) for the whole sequence. For long sequences on a small GPU; the same maths, the key gradients
+    # summed in another order.
+    seq_tile_tokens: int = 0
     device: str = "cuda"
     # 'bfloat16' (mixed precision, the default) or 'float32' compute; float32 only on the CPU, whose bf16
     # matmuls are slow where the processor lacks bf16 instructions (the demo). fp32 masters and states either way.
@@ -156,6 +161,8 @@ class Plan:
             )
         if self.mlp_tile_tokens < 0:
             problems.append("mlp_tile_tokens must be 0 (whole chunk) or positive")
+        if self.seq_tile_tokens < 0:
+            problems.append("seq_tile_tokens must be 0 (whole sequence) or positive")
         if problems:
             raise PlanError("invalid plan: " + "; ".join(problems))
 

@@ -161,6 +161,9 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
         # accumulate of the three MLP matrices for every further MLP tile
         tiles = -(-tokens // plan.mlp_tile_tokens) if plan.mlp_tile_tokens and policy != "keep" else 1
         mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+        if plan.seq_tile_tokens and policy != "keep":  # the pass that recomputes k and v for the whole sequence
+            kv = 2 * cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim
+            t += cost.layer("fwd_s", tokens) * kv / cfg.layer_params
         return (t + cost.gpu_bytes_moved((cfg.layer_params + (tiles - 1) * mlp) * (2 + 4 + 4))) * slow
     if kind == OpKind.HEAD:
         return cost.head(tokens) * slow

@@ -22,7 +22,14 @@ from slideformer.models.config import ModelConfig
 from slideformer.schedule.graph import build_step_graph, ops
 from slideformer.schedule.op import HOST_RESOURCES, Op, OpKind, Resource
 from slideformer.schedule.plan import Plan
-from slideformer.schedule.memory import disk_bytes, gpu_bytes, head_workspace, host_bytes, kept_graph, layer_workspace
+from slideformer.schedule.memory import (
+    disk_bytes,
+    gpu_bytes,
+    head_workspace,
+    host_bytes,
+    kept_graph,
+    plan_layer_workspace,
+)
 
 from .costs import CostModel, issue_seconds, op_seconds
 
@@ -145,7 +152,7 @@ def _flatten(g: nx.DiGraph, cfg: ModelConfig, plan: Plan, profile: Profile) -> _
     order = [o.name for o in records]
     tokens = plan.chunk * plan.seq
     workspace = {
-        OpKind.BWD: layer_workspace(cfg, tokens, plan.mlp_tile_tokens),
+        OpKind.BWD: plan_layer_workspace(cfg, plan),
         OpKind.HEAD: head_workspace(cfg, min(plan.loss_chunk_tokens, tokens), tokens, profile),
     }
     index = {n: i for i, n in enumerate(order)}
