@@ -14,8 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from slideformer.models.config import ModelConfig
-from slideformer.schedule.plan import STAGING_BUFFERS
+from slideformer.models.config import GENERIC, ModelConfig
+from slideformer.schedule.plan import SEQ_TILES, STAGING_BUFFERS
 from slideformer.runtime.weight_stream import WeightStream
 from slideformer.models.loss import head_loss_and_grads
 from slideformer.models.numerics import numerics_for
@@ -369,12 +369,13 @@ class _Layer:
             self.where[tuple(x.shape)] = self.numerics.positions(None, x)
         return self.where[tuple(x.shape)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.numerics.layer(0, self.params, x, self._positions(x))
+    def forward(self, x: torch.Tensor, seq_tile: int = 0) -> torch.Tensor:
+        return self.numerics.layer(0, self.params, x, self._positions(x), seq_tile)
 
-    def recompute_backward(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    def recompute_backward(self, x: torch.Tensor, dy: torch.Tensor, seq_tile: int = 0) -> torch.Tensor:
         """As the runtime's offload and recompute policies run it."""
-        return self.numerics.layer_backward(0, self.params, x, dy, self._positions(x), 0, lambda name, g: None)
+        pos = self._positions(x)
+        return self.numerics.layer_backward(0, self.params, x, dy, pos, 0, lambda name, g: None, seq_tile)
 
 
 def _layer_weights(cfg: ModelConfig, device: str) -> dict[str, torch.Tensor]:
@@ -431,6 +432,16 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
                 kept_bytes(layer, x) if cuda else 0,
             )
         )
+    if cfg.family != GENERIC:  # one sequence in each sequence tile the planner may choose
+        x = torch.randn(1, seq, cfg.hidden_size, dtype=torch.bfloat16, device=device)
+        dy = torch.randn_like(x)
+        for tile in (t for t in SEQ_TILES if t < seq):
+            with torch.no_grad():
+                fwd_s = median_time(lambda: layer.forward(x, tile), repeats=3, cuda=cuda)
+            bwd_s = median_time(lambda: layer.recompute_backward(x, dy, tile), repeats=3, cuda=cuda)
+            out.append(
+                LayerTiming(hidden, intermediate, heads, kv_heads, head_dim, seq, seq, fwd_s, bwd_s, 0.0, seq_tile=tile)
+            )
     return out
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from slideformer.schedule.profile import Profile
 from slideformer.models.config import GENERIC, ModelConfig
-from slideformer.schedule.plan import ActivationPolicy, Plan, uniform_plan
+from slideformer.schedule.plan import SEQ_TILES, ActivationPolicy, Plan, uniform_plan
 from slideformer.simulator import Simulation, simulate
 from slideformer.simulator.costs import CostModel, step_lower_bound
 
@@ -22,7 +22,6 @@ from slideformer.schedule.memory import GiB, disk_bytes, gpu_bytes, host_bytes, 
 LOSS_PIECES = (4096, 2048, 1024, 512)
 GRAD_RINGS = (4, 2)  # pinned fp32 gradient buffers shared by the host-updated layers
 MLP_TILES = (0, 8192, 4096, 2048, 1024)  # 0: the whole chunk at once; each tile costs an MLP-gradient accumulate
-SEQ_TILES = (0, 16384, 8192, 4096)  # 0: the whole sequence; tiles are for long sequences a GPU cannot hold whole
 # Predictions this close count as a tie, won by the plan with the fewest chunks: fewer ops for the one thread
 # that issues them, which the CPU optimizer's threads slow down and the simulator does not model (on the H100,
 # 1024 x 8 predicted 2.19 s at chunk 1 and chunk 8 alike measured 3.10 and 2.44 s in one lease).
@@ -84,7 +83,7 @@ def disk_layers_that_fit(cfg: ModelConfig, budgets: Budgets) -> int:
 
 def seq_tiles(cfg: ModelConfig, seq: int) -> tuple[int, ...]:
     """Sequence tiles to consider: the whole sequence, then tiles shorter than it (our own numerics only)."""
-    return (0,) if cfg.family == GENERIC else tuple(t for t in SEQ_TILES if t < seq)
+    return (0,) if cfg.family == GENERIC else (0, *(t for t in SEQ_TILES if t < seq))
 
 
 def lean_plans(cfg: ModelConfig, model: str, batch: int, seq: int, update: str, budgets: Budgets) -> list[Plan]:

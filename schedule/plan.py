@@ -19,6 +19,8 @@ STATE_STAGING_BUFFERS = 3  # GPU slots a streamed update's pieces (master, exp_a
 # Bytes per parameter a streamed update moves: fp32 master and both AdamW states in; the same and the new
 # bf16 weights (which the unit's next loads read) out.
 STREAMED_IN_BYTES, STREAMED_OUT_BYTES = 12, 14
+# Sequence tiles (`Plan.seq_tile_tokens`) the planner considers and calibrate times: long sequences only.
+SEQ_TILES = (16384, 8192, 4096)
 
 
 class PlanError(ValueError):

@@ -43,7 +43,8 @@ class Link:
 
 @dataclass
 class LayerTiming:
-    """One decoder layer of this shape at `tokens` tokens (`tokens // seq` sequences of `seq`)."""
+    """One decoder layer of this shape at `tokens` tokens (`tokens // seq` sequences of `seq`); in sequence tiles
+    of `seq_tile` tokens where that is not 0 (forward and recompute + backward only)."""
 
     hidden: int
     intermediate: int
@@ -56,6 +57,7 @@ class LayerTiming:
     bwd_recompute_s: float  # forward with autograd + backward (the offload and recompute policies)
     bwd_kept_s: float  # backward from a kept graph
     kept_graph_bytes: int = 0  # GPU bytes a forward with autograd keeps until its backward (0: unmeasured)
+    seq_tile: int = 0
 
     def shape(self) -> tuple[int, ...]:
         return self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim

@@ -48,14 +48,14 @@ class CostModel:
         self.gpu_memory_bandwidth = float(profile.gpu_memory_bandwidth or 0.0)
         self.gpu_adamw_rate = float(profile.gpu_adamw_params_per_s or 0.0)
         shape = cfg.layer_shape()
-        self.own = [t for t in profile.layers if t.shape() == shape and t.seq == seq]
+        whole = [t for t in profile.layers if not t.seq_tile]
+        self.own = [t for t in whole if t.shape() == shape and t.seq == seq]
+        self.own_tiled = [t for t in profile.layers if t.seq_tile and t.shape() == shape and t.seq == seq]
         self.heads = [t for t in profile.heads if (t.hidden, t.vocab) == (cfg.hidden_size, cfg.vocab_size)]
         peak = self.gpu_flops
 
         def efficiency(work: float, key: str) -> float:
-            rates = [
-                work * layer_flops(_cfg_of(t, cfg), t.seq, t.tokens) / getattr(t, key) / peak for t in profile.layers
-            ]
+            rates = [work * layer_flops(_cfg_of(t, cfg), t.seq, t.tokens) / getattr(t, key) / peak for t in whole]
             return statistics.median(rates) if rates else SPEC_EFFICIENCY
 
         self.eff = {
@@ -65,8 +65,15 @@ class CostModel:
         }
 
     @lru_cache(maxsize=None)
-    def layer(self, key: str, tokens: int) -> float:
-        """key: fwd_s, bwd_recompute_s or bwd_kept_s."""
+    def layer(self, key: str, tokens: int, seq_tile: int = 0) -> float:
+        """key: fwd_s, bwd_recompute_s or bwd_kept_s; `seq_tile` (fwd_s, bwd_recompute_s): the layer in sequence
+        tiles, as measured at this tile, else the whole layer's time plus the pass that recomputes k and v."""
+        if seq_tile:
+            tiled = fit_at([(t.tokens, getattr(t, key)) for t in self.own_tiled if t.seq_tile == seq_tile], tokens)
+            if tiled is not None:
+                return tiled
+            kv = 2 * self.cfg.hidden_size * self.cfg.num_kv_heads * self.cfg.head_dim / self.cfg.layer_params
+            return self.layer(key, tokens) + (self.layer("fwd_s", tokens) * kv if key == "bwd_recompute_s" else 0.0)
         pts = [(t.tokens, getattr(t, key)) for t in self.own]
         if len(pts) >= 2:
             slope, intercept = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
@@ -152,18 +159,17 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     if kind == OpKind.STATE_UPDATE:  # the fused AdamW on one piece, and its bf16 cast
         return a.params / cost.gpu_adamw_rate + cost.gpu_bytes_moved(6 * a.params)
     slow = cost.p.compute_slowdown_under_copies  # layers run beside the weight and gradient streams
-    if kind == OpKind.FWD:
-        return cost.layer("fwd_s", tokens) * slow
-    if kind == OpKind.BWD:
+    if kind in (OpKind.FWD, OpKind.BWD):  # a kept layer runs whole, the others in the plan's sequence tiles
         policy = plan.activations[a.layer]
-        t = cost.layer("bwd_kept_s" if policy == "keep" else "bwd_recompute_s", tokens)
+        seq_tile = 0 if policy == "keep" else plan.seq_tile_tokens
+    if kind == OpKind.FWD:
+        return cost.layer("fwd_s", tokens, seq_tile) * slow
+    if kind == OpKind.BWD:
+        t = cost.layer("bwd_kept_s" if policy == "keep" else "bwd_recompute_s", tokens, seq_tile)
         # fp32 gradient accumulate (copy or add) and the squared-norm dot on the last chunk, and one more
         # accumulate of the three MLP matrices for every further MLP tile
         tiles = -(-tokens // plan.mlp_tile_tokens) if plan.mlp_tile_tokens and policy != "keep" else 1
         mlp = 3 * cfg.hidden_size * cfg.intermediate_size
-        if plan.seq_tile_tokens and policy != "keep":  # the pass that recomputes k and v for the whole sequence
-            kv = 2 * cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim
-            t += cost.layer("fwd_s", tokens) * kv / cfg.layer_params
         return (t + cost.gpu_bytes_moved((cfg.layer_params + (tiles - 1) * mlp) * (2 + 4 + 4))) * slow
     if kind == OpKind.HEAD:
         return cost.head(tokens) * slow
@@ -200,10 +206,13 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
     the disk tier's reads and writes alone, or either PCIe direction's weight, gradient and streamed-state
     copies alone (each op's cost is at least its term here)."""
     tokens, slow = plan.chunk * plan.seq, cost.p.compute_slowdown_under_copies
-    layers = sum(
-        cost.layer("fwd_s", tokens) + cost.layer("bwd_kept_s" if a == "keep" else "bwd_recompute_s", tokens)
-        for a in plan.activations
-    )
+
+    def layer(policy: str) -> float:
+        seq_tile = 0 if policy == "keep" else plan.seq_tile_tokens
+        bwd = "bwd_kept_s" if policy == "keep" else "bwd_recompute_s"
+        return cost.layer("fwd_s", tokens, seq_tile) + cost.layer(bwd, tokens, seq_tile)
+
+    layers = sum(layer(a) for a in plan.activations)
     gpu = plan.chunks * (layers + cost.head(tokens)) * slow
     numels = unit_numels(cfg)
     cpu = sum(cost.host_update(n, plan.placement[u] == "disk") for u, n in enumerate(numels) if plan.host_updated(u))

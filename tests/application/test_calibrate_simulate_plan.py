@@ -100,3 +100,25 @@ def test_simulate_with_a_cpu_only_profile_says_what_is_missing(tmp_path, capsys)
     main(["calibrate", "--model", "tiny-llama", "--seq", "32", "--sequences", "1", "--quick", "--out", str(prof)])
     assert main(["simulate", "examples/llama-3.1-8b-16l-offload.json", "--profile", str(prof)]) == 2
     assert "has no GPU measurements" in capsys.readouterr().err
+
+
+def test_calibrate_times_sequence_tiles_and_the_simulator_reads_them():
+    """A sequence longer than a tile is also timed in each tile the planner may choose; the cost model reads
+    those entries for a plan in tiles, and without them adds the k/v pass to the whole layer's time."""
+    import dataclasses
+
+    from slideformer.calibrate.measure import layer_timings
+    from slideformer.models import PRESETS
+    from slideformer.simulator.costs import CostModel
+
+    cfg = PRESETS["tiny-llama"]
+    timings = layer_timings(cfg, 4608, [1], "cpu")
+    assert [t.seq_tile for t in timings] == [0, 4096]
+    whole, tiled = timings
+    assert tiled.tokens == whole.tokens == 4608 and tiled.fwd_s > 0 and tiled.bwd_recompute_s > 0
+    profile = Profile.load("h100-80gb")
+    measured = CostModel(dataclasses.replace(profile, layers=timings), cfg, 4608)
+    assert measured.layer("bwd_recompute_s", 4608, 4096) == tiled.bwd_recompute_s
+    assert measured.layer("bwd_recompute_s", 4608) == whole.bwd_recompute_s
+    untimed = CostModel(dataclasses.replace(profile, layers=[whole]), cfg, 4608)
+    assert untimed.layer("bwd_recompute_s", 4608, 4096) > untimed.layer("bwd_recompute_s", 4608)
