@@ -45,23 +45,29 @@ def layer_workspace(cfg: ModelConfig, tokens: int, mlp_tile_tokens: int, tile_to
       weight gradients.
     q/k norms save their inputs too; SDPA keeps an fp32 log-sum-exp per head. The temporaries' widths were
     read off H100 measurements of three shapes (`bench.layer_memory`), which the formula meets within 1.5%.
+
     In sequence tiles (`tile_tokens` of the chunk at a time, `decoder_layer_backward_in_tiles`) those moments
-    are a tile's, and every token of the chunk holds its k and v, their fp32 gradients, its dx, the tile's
-    copy of the keys before it and their gradient, and (GQA) flash attention's key gradients per query head.
+    are a tile's, on top of what every token of the chunk holds: its k and v, their fp32 gradients and its dx,
+    and the tile's copy of the keys and values up to it (saved for attention's backward); during the tile's
+    attention backward also the earlier keys' and values' gradients and (GQA) flash attention's key and value
+    gradients per query head. Within 1.4% of H200 measurements of three shapes at 32K-128K tokens.
     A generic architecture's layer (`models/hf_decoder.py`) is recomputed through autograd whole: its graph, by
     the kept-graph formula (derived, not yet measured), and its weights' gradients."""
     if cfg.family == GENERIC:  # recomputed whole through autograd: the layer's graph and its weights' gradients
         return activation_bytes_per_token(cfg) * tokens + 2 * cfg.layer_params
     h, ff, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
     q, kv = heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    if 0 < tile_tokens < tokens:
-        per_token = 20 * kv + 2 * h + (4 * q if kv != q else 0)
-        return per_token * tokens + layer_workspace(cfg, tile_tokens, mlp_tile_tokens)
     qk_norm = (q + kv) if cfg.qk_norm else 0
-    attention_phase = (2 * (6 * h + 7 * q + 4 * kv + qk_norm) + 4 * heads) * tokens + 2 * h * q
-    saved = (2 * (4 * h + 3 * q + 2 * kv + qk_norm) + 4 * heads) * tokens
-    tile = min(mlp_tile_tokens or tokens, tokens)
-    return max(attention_phase, saved + 12 * ff * tile, saved + 7 * ff * tile + 4 * h * ff)
+    block = min(tile_tokens or tokens, tokens)  # tokens whose attention block exists at once
+    attention_phase = (2 * (6 * h + 7 * q + 4 * kv + qk_norm) + 4 * heads) * block + 2 * h * q
+    saved = (2 * (4 * h + 3 * q + 2 * kv + qk_norm) + 4 * heads) * block
+    tile = min(mlp_tile_tokens or block, block)
+    mlp_phase = max(saved + 12 * ff * tile, saved + 7 * ff * tile + 4 * h * ff)
+    if block == tokens:
+        return max(attention_phase, mlp_phase)
+    held = (12 * kv + 2 * h + 4 * kv) * tokens  # k, v, their fp32 gradients, dx; the tile's keys and values
+    during_attention = (4 * kv + (4 * q if kv != q else 0)) * tokens
+    return held + max(during_attention + attention_phase, mlp_phase)
 
 
 def plan_layer_workspace(cfg: ModelConfig, plan: Plan) -> int:
