@@ -14,6 +14,7 @@ import torch
 from slideformer.models.config import ModelConfig
 
 from slideformer.models.numerics import numerics_for
+from slideformer.schedule.graph import transient_embedding_grad
 from slideformer.schedule.op import OpKind
 from slideformer.schedule.plan import Plan
 
@@ -36,7 +37,8 @@ class StepOps:
         ranks: Ranks | None = None,
     ) -> None:
         self.cfg, self.plan, self.layouts, self.units, self.b = cfg, plan, layouts, units, buffers
-        self.ranks = ranks
+        self.ranks, self.device = ranks, device
+        self.transient_embedding_grad = transient_embedding_grad(cfg, plan)
         L = cfg.num_layers
 
         def leaves(layout: UnitLayout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -48,7 +50,8 @@ class StepOps:
         head = layouts[L + 1].views(buffers.edge_weights[L + 1])
         self.norm_w = head["model.norm.weight"]
         self.head_w = self.embed_w if cfg.tie_word_embeddings else head["lm_head.weight"]
-        self.grad_views = [layouts[u].views(buffers.gpu_grad[u], short_names=True) for u in range(L + 2)]
+        # the layers' and the head's gradients by tensor name (the embedding's is one tensor)
+        self.grad_views = {u: layouts[u].views(buffers.gpu_grad[u], short_names=True) for u in range(1, L + 2)}
         self.weight_stream = WeightStream(buffers.staging) if buffers.staging else None
         self.kept_graph: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.numerics = numerics_for(cfg, device)
@@ -202,7 +205,9 @@ class StepOps:
             self._gradient_done(unit)
 
     def _embed_bwd(self, chunk: int) -> None:
-        if chunk == 0 and not self.cfg.tie_word_embeddings:
+        if chunk == 0 and self.transient_embedding_grad:  # taken now, given back once copied out (_grad_out)
+            self.b.gpu_grad[0] = torch.zeros(self.layouts[0].numel, dtype=torch.float32, device=self.device)
+        elif chunk == 0 and not self.cfg.tie_word_embeddings:
             self.b.gpu_grad[0].zero_()
         rows = self._rows(chunk)
         self.numerics.embed_backward(self.embed_w, self.tokens[chunk], self.b.dgrad[0][rows], self.b.gpu_grad[0])
@@ -219,3 +224,7 @@ class StepOps:
     def _grad_out(self, unit: int) -> None:
         n = self.layouts[unit].numel
         self.b.host_grad[unit][:n].copy_(self.b.gpu_grad[unit][:n], non_blocking=True)
+        if unit == 0 and self.transient_embedding_grad:  # free for reuse once this stream's copy is done
+            if self.device.type == "cuda":
+                self.b.gpu_grad[0].record_stream(torch.cuda.current_stream(self.device))
+            self.b.gpu_grad[0] = torch.empty(0)

@@ -28,6 +28,12 @@ def unit_numels(cfg: ModelConfig) -> list[int]:
     return [cfg.vocab_size * cfg.hidden_size] + [cfg.layer_params] * cfg.num_layers + [head]
 
 
+def transient_embedding_grad(cfg: ModelConfig, plan: Plan) -> bool:
+    """The embedding's fp32 gradient exists on the GPU only from its backward until it has been copied to the
+    host (a host-updated, untied embedding: nothing else reads it), rather than through the whole step."""
+    return plan.placement[0] != "gpu" and not cfg.tie_word_embeddings
+
+
 def activation_bytes_per_token(cfg: ModelConfig) -> int:
     """GPU bytes autograd keeps for one layer's forward, per token (bf16 tensors saved for backward)."""
     h, kv, ff = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
@@ -251,8 +257,17 @@ class _StepGraph:
                     self.fetch(lay - 1, c, f"bwd:{lay + 1}:{c}" if lay + 1 < L else f"head:{c}")
             self.backward_layer(lay, f"load:{layer_unit(lay)}:{'fwd' if lay in resident else 'bwd'}")
             self.grad_out_and_update(layer_unit(lay), f"bwd:{lay}:{last}")
+        grad = 4 * self.numel[0] if transient_embedding_grad(self.cfg, plan) else 0  # taken here, freed by grad_out
         for c in range(C):
-            self.op(f"embed_bwd:{c}", OpKind.EMBED_BWD, Resource.GPU, [f"bwd:0:{c}"], chunk=c, nbytes=self.act_bytes)
+            self.op(
+                f"embed_bwd:{c}",
+                OpKind.EMBED_BWD,
+                Resource.GPU,
+                [f"bwd:0:{c}"],
+                chunk=c,
+                nbytes=self.act_bytes,
+                gpu_alloc=grad if c == 0 else 0,
+            )
         self.grad_out_and_update(0, f"embed_bwd:{last}")
         for u in plan.late_units:  # after the whole backward, in the order the next forward needs them
             self.host_update(u, [f"grad_out:{u}"])
@@ -296,8 +311,15 @@ class _StepGraph:
             if len(self.ring) >= plan.grad_ring:
                 ring_war = f"update:{self.ring[-plan.grad_ring]}"
             self.ring.append(u)
+        transient = u == 0 and transient_embedding_grad(self.cfg, plan)
         out = self.op(
-            f"grad_out:{u}", OpKind.GRAD_OUT, Resource.D2H, [ready, ring_war], unit=u, nbytes=4 * self.numel[u]
+            f"grad_out:{u}",
+            OpKind.GRAD_OUT,
+            Resource.D2H,
+            [ready, ring_war],
+            unit=u,
+            nbytes=4 * self.numel[u],
+            gpu_free=4 * self.numel[u] if transient else 0,
         )
         if u not in (0, L + 1):
             self.grad_buffer_reader[u % 2] = out

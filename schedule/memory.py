@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from slideformer.schedule.profile import Profile, fit_at
 from slideformer.models.config import GENERIC, ModelConfig
-from slideformer.schedule.graph import activation_bytes_per_token, unit_numels
+from slideformer.schedule.graph import activation_bytes_per_token, transient_embedding_grad, unit_numels
 from slideformer.schedule.plan import STAGING_BUFFERS, STATE_STAGING_BUFFERS, Plan
 
 GiB = 2**30
@@ -68,6 +68,21 @@ def layer_workspace(cfg: ModelConfig, tokens: int, mlp_tile_tokens: int, tile_to
     held = (12 * kv + 2 * h + 4 * kv) * tokens  # k, v, their fp32 gradients, dx; the tile's keys and values
     during_attention = (4 * kv + (4 * q if kv != q else 0)) * tokens
     return held + max(during_attention + attention_phase, mlp_phase)
+
+
+def embedding_backward_temporary(cfg: ModelConfig, plan: Plan) -> int:
+    """GPU bytes the embedding's backward allocates for one chunk: its output gradient in fp32 (ours) or the
+    dense gradient in the weights' dtype (an architecture's own embedding)."""
+    if cfg.family == GENERIC:
+        return 2 * cfg.vocab_size * cfg.hidden_size
+    return 4 * plan.chunk * plan.seq * cfg.hidden_size
+
+
+def embedding_backward_bytes(cfg: ModelConfig, plan: Plan) -> int:
+    """The temporary, and the fp32 gradient itself where it is transient (`transient_embedding_grad`; else it
+    is a static buffer)."""
+    grad = 4 * cfg.vocab_size * cfg.hidden_size if transient_embedding_grad(cfg, plan) else 0
+    return embedding_backward_temporary(cfg, plan) + grad
 
 
 def plan_layer_workspace(cfg: ModelConfig, plan: Plan) -> int:
@@ -204,6 +219,7 @@ def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
         BufferSpec(f"{what}:{u}", "edge_weights_and_grads", size * n[u], (u,))
         for u in (0, L + 1)
         for what, size in (("edge_weights", itemsize), ("grad", 4))
+        if not (what == "grad" and u == 0 and transient_embedding_grad(cfg, plan))
     ]
     for u in (u for u in range(L + 2) if plan.placement[u] == "gpu"):
         specs.append(BufferSpec(f"gpu_master:{u}", "gpu_optimizer_states", 4 * n[u], (u,)))
@@ -259,6 +275,7 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
         "workspace": max(
             plan_layer_workspace(cfg, plan),
             head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile),
+            embedding_backward_bytes(cfg, plan),
         ),
         "runtime_overhead": RUNTIME_OVERHEAD,
     }

@@ -24,6 +24,7 @@ from slideformer.schedule.op import HOST_RESOURCES, Op, OpKind, Resource
 from slideformer.schedule.plan import Plan
 from slideformer.schedule.memory import (
     disk_bytes,
+    embedding_backward_temporary,
     gpu_bytes,
     head_workspace,
     host_bytes,
@@ -154,6 +155,7 @@ def _flatten(g: nx.DiGraph, cfg: ModelConfig, plan: Plan, profile: Profile) -> _
     workspace = {
         OpKind.BWD: plan_layer_workspace(cfg, plan),
         OpKind.HEAD: head_workspace(cfg, min(plan.loss_chunk_tokens, tokens), tokens, profile),
+        OpKind.EMBED_BWD: embedding_backward_temporary(cfg, plan),
     }
     index = {n: i for i, n in enumerate(order)}
     res = [o.resource for o in records]
