@@ -45,7 +45,12 @@ class StepBuffers:
         self.gpu_master = {u: gpu[f"gpu_master:{u}"].view(F32) for u in range(L + 2) if plan.placement[u] == "gpu"}
         # Weights on the GPU: the window's slots and the edges
         self.slots = [gpu[f"slot:{k}"].view(compute) for k in range(W)]
-        self.edge_weights = {u: gpu[f"edge_weights:{u}"].view(compute) for u in (0, L + 1)}
+        self.compute = compute
+        # the edges' weights; a transient embedding's are taken by each of its loads (`StepOps`)
+        self.edge_weights = {
+            u: gpu[f"edge_weights:{u}"].view(compute) if f"edge_weights:{u}" in gpu else torch.empty(0)
+            for u in (0, L + 1)
+        }
         self.staging = [gpu[f"staging:{k}"].view(F32) for k in range(len(gpu)) if f"staging:{k}" in gpu]
         # fp32 gradients: on the GPU (edges and GPU-placed layers own one, the others share two) and their host
         # destinations (a ring, the edges' shared one, or their own)

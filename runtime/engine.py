@@ -221,6 +221,7 @@ class Engine:
                 x = torch.empty(*rows.shape, cfg.hidden_size, dtype=self.compute_dtype, device=self.device)
                 num.embed(ops.embed_w, rows, x)
                 hidden.append(x)
+            ops.release_embedding_weights()
             chunks = [num.positions(p, x) for p, x in zip(pieces, hidden)]
             for lay in range(L):
                 ops._load(lay + 1)

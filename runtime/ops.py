@@ -14,7 +14,7 @@ import torch
 from slideformer.models.config import ModelConfig
 
 from slideformer.models.numerics import numerics_for
-from slideformer.schedule.graph import transient_embedding_grad
+from slideformer.schedule.graph import transient_embedding_grad, transient_embedding_weights
 from slideformer.schedule.op import OpKind
 from slideformer.schedule.plan import Plan
 
@@ -46,7 +46,7 @@ class StepOps:
             return {k: v.detach().requires_grad_() for k, v in layout.views(flat, True).items()}
 
         self.slot_params = [leaves(layouts[1], s) for s in buffers.slots]
-        self.embed_w = buffers.edge_weights[0].view(cfg.vocab_size, cfg.hidden_size)
+        self.transient_embedding_weights = transient_embedding_weights(cfg, plan)
         head = layouts[L + 1].views(buffers.edge_weights[L + 1])
         self.norm_w = head["model.norm.weight"]
         self.head_w = self.embed_w if cfg.tie_word_embeddings else head["lm_head.weight"]
@@ -93,8 +93,21 @@ class StepOps:
         self.loss.zero_()
         self.sq_norm.zero_()
 
+    @property
+    def embed_w(self) -> torch.Tensor:
+        return self.b.edge_weights[0].view(self.cfg.vocab_size, self.cfg.hidden_size)
+
+    def release_embedding_weights(self) -> None:
+        """Transient embedding weights: given back once the lookups queued on this stream are done."""
+        if self.transient_embedding_weights:
+            if self.device.type == "cuda":
+                self.b.edge_weights[0].record_stream(torch.cuda.current_stream(self.device))
+            self.b.edge_weights[0] = torch.empty(0)
+
     def _destination(self, unit: int) -> torch.Tensor:
         L = self.cfg.num_layers
+        if unit == 0 and self.transient_embedding_weights:  # taken for this load (freed after the lookups)
+            self.b.edge_weights[0] = torch.empty(self.layouts[0].numel, dtype=self.b.compute, device=self.device)
         return self.b.edge_weights[unit] if unit in (0, L + 1) else self.b.slots[(unit - 1) % self.plan.window]
 
     def _load(self, unit: int) -> None:
@@ -112,6 +125,8 @@ class StepOps:
 
     def _embed(self, chunk: int) -> None:
         self.numerics.embed(self.embed_w, self.tokens[chunk], self.b.hidden[0][self._rows(chunk)])
+        if chunk == self.plan.chunks - 1:
+            self.release_embedding_weights()
 
     def _rows(self, chunk: int) -> slice:
         return slice(chunk * self.plan.chunk, (chunk + 1) * self.plan.chunk)
@@ -210,7 +225,8 @@ class StepOps:
         elif chunk == 0 and not self.cfg.tie_word_embeddings:
             self.b.gpu_grad[0].zero_()
         rows = self._rows(chunk)
-        self.numerics.embed_backward(self.embed_w, self.tokens[chunk], self.b.dgrad[0][rows], self.b.gpu_grad[0])
+        weights = self.b.edge_weights[0]  # (ours reads none: the transient weights are gone by now)
+        self.numerics.embed_backward(weights, self.tokens[chunk], self.b.dgrad[0][rows], self.b.gpu_grad[0])
         if chunk == self.plan.chunks - 1:
             self._gradient_done(0)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import networkx as nx
 
-from slideformer.models.config import ModelConfig
+from slideformer.models.config import GENERIC, ModelConfig
 
 from slideformer.schedule.op import Op, OpKind, Resource
 from slideformer.schedule.plan import STATE_STAGING_BUFFERS, STREAMED_IN_BYTES, STREAMED_OUT_BYTES, Plan
@@ -32,6 +32,12 @@ def transient_embedding_grad(cfg: ModelConfig, plan: Plan) -> bool:
     """The embedding's fp32 gradient exists on the GPU only from its backward until it has been copied to the
     host (a host-updated, untied embedding: nothing else reads it), rather than through the whole step."""
     return plan.placement[0] != "gpu" and not cfg.tie_word_embeddings
+
+
+def transient_embedding_weights(cfg: ModelConfig, plan: Plan) -> bool:
+    """The embedding's bf16 weights exist on the GPU only from their load until the forward's last lookup (as
+    its gradient, and where the backward needs no weights: our numerics)."""
+    return transient_embedding_grad(cfg, plan) and cfg.family != GENERIC
 
 
 def activation_bytes_per_token(cfg: ModelConfig) -> int:
@@ -54,6 +60,7 @@ class _StepGraph:
         L, C = cfg.num_layers, plan.chunks
         self.L, self.W, self.C, self.last = L, plan.window, C, C - 1
         self.numel = unit_numels(cfg)
+        self.itemsize = 4 if plan.compute_dtype == "float32" else 2
         tok = plan.chunk * plan.seq  # tokens per chunk
         self.act_bytes = tok * cfg.hidden_size * 2
         attn = 2 * plan.chunk * plan.seq**2 * cfg.num_heads * cfg.head_dim  # causal QK^T + AV, forward
@@ -107,6 +114,7 @@ class _StepGraph:
         """fp32 masters staged and cast on the GPU, a disk or streamed unit's bf16 weights kept in RAM, or
         GPU-resident."""
         on_gpu, bf16 = self.plan.placement[u] == "gpu", self.plan.placement[u] in ("disk", "streamed")
+        transient = u == 0 and transient_embedding_weights(self.cfg, self.plan)  # taken here, freed by embed
         return self.op(
             f"load:{u}:{tag}",
             OpKind.LOAD,
@@ -115,6 +123,7 @@ class _StepGraph:
             unit=u,
             nbytes=(2 if bf16 else 4) * self.numel[u],
             staged=not (on_gpu or bf16),
+            gpu_alloc=self.itemsize * self.numel[u] if transient else 0,
         )
 
     def disk_read(self, u: int, after: str | None) -> None:
@@ -174,8 +183,17 @@ class _StepGraph:
         self.load(L + 1, "fwd", [])
         for lay in range(min(W - 1, L)):
             self.load(layer_unit(lay), "fwd", [])
+        weights = self.itemsize * self.numel[0] if transient_embedding_weights(self.cfg, plan) else 0
         for c in range(C):
-            self.op(f"embed:{c}", OpKind.EMBED, Resource.GPU, ["load:0:fwd"], chunk=c, nbytes=self.act_bytes)
+            self.op(
+                f"embed:{c}",
+                OpKind.EMBED,
+                Resource.GPU,
+                ["load:0:fwd"],
+                chunk=c,
+                nbytes=self.act_bytes,
+                gpu_free=weights if c == last else 0,
+            )
         for lay in range(L):
             ahead = lay + W - 1
             if ahead < L:  # into the slot of layer lay-1: wait until its forward is done

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 from slideformer.schedule.profile import Profile, fit_at
 from slideformer.models.config import GENERIC, ModelConfig
-from slideformer.schedule.graph import activation_bytes_per_token, transient_embedding_grad, unit_numels
+from slideformer.schedule.graph import (
+    activation_bytes_per_token,
+    transient_embedding_grad,
+    transient_embedding_weights,
+    unit_numels,
+)
 from slideformer.schedule.plan import STAGING_BUFFERS, STATE_STAGING_BUFFERS, Plan
 
 GiB = 2**30
@@ -83,6 +88,13 @@ def embedding_backward_bytes(cfg: ModelConfig, plan: Plan) -> int:
     is a static buffer)."""
     grad = 4 * cfg.vocab_size * cfg.hidden_size if transient_embedding_grad(cfg, plan) else 0
     return embedding_backward_temporary(cfg, plan) + grad
+
+
+def embedding_forward_bytes(cfg: ModelConfig, plan: Plan) -> int:
+    """The embedding's weights where they exist only for the forward's lookups (`transient_embedding_weights`;
+    else they are a static buffer)."""
+    itemsize = 4 if plan.compute_dtype == "float32" else 2
+    return itemsize * cfg.vocab_size * cfg.hidden_size if transient_embedding_weights(cfg, plan) else 0
 
 
 def plan_layer_workspace(cfg: ModelConfig, plan: Plan) -> int:
@@ -219,7 +231,7 @@ def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
         BufferSpec(f"{what}:{u}", "edge_weights_and_grads", size * n[u], (u,))
         for u in (0, L + 1)
         for what, size in (("edge_weights", itemsize), ("grad", 4))
-        if not (what == "grad" and u == 0 and transient_embedding_grad(cfg, plan))
+        if u != 0 or not (transient_embedding_grad if what == "grad" else transient_embedding_weights)(cfg, plan)
     ]
     for u in (u for u in range(L + 2) if plan.placement[u] == "gpu"):
         specs.append(BufferSpec(f"gpu_master:{u}", "gpu_optimizer_states", 4 * n[u], (u,)))
@@ -276,6 +288,7 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
             plan_layer_workspace(cfg, plan),
             head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile),
             embedding_backward_bytes(cfg, plan),
+            embedding_forward_bytes(cfg, plan),
         ),
         "runtime_overhead": RUNTIME_OVERHEAD,
     }
