@@ -221,7 +221,7 @@ class Engine:
                 x = torch.empty(*rows.shape, cfg.hidden_size, dtype=self.compute_dtype, device=self.device)
                 num.embed(ops.embed_w, rows, x)
                 hidden.append(x)
-            ops.release_embedding_weights()
+            ops.release_edge_weights(0)
             chunks = [num.positions(p, x) for p, x in zip(pieces, hidden)]
             for lay in range(L):
                 ops._load(lay + 1)
@@ -231,6 +231,7 @@ class Engine:
                 num.head_loss_sum(x, y, ops.norm_w, ops.head_w, self.plan.loss_chunk_tokens)
                 for x, y in zip(hidden, labels.split(self.plan.chunk))
             )
+            ops.release_edge_weights(L + 1)
         return float(total) / max(int((labels != IGNORE_INDEX).sum()), 1)
 
     def training_state(self) -> dict[str, torch.Tensor | DeferredTensor]:

@@ -14,7 +14,7 @@ import torch
 from slideformer.models.config import ModelConfig
 
 from slideformer.models.numerics import numerics_for
-from slideformer.schedule.graph import transient_embedding_grad, transient_embedding_weights
+from slideformer.schedule.graph import transient_embedding_grad, transient_embedding_weights, transient_head_weights
 from slideformer.schedule.op import OpKind
 from slideformer.schedule.plan import Plan
 
@@ -47,9 +47,7 @@ class StepOps:
 
         self.slot_params = [leaves(layouts[1], s) for s in buffers.slots]
         self.transient_embedding_weights = transient_embedding_weights(cfg, plan)
-        head = layouts[L + 1].views(buffers.edge_weights[L + 1])
-        self.norm_w = head["model.norm.weight"]
-        self.head_w = self.embed_w if cfg.tie_word_embeddings else head["lm_head.weight"]
+        self.transient_head_weights = transient_head_weights(cfg, plan)
         # the layers' and the head's gradients by tensor name (the embedding's is one tensor)
         self.grad_views = {u: layouts[u].views(buffers.gpu_grad[u], short_names=True) for u in range(1, L + 2)}
         self.weight_stream = WeightStream(buffers.staging) if buffers.staging else None
@@ -97,17 +95,32 @@ class StepOps:
     def embed_w(self) -> torch.Tensor:
         return self.b.edge_weights[0].view(self.cfg.vocab_size, self.cfg.hidden_size)
 
-    def release_embedding_weights(self) -> None:
-        """Transient embedding weights: given back once the lookups queued on this stream are done."""
-        if self.transient_embedding_weights:
+    @property
+    def norm_w(self) -> torch.Tensor:
+        return self.layouts[-1].views(self.b.edge_weights[self.cfg.num_layers + 1])["model.norm.weight"]
+
+    @property
+    def head_w(self) -> torch.Tensor:
+        if self.cfg.tie_word_embeddings:
+            return self.embed_w
+        return self.layouts[-1].views(self.b.edge_weights[self.cfg.num_layers + 1])["lm_head.weight"]
+
+    def _transient(self, unit: int) -> bool:
+        L = self.cfg.num_layers
+        return (unit == 0 and self.transient_embedding_weights) or (unit == L + 1 and self.transient_head_weights)
+
+    def release_edge_weights(self, unit: int) -> None:
+        """An edge's transient weights: given back once the work queued on this stream with them is done."""
+        if self._transient(unit):
             if self.device.type == "cuda":
-                self.b.edge_weights[0].record_stream(torch.cuda.current_stream(self.device))
-            self.b.edge_weights[0] = torch.empty(0)
+                self.b.edge_weights[unit].record_stream(torch.cuda.current_stream(self.device))
+            self.b.edge_weights[unit] = torch.empty(0)
 
     def _destination(self, unit: int) -> torch.Tensor:
         L = self.cfg.num_layers
-        if unit == 0 and self.transient_embedding_weights:  # taken for this load (freed after the lookups)
-            self.b.edge_weights[0] = torch.empty(self.layouts[0].numel, dtype=self.b.compute, device=self.device)
+        if self._transient(unit):  # taken for this load, given back after the lookups or the head's last piece
+            n = self.layouts[unit].numel
+            self.b.edge_weights[unit] = torch.empty(n, dtype=self.b.compute, device=self.device)
         return self.b.edge_weights[unit] if unit in (0, L + 1) else self.b.slots[(unit - 1) % self.plan.window]
 
     def _load(self, unit: int) -> None:
@@ -126,7 +139,7 @@ class StepOps:
     def _embed(self, chunk: int) -> None:
         self.numerics.embed(self.embed_w, self.tokens[chunk], self.b.hidden[0][self._rows(chunk)])
         if chunk == self.plan.chunks - 1:
-            self.release_embedding_weights()
+            self.release_edge_weights(0)
 
     def _rows(self, chunk: int) -> slice:
         return slice(chunk * self.plan.chunk, (chunk + 1) * self.plan.chunk)
@@ -182,6 +195,7 @@ class StepOps:
         self.loss += loss
         self.b.dgrad[L % 2][rows].copy_(dx)
         if chunk == self.plan.chunks - 1:
+            self.release_edge_weights(L + 1)
             self._gradient_done(L + 1)
 
     def _fetch(self, layer: int, chunk: int, slot: int | None = None) -> None:

@@ -40,6 +40,12 @@ def transient_embedding_weights(cfg: ModelConfig, plan: Plan) -> bool:
     return transient_embedding_grad(cfg, plan) and cfg.family != GENERIC
 
 
+def transient_head_weights(cfg: ModelConfig, plan: Plan) -> bool:
+    """The final norm's and LM head's bf16 weights exist on the GPU only from their load until the head's last
+    piece (a host-updated, untied head: the head computes its loss and gradients at once)."""
+    return plan.placement[-1] != "gpu" and not cfg.tie_word_embeddings
+
+
 def activation_bytes_per_token(cfg: ModelConfig) -> int:
     """GPU bytes autograd keeps for one layer's forward, per token (bf16 tensors saved for backward)."""
     h, kv, ff = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
@@ -114,7 +120,10 @@ class _StepGraph:
         """fp32 masters staged and cast on the GPU, a disk or streamed unit's bf16 weights kept in RAM, or
         GPU-resident."""
         on_gpu, bf16 = self.plan.placement[u] == "gpu", self.plan.placement[u] in ("disk", "streamed")
-        transient = u == 0 and transient_embedding_weights(self.cfg, self.plan)  # taken here, freed by embed
+        # transient edge weights are taken here, and given back by the embedding's or the head's last chunk
+        transient = (u == 0 and transient_embedding_weights(self.cfg, self.plan)) or (
+            u == self.L + 1 and transient_head_weights(self.cfg, self.plan)
+        )
         return self.op(
             f"load:{u}:{tag}",
             OpKind.LOAD,
@@ -199,6 +208,7 @@ class _StepGraph:
             if ahead < L:  # into the slot of layer lay-1: wait until its forward is done
                 self.load(layer_unit(ahead), "fwd", [f"fwd:{lay - 1}:{last}" if lay else None])
             self.forward_layer(lay)
+        weights = self.itemsize * self.numel[L + 1] if transient_head_weights(self.cfg, plan) else 0
         for c in range(C):
             self.op(
                 f"head:{c}",
@@ -207,6 +217,7 @@ class _StepGraph:
                 [f"fwd:{L - 1}:{c}", f"load:{L + 1}:fwd"],
                 chunk=c,
                 flops=self.head_flops,
+                gpu_free=weights if c == last else 0,
             )
 
     def forward_layer(self, lay: int) -> None:

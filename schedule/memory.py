@@ -15,6 +15,7 @@ from slideformer.schedule.graph import (
     activation_bytes_per_token,
     transient_embedding_grad,
     transient_embedding_weights,
+    transient_head_weights,
     unit_numels,
 )
 from slideformer.schedule.plan import STAGING_BUFFERS, STATE_STAGING_BUFFERS, Plan
@@ -90,11 +91,42 @@ def embedding_backward_bytes(cfg: ModelConfig, plan: Plan) -> int:
     return embedding_backward_temporary(cfg, plan) + grad
 
 
-def embedding_forward_bytes(cfg: ModelConfig, plan: Plan) -> int:
-    """The embedding's weights where they exist only for the forward's lookups (`transient_embedding_weights`;
-    else they are a static buffer)."""
+def transient_edge(cfg: ModelConfig, plan: Plan, what: str, unit: int) -> bool:
+    """Whether an edge's 'edge_weights' or 'grad' buffer is taken and given back within the step (not static)."""
+    if unit == 0:
+        return (transient_embedding_grad if what == "grad" else transient_embedding_weights)(cfg, plan)
+    return what == "edge_weights" and transient_head_weights(cfg, plan)
+
+
+def transient_edge_weights(cfg: ModelConfig, plan: Plan) -> int:
+    """Bytes of the edges' transient weights (both live from the step's start: the loads are its first ops)."""
     itemsize = 4 if plan.compute_dtype == "float32" else 2
-    return itemsize * cfg.vocab_size * cfg.hidden_size if transient_embedding_weights(cfg, plan) else 0
+    n = unit_numels(cfg)
+    return sum(itemsize * n[u] for u in (0, cfg.num_layers + 1) if transient_edge(cfg, plan, "edge_weights", u))
+
+
+def head_weights_bytes(cfg: ModelConfig, plan: Plan) -> int:
+    """The head's weights where transient (they are live through the forward, until the head's last piece)."""
+    itemsize = 4 if plan.compute_dtype == "float32" else 2
+    return itemsize * unit_numels(cfg)[-1] if transient_head_weights(cfg, plan) else 0
+
+
+def layer_forward_workspace(cfg: ModelConfig, tokens: int, tile_tokens: int = 0) -> int:
+    """GPU bytes a layer's forward without gradients allocates at its peak beyond its input and weights: the
+    MLP's three intermediate-wide tensors, its input and the layer's output, per token; in sequence tiles
+    (`tile_tokens` of the chunk at a time) the whole chunk's k, v and output and one tile's MLP tensors, query
+    and attention output. Exact for the H200 measurements of three shapes (`bench.layer_memory --seq-tiles`);
+    an architecture's own layer, by the same formula (not measured)."""
+    h, ff = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    if 0 < tile_tokens < tokens:
+        return (4 * kv + 2 * h) * tokens + (2 * (3 * ff + 2 * h) + 4 * q) * tile_tokens
+    return 2 * (3 * ff + 2 * h) * tokens
+
+
+def plan_forward_workspace(cfg: ModelConfig, plan: Plan) -> int:
+    tile = plan.chunk * min(plan.seq_tile_tokens, plan.seq) if plan.seq_tile_tokens else 0
+    return layer_forward_workspace(cfg, plan.chunk * plan.seq, tile)
 
 
 def plan_layer_workspace(cfg: ModelConfig, plan: Plan) -> int:
@@ -231,7 +263,7 @@ def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
         BufferSpec(f"{what}:{u}", "edge_weights_and_grads", size * n[u], (u,))
         for u in (0, L + 1)
         for what, size in (("edge_weights", itemsize), ("grad", 4))
-        if u != 0 or not (transient_embedding_grad if what == "grad" else transient_embedding_weights)(cfg, plan)
+        if not transient_edge(cfg, plan, what, u)
     ]
     for u in (u for u in range(L + 2) if plan.placement[u] == "gpu"):
         specs.append(BufferSpec(f"gpu_master:{u}", "gpu_optimizer_states", 4 * n[u], (u,)))
@@ -286,9 +318,11 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
         "kept_graphs": plan.activations.count("keep") * graph * plan.chunks,
         "workspace": max(
             plan_layer_workspace(cfg, plan),
-            head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile),
+            head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile)
+            + head_weights_bytes(cfg, plan),
             embedding_backward_bytes(cfg, plan),
-            embedding_forward_bytes(cfg, plan),
+            transient_edge_weights(cfg, plan),  # the step's start
+            plan_forward_workspace(cfg, plan) + head_weights_bytes(cfg, plan),  # the forward
         ),
         "runtime_overhead": RUNTIME_OVERHEAD,
     }

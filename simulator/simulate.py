@@ -29,6 +29,7 @@ from slideformer.schedule.memory import (
     head_workspace,
     host_bytes,
     kept_graph,
+    plan_forward_workspace,
     plan_layer_workspace,
 )
 
@@ -156,6 +157,7 @@ def _flatten(g: nx.DiGraph, cfg: ModelConfig, plan: Plan, profile: Profile) -> _
         OpKind.BWD: plan_layer_workspace(cfg, plan),
         OpKind.HEAD: head_workspace(cfg, min(plan.loss_chunk_tokens, tokens), tokens, profile),
         OpKind.EMBED_BWD: embedding_backward_temporary(cfg, plan),
+        OpKind.FWD: plan_forward_workspace(cfg, plan),
     }
     index = {n: i for i, n in enumerate(order)}
     res = [o.resource for o in records]

@@ -28,11 +28,11 @@ def test_layer_workspace_in_sequence_tiles_meets_the_h200_measurements_of_three_
         assert abs(got / r["peak_extra_bytes"] - 1) < 0.015, r
 
 
-def test_a_host_updated_untied_embedding_takes_its_weights_and_gradient_only_while_it_needs_them():
-    """No static GPU buffer for its weights or gradient: its load takes the weights and the forward's last
-    lookup gives them back, its backward takes the gradient and the copy to the host gives it back (the
-    simulator's timeline), so each adds to the step's peak only there; tied or GPU-updated embeddings keep
-    both."""
+def test_host_updated_untied_edges_take_their_buffers_only_while_they_need_them():
+    """No static GPU buffer for the embedding's weights or gradient or the head's weights: a load takes the
+    weights and the forward's last lookup or the head's last piece gives them back, the embedding's backward
+    takes its gradient and the copy to the host gives it back (the simulator's timeline), so each adds to the
+    step's peak only there; tied or GPU-updated edges keep theirs."""
     from slideformer.schedule.memory import GiB, embedding_backward_bytes, gpu_buffers, gpu_bytes
     from slideformer.schedule.plan import uniform_plan
     from slideformer.schedule.profile import Profile
@@ -40,7 +40,9 @@ def test_a_host_updated_untied_embedding_takes_its_weights_and_gradient_only_whi
 
     cfg, profile = load_model_config("llama-3.1-8b"), Profile.load("h200-2026-12-01")
     plan = uniform_plan("llama-3.1-8b", cfg.num_layers, 8, 1024)
-    assert not {"grad:0", "edge_weights:0"} & {b.name for b in gpu_buffers(cfg, plan)}
+    edges = {"grad:0", "edge_weights:0", f"edge_weights:{cfg.num_layers + 1}"}
+    assert not edges & {b.name for b in gpu_buffers(cfg, plan)}
+    assert f"grad:{cfg.num_layers + 1}" in {b.name for b in gpu_buffers(cfg, plan)}
     assert embedding_backward_bytes(cfg, plan) >= 4 * cfg.vocab_size * cfg.hidden_size
     sim = simulate(cfg, plan, profile)
     assert sim.peak_gpu_bytes == sum(gpu_bytes(cfg, plan, profile).values())
@@ -49,4 +51,4 @@ def test_a_host_updated_untied_embedding_takes_its_weights_and_gradient_only_whi
     tied = load_model_config("tiny-qwen2")
     assert tied.tie_word_embeddings
     for c, p in ((cfg, on_gpu), (tied, uniform_plan("tiny-qwen2", tied.num_layers, 8, 1024))):
-        assert {"grad:0", "edge_weights:0"} <= {b.name for b in gpu_buffers(c, p)}
+        assert {"grad:0", "edge_weights:0", f"edge_weights:{c.num_layers + 1}"} <= {b.name for b in gpu_buffers(c, p)}
