@@ -52,3 +52,15 @@ def test_host_updated_untied_edges_take_their_buffers_only_while_they_need_them(
     assert tied.tie_word_embeddings
     for c, p in ((cfg, on_gpu), (tied, uniform_plan("tiny-qwen2", tied.num_layers, 8, 1024))):
         assert {"grad:0", "edge_weights:0", f"edge_weights:{c.num_layers + 1}"} <= {b.name for b in gpu_buffers(c, p)}
+
+
+def test_layer_forward_workspace_meets_the_h200_measurements_of_three_shapes():
+    """The forward without gradients, whole and in sequence tiles, against `bench.layer_memory --seq-tiles`."""
+    from slideformer.schedule.memory import layer_forward_workspace
+
+    rows = json.loads((REPO / "bench/results/h200-2026-12-01-layer-memory-seq-tiles.json").read_text())["rows"]
+    forward = [r for r in rows if r["phase"] == "forward" and r["peak_extra_bytes"]]
+    assert {r["model"] for r in forward} == {"llama-3.1-8b", "qwen3-14b", "qwen2.5-32b"} and len(forward) >= 10
+    for r in forward:
+        got = layer_forward_workspace(load_model_config(r["model"]), r["seq"], r["seq_tile"])
+        assert abs(got / r["peak_extra_bytes"] - 1) < 0.01, r
