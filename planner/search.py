@@ -86,6 +86,12 @@ def seq_tiles(cfg: ModelConfig, seq: int) -> tuple[int, ...]:
     return (0,) if cfg.family == GENERIC else (0, *(t for t in SEQ_TILES if t < seq))
 
 
+def head_grad_options(cfg: ModelConfig, gpu_units: int) -> tuple[bool, ...]:
+    """Whether the head's gradient may be transient (`Plan.transient_head_grad`): not first, since the first
+    layer's backward then waits for its copy; only for a host-updated (no GPU-placed units), untied head."""
+    return (False,) if gpu_units or cfg.tie_word_embeddings else (False, True)
+
+
 def lean_plans(cfg: ModelConfig, model: str, batch: int, seq: int, update: str, budgets: Budgets) -> list[Plan]:
     """The plans with the least GPU memory at this batch and seq (window 2, chunk 1, smallest loss piece) for
     each activation policy, each number of GPU-updated units on the grid (they trade GPU for host memory),
@@ -104,6 +110,7 @@ def lean_plans(cfg: ModelConfig, model: str, batch: int, seq: int, update: str, 
             loss_chunk_tokens=LOSS_PIECES[-1],
             mlp_tile_tokens=MLP_TILES[-1],
             seq_tile_tokens=seq_tiles(cfg, seq)[-1],
+            transient_head_grad=head_grad_options(cfg, units)[-1],
             grad_ring=GRAD_RINGS[-1],
             gpu_units=units,
             disk_layers=disk,
@@ -196,7 +203,7 @@ def candidates(
                                     cfg,
                                     budgets,
                                     gpu_units,
-                                    lambda disk, piece, tile, ring, seq_tile: uniform_plan(
+                                    lambda disk, piece, tile, ring, seq_tile, head_grad: uniform_plan(
                                         model,
                                         L,
                                         batch,
@@ -211,12 +218,14 @@ def candidates(
                                         loss_chunk_tokens=piece,
                                         mlp_tile_tokens=tile,
                                         seq_tile_tokens=seq_tile,
+                                        transient_head_grad=head_grad,
                                         grad_ring=ring,
                                         late_updates=late,
                                         streamed_layers=streamed,
                                     ),
                                     profile,
                                     seq_tiles(cfg, seq),
+                                    head_grad_options(cfg, gpu_units),
                                 )
                                 if plan is not None:
                                     out.append(plan)
@@ -243,11 +252,18 @@ def streamed_grid(num_layers: int, update: str, gpu_units: int) -> list[tuple[in
 
 
 def _fewest_disk_layers(
-    cfg: ModelConfig, budgets: Budgets, gpu_units: int, make, profile: Profile, seq_tile_grid: tuple[int, ...]
+    cfg: ModelConfig,
+    budgets: Budgets,
+    gpu_units: int,
+    make,
+    profile: Profile,
+    seq_tile_grid: tuple[int, ...],
+    head_grads: tuple[bool, ...],
 ) -> Plan | None:
     """The plan with the fewest layers on disk that fits (disk only adds time; each layer there frees host
-    RAM), with the largest gradient ring (a shorter one can stall the stream), sequence tile and MLP tile
-    (smaller ones add time) and loss piece (the piece does not change the time) that fit; None if none fits.
+    RAM), with the largest gradient ring (a shorter one can stall the stream), sequence tile (tiles slow the
+    layers), the head's gradient kept (a transient one costs a copy's wait), MLP tile (smaller ones add time)
+    and loss piece (the piece does not change the time) that fit; None if none fits.
 
     Whether some variant fits at a disk count is decided by the leanest one (shortest ring, smallest tiles
     and piece); from one layer on disk up, each more layer there only frees host RAM, so the fewest is
@@ -255,7 +271,7 @@ def _fewest_disk_layers(
     most = min(disk_layers_that_fit(cfg, budgets), cfg.num_layers + 1 - gpu_units if gpu_units else cfg.num_layers)
 
     def leanest_fits(disk: int) -> bool:
-        leanest = make(disk, LOSS_PIECES[-1], MLP_TILES[-1], GRAD_RINGS[-1], seq_tile_grid[-1])
+        leanest = make(disk, LOSS_PIECES[-1], MLP_TILES[-1], GRAD_RINGS[-1], seq_tile_grid[-1], head_grads[-1])
         return not shortfalls(cfg, leanest, profile, budgets)
 
     if leanest_fits(0):
@@ -270,11 +286,12 @@ def _fewest_disk_layers(
         return None
     for ring in GRAD_RINGS:
         for seq_tile in seq_tile_grid:
-            for tile in MLP_TILES:
-                for piece in LOSS_PIECES:
-                    plan = make(disk, piece, tile, ring, seq_tile)
-                    if not shortfalls(cfg, plan, profile, budgets):
-                        return plan
+            for head_grad in head_grads:
+                for tile in MLP_TILES:
+                    for piece in LOSS_PIECES:
+                        plan = make(disk, piece, tile, ring, seq_tile, head_grad)
+                        if not shortfalls(cfg, plan, profile, budgets):
+                            return plan
     raise AssertionError("the leanest variant fits, so one is returned above")
 
 

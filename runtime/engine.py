@@ -70,6 +70,8 @@ class Engine:
                 "data-parallel ranks update units on the CPU or the GPU: 'disk' and 'streamed' "
                 "placements are not supported with several ranks yet"
             )
+        if plan.transient_head_grad and cfg.tie_word_embeddings:
+            raise PlanError("transient_head_grad needs an untied head (a tied one shares the embedding's gradient)")
         if plan.seq_tile_tokens and cfg.family == GENERIC:
             raise PlanError(
                 "seq_tile_tokens runs our own numerics' layers in tiles; an architecture run through its own "

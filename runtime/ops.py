@@ -49,7 +49,7 @@ class StepOps:
         self.transient_embedding_weights = transient_embedding_weights(cfg, plan)
         self.transient_head_weights = transient_head_weights(cfg, plan)
         # the layers' and the head's gradients by tensor name (the embedding's is one tensor)
-        self.grad_views = {u: layouts[u].views(buffers.gpu_grad[u], short_names=True) for u in range(1, L + 2)}
+        self.grad_views = {u: layouts[u].views(buffers.gpu_grad[u], short_names=True) for u in range(1, L + 1)}
         self.weight_stream = WeightStream(buffers.staging) if buffers.staging else None
         self.kept_graph: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.numerics = numerics_for(cfg, device)
@@ -172,11 +172,13 @@ class StepOps:
     def _head(self, chunk: int) -> None:
         L = self.cfg.num_layers
         rows = self._rows(chunk)
-        if chunk == 0:
+        if chunk == 0 and self.plan.transient_head_grad:  # taken now, given back once copied out (_grad_out)
+            self.b.gpu_grad[L + 1] = torch.zeros(self.layouts[L + 1].numel, dtype=torch.float32, device=self.device)
+        elif chunk == 0:
             self.b.gpu_grad[L + 1].zero_()
             if self.cfg.tie_word_embeddings:
                 self.b.gpu_grad[0].zero_()
-        g_head = self.grad_views[L + 1]
+        g_head = self.layouts[L + 1].views(self.b.gpu_grad[L + 1], short_names=True)
         head_grad = (
             self.b.gpu_grad[0].view(self.cfg.vocab_size, -1)
             if self.cfg.tie_word_embeddings
@@ -254,7 +256,9 @@ class StepOps:
     def _grad_out(self, unit: int) -> None:
         n = self.layouts[unit].numel
         self.b.host_grad[unit][:n].copy_(self.b.gpu_grad[unit][:n], non_blocking=True)
-        if unit == 0 and self.transient_embedding_grad:  # free for reuse once this stream's copy is done
+        head = unit == self.cfg.num_layers + 1
+        transient = self.transient_embedding_grad if unit == 0 else head and self.plan.transient_head_grad
+        if transient:  # free for reuse once this stream's copy is done
             if self.device.type == "cuda":
-                self.b.gpu_grad[0].record_stream(torch.cuda.current_stream(self.device))
-            self.b.gpu_grad[0] = torch.empty(0)
+                self.b.gpu_grad[unit].record_stream(torch.cuda.current_stream(self.device))
+            self.b.gpu_grad[unit] = torch.empty(0)

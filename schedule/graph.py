@@ -209,6 +209,7 @@ class _StepGraph:
                 self.load(layer_unit(ahead), "fwd", [f"fwd:{lay - 1}:{last}" if lay else None])
             self.forward_layer(lay)
         weights = self.itemsize * self.numel[L + 1] if transient_head_weights(self.cfg, plan) else 0
+        grad = 4 * self.numel[L + 1] if plan.transient_head_grad else 0  # taken here, freed by grad_out
         for c in range(C):
             self.op(
                 f"head:{c}",
@@ -217,6 +218,7 @@ class _StepGraph:
                 [f"fwd:{L - 1}:{c}", f"load:{L + 1}:fwd"],
                 chunk=c,
                 flops=self.head_flops,
+                gpu_alloc=grad if c == 0 else 0,
                 gpu_free=weights if c == last else 0,
             )
 
@@ -310,11 +312,13 @@ class _StepGraph:
         for c in range(self.C):
             upstream = f"head:{c}" if lay == L - 1 else f"bwd:{lay + 1}:{c}"
             saved = f"fetch:{lay}:{c}" if policy in ("offload", "disk") else f"fwd:{lay}:{c}"
+            # a transient head gradient is gone before the first layer's backward takes its workspace
+            head_out = f"grad_out:{L + 1}" if lay == L - 1 and c == 0 and self.plan.transient_head_grad else None
             self.op(
                 f"bwd:{lay}:{c}",
                 OpKind.BWD,
                 Resource.GPU,
-                [upstream, saved, weights, grad_war if c == 0 else None],
+                [upstream, saved, weights, grad_war if c == 0 else None, head_out],
                 layer=lay,
                 chunk=c,
                 flops=flops,
@@ -340,7 +344,7 @@ class _StepGraph:
             if len(self.ring) >= plan.grad_ring:
                 ring_war = f"update:{self.ring[-plan.grad_ring]}"
             self.ring.append(u)
-        transient = u == 0 and transient_embedding_grad(self.cfg, plan)
+        transient = (u == 0 and transient_embedding_grad(self.cfg, plan)) or (u == L + 1 and plan.transient_head_grad)
         out = self.op(
             f"grad_out:{u}",
             OpKind.GRAD_OUT,

@@ -95,7 +95,7 @@ def transient_edge(cfg: ModelConfig, plan: Plan, what: str, unit: int) -> bool:
     """Whether an edge's 'edge_weights' or 'grad' buffer is taken and given back within the step (not static)."""
     if unit == 0:
         return (transient_embedding_grad if what == "grad" else transient_embedding_weights)(cfg, plan)
-    return what == "edge_weights" and transient_head_weights(cfg, plan)
+    return plan.transient_head_grad if what == "grad" else transient_head_weights(cfg, plan)
 
 
 def transient_edge_weights(cfg: ModelConfig, plan: Plan) -> int:
@@ -319,7 +319,8 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
         "workspace": max(
             plan_layer_workspace(cfg, plan),
             head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile)
-            + head_weights_bytes(cfg, plan),
+            + head_weights_bytes(cfg, plan)
+            + (4 * unit_numels(cfg)[-1] if plan.transient_head_grad else 0),
             embedding_backward_bytes(cfg, plan),
             transient_edge_weights(cfg, plan),  # the step's start
             plan_forward_workspace(cfg, plan) + head_weights_bytes(cfg, plan),  # the forward

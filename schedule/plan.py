@@ -67,6 +67,10 @@ class Plan:
     # gradients) for the whole sequence. For long sequences on a small GPU; the same maths, the key gradients
     # summed in another order.
     seq_tile_tokens: int = 0
+    # The head's fp32 gradient exists on the GPU only from the head's first piece until it has been copied to
+    # the host, and the first layer's backward waits for that copy (host-updated, untied heads): for a GPU
+    # short of memory, at the cost of one copy's time per step.
+    transient_head_grad: bool = False
     device: str = "cuda"
     # 'bfloat16' (mixed precision, the default) or 'float32' compute; float32 only on the CPU, whose bf16
     # matmuls are slow where the processor lacks bf16 instructions (the demo). fp32 masters and states either way.
@@ -163,6 +167,8 @@ class Plan:
             )
         if self.mlp_tile_tokens < 0:
             problems.append("mlp_tile_tokens must be 0 (whole chunk) or positive")
+        if self.transient_head_grad and self.placement and self.placement[-1] == "gpu":
+            problems.append("transient_head_grad needs a host-updated head (its GPU AdamW reads the gradient)")
         if self.seq_tile_tokens < 0:
             problems.append("seq_tile_tokens must be 0 (whole sequence) or positive")
         if problems:

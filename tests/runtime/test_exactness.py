@@ -46,6 +46,7 @@ PLANS = {
     "ring-of-1": dict(window=2, activation="offload", grad_ring=1),
     "late-updates-3": dict(window=2, activation="offload", late_updates=3),  # embedding, layers 0-1 after bwd
     "mlp-in-tiles": dict(window=2, activation="recompute", mlp_tile_tokens=24),  # 128 tokens: 5 tiles + 8
+    "transient-head-grad": dict(window=2, activation="offload", chunk=2, transient_head_grad=True),
     "streamed-layers": dict(window=2, activation="offload", streamed_layers=(0, 2, 3), late_updates=2),
 }
 

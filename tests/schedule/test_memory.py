@@ -64,3 +64,23 @@ def test_layer_forward_workspace_meets_the_h200_measurements_of_three_shapes():
     for r in forward:
         got = layer_forward_workspace(load_model_config(r["model"]), r["seq"], r["seq_tile"])
         assert abs(got / r["peak_extra_bytes"] - 1) < 0.01, r
+
+
+def test_a_transient_head_gradient_is_gone_before_the_first_layer_backward():
+    """transient_head_grad: no static buffer for it; the first layer's backward waits for its copy to the host,
+    so it never meets a layer's workspace, and the simulated peak is the closed form's."""
+    from slideformer.schedule.graph import build_step_graph
+    from slideformer.schedule.memory import gpu_buffers, gpu_bytes
+    from slideformer.schedule.plan import uniform_plan
+    from slideformer.schedule.profile import Profile
+    from slideformer.simulator import simulate
+
+    cfg, profile = load_model_config("llama-3.1-8b"), Profile.load("h200-2026-12-01")
+    L = cfg.num_layers
+    plan = uniform_plan("llama-3.1-8b", L, 1, 32768, transient_head_grad=True)
+    assert f"grad:{L + 1}" not in {b.name for b in gpu_buffers(cfg, plan)}
+    assert f"grad_out:{L + 1}" in build_step_graph(cfg, plan).predecessors(f"bwd:{L - 1}:0")
+    sim = simulate(cfg, plan, profile)
+    assert sim.peak_gpu_bytes == sum(gpu_bytes(cfg, plan, profile).values())
+    kept = uniform_plan("llama-3.1-8b", L, 1, 32768)
+    assert sim.peak_gpu_bytes < sum(gpu_bytes(cfg, kept, profile).values())
