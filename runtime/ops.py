@@ -14,7 +14,7 @@ import torch
 from slideformer.models.config import ModelConfig
 
 from slideformer.models.numerics import numerics_for
-from slideformer.schedule.graph import transient_embedding_grad, transient_embedding_weights, transient_head_weights
+from slideformer.schedule.graph import transient_edge
 from slideformer.schedule.op import OpKind
 from slideformer.schedule.plan import Plan
 
@@ -38,7 +38,6 @@ class StepOps:
     ) -> None:
         self.cfg, self.plan, self.layouts, self.units, self.b = cfg, plan, layouts, units, buffers
         self.ranks, self.device = ranks, device
-        self.transient_embedding_grad = transient_embedding_grad(cfg, plan)
         L = cfg.num_layers
 
         def leaves(layout: UnitLayout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -46,9 +45,11 @@ class StepOps:
             return {k: v.detach().requires_grad_() for k, v in layout.views(flat, True).items()}
 
         self.slot_params = [leaves(layouts[1], s) for s in buffers.slots]
-        self.transient_embedding_weights = transient_embedding_weights(cfg, plan)
-        self.transient_head_weights = transient_head_weights(cfg, plan)
-        # the layers' and the head's gradients by tensor name (the embedding's is one tensor)
+        # the edges' buffers taken and given back within the step, by (buffer, unit)
+        self.transient = {
+            (what, u): transient_edge(cfg, plan, what, u) for what in ("edge_weights", "grad") for u in (0, L + 1)
+        }
+        # the layers' gradients by tensor name (the head's views are taken per step: its buffer may be transient)
         self.grad_views = {u: layouts[u].views(buffers.gpu_grad[u], short_names=True) for u in range(1, L + 1)}
         self.weight_stream = WeightStream(buffers.staging) if buffers.staging else None
         self.kept_graph: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -105,20 +106,18 @@ class StepOps:
             return self.embed_w
         return self.layouts[-1].views(self.b.edge_weights[self.cfg.num_layers + 1])["lm_head.weight"]
 
-    def _transient(self, unit: int) -> bool:
-        L = self.cfg.num_layers
-        return (unit == 0 and self.transient_embedding_weights) or (unit == L + 1 and self.transient_head_weights)
-
     def release_edge_weights(self, unit: int) -> None:
         """An edge's transient weights: given back once the work queued on this stream with them is done."""
-        if self._transient(unit):
+        if self.transient[("edge_weights", unit)]:
             if self.device.type == "cuda":
                 self.b.edge_weights[unit].record_stream(torch.cuda.current_stream(self.device))
             self.b.edge_weights[unit] = torch.empty(0)
 
     def _destination(self, unit: int) -> torch.Tensor:
         L = self.cfg.num_layers
-        if self._transient(unit):  # taken for this load, given back after the lookups or the head's last piece
+        if self.transient.get(
+            ("edge_weights", unit), False
+        ):  # taken for this load, given back after the lookups or the head's last piece
             n = self.layouts[unit].numel
             self.b.edge_weights[unit] = torch.empty(n, dtype=self.b.compute, device=self.device)
         return self.b.edge_weights[unit] if unit in (0, L + 1) else self.b.slots[(unit - 1) % self.plan.window]
@@ -172,7 +171,7 @@ class StepOps:
     def _head(self, chunk: int) -> None:
         L = self.cfg.num_layers
         rows = self._rows(chunk)
-        if chunk == 0 and self.plan.transient_head_grad:  # taken now, given back once copied out (_grad_out)
+        if chunk == 0 and self.transient[("grad", L + 1)]:  # taken now, given back once copied out (_grad_out)
             self.b.gpu_grad[L + 1] = torch.zeros(self.layouts[L + 1].numel, dtype=torch.float32, device=self.device)
         elif chunk == 0:
             self.b.gpu_grad[L + 1].zero_()
@@ -236,7 +235,7 @@ class StepOps:
             self._gradient_done(unit)
 
     def _embed_bwd(self, chunk: int) -> None:
-        if chunk == 0 and self.transient_embedding_grad:  # taken now, given back once copied out (_grad_out)
+        if chunk == 0 and self.transient[("grad", 0)]:  # taken now, given back once copied out (_grad_out)
             self.b.gpu_grad[0] = torch.zeros(self.layouts[0].numel, dtype=torch.float32, device=self.device)
         elif chunk == 0 and not self.cfg.tie_word_embeddings:
             self.b.gpu_grad[0].zero_()
@@ -256,9 +255,7 @@ class StepOps:
     def _grad_out(self, unit: int) -> None:
         n = self.layouts[unit].numel
         self.b.host_grad[unit][:n].copy_(self.b.gpu_grad[unit][:n], non_blocking=True)
-        head = unit == self.cfg.num_layers + 1
-        transient = self.transient_embedding_grad if unit == 0 else head and self.plan.transient_head_grad
-        if transient:  # free for reuse once this stream's copy is done
+        if self.transient.get(("grad", unit), False):  # free for reuse once this stream's copy is done
             if self.device.type == "cuda":
                 self.b.gpu_grad[unit].record_stream(torch.cuda.current_stream(self.device))
             self.b.gpu_grad[unit] = torch.empty(0)

@@ -46,6 +46,15 @@ def transient_head_weights(cfg: ModelConfig, plan: Plan) -> bool:
     return plan.placement[-1] != "gpu" and not cfg.tie_word_embeddings
 
 
+def transient_edge(cfg: ModelConfig, plan: Plan, what: str, unit: int) -> bool:
+    """Whether an edge's (unit 0 or L+1) 'edge_weights' or 'grad' buffer is taken and given back within the step
+    rather than static: the one rule the graph, the memory model and the runtime read."""
+    if unit == 0:
+        return (transient_embedding_grad if what == "grad" else transient_embedding_weights)(cfg, plan)
+    assert unit == cfg.num_layers + 1, "only the edges' buffers can be transient"
+    return plan.transient_head_grad if what == "grad" else transient_head_weights(cfg, plan)
+
+
 def activation_bytes_per_token(cfg: ModelConfig) -> int:
     """GPU bytes autograd keeps for one layer's forward, per token (bf16 tensors saved for backward)."""
     h, kv, ff = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
@@ -121,9 +130,7 @@ class _StepGraph:
         GPU-resident."""
         on_gpu, bf16 = self.plan.placement[u] == "gpu", self.plan.placement[u] in ("disk", "streamed")
         # transient edge weights are taken here, and given back by the embedding's or the head's last chunk
-        transient = (u == 0 and transient_embedding_weights(self.cfg, self.plan)) or (
-            u == self.L + 1 and transient_head_weights(self.cfg, self.plan)
-        )
+        transient = u in (0, self.L + 1) and transient_edge(self.cfg, self.plan, "edge_weights", u)
         return self.op(
             f"load:{u}:{tag}",
             OpKind.LOAD,
@@ -192,7 +199,7 @@ class _StepGraph:
         self.load(L + 1, "fwd", [])
         for lay in range(min(W - 1, L)):
             self.load(layer_unit(lay), "fwd", [])
-        weights = self.itemsize * self.numel[0] if transient_embedding_weights(self.cfg, plan) else 0
+        weights = self.itemsize * self.numel[0] if transient_edge(self.cfg, plan, "edge_weights", 0) else 0
         for c in range(C):
             self.op(
                 f"embed:{c}",
@@ -208,8 +215,8 @@ class _StepGraph:
             if ahead < L:  # into the slot of layer lay-1: wait until its forward is done
                 self.load(layer_unit(ahead), "fwd", [f"fwd:{lay - 1}:{last}" if lay else None])
             self.forward_layer(lay)
-        weights = self.itemsize * self.numel[L + 1] if transient_head_weights(self.cfg, plan) else 0
-        grad = 4 * self.numel[L + 1] if plan.transient_head_grad else 0  # taken here, freed by grad_out
+        weights = self.itemsize * self.numel[L + 1] if transient_edge(self.cfg, plan, "edge_weights", L + 1) else 0
+        grad = 4 * self.numel[L + 1] if transient_edge(self.cfg, plan, "grad", L + 1) else 0  # freed by grad_out
         for c in range(C):
             self.op(
                 f"head:{c}",
@@ -288,7 +295,7 @@ class _StepGraph:
                     self.fetch(lay - 1, c, f"bwd:{lay + 1}:{c}" if lay + 1 < L else f"head:{c}")
             self.backward_layer(lay, f"load:{layer_unit(lay)}:{'fwd' if lay in resident else 'bwd'}")
             self.grad_out_and_update(layer_unit(lay), f"bwd:{lay}:{last}")
-        grad = 4 * self.numel[0] if transient_embedding_grad(self.cfg, plan) else 0  # taken here, freed by grad_out
+        grad = 4 * self.numel[0] if transient_edge(self.cfg, plan, "grad", 0) else 0  # taken here, freed by grad_out
         for c in range(C):
             self.op(
                 f"embed_bwd:{c}",
@@ -344,7 +351,7 @@ class _StepGraph:
             if len(self.ring) >= plan.grad_ring:
                 ring_war = f"update:{self.ring[-plan.grad_ring]}"
             self.ring.append(u)
-        transient = (u == 0 and transient_embedding_grad(self.cfg, plan)) or (u == L + 1 and plan.transient_head_grad)
+        transient = u in (0, L + 1) and transient_edge(self.cfg, plan, "grad", u)
         out = self.op(
             f"grad_out:{u}",
             OpKind.GRAD_OUT,

@@ -13,8 +13,8 @@ from slideformer.schedule.profile import Profile, fit_at
 from slideformer.models.config import GENERIC, ModelConfig
 from slideformer.schedule.graph import (
     activation_bytes_per_token,
+    transient_edge,
     transient_embedding_grad,
-    transient_embedding_weights,
     transient_head_weights,
     unit_numels,
 )
@@ -89,13 +89,6 @@ def embedding_backward_bytes(cfg: ModelConfig, plan: Plan) -> int:
     is a static buffer)."""
     grad = 4 * cfg.vocab_size * cfg.hidden_size if transient_embedding_grad(cfg, plan) else 0
     return embedding_backward_temporary(cfg, plan) + grad
-
-
-def transient_edge(cfg: ModelConfig, plan: Plan, what: str, unit: int) -> bool:
-    """Whether an edge's 'edge_weights' or 'grad' buffer is taken and given back within the step (not static)."""
-    if unit == 0:
-        return (transient_embedding_grad if what == "grad" else transient_embedding_weights)(cfg, plan)
-    return plan.transient_head_grad if what == "grad" else transient_head_weights(cfg, plan)
 
 
 def transient_edge_weights(cfg: ModelConfig, plan: Plan) -> int:
