@@ -3,8 +3,8 @@
 The space: batch (given, or the best of powers of two up to the largest that fits), chunk, window,
 activation policy (offload, recompute or disk, with the last layers keeping their graphs), how many units
 keep their optimizer on the GPU, how many layers are updated by the streamed GPU AdamW (spread evenly),
-how many layers keep their states in the disk tier, the loss piece size, and (only where the plan does not fit without them)
-sequence tiles and a transient head gradient, on a fixed grid. Memory rules candidates out
+how many layers keep their states in the disk tier, the loss piece size, and (only where the plan does not
+fit without them) sequence tiles and a transient head gradient, on a fixed grid. Memory rules candidates out
 in closed form; the simulator scores every one left, so the choice is the best of the grid.
 """
 
