@@ -3,9 +3,10 @@
 The space: batch (given, or the best of powers of two up to the largest that fits), chunk, window,
 activation policy (offload, recompute or disk, with the last layers keeping their graphs), how many units
 keep their optimizer on the GPU, how many layers are updated by the streamed GPU AdamW (spread evenly),
-how many layers keep their states in the disk tier, the loss piece size, and (only where the plan does not
-fit without them) sequence tiles and a transient head gradient, on a fixed grid. Memory rules candidates out
-in closed form; the simulator scores every one left, so the choice is the best of the grid.
+how many layers keep their states in the disk tier, whether host-updated units keep bf16 weights in RAM, the
+loss piece size, and (only where the plan does not fit without them) sequence tiles and a transient head
+gradient, on a fixed grid. Memory rules candidates out in closed form; the simulator scores every one left, so
+the choice is the best of the grid.
 """
 
 from __future__ import annotations
@@ -115,9 +116,11 @@ def lean_plans(cfg: ModelConfig, model: str, batch: int, seq: int, update: str, 
             grad_ring=GRAD_RINGS[-1],
             gpu_units=units,
             disk_layers=disk,
+            host_bf16_weights=host_bf16,
         )
         for act in activation_policies(budgets)
         for units in gpu_unit_grid(L)
+        for host_bf16 in host_bf16_options(L, units)  # one is leaner on the GPU (no staging ring), one on the host
         for disk in sorted({0, min(disk_layers_that_fit(cfg, budgets), L + 1 - units if units else L)})
     ]
 
@@ -200,37 +203,46 @@ def candidates(
                     for gpu_units in units:  # each trades GPU memory for host memory
                         for late in late_update_grid(L, update):  # each trades host memory for overlap
                             for streamed in streamed_grid(L, update, gpu_units):  # each trades PCIe for CPU time
-                                plan = _fewest_disk_layers(
-                                    cfg,
-                                    budgets,
-                                    gpu_units,
-                                    lambda disk, piece, tile, ring, seq_tile, head_grad: uniform_plan(
-                                        model,
-                                        L,
-                                        batch,
-                                        seq,
-                                        chunk=chunk,
-                                        window=window,
-                                        activation=activation,
-                                        keep_last=keep,
-                                        gpu_units=gpu_units,
-                                        disk_layers=disk,
-                                        update=update,
-                                        loss_chunk_tokens=piece,
-                                        mlp_tile_tokens=tile,
-                                        seq_tile_tokens=seq_tile,
-                                        transient_head_grad=head_grad,
-                                        grad_ring=ring,
-                                        late_updates=late,
-                                        streamed_layers=streamed,
-                                    ),
-                                    profile,
-                                    seq_tiles(cfg, seq),
-                                    head_grad_options(cfg, gpu_units),
-                                )
-                                if plan is not None:
-                                    out.append(plan)
+                                for host_bf16 in host_bf16_options(L, gpu_units):  # RAM and CPU time for PCIe
+                                    plan = _fewest_disk_layers(
+                                        cfg,
+                                        budgets,
+                                        gpu_units,
+                                        lambda disk, piece, tile, ring, seq_tile, head_grad: uniform_plan(
+                                            model,
+                                            L,
+                                            batch,
+                                            seq,
+                                            chunk=chunk,
+                                            window=window,
+                                            activation=activation,
+                                            keep_last=keep,
+                                            gpu_units=gpu_units,
+                                            disk_layers=disk,
+                                            update=update,
+                                            loss_chunk_tokens=piece,
+                                            mlp_tile_tokens=tile,
+                                            seq_tile_tokens=seq_tile,
+                                            transient_head_grad=head_grad,
+                                            grad_ring=ring,
+                                            late_updates=late,
+                                            streamed_layers=streamed,
+                                            host_bf16_weights=host_bf16,
+                                        ),
+                                        profile,
+                                        seq_tiles(cfg, seq),
+                                        head_grad_options(cfg, gpu_units),
+                                    )
+                                    if plan is not None:
+                                        out.append(plan)
     return out
+
+
+def host_bf16_options(num_layers: int, gpu_units: int) -> tuple[bool, ...]:
+    """Whether host-updated units keep bf16 weights in RAM (`Plan.host_bf16_weights`): both, where any unit
+    is host-updated (the copies cost RAM and a cast on the CPU, and save half the weight stream and its casts
+    on the GPU)."""
+    return (False,) if gpu_units >= num_layers + 1 else (False, True)
 
 
 def late_update_grid(num_layers: int, update: str) -> list[int]:
@@ -248,7 +260,7 @@ def streamed_grid(num_layers: int, update: str, gpu_units: int) -> list[tuple[in
     (a large GPU's way) are not combined with streamed layers (a small GPU's), which keeps the search short."""
     if update != "during_backward" or gpu_units:
         return [()]
-    counts = sorted({0, num_layers // 4, 3 * num_layers // 8, num_layers // 2})
+    counts = sorted({0, *(k * num_layers // 8 for k in (2, 3, 4, 5, 6))})
     return [tuple(int((i + 0.5) * num_layers / k) for i in range(k)) for k in counts]
 
 

@@ -41,7 +41,7 @@ class StepBuffers:
         self.master = {u: host[f"master:{u}"].view(F32) for u in range(L + 2) if f"master:{u}" in host}
         self.exp_avg = {u: host[f"exp_avg:{u}"].view(F32) for u in plan.streamed_units}
         self.exp_avg_sq = {u: host[f"exp_avg_sq:{u}"].view(F32) for u in plan.streamed_units}
-        self.bf16_weights = {u: host[f"bf16:{u}"].view(compute) for u in plan.disk_units + plan.streamed_units}
+        self.bf16_weights = {u: host[f"bf16:{u}"].view(compute) for u in range(L + 2) if plan.keeps_bf16_weights(u)}
         self.gpu_master = {u: gpu[f"gpu_master:{u}"].view(F32) for u in range(L + 2) if plan.placement[u] == "gpu"}
         # Weights on the GPU: the window's slots and the edges
         self.slots = [gpu[f"slot:{k}"].view(compute) for k in range(W)]

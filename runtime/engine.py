@@ -144,8 +144,9 @@ class Engine:
                 )
             on_gpu = plan.placement[u] == "gpu"
             if self.ranks is not None and not on_gpu:
-                return ShardedUnit(layout, source, b.master[u], self.optim, self.ranks)
-            return Unit(layout, source, b.gpu_master[u] if on_gpu else b.master[u], self.optim, on_gpu)
+                return ShardedUnit(layout, source, b.master[u], self.optim, self.ranks, b.bf16_weights.get(u))
+            master = b.gpu_master[u] if on_gpu else b.master[u]
+            return Unit(layout, source, master, self.optim, on_gpu, b.bf16_weights.get(u))
 
         with ThreadPoolExecutor(max_workers=min(16, len(self.layouts))) as pool:  # random init is single-threaded
             return list(pool.map(make, range(len(self.layouts))))

@@ -123,9 +123,10 @@ class StepOps:
         return self.b.edge_weights[unit] if unit in (0, L + 1) else self.b.slots[(unit - 1) % self.plan.window]
 
     def _load(self, unit: int) -> None:
-        """fp32 master -> bf16 weights on the GPU, streamed through the staging ring when on the host."""
+        """bf16 weights kept in RAM straight into the slot, else the fp32 master cast to bf16 on the GPU (streamed
+        through the staging ring when on the host)."""
         u = self.units[unit]
-        if not isinstance(u, Unit):  # a disk or streamed unit's bf16 weights, in RAM: straight into the slot
+        if u.weights is not None:
             self._destination(unit)[: u.weights.numel()].copy_(u.weights, non_blocking=True)
             return
         master = u.master.detach()

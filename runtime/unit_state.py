@@ -93,6 +93,8 @@ class UnitStates:
                 self.write_disk_unit(u, fill)
                 continue
             unit.master.detach().copy_(get(f"unit{u}.master"))
+            if isinstance(unit, Unit):
+                unit.refresh_weights()
             state = {
                 key: get(f"unit{u}.{key}").to(unit.master.device).reshape(() if key == "step" else -1)
                 for key in ("step", "exp_avg", "exp_avg_sq")

@@ -3,8 +3,8 @@
 - `Unit`: on the host (pinned master, torch's fused CPU AdamW) or on the GPU (torch's fused GPU AdamW);
 - `StreamedUnit`: master and states pinned on the host, updated on the GPU piece by piece (`ops.StepOps`);
 - `DiskUnit`: master and states in the disk tier, updated by the CPU AdamW in a ring buffer.
-Streamed and disk units keep bf16 weights in RAM for the GPU's loads; units with no such copy stream their
-master, cast on the GPU.
+Streamed and disk units keep bf16 weights in RAM for the GPU's loads, host units too under
+`Plan.host_bf16_weights`; units with no such copy stream their master, cast on the GPU.
 """
 
 from __future__ import annotations
@@ -59,15 +59,22 @@ def fill_from(source: WeightSource, layout: UnitLayout, flat: torch.Tensor) -> N
 
 
 class Unit:
-    """fp32 master weights and AdamW state on the host (`master` pinned) or on the GPU (`on_gpu`)."""
-
-    weights = None  # no bf16 copy in RAM: loads stream and cast the master
+    """fp32 master weights and AdamW state on the host (`master` pinned) or on the GPU (`on_gpu`); a host unit
+    may keep bf16 `weights` in RAM too (`Plan.host_bf16_weights`), cast from the master after every update, for
+    the GPU's loads (without them, loads stream and cast the master)."""
 
     def __init__(
-        self, layout: UnitLayout, source: WeightSource, master: torch.Tensor, optim: AdamWConfig, on_gpu: bool
+        self,
+        layout: UnitLayout,
+        source: WeightSource,
+        master: torch.Tensor,
+        optim: AdamWConfig,
+        on_gpu: bool,
+        weights: torch.Tensor | None = None,
     ) -> None:
         self.layout = layout
         self.on_gpu = on_gpu  # placed on the GPU (on a CPU device, the plan's 'gpu' units are updated in place too)
+        self.weights = weights
         if master.device.type != "cpu":  # filled on the host, then copied over whole
             staged = torch.empty(layout.numel, dtype=torch.float32)
             fill_from(source, layout, staged)
@@ -76,9 +83,16 @@ class Unit:
             fill_from(source, layout, master)
         self.master = torch.nn.Parameter(master)
         self.optimizer = optim.optimizer(self.master)
+        self.refresh_weights()
+
+    def refresh_weights(self) -> None:
+        """The bf16 weights in RAM, from the master (after an update or a restore)."""
+        if self.weights is not None:
+            self.weights.copy_(self.master.detach())
 
     def step(self, grad: torch.Tensor, clip_coef: torch.Tensor | float | None, lr: float) -> None:
         adamw_step(self.optimizer, self.master, grad, clip_coef, lr)
+        self.refresh_weights()
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         return self.optimizer.state.get(self.master, {})
@@ -92,9 +106,15 @@ class ShardedUnit(Unit):
     slice only), then every rank's slice is broadcast into every rank's master (`Ranks`)."""
 
     def __init__(
-        self, layout: UnitLayout, source: WeightSource, master: torch.Tensor, optim: AdamWConfig, ranks: Ranks
+        self,
+        layout: UnitLayout,
+        source: WeightSource,
+        master: torch.Tensor,
+        optim: AdamWConfig,
+        ranks: Ranks,
+        weights: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(layout, source, master, optim, on_gpu=False)
+        super().__init__(layout, source, master, optim, on_gpu=False, weights=weights)
         self.ranks, self.shard = ranks, ranks.shard(layout.numel)
         self.param = torch.nn.Parameter(master[self.shard])  # a view: updates land in the master
         self.optimizer = optim.optimizer(self.param)  # AdamW states for this rank's slice only
@@ -102,6 +122,7 @@ class ShardedUnit(Unit):
     def step(self, grad: torch.Tensor, clip_coef: torch.Tensor | float | None, lr: float) -> None:
         adamw_step(self.optimizer, self.param, grad[self.shard], clip_coef, lr)
         self.ranks.assemble(self.master.detach(), self.ranks.update)
+        self.refresh_weights()
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """The whole unit's states (every rank's slices, gathered on the issuing thread: engine idle)."""

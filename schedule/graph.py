@@ -126,9 +126,9 @@ class _StepGraph:
 
     # --- weights and saved inputs ------------------------------------------------------------
     def load(self, u: int, tag: str, deps: list[str | None]) -> str:
-        """fp32 masters staged and cast on the GPU, a disk or streamed unit's bf16 weights kept in RAM, or
+        """fp32 masters staged and cast on the GPU, bf16 weights kept in RAM (`Plan.keeps_bf16_weights`), or
         GPU-resident."""
-        on_gpu, bf16 = self.plan.placement[u] == "gpu", self.plan.placement[u] in ("disk", "streamed")
+        on_gpu, bf16 = self.plan.placement[u] == "gpu", self.plan.keeps_bf16_weights(u)
         # transient edge weights are taken here, and given back by the embedding's or the head's last chunk
         transient = u in (0, self.L + 1) and transient_edge(self.cfg, self.plan, "edge_weights", u)
         return self.op(
@@ -410,8 +410,8 @@ class _StepGraph:
         self.updates[u] = self.state_outs[-1]
 
     def host_update(self, u: int, deps: list[str]) -> None:
-        """A CPU AdamW update; a disk unit's reads its states first, casts its new master to the bf16 weights
-        kept in RAM and writes its states back after."""
+        """A CPU AdamW update, which casts the new master to the bf16 weights kept in RAM where the unit has
+        them; a disk unit's reads its states first and writes them back after."""
         plan = self.plan
         on_disk = plan.placement[u] == "disk"
         self.updates[u] = self.op(
@@ -421,7 +421,7 @@ class _StepGraph:
             [*deps, f"disk_read:{u}" if on_disk else None],
             unit=u,
             params=self.numel[u],
-            cast=on_disk,
+            cast=plan.keeps_bf16_weights(u),
         )
         if on_disk:
             write = self.op(

@@ -179,13 +179,14 @@ def host_grad_buffer(cfg: ModelConfig, plan: Plan) -> dict[int, str]:
     L = cfg.num_layers
     out: dict[int, str] = {}
     k = 0
+    ring, late, edges = plan.shares_grad_ring, set(plan.late_units), plan.shares_edge_grad
     for u in [L + 1, *range(L, 0, -1), 0]:  # gradient arrival order
         if not plan.host_updated(u):
             continue
-        if plan.shares_grad_ring and 0 < u <= L and u not in plan.late_units:
+        if ring and 0 < u <= L and u not in late:
             out[u] = f"grad_ring:{k % plan.grad_ring}"
             k += 1
-        elif u in (0, L + 1) and plan.shares_edge_grad:
+        elif u in (0, L + 1) and edges:
             out[u] = "host_grad:edges"
         else:
             out[u] = f"host_grad:{u}"
@@ -194,8 +195,8 @@ def host_grad_buffer(cfg: ModelConfig, plan: Plan) -> dict[int, str]:
 
 def host_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
     """Every pinned host buffer: fp32 masters of RAM-resident units, streamed units' AdamW states, gradient
-    destinations of host-updated units, offloaded activations, disk and streamed units' bf16 weights, and the
-    rings disk traffic passes through."""
+    destinations of host-updated units, offloaded activations, the bf16 weights of units that keep them in RAM
+    (`Plan.keeps_bf16_weights`), and the rings disk traffic passes through."""
     L, n = cfg.num_layers, unit_numels(cfg)
     itemsize = 4 if plan.compute_dtype == "float32" else 2
     saved = saved_input_bytes(cfg, plan)
@@ -221,7 +222,9 @@ def host_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
     if "disk" in plan.activations:
         specs += [BufferSpec(f"act_ring:{k}", "disk_activation_ring", padded(saved)) for k in range(plan.disk_ring)]
     specs += [
-        BufferSpec(f"bf16:{u}", "bf16_weights", itemsize * n[u], (u,)) for u in plan.disk_units + plan.streamed_units
+        BufferSpec(f"bf16:{u}", "bf16_weights", itemsize * n[u], (u,))
+        for u in range(L + 2)
+        if plan.keeps_bf16_weights(u)
     ]
     if plan.disk_units:
         specs += [BufferSpec(f"disk_ring:{k}", "disk_ring", padded(12 * n[1])) for k in range(plan.disk_ring)]
@@ -324,7 +327,7 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
 
 def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
     """Host RAM of the runtime's buffers: fp32 masters and gradients (pinned), AdamW states (pinned where
-    streamed), offloaded activations, disk and streamed units' bf16 weights, and the disk tier's rings."""
+    streamed), offloaded activations, bf16 weights kept in RAM, and the disk tier's rings."""
     pinned = by_kind(host_buffers(cfg, plan), HOST_KINDS)
     states = (
         sum(8 * n for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu") + pinned["streamed_states"]

@@ -71,6 +71,10 @@ class Plan:
     # the host, and the first layer's backward waits for that copy (host-updated, untied heads): for a GPU
     # short of memory, at the cost of one copy's time per step.
     transient_head_grad: bool = False
+    # The CPU-updated ('cpu') units keep bf16 weights in pinned RAM too, cast from the new master by the CPU
+    # after each update: their loads copy 2 bytes per parameter with no GPU cast (instead of streaming the
+    # fp32 master through the staging ring), for 2 more bytes of RAM and the cast's CPU time. The same maths.
+    host_bf16_weights: bool = False
     device: str = "cuda"
     # 'bfloat16' (mixed precision, the default) or 'float32' compute; float32 only on the CPU, whose bf16
     # matmuls are slow where the processor lacks bf16 instructions (the demo). fp32 masters and states either way.
@@ -121,10 +125,17 @@ class Plan:
             and self.late_updates == 0
         )
 
+    def keeps_bf16_weights(self, unit: int) -> bool:
+        """The host keeps the unit's bf16 weights, rewritten by every update, for the GPU's loads: disk and
+        streamed units, and 'cpu' units under `host_bf16_weights`."""
+        where = self.placement[unit]
+        return where in ("disk", "streamed") or (where == "cpu" and self.host_bf16_weights)
+
     @property
     def stages_fp32_loads(self) -> bool:
-        """Some unit streams fp32 masters through the GPU staging buffer (the RAM-updated ones)."""
-        return "cpu" in self.placement
+        """Some unit streams fp32 masters through the GPU staging buffer (the RAM-updated ones without bf16
+        weights in RAM)."""
+        return "cpu" in self.placement and not self.host_bf16_weights
 
     @property
     def disk_units(self) -> list[int]:

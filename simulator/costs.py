@@ -215,7 +215,7 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
     layers = sum(layer(a) for a in plan.activations)
     gpu = plan.chunks * (layers + cost.head(tokens)) * slow
     numels = unit_numels(cfg)
-    cpu = sum(cost.host_update(n, plan.placement[u] == "disk") for u, n in enumerate(numels) if plan.host_updated(u))
+    cpu = sum(cost.host_update(n, plan.keeps_bf16_weights(u)) for u, n in enumerate(numels) if plan.host_updated(u))
     files = [12 * numels[u] for u in plan.disk_units] + [saved_input_bytes(cfg, plan)] * plan.activations.count("disk")
     disk = sum(cost.disk("read", n) + cost.disk("write", n) for n in files)
     h2d = d2h = pcie_bytes = 0.0
@@ -225,9 +225,9 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
         if where == "gpu":
             continue
         loads = 2 if 0 < u <= L - plan.window else 1  # layers outside the last window load again for backward
-        load = cost.load(4 * n, plan.transfer_chunk_mb) if where == "cpu" else cost.copy("h2d", 2 * n)
-        h2d += loads * load
-        pcie_bytes += loads * (4 if where == "cpu" else 2) * n
+        bf16 = plan.keeps_bf16_weights(u)
+        h2d += loads * (cost.copy("h2d", 2 * n) if bf16 else cost.load(4 * n, plan.transfer_chunk_mb))
+        pcie_bytes += loads * (2 if bf16 else 4) * n
         if where == "streamed":  # at least the bandwidth term of every piece
             h2d += STREAMED_IN_BYTES * n / (cost.p.streamed_in_bandwidth or cost.h2d.bandwidth)
             d2h += STREAMED_OUT_BYTES * n / (cost.p.streamed_out_bandwidth or cost.d2h.bandwidth)
