@@ -11,6 +11,10 @@ the choice is the best of the grid.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from slideformer.schedule.profile import Profile
@@ -28,6 +32,8 @@ MLP_TILES = (0, 8192, 4096, 2048, 1024)  # 0: the whole chunk at once; each tile
 # that issues them, which the CPU optimizer's threads slow down and the simulator does not model (on the H100,
 # 1024 x 8 predicted 2.19 s at chunk 1 and chunk 8 alike measured 3.10 and 2.44 s in one lease).
 TIE = 0.01
+PARALLEL_FROM = 64  # candidates from which the simulations run in worker processes
+MAX_WORKERS = 16
 
 
 # What a plan may use by default: of the GPU's free memory (allocator fragmentation, other processes), of
@@ -202,7 +208,7 @@ def candidates(
                 for keep in sorted({0, 1, window} & set(range(L + 1))):
                     for gpu_units in units:  # each trades GPU memory for host memory
                         for late in late_update_grid(L, update):  # each trades host memory for overlap
-                            for streamed in streamed_grid(L, update, gpu_units):  # each trades PCIe for CPU time
+                            for streamed, embedding in streamed_grid(L, update, gpu_units):  # PCIe for CPU time
                                 for host_bf16 in host_bf16_options(L, gpu_units):  # RAM and CPU time for PCIe
                                     plan = _fewest_disk_layers(
                                         cfg,
@@ -227,6 +233,7 @@ def candidates(
                                             grad_ring=ring,
                                             late_updates=late,
                                             streamed_layers=streamed,
+                                            streamed_embedding=embedding,
                                             host_bf16_weights=host_bf16,
                                         ),
                                         profile,
@@ -253,15 +260,17 @@ def late_update_grid(num_layers: int, update: str) -> list[int]:
     return sorted({0, num_layers // 4, num_layers // 2, num_layers + 1})
 
 
-def streamed_grid(num_layers: int, update: str, gpu_units: int) -> list[tuple[int, ...]]:
-    """Sets of layers the streamed GPU AdamW updates (Plan.placement 'streamed'): none, or a quarter, three
-    eighths or half of the layers spread evenly, so their PCIe traffic interleaves with the backward's loads rather than
-    bunching (layers placed on disk stay there). Both take work off the CPU, so plans with GPU-placed units
-    (a large GPU's way) are not combined with streamed layers (a small GPU's), which keeps the search short."""
+def streamed_grid(num_layers: int, update: str, gpu_units: int) -> list[tuple[tuple[int, ...], bool]]:
+    """Sets of layers the streamed GPU AdamW updates (Plan.placement 'streamed'), each with and without the
+    embedding: none, or two to six eighths of the layers spread evenly, so their PCIe traffic interleaves with
+    the backward's loads rather than bunching (layers placed on disk stay there). Both take work off the CPU,
+    so plans with GPU-placed units (a large GPU's way) are not combined with streamed units (a small GPU's),
+    which keeps the search short."""
     if update != "during_backward" or gpu_units:
-        return [()]
+        return [((), False)]
     counts = sorted({0, *(k * num_layers // 8 for k in (2, 3, 4, 5, 6))})
-    return [tuple(int((i + 0.5) * num_layers / k) for i in range(k)) for k in counts]
+    layers = [tuple(int((i + 0.5) * num_layers / k) for i in range(k)) for k in counts]
+    return [(s, embedding) for s in layers for embedding in (False, True)]
 
 
 def _fewest_disk_layers(
@@ -338,14 +347,42 @@ def choose_plan(
         ),
         key=lambda t: t[:2],
     )
-    scored: list[tuple[float, Plan, Simulation]] = []
+    # Batches of plans are simulated in parallel on large grids: every plan the serial walk would simulate is
+    # simulated, and the extra ones cannot win (their time is past the bound that would have stopped it).
+    scored: list[tuple[float, Plan]] = []
     fastest = float("inf")
-    for bound, _, p in bounded:
-        if bound >= fastest * (1 + TIE):
-            break
-        sim = simulate(cfg, p, profile)
-        scored.append((1 / sim.tokens_per_s, p, sim))
-        fastest = min(fastest, scored[-1][0])
+    workers = min(os.cpu_count() or 1, MAX_WORKERS) if len(bounded) >= PARALLEL_FROM else 1
+    with _pool(workers) as pool:
+        for start in range(0, len(bounded), workers):
+            group = [p for bound, _, p in bounded[start : start + workers] if bound < fastest * (1 + TIE)]
+            if not group:
+                break
+            for p, s in zip(group, pool.map(_seconds_per_token, [(cfg, p, profile) for p in group])):
+                scored.append((s, p))
+                fastest = min(fastest, s)
     assert scored, "a feasible batch always has a candidate plan"
-    _, plan, sim = min((s for s in scored if s[0] <= fastest * (1 + TIE)), key=lambda s: (s[1].chunks, s[0]))
-    return Verdict(True, plan, sim, max_batch)
+    _, plan = min((s for s in scored if s[0] <= fastest * (1 + TIE)), key=lambda s: (s[1].chunks, s[0]))
+    return Verdict(True, plan, simulate(cfg, plan, profile), max_batch)
+
+
+def _seconds_per_token(job: tuple[ModelConfig, Plan, Profile]) -> float:
+    cfg, plan, profile = job
+    return 1 / simulate(cfg, plan, profile).tokens_per_s
+
+
+def _pool(workers: int) -> ProcessPoolExecutor | _Serial:
+    """Worker processes (forked where the platform allows: nothing to re-import), or the caller alone."""
+    if workers < 2:
+        return _Serial()
+    methods = multiprocessing.get_all_start_methods()
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork" if "fork" in methods else None))
+
+
+class _Serial(contextlib.AbstractContextManager):
+    """The caller's own process, with a pool's map."""
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def map(self, fn, jobs):
+        return map(fn, jobs)

@@ -117,6 +117,7 @@ class Engine:
             self.tier,
             self.graph.graph["disk_slot"],
             self.ops.sq_norm,
+            self.ops.release_grad,
         )
         self.executor = GraphExecutor(self.graph, self.ops.bodies | updates.bodies, self.device)
         self.states = UnitStates(plan, self.units, self.buffers, self.tier, self.executor, self.device)

@@ -256,7 +256,12 @@ class StepOps:
     def _grad_out(self, unit: int) -> None:
         n = self.layouts[unit].numel
         self.b.host_grad[unit][:n].copy_(self.b.gpu_grad[unit][:n], non_blocking=True)
-        if self.transient.get(("grad", unit), False):  # free for reuse once this stream's copy is done
+        self.release_grad(unit)
+
+    def release_grad(self, unit: int) -> None:
+        """An edge's transient gradient: free for reuse once the work queued on this stream with it is done (its
+        copy to the host, or a streamed update's last piece)."""
+        if self.transient.get(("grad", unit), False):
             if self.device.type == "cuda":
                 self.b.gpu_grad[unit].record_stream(torch.cuda.current_stream(self.device))
             self.b.gpu_grad[unit] = torch.empty(0)

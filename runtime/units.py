@@ -143,7 +143,7 @@ class ShardedUnit(Unit):
 
 
 class StreamedUnit:
-    """A decoder layer whose fp32 master and AdamW states stay in pinned host memory and are updated on the
+    """A decoder layer (or the embedding) whose fp32 master and AdamW states stay in pinned host memory and are updated on the
     GPU piece by piece; the host also keeps its bf16 weights, rewritten by every update, for the GPU's loads."""
 
     on_gpu = False

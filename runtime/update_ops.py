@@ -30,10 +30,13 @@ class UpdateOps:
         tier: DiskTier | None,
         disk_slot: dict[int, int],
         sq_norm: torch.Tensor,
+        release_grad: Callable[[int], None],
     ) -> None:
-        """`sq_norm`: the step's squared gradient norm, which the backward's ops accumulate."""
+        """`sq_norm`: the step's squared gradient norm, which the backward's ops accumulate; `release_grad(unit)`
+        gives a transient gradient back (`StepOps.release_grad`) once a streamed update has read all of it."""
         self.plan, self.layouts, self.units, self.b = plan, layouts, units, buffers
         self.optim, self.tier, self.disk_slot, self.sq_norm = optim, tier, disk_slot, sq_norm
+        self.release_grad = release_grad
         self.bodies: dict[OpKind, Callable[..., object]] = {
             OpKind.UPDATE: self._update,
             OpKind.NORM: self._norm,
@@ -108,6 +111,8 @@ class UpdateOps:
             maximize=False,
         )
         weights[:n].copy_(master)
+        if rows.stop == self.layouts[unit].numel:
+            self.release_grad(unit)
 
     def _state_out(self, unit: int, piece: int, slot: int) -> None:
         """The updated piece back to the host: master, states and the bf16 weights the unit's loads read."""

@@ -367,9 +367,11 @@ class _StepGraph:
             self.host_update(u, [out])
 
     def streamed_update(self, u: int, ready: str) -> None:
-        """Piece by piece: master and states in, the fused AdamW on the GPU, master, states and bf16 weights out."""
-        piece = self.plan.state_piece_numel
-        for p in range(self.plan.streamed_pieces(self.numel[u])):
+        """Piece by piece: master and states in, the fused AdamW on the GPU, master, states and bf16 weights out.
+        A transient edge gradient (the embedding's) is given back by the last piece's update."""
+        piece, pieces = self.plan.state_piece_numel, self.plan.streamed_pieces(self.numel[u])
+        transient = u == 0 and transient_edge(self.cfg, self.plan, "grad", 0)
+        for p in range(pieces):
             n = min(piece, self.numel[u] - p * piece)
             j = len(self.state_outs)
             war = self.state_outs[j - STATE_STAGING_BUFFERS] if j >= STATE_STAGING_BUFFERS else None
@@ -393,6 +395,7 @@ class _StepGraph:
                 piece=p,
                 slot=slot,
                 params=n,
+                gpu_free=4 * self.numel[u] if transient and p == pieces - 1 else 0,
             )
             self.state_outs.append(
                 self.op(
@@ -406,7 +409,8 @@ class _StepGraph:
                     nbytes=STREAMED_OUT_BYTES * n,
                 )
             )
-        self.grad_buffer_reader[u % 2] = step
+        if 0 < u <= self.L:  # a layer's gradient buffer is free for the layer two below
+            self.grad_buffer_reader[u % 2] = step
         self.updates[u] = self.state_outs[-1]
 
     def host_update(self, u: int, deps: list[str]) -> None:

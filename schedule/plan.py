@@ -41,12 +41,13 @@ class Plan:
     #   disk      - as offload, but on through `disk_ring` host buffers to the disk tier and back.
     activations: list[ActivationPolicy] = field(default_factory=list)
     # Where each unit's fp32 master weights and AdamW states live and are updated, in unit order
-    # (embed, layer 0..L-1, head): 'cpu' (host RAM, CPU AdamW), 'gpu' (never cross PCIe), or 'disk'
+    # (embed, layer 0..L-1, head): 'cpu' (host RAM, CPU AdamW), 'gpu' (never cross PCIe), 'disk'
     # (decoder layers only: files in the disk tier, read ahead into `disk_ring` host buffers, updated by the
     # CPU AdamW and written back; the host keeps their bf16 weights for the GPU's loads), or 'streamed' (decoder
-    # layers only: master and states in pinned RAM, streamed to the GPU in pieces after the layer's backward,
+    # layers and the embedding: master and states in pinned RAM, streamed to the GPU in pieces after the layer's backward,
     # updated there by the fused AdamW and written back with the bf16 weights the unit's loads read; its
-    # gradient never leaves the GPU and the CPU does no work for it).
+    # gradient never leaves the GPU and the CPU does no work for it; also the embedding, whose CPU update would
+    # otherwise sit between one step's backward and the next step's first lookup).
     placement: list[Placement] = field(default_factory=list)
     update: UpdateSchedule = (
         "during_backward"  # or 'after_norm' (exact global-norm clipping, overlapped with next forward)
@@ -155,9 +156,10 @@ class Plan:
             problems.append("'keep' is allowed only for the last `window` layers, whose weights stay resident")
         if len(self.placement) != num_layers + 2 or set(self.placement) - set(PLACEMENTS):
             problems.append(f"placement needs {num_layers + 2} entries (embed, layers, head) from {PLACEMENTS}")
-        elif {"disk", "streamed"} & {self.placement[0], self.placement[-1]}:
+        elif "disk" in (self.placement[0], self.placement[-1]) or self.placement[-1] == "streamed":
             problems.append(
-                "'disk' and 'streamed' placements are for decoder layers; the embedding and head are 'cpu' or 'gpu'"
+                "'disk' placement is for decoder layers and 'streamed' for them and the embedding; the head is "
+                "'cpu' or 'gpu'"
             )
         if self.update not in UPDATE_SCHEDULES:
             problems.append(f"update must be one of {UPDATE_SCHEDULES}")
@@ -219,12 +221,14 @@ def uniform_plan(
     gpu_units: int = 0,
     disk_layers: int = 0,
     streamed_layers: tuple[int, ...] = (),
+    streamed_embedding: bool = False,
     **kw,
 ) -> Plan:
     """A plan with one policy for every layer; the last `keep_last` layers keep their graphs, the first
     `gpu_units` units (embed, layer 0, ...) plus the head when gpu_units > 0 are updated on the GPU, the
     last `disk_layers` layers keep their states on disk (updated first in backward, needed last in forward)
-    and the layers `streamed_layers` that are left on the CPU are updated by the streamed GPU AdamW."""
+    and the layers `streamed_layers` (and the embedding, `streamed_embedding`) that are left on the CPU are updated
+    by the streamed GPU AdamW."""
     acts: list[ActivationPolicy] = [activation] * num_layers
     for i in range(num_layers - keep_last, num_layers):
         acts[i] = "keep"
@@ -235,9 +239,9 @@ def uniform_plan(
         placement[-1] = "gpu"
     for i in range(num_layers + 1 - disk_layers, num_layers + 1):
         placement[i] = "disk"
-    for lay in streamed_layers:
-        if placement[lay + 1] == "cpu":
-            placement[lay + 1] = "streamed"
+    for u in [lay + 1 for lay in streamed_layers] + ([0] if streamed_embedding else []):
+        if placement[u] == "cpu":
+            placement[u] = "streamed"
     return Plan(
         model=model,
         batch=batch,

@@ -201,10 +201,24 @@ def issue_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     return COPY_LAUNCH_S
 
 
+def embedding_turnaround(cfg: ModelConfig, plan, cost: CostModel) -> float:
+    """Seconds from a step's last GPU op (the embedding's backward) to the next step's first (its lookup), at
+    least: the embedding's update, and its gradient's copy out and its weights' load where it has them."""
+    n, where = unit_numels(cfg)[0], plan.placement[0]
+    if where == "gpu":  # updated in place, then cast on the GPU
+        return n / cost.gpu_adamw_rate + cost.gpu_bytes_moved(6 * n)
+    if where == "streamed":  # its pieces' updates, then the load of the bf16 weights the last piece wrote
+        return n / cost.gpu_adamw_rate + cost.copy("h2d", 2 * n)
+    bf16 = plan.keeps_bf16_weights(0)
+    load = cost.copy("h2d", 2 * n) if bf16 else cost.load(4 * n, plan.transfer_chunk_mb)
+    return cost.copy("d2h", 4 * n) + cost.host_update(n, bf16) + load
+
+
 def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
-    """A bound no simulated step time of `plan` can beat: the GPU's compute alone, the CPU's updates alone,
-    the disk tier's reads and writes alone, or either PCIe direction's weight, gradient and streamed-state
-    copies alone (each op's cost is at least its term here)."""
+    """A bound no simulated step time of `plan` can beat: the GPU's compute and the embedding's turnaround
+    between steps (every compute op of a step lies between its embedding's lookup and backward), the CPU's
+    updates alone, the disk tier's reads and writes alone, or either PCIe direction's weight, gradient and
+    streamed-state copies alone (each op's cost is at least its term here)."""
     tokens, slow = plan.chunk * plan.seq, cost.p.compute_slowdown_under_copies
 
     def layer(policy: str) -> float:
@@ -213,7 +227,7 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
         return cost.layer("fwd_s", tokens, seq_tile) + cost.layer(bwd, tokens, seq_tile)
 
     layers = sum(layer(a) for a in plan.activations)
-    gpu = plan.chunks * (layers + cost.head(tokens)) * slow
+    gpu = plan.chunks * (layers + cost.head(tokens)) * slow + embedding_turnaround(cfg, plan, cost)
     numels = unit_numels(cfg)
     cpu = sum(cost.host_update(n, plan.keeps_bf16_weights(u)) for u, n in enumerate(numels) if plan.host_updated(u))
     files = [12 * numels[u] for u in plan.disk_units] + [saved_input_bytes(cfg, plan)] * plan.activations.count("disk")

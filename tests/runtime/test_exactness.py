@@ -49,6 +49,7 @@ PLANS = {
     "transient-head-grad": dict(window=2, activation="offload", chunk=2, transient_head_grad=True),
     "streamed-layers": dict(window=2, activation="offload", streamed_layers=(0, 2, 3), late_updates=2),
     "host-bf16-weights": dict(window=2, activation="recompute", host_bf16_weights=True, streamed_layers=(1,)),
+    "streamed-embedding": dict(window=2, activation="offload", chunk=2, streamed_embedding=True),
 }
 
 
@@ -117,6 +118,7 @@ def test_tolerance_detects_a_real_difference():
 @pytest.mark.gpu
 @pytest.mark.parametrize("streamed_layers, host_bf16_weights", [((), False), ((0, 2), False), ((1,), True)])
 def test_weights_streamed_in_many_pieces_match_reference(streamed_layers, host_bf16_weights):
+    streamed_embedding = host_bf16_weights  # with the host units' bf16 weights, the embedding streamed too
     """Units larger than the staging buffer stream through it piece by piece (the large-model path), and so do
     streamed layers' states through the GPU's AdamW; or the host units' bf16 weights come from RAM whole."""
     from dataclasses import replace
@@ -145,6 +147,7 @@ def test_weights_streamed_in_many_pieces_match_reference(streamed_layers, host_b
         transfer_chunk_mb=1,
         streamed_layers=streamed_layers,
         host_bf16_weights=host_bf16_weights,
+        streamed_embedding=streamed_embedding,
         device="cuda",
     )
     assert cfg.layer_params * 4 > 3 * 2**20  # each layer crosses PCIe in several pieces

@@ -9,7 +9,7 @@ import torch
 from slideformer.checkpoint import STATE_FILE, write_safetensors
 from slideformer.models import PRESETS, RandomWeights
 from slideformer.runtime import AdamWConfig, Engine
-from slideformer.schedule.graph import build_step_graph, op_of, ops
+from slideformer.schedule.graph import build_step_graph, op_of, ops, unit_numels
 from slideformer.schedule.plan import PlanError, uniform_plan
 
 # layers of 553,344 parameters: two pieces each at transfer_chunk_mb=1 (524,288 per piece)
@@ -41,13 +41,15 @@ def train(cfg, steps=4, state=None, **kw):
         dict(streamed_layers=(0, 1, 2)),
         dict(streamed_layers=(1,), late_updates=3),
         dict(streamed_layers=(0, 2), activation="recompute", window=1),
+        dict(streamed_embedding=True, late_updates=2),
+        dict(streamed_embedding=True, streamed_layers=(1,), cfg=replace(MID, tie_word_embeddings=True)),
     ],
 )
 def test_streamed_layers_train_bit_identically_to_cpu_ones(kw):
-    cfg = MID
+    cfg = kw.pop("cfg", MID)
     plan = uniform_plan("mid", cfg.num_layers, 4, 32, device="cpu", transfer_chunk_mb=1, **kw)
     assert plan.streamed_units and all(plan.streamed_pieces(cfg.layer_params) == 2 for _ in plan.streamed_units)
-    base = {k: v for k, v in kw.items() if k != "streamed_layers"}
+    base = {k: v for k, v in kw.items() if k not in ("streamed_layers", "streamed_embedding")}
     want_losses, want = train(cfg, **base)
     got_losses, got = train(cfg, **kw)
     assert got_losses == want_losses
@@ -81,7 +83,9 @@ def test_streamed_plans_that_cannot_run_are_refused(kw, message):
         plan.validate(4)
     plan = uniform_plan("tiny-llama", 4, 4, 32, device="cpu")
     plan.placement[0] = "streamed"
-    with pytest.raises(PlanError, match="'disk' and 'streamed' placements are for decoder layers"):
+    plan.validate(4)  # a streamed embedding is fine
+    plan.placement[-1] = "streamed"
+    with pytest.raises(PlanError, match="'streamed' for them and the embedding; the head is 'cpu' or 'gpu'"):
         plan.validate(4)
 
 
@@ -102,3 +106,16 @@ def test_streamed_pieces_cycle_through_the_gpu_slots_in_order():
         if j >= STATE_STAGING_BUFFERS:
             assert g.has_edge(ins[j - STATE_STAGING_BUFFERS].replace("state_in", "state_out"), n)
     assert sum(o.params for o in ops(g) if o.kind == "state_update") == 3 * MID.layer_params
+
+
+def test_a_streamed_embedding_gives_its_gradient_back_after_its_last_piece():
+    """The embedding's fp32 gradient is taken by its backward and given back by the update of its last piece
+    (no copy to the host), so the GPU holds it only between the two."""
+    plan = uniform_plan("mid", MID.num_layers, 4, 32, chunk=2, transfer_chunk_mb=1, streamed_embedding=True)
+    g = build_step_graph(MID, plan)
+    grad = 4 * unit_numels(MID)[0]
+    taken = [o.name for o in ops(g) if o.gpu_alloc == grad]
+    given = [o.name for o in ops(g) if o.gpu_free == grad]
+    pieces = [o.name for o in ops(g) if o.kind == "state_update" and o.unit == 0]
+    assert taken == ["embed_bwd:0"] and given == [pieces[-1]] and len(pieces) == plan.streamed_pieces(grad // 4)
+    assert not any(o.kind == "grad_out" and o.unit == 0 for o in ops(g))

@@ -84,6 +84,8 @@ def plans(draw, cfg):
         transfer_chunk_mb=1,
         device="cpu",
         streamed_layers=tuple(draw(st.sets(st.integers(0, L - 1)))) if update == "during_backward" else (),
+        streamed_embedding=update == "during_backward" and draw(st.booleans()),
+        host_bf16_weights=draw(st.booleans()),
     )
 
 
