@@ -5,6 +5,7 @@ figure (`schedule.memory.layer_workspace`).
 
     python -m bench.layer_memory --out bench/results/X.json
     python -m bench.layer_memory --seq-tiles --out bench/results/Y.json   # long sequences in sequence tiles
+    python -m bench.layer_memory --kept --out bench/results/Z.json        # a kept layer's graph and backward
 
 With --seq-tiles: the whole-sequence backward beside the tiled one (`decoder_layer_backward_in_tiles`) for
 long single sequences of three shapes, and the tiled forward, with their times.
@@ -27,7 +28,7 @@ from slideformer.models.layers import (
     decoder_layer_in_tiles,
     rope_tables,
 )
-from slideformer.schedule.memory import layer_workspace
+from slideformer.schedule.memory import kept_backward_workspace, layer_workspace
 
 # (model, batch, seq): short sequences in a batch and long single sequences, for each shape
 WORKLOADS = {
@@ -109,11 +110,58 @@ def seq_tile_rows() -> list[dict]:
     return rows
 
 
+KEPT_WORKLOADS = {"llama-3.1-8b": [(32, 1024), (8, 2048), (16, 1024)]}
+
+
+def kept_rows() -> list[dict]:
+    """A kept layer (`Plan.activations` 'keep'): the autograd graph its forward leaves, and the peak of its
+    backward beyond that graph (weights' gradients included), against `schedule.memory.kept_backward_workspace`."""
+    dev, bf16 = "cuda", torch.bfloat16
+    rows = []
+    for model, shapes in KEPT_WORKLOADS.items():
+        cfg = load_model_config(model)
+        params = layer_params(cfg, dev)
+        for batch, seq in shapes:
+            x = torch.randn(batch, seq, cfg.hidden_size, device=dev, dtype=bf16).requires_grad_()
+            dy = torch.randn_like(x)
+            cos, sin = rope_tables(cfg, seq, dev, bf16)
+            for _ in range(2):  # the second, warm
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                out = decoder_layer(params, x, cos, sin, cfg)
+                torch.cuda.synchronize()
+                graph = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                grads = torch.autograd.grad(out, [x, *params.values()], dy)
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - before
+                del out, grads
+            tokens = batch * seq
+            row = {
+                "model": model,
+                "batch": batch,
+                "seq": seq,
+                "tokens": tokens,
+                "kept_graph_bytes": graph,
+                "backward_peak_beyond_graph_bytes": peak,
+                "predicted_bytes": kept_backward_workspace(cfg, tokens),
+            }
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--seq-tiles", action="store_true", help="long sequences, whole and in sequence tiles")
+    ap.add_argument("--kept", action="store_true", help="a kept layer: its graph, and its backward beyond it")
     a = ap.parse_args()
+    if a.kept:
+        command = f"python -m bench.layer_memory --kept --out {a.out}"
+        write_result(a.out, {"command": command, **provenance(), "rows": kept_rows()})
+        return
     if a.seq_tiles:
         command = f"python -m bench.layer_memory --seq-tiles --out {a.out}"
         write_result(a.out, {"command": command, **provenance(), "rows": seq_tile_rows()})

@@ -76,6 +76,14 @@ def layer_workspace(cfg: ModelConfig, tokens: int, mlp_tile_tokens: int, tile_to
     return held + max(during_attention + attention_phase, mlp_phase)
 
 
+def kept_backward_workspace(cfg: ModelConfig, tokens: int) -> int:
+    """GPU bytes a kept layer's backward (autograd through its saved graph) allocates beyond the graph at its
+    peak: two intermediate-wide gradient temporaries per token and one MLP weight's gradient (bf16). Exact for
+    the H200 measurements of the 8B shape at 16K and 32K tokens (`bench.layer_memory --kept`); other shapes by the
+    same dimensions."""
+    return 4 * cfg.intermediate_size * tokens + 2 * cfg.hidden_size * cfg.intermediate_size
+
+
 def embedding_backward_temporary(cfg: ModelConfig, plan: Plan) -> int:
     """GPU bytes the embedding's backward allocates for one chunk: its output gradient in fp32 (ours) or the
     dense gradient in the weights' dtype (an architecture's own embedding)."""
@@ -306,21 +314,29 @@ HOST_KINDS = (
 
 
 def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
-    """GPU bytes by line: the static buffers (`gpu_buffers`), kept layer graphs, the largest workspace, and the
-    CUDA context."""
+    """GPU bytes by line: the static buffers (`gpu_buffers`), kept layer graphs, the workspace beyond them at the
+    step's peak moment, and the CUDA context.
+
+    The kept graphs (of the last layers) live from those layers' forward through the head to their backward,
+    which comes first: the forward, the head and the kept backward meet them; the recomputed layers'
+    backward, the embedding's and the step's start do not."""
     chunk_tokens = plan.chunk * plan.seq
-    graph = kept_graph(cfg, plan.seq, chunk_tokens, profile)
+    kept = plan.activations.count("keep") * kept_graph(cfg, plan.seq, chunk_tokens, profile) * plan.chunks
+    with_graphs = max(
+        head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile)
+        + head_weights_bytes(cfg, plan)
+        + (4 * unit_numels(cfg)[-1] if plan.transient_head_grad else 0),
+        plan_forward_workspace(cfg, plan) + head_weights_bytes(cfg, plan),  # the forward
+        kept_backward_workspace(cfg, chunk_tokens) if kept else 0,
+    )
+    without_graphs = max(
+        plan_layer_workspace(cfg, plan),
+        embedding_backward_bytes(cfg, plan),
+        transient_edge_weights(cfg, plan),  # the step's start
+    )
     return by_kind(gpu_buffers(cfg, plan), GPU_STATIC_KINDS) | {
-        "kept_graphs": plan.activations.count("keep") * graph * plan.chunks,
-        "workspace": max(
-            plan_layer_workspace(cfg, plan),
-            head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile)
-            + head_weights_bytes(cfg, plan)
-            + (4 * unit_numels(cfg)[-1] if plan.transient_head_grad else 0),
-            embedding_backward_bytes(cfg, plan),
-            transient_edge_weights(cfg, plan),  # the step's start
-            plan_forward_workspace(cfg, plan) + head_weights_bytes(cfg, plan),  # the forward
-        ),
+        "kept_graphs": kept,
+        "workspace": max(with_graphs, without_graphs - kept),
         "runtime_overhead": RUNTIME_OVERHEAD,
     }
 

@@ -26,6 +26,7 @@ from slideformer.schedule.memory import (
     disk_bytes,
     embedding_backward_temporary,
     gpu_bytes,
+    kept_backward_workspace,
     head_workspace,
     host_bytes,
     kept_graph,
@@ -163,6 +164,7 @@ def _flatten(g: nx.DiGraph, cfg: ModelConfig, plan: Plan, profile: Profile) -> _
     res = [o.resource for o in records]
     preds = [tuple(index[p] for p in g.predecessors(n)) for n in order]
     graph = kept_graph(cfg, plan.seq, tokens, profile)  # measured, where the graph's own figure is a formula
+    kept_workspace = kept_backward_workspace(cfg, tokens)  # a kept layer's backward: through its graph
 
     def kept(o: Op, nbytes: int) -> int:
         return graph if nbytes and o.layer is not None and plan.activations[o.layer] == "keep" else nbytes
@@ -183,7 +185,10 @@ def _flatten(g: nx.DiGraph, cfg: ModelConfig, plan: Plan, profile: Profile) -> _
         issue_seconds=[issue_seconds(g, n, cost) for n in order],
         alloc=[kept(o, o.gpu_alloc) for o in records],
         freed=[kept(o, o.gpu_free) for o in records],
-        workspace=[workspace.get(o.kind, 0) for o in records],
+        workspace=[
+            kept_workspace if o.kind == OpKind.BWD and plan.activations[o.layer] == "keep" else workspace.get(o.kind, 0)
+            for o in records
+        ],
         norm=index.get("norm"),
     )
 

@@ -84,3 +84,24 @@ def test_a_transient_head_gradient_is_gone_before_the_first_layer_backward():
     assert sim.peak_gpu_bytes == sum(gpu_bytes(cfg, plan, profile).values())
     kept = uniform_plan("llama-3.1-8b", L, 1, 32768)
     assert sim.peak_gpu_bytes < sum(gpu_bytes(cfg, kept, profile).values())
+
+
+def test_a_kept_layer_backward_meets_the_h200_measurements_and_never_meets_a_recomputed_layer():
+    """A kept layer's backward beyond its graph, against `bench.layer_memory --kept` on the H200 (one shape, two
+    token counts); its graph lives through the head and its own backward, not through the recomputed layers'
+    backward (which come after), and the simulated peak is the closed form's."""
+    from slideformer.schedule.memory import gpu_bytes, kept_backward_workspace, plan_layer_workspace
+    from slideformer.schedule.plan import uniform_plan
+    from slideformer.schedule.profile import Profile
+    from slideformer.simulator import simulate
+
+    rows = json.loads((REPO / "bench/results/h200-2026-12-01-kept-layer-memory.json").read_text())["rows"]
+    assert len({r["tokens"] for r in rows}) >= 2
+    for r in rows:
+        got = kept_backward_workspace(load_model_config(r["model"]), r["tokens"])
+        assert abs(got / r["backward_peak_beyond_graph_bytes"] - 1) < 0.01, r
+    cfg, profile = load_model_config("llama-3.1-8b"), Profile.load("h200-2026-12-01")
+    plan = uniform_plan("llama-3.1-8b", cfg.num_layers, 32, 1024, activation="offload", keep_last=1)
+    need = gpu_bytes(cfg, plan, profile)
+    assert need["kept_graphs"] > 0 and need["workspace"] < plan_layer_workspace(cfg, plan)
+    assert simulate(cfg, plan, profile).peak_gpu_bytes == sum(need.values())
