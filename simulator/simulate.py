@@ -186,7 +186,9 @@ def _flatten(g: nx.DiGraph, cfg: ModelConfig, plan: Plan, profile: Profile) -> _
         alloc=[kept(o, o.gpu_alloc) for o in records],
         freed=[kept(o, o.gpu_free) for o in records],
         workspace=[
-            kept_workspace if o.kind == OpKind.BWD and plan.activations[o.layer] == "keep" else workspace.get(o.kind, 0)
+            kept_workspace
+            if o.kind == OpKind.BWD and o.layer is not None and plan.activations[o.layer] == "keep"
+            else workspace.get(o.kind, 0)
             for o in records
         ],
         norm=index.get("norm"),
