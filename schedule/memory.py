@@ -302,6 +302,9 @@ GPU_STATIC_KINDS = (
     "hidden_buffers",
     "kept_inputs",
 )
+# Host buffers that data-parallel ranks on one host share (one copy, in shared memory): the fp32 masters and
+# the bf16 weights kept in RAM; every other host buffer is each rank's own.
+SHARED_HOST_KINDS = ("master_weights", "bf16_weights")
 HOST_KINDS = (
     "master_weights",
     "streamed_states",
