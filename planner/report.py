@@ -9,20 +9,33 @@ from slideformer.models.config import ModelConfig
 from slideformer.simulator import RESOURCE_NAMES
 
 from slideformer.schedule.memory import GiB
+from slideformer.schedule.op import OpKind
 from .search import Budgets, choose_plan, feasible, largest, least_needs
 
 
 def capacity_report(
-    cfg: ModelConfig, model: str, seq: int, batch: int | None, profile: Profile, budgets: Budgets, clip: bool = False
+    cfg: ModelConfig,
+    model: str,
+    seq: int,
+    batch: int | None,
+    profile: Profile,
+    budgets: Budgets,
+    clip: bool = False,
+    ranks: int = 1,
 ) -> dict:
+    """The report for `ranks` data-parallel GPUs of the host: `batch` and the plan per GPU, the GPU budget per
+    GPU, the host budget for all; with several, also the same question's prediction on one GPU."""
     update = "after_norm" if clip else "during_backward"
-    verdict = choose_plan(cfg, model, seq, batch, profile, budgets, clip)
-    max_seq = largest(lambda s: feasible(cfg, model, 1, s, profile, budgets, update), cfg.max_position_embeddings)
-    least_gpu, least_host = least_needs(cfg, model, batch or 1, seq, profile, budgets, update)
+    verdict = choose_plan(cfg, model, seq, batch, profile, budgets, clip, ranks)
+    max_seq = largest(
+        lambda s: feasible(cfg, model, 1, s, profile, budgets, update, ranks), cfg.max_position_embeddings
+    )
+    least_gpu, least_host = least_needs(cfg, model, batch or 1, seq, profile, budgets, update, ranks)
     report = {
         "model": model,
         "params": cfg.total_params,
         "seq": seq,
+        "ranks": ranks,
         "fits": verdict.fits,
         "batch": verdict.plan.batch if verdict.plan else batch,
         "max_batch": verdict.max_batch,
@@ -30,6 +43,8 @@ def capacity_report(
         "predicted_step_s": None,
         "predicted_tokens_per_s": None,
         "predicted_tflops": None,
+        "predicted_tokens_per_s_one_gpu": None,
+        "predicted_scaling": None,  # tokens/s on `ranks` GPUs / on one
         "peak_gpu_bytes": None,
         "peak_host_bytes": None,
         "peak_disk_bytes": 0,
@@ -62,6 +77,11 @@ def capacity_report(
             "host_breakdown": sim.host_static,
             "plan": asdict(plan),
         }
+        one = verdict if ranks == 1 else choose_plan(cfg, model, seq, batch, profile, budgets, clip)
+        # one GPU's candidates include every rank's, with less host memory: what fits on several fits on one
+        assert one.simulation is not None, "a plan that fits on several GPUs fits on one"
+        report["predicted_tokens_per_s_one_gpu"] = one.simulation.tokens_per_s
+        report["predicted_scaling"] = sim.tokens_per_s / one.simulation.tokens_per_s
         report["levers"] = _levers_when_fitting(cfg, report, sim)
     else:
         report["levers"] = _levers_when_not(report)
@@ -86,6 +106,13 @@ def _levers_when_fitting(cfg: ModelConfig, report: dict, sim) -> list[str]:
         out.append("GPU compute bounds the step: a faster GPU or fewer recomputed layers (more GPU memory) would help")
     else:
         out.append(f"{RESOURCE_NAMES[sim.bottleneck]} bounds the step: a larger batch amortises the weight traffic")
+    if plan.ranks > 1:
+        last = sim.spans[-1].step
+        reducing = sum(s.end - s.start for s in sim.spans if s.step == last and s.kind == OpKind.ALLREDUCE)
+        out.append(
+            f"the gradients' all-reduce between the {plan.ranks} GPUs takes {reducing:.2f} s of each step's GPU "
+            "time: a faster link between them (a measured profile's gpu_link_bandwidth, NVLink) shortens it"
+        )
     if report["max_batch"] > plan.batch:
         out.append(f"batch up to {report['max_batch']} fits at seq {plan.seq}")
     return out
@@ -125,21 +152,30 @@ def render(report: dict) -> str:
         f"budgets GPU {g(b['gpu_bytes'])} / host {g(b['host_bytes'])} / disk {g(b['disk_bytes'])}; profile {report['profile']}"
         + (" (spec sheet, not measured)" if report["profile_source"] == "spec" else "")
     ]
+    ranks = report["ranks"]
     if report["fits"]:
         p = report["plan"]
+        per_gpu = f" per GPU x {ranks} GPUs" if ranks > 1 else ""
         lines += [
-            f"FITS   batch {report['batch']}: {report['predicted_step_s']:.2f} s/step, "
+            f"FITS   batch {report['batch']}{per_gpu}: {report['predicted_step_s']:.2f} s/step, "
             f"{report['predicted_tokens_per_s']:,.0f} tokens/s, {report['predicted_tflops']:.0f} TFLOPS (predicted)",
-            f"       peak GPU {g(report['peak_gpu_bytes'])}, host {g(report['peak_host_bytes'])}, "
+            f"       peak GPU {g(report['peak_gpu_bytes'])}" + (" each" if ranks > 1 else "") + ", host "
+            f"{g(report['peak_host_bytes'])}" + (" (all ranks)" if ranks > 1 else "") + ", "
             f"disk {g(report['peak_disk_bytes'])}",
             f"       bottleneck: {report['bottleneck']} ("
             + ", ".join(f"{k} {v:.0%}" for k, v in report["utilisation"].items())
             + " busy)",
-            f"       plan: chunk {p['chunk']}, window {p['window']}, activations "
+            f"       {'per-GPU plan' if ranks > 1 else 'plan'}: chunk {p['chunk']}, window {p['window']}, activations "
             f"{_runs(p['activations'])}, optimizer on GPU for {p['placement'].count('gpu')} units, "
             f"states on disk for {p['placement'].count('disk')} layers, "
             f"update {p['update']}",
         ]
+        if ranks > 1:
+            lines.append(
+                f"       {ranks} GPUs: {report['predicted_tokens_per_s']:,.0f} tokens/s; the same on 1 GPU: "
+                f"{report['predicted_tokens_per_s_one_gpu']:,.0f} tokens/s; predicted scaling "
+                f"{report['predicted_scaling']:.2f}x"
+            )
     else:
         lines.append(
             "DOES NOT FIT"

@@ -6,7 +6,9 @@ keep their optimizer on the GPU, how many layers are updated by the streamed GPU
 how many layers keep their states in the disk tier, whether host-updated units keep bf16 weights in RAM, the
 loss piece size, and (only where the plan does not fit without them) sequence tiles and a transient head
 gradient, on a fixed grid. Memory rules candidates out in closed form; the simulator scores every one left, so
-the choice is the best of the grid.
+the choice is the best of the grid. With several data-parallel ranks on the host every candidate is each
+rank's plan (batch per rank, the GPU budget per GPU, the host budget for all the ranks' processes together)
+and none uses the disk tier or streamed updates.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from slideformer.schedule.plan import SEQ_TILES, ActivationPolicy, Plan, uniform
 from slideformer.simulator import Simulation, simulate
 from slideformer.simulator.costs import CostModel, step_lower_bound
 
-from slideformer.schedule.memory import GiB, disk_bytes, gpu_bytes, host_bytes, padded
+from slideformer.schedule.memory import GiB, disk_bytes, gpu_bytes, host_bytes_all_ranks, padded
 
 LOSS_PIECES = (4096, 2048, 1024, 512)
 GRAD_RINGS = (4, 2)  # pinned fp32 gradient buffers shared by the host-updated layers
@@ -76,16 +78,20 @@ def _over_budget(gpu: int, host: int, disk: int, budgets: Budgets, needs: str) -
 
 
 def shortfalls(cfg: ModelConfig, plan: Plan, profile: Profile | None, budgets: Budgets) -> list[str]:
+    """What the plan needs beyond the budgets: each rank's GPU, the host RAM of every rank's process, the disk."""
     return _over_budget(
         gpu_need(cfg, plan, profile),
-        sum(host_bytes(cfg, plan, profile).values()),
+        host_bytes_all_ranks(cfg, plan, profile),
         disk_bytes(cfg, plan),
         budgets,
         "needs",
     )
 
 
-def disk_layers_that_fit(cfg: ModelConfig, budgets: Budgets) -> int:
+def disk_layers_that_fit(cfg: ModelConfig, budgets: Budgets, ranks: int = 1) -> int:
+    """Layers whose states the disk budget holds; none with several ranks (the runtime refuses 'disk' there)."""
+    if ranks > 1:
+        return 0
     return min(cfg.num_layers, budgets.disk_bytes // padded(12 * cfg.layer_params))
 
 
@@ -100,7 +106,9 @@ def head_grad_options(cfg: ModelConfig, gpu_units: int) -> tuple[bool, ...]:
     return (False,) if gpu_units or cfg.tie_word_embeddings else (False, True)
 
 
-def lean_plans(cfg: ModelConfig, model: str, batch: int, seq: int, update: str, budgets: Budgets) -> list[Plan]:
+def lean_plans(
+    cfg: ModelConfig, model: str, batch: int, seq: int, update: str, budgets: Budgets, ranks: int = 1
+) -> list[Plan]:
     """The plans with the least GPU memory at this batch and seq (window 2, chunk 1, smallest loss piece) for
     each activation policy, each number of GPU-updated units on the grid (they trade GPU for host memory),
     and no layer or as many layers as the disk budget holds on disk: one of them fits if any plan does."""
@@ -123,18 +131,20 @@ def lean_plans(cfg: ModelConfig, model: str, batch: int, seq: int, update: str, 
             gpu_units=units,
             disk_layers=disk,
             host_bf16_weights=host_bf16,
+            ranks=ranks,
         )
-        for act in activation_policies(budgets)
+        for act in activation_policies(budgets, ranks)
         for units in gpu_unit_grid(L)
         for host_bf16 in host_bf16_options(L, units)  # one is leaner on the GPU (no staging ring), one on the host
-        for disk in sorted({0, min(disk_layers_that_fit(cfg, budgets), L + 1 - units if units else L)})
+        for disk in sorted({0, min(disk_layers_that_fit(cfg, budgets, ranks), L + 1 - units if units else L)})
     ]
 
 
-def activation_policies(budgets: Budgets) -> tuple[ActivationPolicy, ...]:
+def activation_policies(budgets: Budgets, ranks: int = 1) -> tuple[ActivationPolicy, ...]:
     """Uniform policies to consider: saved inputs to host RAM, recomputed from GPU copies, or (given a disk
-    budget) on to the disk, which frees RAM at the disk's speed."""
-    return ("offload", "recompute", "disk") if budgets.disk_bytes else ("offload", "recompute")
+    budget, one rank: the tier's files are named by layer, not by rank) on to the disk, which frees RAM at the
+    disk's speed."""
+    return ("offload", "recompute", "disk") if budgets.disk_bytes and ranks == 1 else ("offload", "recompute")
 
 
 def gpu_unit_grid(num_layers: int) -> list[int]:
@@ -151,8 +161,11 @@ def feasible(
     profile: Profile | None,
     budgets: Budgets,
     update: str = "during_backward",
+    ranks: int = 1,
 ) -> bool:
-    return any(not shortfalls(cfg, p, profile, budgets) for p in lean_plans(cfg, model, batch, seq, update, budgets))
+    return any(
+        not shortfalls(cfg, p, profile, budgets) for p in lean_plans(cfg, model, batch, seq, update, budgets, ranks)
+    )
 
 
 def least_needs(
@@ -163,19 +176,27 @@ def least_needs(
     profile: Profile | None,
     budgets: Budgets,
     update: str = "during_backward",
+    ranks: int = 1,
 ) -> tuple[int, int]:
-    """The least GPU bytes any plan at this batch and seq needs, and the least host bytes of those within the
-    GPU budget (of all, if none is)."""
-    plans = lean_plans(cfg, model, batch, seq, update, budgets)
+    """The least GPU bytes (per rank) any plan at this batch and seq needs, and the least host bytes (all ranks)
+    of those within the GPU budget (of all, if none is)."""
+    plans = lean_plans(cfg, model, batch, seq, update, budgets, ranks)
     gpu = {id(p): gpu_need(cfg, p, profile) for p in plans}
     within = [p for p in plans if gpu[id(p)] <= budgets.gpu_bytes] or plans
-    return min(gpu.values()), min(sum(host_bytes(cfg, p, profile).values()) for p in within)
+    return min(gpu.values()), min(host_bytes_all_ranks(cfg, p, profile) for p in within)
 
 
 def refusal(
-    cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile | None, budgets: Budgets, update: str
+    cfg: ModelConfig,
+    model: str,
+    batch: int,
+    seq: int,
+    profile: Profile | None,
+    budgets: Budgets,
+    update: str,
+    ranks: int = 1,
 ) -> list[str]:
-    gpu, host = least_needs(cfg, model, batch, seq, profile, budgets, update)
+    gpu, host = least_needs(cfg, model, batch, seq, profile, budgets, update, ranks)
     return _over_budget(gpu, host, 0, budgets, "needs at least") or [
         f"no single plan fits both budgets at batch {batch}, seq {seq} "
         f"(least GPU {gpu / GiB:.1f} GiB and least host {host / GiB:.1f} GiB come from different plans)"
@@ -194,7 +215,14 @@ def largest(fits, hi: int) -> int:
 
 
 def candidates(
-    cfg: ModelConfig, model: str, batch: int, seq: int, profile: Profile, budgets: Budgets, update: str
+    cfg: ModelConfig,
+    model: str,
+    batch: int,
+    seq: int,
+    profile: Profile,
+    budgets: Budgets,
+    update: str,
+    ranks: int = 1,
 ) -> list[Plan]:
     """Every plan on a fixed grid that fits, each with the fewest layers on disk that make it fit. The grid
     does not depend on the budgets, so a larger budget only adds candidates or moves layers off the disk."""
@@ -203,16 +231,17 @@ def candidates(
     units = gpu_unit_grid(L)
     out = []
     for window in sorted({min(2, L), min(3, L)}):
-        for activation in activation_policies(budgets):
+        for activation in activation_policies(budgets, ranks):
             for chunk in chunks:
                 for keep in sorted({0, 1, window} & set(range(L + 1))):
                     for gpu_units in units:  # each trades GPU memory for host memory
                         for late in late_update_grid(L, update):  # each trades host memory for overlap
-                            for streamed, embedding in streamed_grid(L, update, gpu_units):  # PCIe for CPU time
+                            for streamed, embedding in streamed_grid(L, update, gpu_units, ranks):  # PCIe for CPU
                                 for host_bf16 in host_bf16_options(L, gpu_units):  # RAM and CPU time for PCIe
                                     plan = _fewest_disk_layers(
                                         cfg,
                                         budgets,
+                                        ranks,
                                         gpu_units,
                                         lambda disk, piece, tile, ring, seq_tile, head_grad: uniform_plan(
                                             model,
@@ -235,6 +264,7 @@ def candidates(
                                             streamed_layers=streamed,
                                             streamed_embedding=embedding,
                                             host_bf16_weights=host_bf16,
+                                            ranks=ranks,
                                         ),
                                         profile,
                                         seq_tiles(cfg, seq),
@@ -260,13 +290,13 @@ def late_update_grid(num_layers: int, update: str) -> list[int]:
     return sorted({0, num_layers // 4, num_layers // 2, num_layers + 1})
 
 
-def streamed_grid(num_layers: int, update: str, gpu_units: int) -> list[tuple[tuple[int, ...], bool]]:
+def streamed_grid(num_layers: int, update: str, gpu_units: int, ranks: int = 1) -> list[tuple[tuple[int, ...], bool]]:
     """Sets of layers the streamed GPU AdamW updates (Plan.placement 'streamed'), each with and without the
     embedding: none, or two to six eighths of the layers spread evenly, so their PCIe traffic interleaves with
     the backward's loads rather than bunching (layers placed on disk stay there). Both take work off the CPU,
     so plans with GPU-placed units (a large GPU's way) are not combined with streamed units (a small GPU's),
-    which keeps the search short."""
-    if update != "during_backward" or gpu_units:
+    which keeps the search short. None with several ranks (the runtime refuses 'streamed' there)."""
+    if update != "during_backward" or gpu_units or ranks > 1:
         return [((), False)]
     counts = sorted({0, *(k * num_layers // 8 for k in (2, 3, 4, 5, 6))})
     layers = [tuple(int((i + 0.5) * num_layers / k) for i in range(k)) for k in counts]
@@ -276,6 +306,7 @@ def streamed_grid(num_layers: int, update: str, gpu_units: int) -> list[tuple[tu
 def _fewest_disk_layers(
     cfg: ModelConfig,
     budgets: Budgets,
+    ranks: int,
     gpu_units: int,
     make,
     profile: Profile,
@@ -290,7 +321,9 @@ def _fewest_disk_layers(
     Whether some variant fits at a disk count is decided by the leanest one (shortest ring, smallest tiles
     and piece); from one layer on disk up, each more layer there only frees host RAM, so the fewest is
     found by bisection."""
-    most = min(disk_layers_that_fit(cfg, budgets), cfg.num_layers + 1 - gpu_units if gpu_units else cfg.num_layers)
+    most = min(
+        disk_layers_that_fit(cfg, budgets, ranks), cfg.num_layers + 1 - gpu_units if gpu_units else cfg.num_layers
+    )
 
     def leanest_fits(disk: int) -> bool:
         leanest = make(disk, LOSS_PIECES[-1], MLP_TILES[-1], GRAD_RINGS[-1], seq_tile_grid[-1], head_grads[-1])
@@ -322,28 +355,38 @@ def _divisors(n: int) -> list[int]:
 
 
 def choose_plan(
-    cfg: ModelConfig, model: str, seq: int, batch: int | None, profile: Profile, budgets: Budgets, clip: bool = False
+    cfg: ModelConfig,
+    model: str,
+    seq: int,
+    batch: int | None,
+    profile: Profile,
+    budgets: Budgets,
+    clip: bool = False,
+    ranks: int = 1,
 ) -> Verdict:
-    """The fastest plan that fits; batch None picks the batch (powers of two up to the largest that fits)."""
+    """The fastest plan that fits; batch None picks the batch (powers of two up to the largest that fits).
+    `ranks`: data-parallel ranks on the host, each running the plan over `batch` sequences on its own GPU."""
     update = "after_norm" if clip else "during_backward"
-    max_batch = largest(lambda b: feasible(cfg, model, b, seq, profile, budgets, update), 1 << 16)
+    max_batch = largest(lambda b: feasible(cfg, model, b, seq, profile, budgets, update, ranks), 1 << 16)
     if batch is None:
         if max_batch == 0:
-            return Verdict(False, None, None, 0, refusal(cfg, model, 1, seq, profile, budgets, update))
+            return Verdict(False, None, None, 0, refusal(cfg, model, 1, seq, profile, budgets, update, ranks))
         # Throughput grows with batch (weights stream once per step): score the three largest powers of two.
         batches = [1 << k for k in range(max_batch.bit_length())][-3:]
     else:
         if batch > max_batch:
-            return Verdict(False, None, None, max_batch, refusal(cfg, model, batch, seq, profile, budgets, update))
+            return Verdict(
+                False, None, None, max_batch, refusal(cfg, model, batch, seq, profile, budgets, update, ranks)
+            )
         batches = [batch]
     # Branch and bound: simulate in order of a lower bound on time per token, stop once the bound
     # cannot come within TIE of the best simulated so far (the result is the grid's, as if all were simulated).
     cost = CostModel(profile, cfg, seq)
     bounded = sorted(
         (
-            (step_lower_bound(cfg, p, cost) / (p.batch * p.seq), i, p)
+            (step_lower_bound(cfg, p, cost) / (p.ranks * p.batch * p.seq), i, p)  # seconds per token, as scored
             for b in batches
-            for i, p in enumerate(candidates(cfg, model, b, seq, profile, budgets, update))
+            for i, p in enumerate(candidates(cfg, model, b, seq, profile, budgets, update, ranks))
         ),
         key=lambda t: t[:2],
     )

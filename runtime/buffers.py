@@ -2,7 +2,8 @@
 `gpu_buffers`, which the planner sums) and handed out as typed views by role.
 
 Host buffers are carved from one page-locked arena sized by the same manifest, so the engine can take no
-buffer the planner did not count.
+buffer the planner did not count; data-parallel ranks carve the buffers they share from a second arena that
+every rank maps.
 """
 
 from __future__ import annotations
@@ -10,11 +11,18 @@ from __future__ import annotations
 import torch
 
 from slideformer.models.config import ModelConfig
-from slideformer.schedule.memory import gpu_buffers, host_buffers, host_grad_buffer, saved_input_bytes
+from slideformer.schedule.memory import (
+    SHARED_HOST_KINDS,
+    gpu_buffers,
+    host_buffers,
+    host_grad_buffer,
+    saved_input_bytes,
+)
 from slideformer.schedule.plan import STATE_STAGING_BUFFERS, Plan
 
 from .layout import UnitLayout
-from .pinned import PinnedArena, page_round
+from .pinned import PAGE, PinnedArena, page_round
+from .ranks import Ranks
 
 F32 = torch.float32
 
@@ -28,12 +36,22 @@ class StepBuffers:
         layouts: list[UnitLayout],
         device: torch.device,
         compute: torch.dtype,
+        ranks: Ranks | None = None,
     ) -> None:
+        """`ranks`: data-parallel ranks, which share one copy of the `SHARED_HOST_KINDS` buffers."""
         L, W = cfg.num_layers, plan.window
         n = [layout.numel for layout in layouts]
         host_specs, gpu_specs = host_buffers(cfg, plan), [s for s in gpu_buffers(cfg, plan) if not s.lazy]
-        self.arena = PinnedArena(owner, sum(page_round(s.nbytes) for s in host_specs), pinned=device.type == "cuda")
-        host = {s.name: self.arena.take(s.nbytes, torch.uint8) for s in host_specs}
+        pinned = device.type == "cuda"
+        shared = [s for s in host_specs if ranks is not None and s.kind in SHARED_HOST_KINDS]
+        own = [s for s in host_specs if s not in shared]
+        self.arena = PinnedArena(owner, sum(page_round(s.nbytes) for s in own), pinned)
+        host = {s.name: self.arena.take(s.nbytes, torch.uint8) for s in own}
+        self.shared_arena = None
+        if shared and ranks is not None:
+            size = sum(page_round(s.nbytes) for s in shared)
+            self.shared_arena = PinnedArena(owner, size, pinned, ranks.shared_host_memory(size + PAGE))
+            host |= {s.name: self.shared_arena.take(s.nbytes, torch.uint8) for s in shared}
         gpu = {s.name: torch.empty(s.nbytes, dtype=torch.uint8, device=device) for s in gpu_specs}
         self.host, self.gpu = host, gpu
 

@@ -64,11 +64,12 @@ class Engine:
         """`disk_dir`: the disk tier's directory, needed when the plan places layers on disk; `disk_io`:
         'auto' (kvikio when installed), 'kvikio' or 'posix'; `ranks`: this process's data-parallel ranks (each
         trains `plan.batch` sequences of every step; `ranks.py`)."""
-        plan.validate(cfg.num_layers)
-        if ranks is not None and {"disk", "streamed"} & set(plan.placement):
+        plan.validate(cfg.num_layers)  # with several ranks: no disk or streamed units, no disk activations
+        processes = ranks.world if ranks else 1
+        if processes != plan.ranks:  # the graph has an all-reduce per unit exactly when the plan has ranks
             raise PlanError(
-                "data-parallel ranks update units on the CPU or the GPU: 'disk' and 'streamed' "
-                "placements are not supported with several ranks yet"
+                f"plan.ranks {plan.ranks} does not match the {processes} processes of the run; make the plan for "
+                f"ranks {processes}"
             )
         if plan.transient_head_grad and cfg.tie_word_embeddings:
             raise PlanError("transient_head_grad needs an untied head (a tied one shares the embedding's gradient)")
@@ -105,8 +106,10 @@ class Engine:
             f"act{lay}": saved_input_bytes(cfg, plan) for lay, p in enumerate(plan.activations) if p == "disk"
         }
         self.tier = DiskTier(disk_dir, files, disk_io) if files and disk_dir is not None else None
-        self.buffers = StepBuffers(self, cfg, plan, self.layouts, self.device, self.compute_dtype)
+        self.buffers = StepBuffers(self, cfg, plan, self.layouts, self.device, self.compute_dtype, ranks)
         self.units = self._make_units(source)
+        if ranks is not None:  # the first rank has written the shared masters' initial weights
+            ranks.barrier()
         self.ops = StepOps(cfg, plan, self.layouts, self.units, self.buffers, self.device, ranks)
         updates = UpdateOps(
             plan,

@@ -71,6 +71,7 @@ class StepOps:
             OpKind.FETCH: self._fetch,
             OpKind.BWD: self._bwd,
             OpKind.EMBED_BWD: self._embed_bwd,
+            OpKind.ALLREDUCE: self._allreduce,
             OpKind.GRAD_OUT: self._grad_out,
         }
 
@@ -247,10 +248,20 @@ class StepOps:
             self._gradient_done(0)
 
     def _gradient_done(self, unit: int) -> None:
-        """A unit's gradient is complete: summed over data-parallel ranks, then its square added to the norm."""
+        """A unit's gradient is complete: one rank's is the whole batch's, added to the norm now; several ranks'
+        are summed first, by the unit's all-reduce op."""
+        if self.plan.ranks == 1:
+            self._add_to_norm(unit)
+
+    def _allreduce(self, unit: int) -> None:
+        """A unit's complete gradient summed over the data-parallel ranks, then the sum added to the norm."""
+        assert self.ranks is not None, "an all-reduce op exists only in a plan of several ranks"
+        self.ranks.sum(self.b.gpu_grad[unit][: self.layouts[unit].numel])
+        self._add_to_norm(unit)
+
+    def _add_to_norm(self, unit: int) -> None:
+        """The unit's squared gradient into the step's squared norm (once per unit and step)."""
         g = self.b.gpu_grad[unit][: self.layouts[unit].numel]
-        if self.ranks is not None:
-            self.ranks.sum(g)
         self.sq_norm += torch.dot(g, g)
 
     def _grad_out(self, unit: int) -> None:

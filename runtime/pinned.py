@@ -23,10 +23,12 @@ def page_round(nbytes: int) -> int:
 
 
 class PinnedArena:
-    """`capacity` bytes of host memory (page-locked when `pinned`), carved into tensors by `take`."""
+    """`capacity` bytes of host memory (page-locked when `pinned`), carved into tensors by `take`: the process's
+    own, or `memory` (at least capacity + one page) that other processes map too (`Ranks.shared_host_memory`)."""
 
-    def __init__(self, owner: object, capacity: int, pinned: bool) -> None:
-        self.raw = torch.empty(capacity + PAGE, dtype=torch.uint8)
+    def __init__(self, owner: object, capacity: int, pinned: bool, memory: torch.Tensor | None = None) -> None:
+        self.raw = torch.empty(capacity + PAGE, dtype=torch.uint8) if memory is None else memory
+        assert self.raw.numel() >= capacity + PAGE, "the arena's memory is smaller than its capacity"
         self.offset = -self.raw.data_ptr() % PAGE
         self.end = self.offset + capacity
         self.lock = threading.Lock()

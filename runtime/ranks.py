@@ -1,7 +1,8 @@
 """Data-parallel ranks (torch.distributed): each rank runs the same plan's sliding window on its share of the
 batch; every unit's gradient is summed across ranks on the device before its norm and update, and each host
-unit's AdamW runs sharded, every rank updating its slice and broadcasting it into every rank's master, so the
-host optimizer's work and states are split between the ranks. Exact: the same AdamW as one process with the
+unit's AdamW runs sharded: the ranks share one copy of the masters (and of the bf16 weights kept in RAM) in
+shared host memory, each rank updates its slice in place and waits for the others before the unit is loaded
+again, so the host optimizer's work and states are split between the ranks and the masters exist once. Exact: the same AdamW as one process with the
 whole batch (AdamW is elementwise; only the order of the gradient sums differs).
 
 Two process groups keep each thread's collectives in one order on every rank: `step` for the issuing thread
@@ -9,6 +10,7 @@ Two process groups keep each thread's collectives in one order on every rank: `s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,24 @@ class Ranks:
         t = torch.tensor(int(flag), device=device)
         self.sum(t)
         return bool(t)
+
+    def barrier(self) -> None:
+        """Every rank's CPU optimizer thread (or the issuing thread, engine idle) has reached this point."""
+        dist.barrier(group=self.update)
+
+    def shared_host_memory(self, nbytes: int) -> torch.Tensor:
+        """`nbytes` of host memory every rank maps (an anonymous shared-memory file of the first rank's, so no
+        /dev/shm size limit applies and nothing is left behind): the ranks' one copy of the masters."""
+        fd = os.memfd_create("slideformer-shared", 0) if self.rank == 0 else -1
+        if fd >= 0:
+            os.ftruncate(fd, nbytes)
+        path = [f"/proc/{os.getpid()}/fd/{fd}"]
+        dist.broadcast_object_list(path, src=0, group=self.update)  # the first rank's path, to every rank
+        memory = torch.from_file(path[0], shared=True, size=nbytes, dtype=torch.uint8)
+        self.barrier()  # every rank has mapped it: the file itself can go
+        if fd >= 0:
+            os.close(fd)
+        return memory
 
     def assemble(self, flat: torch.Tensor, group: Any) -> None:
         """Every rank's slice of `flat`, from its owner, into every rank's `flat`."""

@@ -71,19 +71,22 @@ class Unit:
         optim: AdamWConfig,
         on_gpu: bool,
         weights: torch.Tensor | None = None,
+        fill: bool = True,
     ) -> None:
+        """`fill`: write the initial weights into `master` (and `weights`); not where another process does."""
         self.layout = layout
         self.on_gpu = on_gpu  # placed on the GPU (on a CPU device, the plan's 'gpu' units are updated in place too)
         self.weights = weights
-        if master.device.type != "cpu":  # filled on the host, then copied over whole
+        if fill and master.device.type != "cpu":  # filled on the host, then copied over whole
             staged = torch.empty(layout.numel, dtype=torch.float32)
             fill_from(source, layout, staged)
             master.copy_(staged)
-        else:
+        elif fill:
             fill_from(source, layout, master)
         self.master = torch.nn.Parameter(master)
         self.optimizer = optim.optimizer(self.master)
-        self.refresh_weights()
+        if fill:
+            self.refresh_weights()
 
     def refresh_weights(self) -> None:
         """The bf16 weights in RAM, from the master (after an update or a restore)."""
@@ -102,8 +105,9 @@ class Unit:
 
 
 class ShardedUnit(Unit):
-    """A host unit of data-parallel ranks: this rank's AdamW updates its slice of the master alone (states for the
-    slice only), then every rank's slice is broadcast into every rank's master (`Ranks`)."""
+    """A host unit of data-parallel ranks: the ranks share one master (and bf16 weights) in shared host memory;
+    this rank's AdamW updates its slice of it in place (states for the slice only), casts that slice's bf16
+    weights, and waits for every rank to have done the same; the first rank writes the initial weights."""
 
     def __init__(
         self,
@@ -114,15 +118,16 @@ class ShardedUnit(Unit):
         ranks: Ranks,
         weights: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(layout, source, master, optim, on_gpu=False, weights=weights)
+        super().__init__(layout, source, master, optim, on_gpu=False, weights=weights, fill=ranks.rank == 0)
         self.ranks, self.shard = ranks, ranks.shard(layout.numel)
         self.param = torch.nn.Parameter(master[self.shard])  # a view: updates land in the master
         self.optimizer = optim.optimizer(self.param)  # AdamW states for this rank's slice only
 
     def step(self, grad: torch.Tensor, clip_coef: torch.Tensor | float | None, lr: float) -> None:
         adamw_step(self.optimizer, self.param, grad[self.shard], clip_coef, lr)
-        self.ranks.assemble(self.master.detach(), self.ranks.update)
-        self.refresh_weights()
+        if self.weights is not None:
+            self.weights[self.shard].copy_(self.master.detach()[self.shard])
+        self.ranks.barrier()  # every slice is updated before any rank loads the unit again
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """The whole unit's states (every rank's slices, gathered on the issuing thread: engine idle)."""

@@ -334,8 +334,11 @@ class _StepGraph:
 
     def grad_out_and_update(self, u: int, ready: str) -> None:
         """A unit's gradient is complete: streamed to the GPU's AdamW, updated in place on the GPU, or copied to
-        its host buffer (and, during_backward, updated by the CPU AdamW now unless it is a late unit)."""
+        its host buffer (and, during_backward, updated by the CPU AdamW now unless it is a late unit). With
+        several ranks it is first summed across them, and what follows reads the sum."""
         plan, L = self.plan, self.L
+        if plan.ranks > 1:  # NCCL runs on the compute stream, right after the gradient's last contribution
+            ready = self.op(f"allreduce:{u}", OpKind.ALLREDUCE, Resource.GPU, [ready], unit=u, nbytes=4 * self.numel[u])
         if plan.placement[u] == "streamed":
             self.streamed_update(u, ready)
             return
@@ -444,7 +447,8 @@ class _StepGraph:
     def updates_after_norm(self) -> None:
         """after_norm: the global norm once every gradient is in, then every update in forward order, so the
         next step's forward can start early."""
-        ready = [o.name for o in ops(self.g) if o.kind in (OpKind.GRAD_OUT, OpKind.EMBED_BWD, OpKind.HEAD, OpKind.BWD)]
+        complete = (OpKind.GRAD_OUT, OpKind.ALLREDUCE, OpKind.EMBED_BWD, OpKind.HEAD, OpKind.BWD)
+        ready = [o.name for o in ops(self.g) if o.kind in complete]
         norm = self.op("norm", OpKind.NORM, Resource.CPU, ready)
         for u in range(self.L + 2):
             if self.plan.placement[u] == "gpu":

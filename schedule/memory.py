@@ -345,11 +345,14 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
 
 
 def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> dict[str, int]:
-    """Host RAM of the runtime's buffers: fp32 masters and gradients (pinned), AdamW states (pinned where
-    streamed), offloaded activations, bf16 weights kept in RAM, and the disk tier's rings."""
+    """Host RAM of one process's runtime buffers: fp32 masters and gradients (pinned), AdamW states (pinned where
+    streamed; of its shard only for the CPU-updated units of one of several ranks), offloaded activations, bf16
+    weights kept in RAM, and the disk tier's rings."""
     pinned = by_kind(host_buffers(cfg, plan), HOST_KINDS)
+    # a rank's share of a unit is its parameters / ranks, rounded up (`runtime.ranks.Ranks.shard`)
     states = (
-        sum(8 * n for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu") + pinned["streamed_states"]
+        sum(8 * -(-n // plan.ranks) for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu")
+        + pinned["streamed_states"]
     )
     return {
         "master_weights": pinned["master_weights"],
@@ -360,6 +363,15 @@ def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> 
         "disk_ring": pinned["disk_ring"] + pinned["disk_activation_ring"],
         "process": profile.process_baseline_bytes if profile is not None else 0,
     }
+
+
+def host_bytes_all_ranks(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> int:
+    """Host RAM of all `plan.ranks` processes on the host: the lines they share (`SHARED_HOST_KINDS`) once,
+    every other line, the process baseline included, once per rank. The CPU AdamW states are each rank's for
+    its shard only, so their total is one process's (to within a shard's rounding)."""
+    per_process = host_bytes(cfg, plan, profile)
+    shared = sum(per_process[k] for k in SHARED_HOST_KINDS)
+    return shared + plan.ranks * (sum(per_process.values()) - shared)
 
 
 def disk_bytes(cfg: ModelConfig, plan: Plan) -> int:

@@ -31,6 +31,7 @@ class OpKind(StrEnum):
     FETCH = "fetch"  # a saved input back for the backward
     BWD = "bwd"
     EMBED_BWD = "embed_bwd"
+    ALLREDUCE = "allreduce"  # a unit's complete gradient summed across data-parallel ranks (Plan.ranks > 1)
     GRAD_OUT = "grad_out"  # a unit's fp32 gradient to its host buffer
     UPDATE = "update"  # AdamW on the CPU or, for GPU-placed units, on the GPU
     NORM = "norm"  # the global gradient norm (after_norm)

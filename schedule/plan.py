@@ -80,6 +80,9 @@ class Plan:
     # 'bfloat16' (mixed precision, the default) or 'float32' compute; float32 only on the CPU, whose bf16
     # matmuls are slow where the processor lacks bf16 instructions (the demo). fp32 masters and states either way.
     compute_dtype: ComputeDtype = "bfloat16"
+    # Data-parallel ranks on one host, each running this plan on its own GPU over `batch` sequences of every
+    # step (a step trains ranks x batch sequences); each unit's gradient is summed across ranks once complete.
+    ranks: int = 1
 
     @property
     def chunks(self) -> int:
@@ -184,6 +187,13 @@ class Plan:
             problems.append("transient_head_grad needs a host-updated head (its GPU AdamW reads the gradient)")
         if self.seq_tile_tokens < 0:
             problems.append("seq_tile_tokens must be 0 (whole sequence) or positive")
+        if self.ranks < 1:
+            problems.append(f"ranks {self.ranks} must be >= 1")
+        elif self.ranks > 1 and ({"disk", "streamed"} & set(self.placement) or "disk" in self.activations):
+            problems.append(
+                "'disk' and 'streamed' placements and 'disk' activations are not supported with several ranks: "
+                "place those units 'cpu' or 'gpu' and those layers' inputs 'offload' or 'recompute', or use ranks 1"
+            )
         if problems:
             raise PlanError("invalid plan: " + "; ".join(problems))
 

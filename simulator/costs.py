@@ -26,6 +26,10 @@ from slideformer.schedule.plan import STREAMED_IN_BYTES, STREAMED_OUT_BYTES
 SPEC_EFFICIENCY = 0.5  # achieved/peak GEMM rate assumed for layers no profile measured
 STAGING_PIECE_LAUNCH_S = 20e-6  # host cost of one staging copy + cast pair
 COPY_LAUNCH_S = 10e-6
+# Two consumer cards without NVLink: NCCL through PCIe 4.0 x16, an assumption until measured (a profile's
+# `gpu_link_bandwidth` replaces it).
+DEFAULT_GPU_LINK_BANDWIDTH = 25e9
+ALLREDUCE_LATENCY_S = 50e-6  # one NCCL all-reduce's launch and ring steps, an assumption until measured
 
 
 def layer_flops(cfg: ModelConfig, seq: int, tokens: int) -> float:
@@ -108,6 +112,11 @@ class CostModel:
         rate = self.p.streamed_in_bandwidth if into else self.p.streamed_out_bandwidth
         return self.copy("h2d" if into else "d2h", nbytes) if rate is None else nbytes / rate
 
+    def allreduce(self, nbytes: int, ranks: int) -> float:
+        """A ring all-reduce of `nbytes` over `ranks` GPUs: each link carries 2 (N - 1) / N of the bytes."""
+        link = self.p.gpu_link_bandwidth or DEFAULT_GPU_LINK_BANDWIDTH
+        return ALLREDUCE_LATENCY_S + 2 * (ranks - 1) / ranks * nbytes / link
+
     def gpu_bytes_moved(self, nbytes: float) -> float:
         return nbytes / self.gpu_memory_bandwidth
 
@@ -175,9 +184,15 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
         return cost.head(tokens) * slow
     if kind in (OpKind.EMBED, OpKind.EMBED_BWD):
         return cost.gpu_bytes_moved(a.nbytes * (2 if kind == OpKind.EMBED else 6))
+    if kind == OpKind.ALLREDUCE:
+        return cost.allreduce(a.nbytes, plan.ranks)
     if kind == OpKind.UPDATE:
         if a.resource == Resource.GPU:
             return a.params / cost.gpu_adamw_rate
+        # With several ranks each process updates its 1/ranks shard of the unit while the others update theirs,
+        # all on the one host's memory, which bounds the fused AdamW (bench/results/h200-2026-12-01-host-update
+        # .json: 114 GB/s against a 105 GB/s plain copy): the shards together take as long as one process's
+        # update of the whole unit, so the cost is the whole unit's whatever the ranks.
         return cost.host_update(a.params, a.cast)
     if kind in (OpKind.DISK_READ, OpKind.ACT_READ):
         return cost.disk("read", a.nbytes)
@@ -215,10 +230,10 @@ def embedding_turnaround(cfg: ModelConfig, plan, cost: CostModel) -> float:
 
 
 def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
-    """A bound no simulated step time of `plan` can beat: the GPU's compute and the embedding's turnaround
-    between steps (every compute op of a step lies between its embedding's lookup and backward), the CPU's
-    updates alone, the disk tier's reads and writes alone, or either PCIe direction's weight, gradient and
-    streamed-state copies alone (each op's cost is at least its term here)."""
+    """A bound no simulated step time of `plan` can beat: the GPU's compute and all-reduces and the embedding's
+    turnaround between steps (every compute op of a step lies between its embedding's lookup and backward, or
+    its all-reduce after that), the CPU's updates alone, the disk tier's reads and writes alone, or either PCIe
+    direction's weight, gradient and streamed-state copies alone (each op's cost is at least its term here)."""
     tokens, slow = plan.chunk * plan.seq, cost.p.compute_slowdown_under_copies
 
     def layer(policy: str) -> float:
@@ -227,8 +242,10 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
         return cost.layer("fwd_s", tokens, seq_tile) + cost.layer(bwd, tokens, seq_tile)
 
     layers = sum(layer(a) for a in plan.activations)
-    gpu = plan.chunks * (layers + cost.head(tokens)) * slow + embedding_turnaround(cfg, plan, cost)
     numels = unit_numels(cfg)
+    # several ranks: every unit's all-reduce on the compute stream (the embedding's before its turnaround)
+    allreduces = sum(cost.allreduce(4 * n, plan.ranks) for n in numels) if plan.ranks > 1 else 0.0
+    gpu = plan.chunks * (layers + cost.head(tokens)) * slow + allreduces + embedding_turnaround(cfg, plan, cost)
     cpu = sum(cost.host_update(n, plan.keeps_bf16_weights(u)) for u, n in enumerate(numels) if plan.host_updated(u))
     files = [12 * numels[u] for u in plan.disk_units] + [saved_input_bytes(cfg, plan)] * plan.activations.count("disk")
     disk = sum(cost.disk("read", n) + cost.disk("write", n) for n in files)

@@ -12,6 +12,7 @@ COLOURS = {
     "head": "#b07aa1",
     "save": "#f28e2b",
     "fetch": "#edc948",
+    "allreduce": "#ff9da7",
     "grad_out": "#76b7b2",
     "update": "#9c755f",
     "embed": "#bab0ac",

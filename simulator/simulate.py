@@ -29,6 +29,7 @@ from slideformer.schedule.memory import (
     kept_backward_workspace,
     head_workspace,
     host_bytes,
+    host_bytes_all_ranks,
     kept_graph,
     plan_forward_workspace,
     plan_layer_workspace,
@@ -63,10 +64,10 @@ class Simulation:
     spans: list[Span]
     step_ends: list[float]  # when each step's train_step returns
     gpu_memory: list[tuple[float, int]]  # (time, bytes allocated) after each change
-    host_memory_bytes: int
-    gpu_static: dict[str, int]
-    host_static: dict[str, int]
-    tokens_per_step: int
+    host_memory_bytes: int  # every rank's process on the host together
+    gpu_static: dict[str, int]  # one GPU's (each rank's)
+    host_static: dict[str, int]  # one process's
+    tokens_per_step: int  # every rank's
     flops_per_step: float
     disk_bytes: int = 0  # the disk tier's files
     # seconds of ops per step on each resource, and 'pcie_duplex': both copy directions' bytes at the duplex rate
@@ -277,17 +278,17 @@ def simulate(cfg: ModelConfig, plan: Plan, profile: Profile, steps: int = 3) -> 
     run = _replay(flat, steps)
     static = gpu_bytes(cfg, plan, profile)
     base = sum(v for k, v in static.items() if k not in ("kept_inputs", "kept_graphs", "workspace"))
-    host = host_bytes(cfg, plan, profile)
+    tokens = plan.ranks * plan.batch * plan.seq  # each rank trains `batch` sequences of every step
     sim = Simulation(
         plan,
         run.spans,
         run.step_ends,
         _memory_timeline(base, run.mem_events),
-        sum(host.values()),
+        host_bytes_all_ranks(cfg, plan, profile),
         static,
-        host,
-        plan.batch * plan.seq,
-        cfg.model_flops_per_token(plan.seq) * plan.batch * plan.seq,
+        host_bytes(cfg, plan, profile),
+        tokens,
+        cfg.model_flops_per_token(plan.seq) * tokens,
         disk_bytes(cfg, plan),
     )
     sim.work_per_step = dict.fromkeys(map(str, RESOURCES), 0.0)

@@ -93,11 +93,14 @@ def plan(
     disk_gib: float = 0.0,
     profile: str | Path = DEFAULT_PROFILE,
     clip: bool = False,
+    gpus: int = 1,
 ) -> dict:
     """The capacity report of `slideformer plan --json`: whether `batch` x `seq` fits these budgets (default:
     92% of the profile's GPU and 90% of its RAM), the fastest plan found (report['plan'], a Plan's fields), its
     predicted step time and peaks, the largest batch at this seq and the longest seq at batch 1.
-    `batch` None picks the batch."""
+    `batch` None picks the batch. `gpus`: data-parallel GPUs of the host, each with `gpu_mem_gib` and running
+    the plan over `batch` sequences, all sharing `host_mem_gib`; the report adds the same question's tokens/s
+    on one GPU and the predicted scaling."""
     problems = [
         f"{name} must be > 0, got {v}"
         for name, v in (("gpu_mem_gib", gpu_mem_gib), ("host_mem_gib", host_mem_gib))
@@ -109,6 +112,8 @@ def plan(
         problems.append(f"seq must be >= 2, got {seq}")
     if batch is not None and batch < 1:
         problems.append(f"batch must be None (pick one) or >= 1, got {batch}")
+    if gpus < 1:
+        problems.append(f"gpus must be >= 1, got {gpus}")
     if problems:
         raise ConfigError("; ".join(problems))
     prof = Profile.load(profile)
@@ -122,4 +127,5 @@ def plan(
     host = host_mem_gib * GiB if host_mem_gib is not None else int(prof.host_memory_bytes * HOST_BUDGET_FRACTION)
     if gpu is None:
         raise ProfileError(f"profile {prof.name!r} has no GPU; pass gpu_mem_gib and a GPU profile")
-    return capacity_report(cfg, model, seq, batch, prof, Budgets(int(gpu), int(host), int(disk_gib * GiB)), clip=clip)
+    budgets = Budgets(int(gpu), int(host), int(disk_gib * GiB))
+    return capacity_report(cfg, model, seq, batch, prof, budgets, clip=clip, ranks=gpus)

@@ -135,6 +135,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
         problems.append(f"--seq must be >= 2, got {a.seq}")
     if a.batch != "auto" and not (a.batch.isdigit() and int(a.batch) >= 1):
         problems.append(f"--batch must be 'auto' or an integer >= 1, got {a.batch!r}")
+    if a.gpus < 1:
+        problems.append(f"--gpus must be >= 1, got {a.gpus}")
     if problems:
         raise ConfigError("; ".join(problems))
     report = capacity(
@@ -146,6 +148,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         disk_gib=a.disk or 0.0,
         profile=a.profile,
         clip=a.max_grad_norm is not None,
+        gpus=a.gpus,
     )
     if a.out and report["fits"]:
         plan = Plan(**report["plan"])
@@ -182,6 +185,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host-mem", type=float, help="host RAM budget in GiB (default: 90%% of the profile's)")
     p.add_argument("--disk", type=float, help="disk budget in GiB for layers' states (default 0: none on disk)")
     p.add_argument("--max-grad-norm", type=float, help="plan for global-norm clipping (update after the norm)")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="data-parallel GPUs of this host (default 1): --batch and --gpu-mem are per GPU, --host-mem for all",
+    )
     p.add_argument(
         "--profile", default=DEFAULT_PROFILE, help="profile JSON or committed name (h100-80gb, rtx4090-spec)"
     )

@@ -133,8 +133,8 @@ def available_host_bytes() -> int:
 
 
 def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str, world: int = 1) -> Plan:
-    """This process's plan (batch x accumulation sequences of every step); `world` processes share the host's
-    RAM."""
+    """This process's plan (batch x accumulation sequences of every step), for `world` data-parallel ranks, which
+    share the host's RAM."""
     batch = cfg.sequences_per_step
     if cfg.plan != "auto":
         plan = Plan.load(cfg.plan)
@@ -143,6 +143,10 @@ def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str, world: int 
             raise PlanError(
                 f"{cfg.plan}: plan is for batch {plan.batch} x seq {plan.seq}, the config asks for "
                 f"{batch} (batch x accumulation) x {cfg.seq}"
+            )
+        if plan.ranks != world:
+            raise PlanError(
+                f"{cfg.plan}: plan is for {plan.ranks} ranks, the run has {world}; set its ranks to {world}"
             )
         if plan.device != device:
             raise PlanError(
@@ -163,14 +167,22 @@ def make_plan(cfg: TrainConfig, model_cfg: ModelConfig, device: str, world: int 
             activation="recompute",
             update=update,
             device="cpu",
+            ranks=world,
         )
     budgets = Budgets(
         int(torch.cuda.mem_get_info()[0] * GPU_BUDGET_FRACTION),
-        int(available_host_bytes() * HOST_BUDGET_FRACTION / world),
+        int(available_host_bytes() * HOST_BUDGET_FRACTION),  # the planner counts every rank's host memory
         disk_budget(cfg),
     )
     verdict = choose_plan(
-        model_cfg, cfg.model, cfg.seq, batch, Profile.load(cfg.profile), budgets, clip=update == "after_norm"
+        model_cfg,
+        cfg.model,
+        cfg.seq,
+        batch,
+        Profile.load(cfg.profile),
+        budgets,
+        clip=update == "after_norm",
+        ranks=world,
     )
     if not verdict.fits:
         raise PlanError(f"no plan fits batch {batch} x seq {cfg.seq}: " + "; ".join(verdict.shortfalls))

@@ -1,6 +1,7 @@
 """Data-parallel ranks on torch.distributed (gloo on the CPU): 2 and 4 processes, each training its share of
-every batch with the host AdamW sharded between them, train exactly like one process with the whole batch
-(losses and weights), and a checkpoint of any number of ranks resumes on any other."""
+every batch with the host AdamW sharded between them over one shared copy of the masters, train exactly like
+one process with the whole batch (losses and weights), and a checkpoint of any number of ranks resumes on any
+other."""
 
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from slideformer.runtime.ranks import Ranks
 from slideformer.schedule.plan import uniform_plan
 
 CFG = PRESETS["tiny-llama"]
+SENTINEL = 1234.5
 BATCH, SEQ, STEPS = 8, 16, 3
 
 
@@ -33,7 +35,8 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def engine(batch: int, plan_kw: dict, ranks: Ranks | None = None) -> Engine:
     optim = AdamWConfig(lr=1e-3, weight_decay=0.01, max_grad_norm=plan_kw.pop("clip", None))
-    plan = uniform_plan("tiny-llama", CFG.num_layers, batch, SEQ, chunk=2, device="cpu", **plan_kw)
+    world = ranks.world if ranks else 1
+    plan = uniform_plan("tiny-llama", CFG.num_layers, batch, SEQ, chunk=2, device="cpu", ranks=world, **plan_kw)
     return Engine(CFG, plan, RandomWeights(CFG, seed=1), optim, ranks=ranks)
 
 
@@ -59,6 +62,14 @@ def _rank(rank: int, world: int, store: str, plan_kw: dict, out: str, resume: st
     state = e.training_state()  # every rank takes part: states are gathered
     if rank == 0:
         torch.save({"losses": losses, "weights": e.hf_state(), "state": dict(state)}, out)
+    if ranks is not None:  # one copy of the masters: what the first rank writes, the last one reads
+        master = e.units[1].master.detach()
+        ranks.barrier()
+        if rank == 0:
+            master[0] = SENTINEL
+        ranks.barrier()
+        if rank == world - 1:
+            torch.save(float(master[0]), out + ".seen")
     e.close()
     if ranks is not None:
         dist.destroy_process_group()
@@ -68,12 +79,16 @@ def run_ranks(tmp_path, world: int, plan_kw: dict, resume: str | None = None) ->
     """Losses, weights and gathered states of `world` ranks (0: one process with the whole batch)."""
     run = Path(tempfile.mkdtemp(dir=tmp_path))  # a fresh rendezvous file for every group
     mp.spawn(_rank, args=(world, str(run / "store"), plan_kw, str(run / "out.pt"), resume), nprocs=max(world, 1))
-    return torch.load(run / "out.pt")
+    out = torch.load(run / "out.pt")
+    if world:
+        out["seen"] = torch.load(run / "out.pt.seen")
+    return out
 
 
 PLANS = {
     "during_backward": dict(activation="offload", grad_ring=2, late_updates=2),
     "after_norm with clipping and a GPU-placed unit": dict(update="after_norm", clip=0.5, gpu_units=1),
+    "bf16 weights in RAM": dict(activation="recompute", host_bf16_weights=True),
 }
 
 
@@ -82,6 +97,7 @@ PLANS = {
 def test_ranks_train_like_one_process_with_the_whole_batch(tmp_path, world, plan):
     one = run_ranks(tmp_path, 0, PLANS[plan])
     got = run_ranks(tmp_path, world, PLANS[plan])
+    assert got["seen"] == SENTINEL  # the ranks share one copy of the masters
     # fp32 sums in another order (over ranks, not over chunks): a missing or doubled rank's gradient moves the
     # second step's loss by ~1e-3
     assert got["losses"] == pytest.approx(one["losses"], rel=1e-6)
@@ -108,5 +124,5 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path):
 
 def test_disk_and_streamed_placements_are_refused_with_ranks():
     ranks = Ranks(0, 2, None, None)
-    with pytest.raises(Exception, match="'disk' and 'streamed' placements are not supported with several ranks"):
+    with pytest.raises(Exception, match="'streamed' placements and 'disk' activations are not supported with several"):
         engine(4, dict(streamed_layers=(1,)), ranks)

@@ -10,7 +10,7 @@ from slideformer.schedule.profile import Disk, Link, Profile
 from slideformer.models import PRESETS
 from slideformer.schedule.graph import build_step_graph, op_of, unit_numels
 from slideformer.schedule.plan import uniform_plan
-from slideformer.schedule.memory import GiB, host_bytes
+from slideformer.schedule.memory import GiB, host_bytes_all_ranks
 from slideformer.planner.search import TIE, Budgets, choose_plan, gpu_need, least_needs
 from slideformer.simulator import simulate
 from slideformer.simulator.costs import CostModel, step_lower_bound
@@ -57,6 +57,7 @@ def profiles(draw):
         disk=Disk("-", "spec", rate(1e7, 1e10), rate(1e7, 1e10), rate(0, 0.1), rate(0, 0.1)),
         compute_slowdown_under_copies=rate(1.0, 1.3),
         duplex_bandwidth=draw(st.none() | st.floats(1e7, 1e11)),
+        gpu_link_bandwidth=draw(st.none() | st.floats(1e9, 1e11)),
     )
 
 
@@ -66,6 +67,8 @@ def plans(draw, cfg):
     window = draw(st.integers(1, min(4, L)))
     chunk = draw(st.sampled_from([1, 2]))
     update = draw(st.sampled_from(["during_backward", "after_norm"]))
+    ranks = draw(st.sampled_from([1, 2]))  # several ranks: no disk or streamed placements, no disk activations
+    streams = update == "during_backward" and ranks == 1
     return uniform_plan(
         "random",
         L,
@@ -73,19 +76,20 @@ def plans(draw, cfg):
         draw(st.sampled_from([16, 64])),
         chunk=chunk,
         window=window,
-        activation=draw(st.sampled_from(["offload", "recompute", "disk"])),
+        activation=draw(st.sampled_from(["offload", "recompute", "disk"] if ranks == 1 else ["offload", "recompute"])),
         keep_last=draw(st.integers(0, window)),
         gpu_units=draw(st.integers(0, L + 2)),
         update=update,
         late_updates=draw(st.integers(0, L + 1)) if update == "during_backward" else 0,
         grad_ring=draw(st.integers(1, 4)),
-        disk_layers=draw(st.integers(0, L)),
+        disk_layers=draw(st.integers(0, L)) if ranks == 1 else 0,
         disk_ring=draw(st.integers(1, 3)),
         transfer_chunk_mb=1,
         device="cpu",
-        streamed_layers=tuple(draw(st.sets(st.integers(0, L - 1)))) if update == "during_backward" else (),
-        streamed_embedding=update == "during_backward" and draw(st.booleans()),
+        streamed_layers=tuple(draw(st.sets(st.integers(0, L - 1)))) if streams else (),
+        streamed_embedding=streams and draw(st.booleans()),
         host_bf16_weights=draw(st.booleans()),
+        ranks=ranks,
     )
 
 
@@ -186,16 +190,23 @@ scales = st.floats(0.9, 3.0)
 
 
 @settings(max_examples=40, deadline=None)
-@given(cfg=models(), profile=profiles(), gpu_scale=scales, host_scale=scales, batch=st.sampled_from([1, 2, 4]))
-def test_planner_never_returns_a_plan_over_budget(cfg, profile, gpu_scale, host_scale, batch):
+@given(
+    cfg=models(),
+    profile=profiles(),
+    gpu_scale=scales,
+    host_scale=scales,
+    batch=st.sampled_from([1, 2, 4]),
+    ranks=st.sampled_from([1, 2]),
+)
+def test_planner_never_returns_a_plan_over_budget(cfg, profile, gpu_scale, host_scale, batch, ranks):
     budget = budget_for(cfg, profile, batch, gpu_scale, host_scale)
-    verdict = choose_plan(cfg, "random", 64, batch, profile, budget)
+    verdict = choose_plan(cfg, "random", 64, batch, profile, budget, ranks=ranks)
     if not verdict.fits:
         assert verdict.shortfalls and verdict.plan is None
         return
     plan, sim = verdict.plan, verdict.simulation
     assert gpu_need(cfg, plan, profile) <= budget.gpu_bytes
-    assert sum(host_bytes(cfg, plan, profile).values()) <= budget.host_bytes
+    assert plan.ranks == ranks and host_bytes_all_ranks(cfg, plan, profile) <= budget.host_bytes
     assert sim.peak_gpu_bytes <= budget.gpu_bytes  # no tier over budget at any time of the simulation
     assert sim.host_memory_bytes <= budget.host_bytes
 
