@@ -34,6 +34,9 @@ MLP_TILES = (0, 8192, 4096, 2048, 1024)  # 0: the whole chunk at once; each tile
 # that issues them, which the CPU optimizer's threads slow down and the simulator does not model (on the H100,
 # 1024 x 8 predicted 2.19 s at chunk 1 and chunk 8 alike measured 3.10 and 2.44 s in one lease).
 TIE = 0.01
+# Chunks per step at most: more only add ops (each layer's weights are loaded once per step whatever the chunk),
+# and a tiny model's huge batch would otherwise build graphs of tens of thousands of chunks.
+MAX_CHUNKS = 64
 PARALLEL_FROM = 64  # candidates from which the simulations run in worker processes
 MAX_WORKERS = 16
 
@@ -227,7 +230,7 @@ def candidates(
     """Every plan on a fixed grid that fits, each with the fewest layers on disk that make it fit. The grid
     does not depend on the budgets, so a larger budget only adds candidates or moves layers off the disk."""
     L = cfg.num_layers
-    chunks = [c for c in _divisors(batch) if c & (c - 1) == 0 or c == batch]
+    chunks = [c for c in _divisors(batch) if (c & (c - 1) == 0 or c == batch) and batch // c <= MAX_CHUNKS]
     units = gpu_unit_grid(L)
     out = []
     for window in sorted({min(2, L), min(3, L)}):
