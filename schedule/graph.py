@@ -75,7 +75,7 @@ class _StepGraph:
         L, C = cfg.num_layers, plan.chunks
         self.L, self.W, self.C, self.last = L, plan.window, C, C - 1
         self.numel = unit_numels(cfg)
-        self.itemsize = 4 if plan.compute_dtype == "float32" else 2
+        self.itemsize = plan.compute_itemsize
         tok = plan.chunk * plan.seq  # tokens per chunk
         self.act_bytes = tok * cfg.hidden_size * 2
         attn = 2 * plan.chunk * plan.seq**2 * cfg.num_heads * cfg.head_dim  # causal QK^T + AV, forward

@@ -101,15 +101,15 @@ def embedding_backward_bytes(cfg: ModelConfig, plan: Plan) -> int:
 
 def transient_edge_weights(cfg: ModelConfig, plan: Plan) -> int:
     """Bytes of the edges' transient weights (both live from the step's start: the loads are its first ops)."""
-    itemsize = 4 if plan.compute_dtype == "float32" else 2
     n = unit_numels(cfg)
-    return sum(itemsize * n[u] for u in (0, cfg.num_layers + 1) if transient_edge(cfg, plan, "edge_weights", u))
+    return sum(
+        plan.compute_itemsize * n[u] for u in (0, cfg.num_layers + 1) if transient_edge(cfg, plan, "edge_weights", u)
+    )
 
 
 def head_weights_bytes(cfg: ModelConfig, plan: Plan) -> int:
     """The head's weights where transient (they are live through the forward, until the head's last piece)."""
-    itemsize = 4 if plan.compute_dtype == "float32" else 2
-    return itemsize * unit_numels(cfg)[-1] if transient_head_weights(cfg, plan) else 0
+    return plan.compute_itemsize * unit_numels(cfg)[-1] if transient_head_weights(cfg, plan) else 0
 
 
 def layer_forward_workspace(cfg: ModelConfig, tokens: int, tile_tokens: int = 0) -> int:
@@ -166,7 +166,7 @@ def head_workspace(cfg: ModelConfig, piece_tokens: int, tokens: int, profile: Pr
 
 def saved_input_bytes(cfg: ModelConfig, plan: Plan) -> int:
     """Bytes of one layer's input over the whole batch, as offload and disk save it (in the compute dtype)."""
-    return plan.batch * plan.seq * cfg.hidden_size * (4 if plan.compute_dtype == "float32" else 2)
+    return plan.batch * plan.seq * cfg.hidden_size * plan.compute_itemsize
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def host_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
     destinations of host-updated units, offloaded activations, the bf16 weights of units that keep them in RAM
     (`Plan.keeps_bf16_weights`), and the rings disk traffic passes through."""
     L, n = cfg.num_layers, unit_numels(cfg)
-    itemsize = 4 if plan.compute_dtype == "float32" else 2
+    itemsize = plan.compute_itemsize
     saved = saved_input_bytes(cfg, plan)
     specs = [
         BufferSpec(f"master:{u}", "master_weights", 4 * n[u], (u,))
@@ -244,7 +244,7 @@ def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
     buffers, the edges' weights, GPU-placed units' masters (and AdamW states, `lazy`), streamed updates' slots,
     the hidden-state buffers and the inputs recomputed layers keep."""
     L, n = cfg.num_layers, unit_numels(cfg)
-    itemsize = 4 if plan.compute_dtype == "float32" else 2
+    itemsize = plan.compute_itemsize
     hidden = plan.batch * plan.seq * cfg.hidden_size * itemsize
     specs = [BufferSpec(f"slot:{k}", "weight_window", itemsize * n[1]) for k in range(plan.window)]
     if plan.stages_fp32_loads and plan.device != "cpu":

@@ -88,6 +88,11 @@ class Plan:
     def chunks(self) -> int:
         return self.batch // self.chunk
 
+    @property
+    def compute_itemsize(self) -> int:
+        """Bytes per element of the compute dtype: the GPU's weights, activations and saved inputs."""
+        return 4 if self.compute_dtype == "float32" else 2
+
     def host_updated(self, unit: int) -> bool:
         """The unit's gradient goes to host RAM and the CPU AdamW updates it ('cpu' and 'disk')."""
         return self.placement[unit] in ("cpu", "disk")
