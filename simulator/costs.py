@@ -21,7 +21,7 @@ from slideformer.models.config import ModelConfig
 from slideformer.schedule.graph import op_of, unit_numels
 from slideformer.schedule.op import OpKind, Resource
 from slideformer.schedule.memory import saved_input_bytes
-from slideformer.schedule.plan import STREAMED_IN_BYTES, STREAMED_OUT_BYTES
+from slideformer.schedule.plan import STREAMED_IN_BYTES, STREAMED_OUT_BYTES, Plan
 
 SPEC_EFFICIENCY = 0.5  # achieved/peak GEMM rate assumed for layers no profile measured
 STAGING_PIECE_LAUNCH_S = 20e-6  # host cost of one staging copy + cast pair
@@ -105,6 +105,13 @@ class CostModel:
             return nbytes / self.p.staged_load_bandwidth
         pieces = -(-nbytes // (piece_mb * 2**20))
         return self.copy("h2d", nbytes) + self.gpu_bytes_moved(nbytes * 1.5) + pieces * self.h2d.latency_s
+
+    def host_unit_load(self, plan: Plan, unit: int, numel: int) -> float:
+        """A host unit's weights onto the GPU: its bf16 weights kept in RAM copied over, or its fp32 master
+        staged and cast."""
+        if plan.keeps_bf16_weights(unit):
+            return self.copy("h2d", 2 * numel)
+        return self.load(4 * numel, plan.transfer_chunk_mb)
 
     def streamed_copy(self, kind: OpKind, nbytes: int) -> float:
         """A streamed update's piece in or out, at the rate calibrate measured with both directions running."""
@@ -223,10 +230,8 @@ def embedding_turnaround(cfg: ModelConfig, plan, cost: CostModel) -> float:
     if where == "gpu":  # updated in place, then cast on the GPU
         return n / cost.gpu_adamw_rate + cost.gpu_bytes_moved(6 * n)
     if where == "streamed":  # its pieces' updates, then the load of the bf16 weights the last piece wrote
-        return n / cost.gpu_adamw_rate + cost.copy("h2d", 2 * n)
-    bf16 = plan.keeps_bf16_weights(0)
-    load = cost.copy("h2d", 2 * n) if bf16 else cost.load(4 * n, plan.transfer_chunk_mb)
-    return cost.copy("d2h", 4 * n) + cost.host_update(n, bf16) + load
+        return n / cost.gpu_adamw_rate + cost.host_unit_load(plan, 0, n)
+    return cost.copy("d2h", 4 * n) + cost.host_update(n, plan.keeps_bf16_weights(0)) + cost.host_unit_load(plan, 0, n)
 
 
 def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
@@ -256,9 +261,8 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
         if where == "gpu":
             continue
         loads = 2 if 0 < u <= L - plan.window else 1  # layers outside the last window load again for backward
-        bf16 = plan.keeps_bf16_weights(u)
-        h2d += loads * (cost.copy("h2d", 2 * n) if bf16 else cost.load(4 * n, plan.transfer_chunk_mb))
-        pcie_bytes += loads * (2 if bf16 else 4) * n
+        h2d += loads * cost.host_unit_load(plan, u, n)
+        pcie_bytes += loads * (2 if plan.keeps_bf16_weights(u) else 4) * n
         if where == "streamed":  # at least the bandwidth term of every piece
             h2d += STREAMED_IN_BYTES * n / (cost.p.streamed_in_bandwidth or cost.h2d.bandwidth)
             d2h += STREAMED_OUT_BYTES * n / (cost.p.streamed_out_bandwidth or cost.d2h.bandwidth)
