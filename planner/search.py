@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import product
 
 from slideformer.schedule.profile import Profile
 from slideformer.models.config import GENERIC, ModelConfig
@@ -229,53 +231,64 @@ def candidates(
 ) -> list[Plan]:
     """Every plan on a fixed grid that fits, each with the fewest layers on disk that make it fit. The grid
     does not depend on the budgets, so a larger budget only adds candidates or moves layers off the disk."""
-    L = cfg.num_layers
-    chunks = [c for c in _divisors(batch) if (c & (c - 1) == 0 or c == batch) and batch // c <= MAX_CHUNKS]
-    units = gpu_unit_grid(L)
-    out = []
-    for window in sorted({min(2, L), min(3, L)}):
-        for activation in activation_policies(budgets, ranks):
-            for chunk in chunks:
-                for keep in sorted({0, 1, window} & set(range(L + 1))):
-                    for gpu_units in units:  # each trades GPU memory for host memory
-                        for late in late_update_grid(L, update):  # each trades host memory for overlap
-                            for streamed, embedding in streamed_grid(L, update, gpu_units, ranks):  # PCIe for CPU
-                                for host_bf16 in host_bf16_options(L, gpu_units):  # RAM and CPU time for PCIe
-                                    plan = _fewest_disk_layers(
-                                        cfg,
-                                        budgets,
-                                        ranks,
-                                        gpu_units,
-                                        lambda disk, piece, tile, ring, seq_tile, head_grad: uniform_plan(
-                                            model,
-                                            L,
-                                            batch,
-                                            seq,
-                                            chunk=chunk,
-                                            window=window,
-                                            activation=activation,
-                                            keep_last=keep,
-                                            gpu_units=gpu_units,
-                                            disk_layers=disk,
-                                            update=update,
-                                            loss_chunk_tokens=piece,
-                                            mlp_tile_tokens=tile,
-                                            seq_tile_tokens=seq_tile,
-                                            transient_head_grad=head_grad,
-                                            grad_ring=ring,
-                                            late_updates=late,
-                                            streamed_layers=streamed,
-                                            streamed_embedding=embedding,
-                                            host_bf16_weights=host_bf16,
-                                            ranks=ranks,
-                                        ),
-                                        profile,
-                                        seq_tiles(cfg, seq),
-                                        head_grad_options(cfg, gpu_units),
-                                    )
-                                    if plan is not None:
-                                        out.append(plan)
+    L, out = cfg.num_layers, []
+    for point in _grid_points(L, batch, budgets, update, ranks):
+        plan = _fewest_disk_layers(
+            cfg,
+            budgets,
+            ranks,
+            point["gpu_units"],
+            lambda disk, piece, tile, ring, seq_tile, head_grad: uniform_plan(
+                model,
+                L,
+                batch,
+                seq,
+                update=update,
+                ranks=ranks,
+                disk_layers=disk,
+                loss_chunk_tokens=piece,
+                mlp_tile_tokens=tile,
+                grad_ring=ring,
+                seq_tile_tokens=seq_tile,
+                transient_head_grad=head_grad,
+                **point,
+            ),
+            profile,
+            seq_tiles(cfg, seq),
+            head_grad_options(cfg, point["gpu_units"]),
+        )
+        if plan is not None:
+            out.append(plan)
     return out
+
+
+def _grid_points(L: int, batch: int, budgets: Budgets, update: str, ranks: int) -> Iterator[dict]:
+    """The grid's points in a fixed order, as `uniform_plan`'s arguments (those `_fewest_disk_layers` varies
+    aside): window, activation policy, chunk, kept layers and GPU-placed units (each trades GPU memory for host
+    memory), late updates (host memory for overlap), streamed units (PCIe for CPU time) and bf16 weights in RAM
+    (RAM and CPU time for PCIe)."""
+    chunks = [c for c in _divisors(batch) if (c & (c - 1) == 0 or c == batch) and batch // c <= MAX_CHUNKS]
+    for window in sorted({min(2, L), min(3, L)}):
+        keeps = sorted({0, 1, window} & set(range(L + 1)))
+        for activation, chunk, keep, gpu_units in product(
+            activation_policies(budgets, ranks), chunks, keeps, gpu_unit_grid(L)
+        ):
+            for late, (streamed, embedding), host_bf16 in product(
+                late_update_grid(L, update),
+                streamed_grid(L, update, gpu_units, ranks),
+                host_bf16_options(L, gpu_units),
+            ):
+                yield dict(
+                    chunk=chunk,
+                    window=window,
+                    activation=activation,
+                    keep_last=keep,
+                    gpu_units=gpu_units,
+                    late_updates=late,
+                    streamed_layers=streamed,
+                    streamed_embedding=embedding,
+                    host_bf16_weights=host_bf16,
+                )
 
 
 def host_bf16_options(num_layers: int, gpu_units: int) -> tuple[bool, ...]:
