@@ -70,16 +70,20 @@ def layer_params(cfg, dev: str) -> dict[str, torch.Tensor]:
     }
 
 
+def layer_inputs(cfg, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's input and output gradient (bf16, on the GPU) for `batch` rows of `seq` tokens, and their rotary
+    tables."""
+    x = torch.randn(batch, seq, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    return (x, torch.randn_like(x), *rope_tables(cfg, seq, "cuda", torch.bfloat16))
+
+
 def seq_tile_rows() -> list[dict]:
-    dev, bf16 = "cuda", torch.bfloat16
     rows = []
     for model, shapes in SEQ_TILE_WORKLOADS.items():
         cfg = load_model_config(model)
-        params = layer_params(cfg, dev)
+        params = layer_params(cfg, "cuda")
         for seq, tiles in shapes:
-            x = torch.randn(1, seq, cfg.hidden_size, device=dev, dtype=bf16)
-            dy = torch.randn_like(x)
-            cos, sin = rope_tables(cfg, seq, dev, bf16)
+            x, dy, cos, sin = layer_inputs(cfg, 1, seq)
             for tile in tiles:
                 if tile:
                     bwd = lambda t=tile: decoder_layer_backward_in_tiles(  # noqa: E731
@@ -116,15 +120,13 @@ KEPT_WORKLOADS = {"llama-3.1-8b": [(32, 1024), (8, 2048), (16, 1024)]}
 def kept_rows() -> list[dict]:
     """A kept layer (`Plan.activations` 'keep'): the autograd graph its forward leaves, and the peak of its
     backward beyond that graph (weights' gradients included), against `schedule.memory.kept_backward_workspace`."""
-    dev, bf16 = "cuda", torch.bfloat16
     rows = []
     for model, shapes in KEPT_WORKLOADS.items():
         cfg = load_model_config(model)
-        params = layer_params(cfg, dev)
+        params = layer_params(cfg, "cuda")
         for batch, seq in shapes:
-            x = torch.randn(batch, seq, cfg.hidden_size, device=dev, dtype=bf16).requires_grad_()
-            dy = torch.randn_like(x)
-            cos, sin = rope_tables(cfg, seq, dev, bf16)
+            x, dy, cos, sin = layer_inputs(cfg, batch, seq)
+            x.requires_grad_()
             for _ in range(2):  # the second, warm
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
@@ -166,15 +168,12 @@ def main() -> None:
         command = f"python -m bench.layer_memory --seq-tiles --out {a.out}"
         write_result(a.out, {"command": command, **provenance(), "rows": seq_tile_rows()})
         return
-    dev, bf16 = "cuda", torch.bfloat16
     rows = []
     for model, shapes in WORKLOADS.items():
         cfg = load_model_config(model)
-        params = layer_params(cfg, dev)
+        params = layer_params(cfg, "cuda")
         for batch, seq in shapes:
-            x = torch.randn(batch, seq, cfg.hidden_size, device=dev, dtype=bf16)
-            dy = torch.randn_like(x)
-            cos, sin = rope_tables(cfg, seq, dev, bf16)
+            x, dy, cos, sin = layer_inputs(cfg, batch, seq)
             tokens = batch * seq
 
             def whole_layer_autograd() -> None:
