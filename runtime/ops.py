@@ -116,9 +116,7 @@ class StepOps:
 
     def _destination(self, unit: int) -> torch.Tensor:
         L = self.cfg.num_layers
-        if self.transient.get(
-            ("edge_weights", unit), False
-        ):  # taken for this load, given back after the lookups or the head's last piece
+        if self.transient.get(("edge_weights", unit), False):  # given back after the lookups or the head's last piece
             n = self.layouts[unit].numel
             self.b.edge_weights[unit] = torch.empty(n, dtype=self.b.compute, device=self.device)
         return self.b.edge_weights[unit] if unit in (0, L + 1) else self.b.slots[(unit - 1) % self.plan.window]

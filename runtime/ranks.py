@@ -2,8 +2,9 @@
 batch; every unit's gradient is summed across ranks on the device before its norm and update, and each host
 unit's AdamW runs sharded: the ranks share one copy of the masters (and of the bf16 weights kept in RAM) in
 shared host memory, each rank updates its slice in place and waits for the others before the unit is loaded
-again, so the host optimizer's work and states are split between the ranks and the masters exist once. Exact: the same AdamW as one process with the
-whole batch (AdamW is elementwise; only the order of the gradient sums differs).
+again, so the host optimizer's work and states are split between the ranks and the masters exist once.
+Exact: the same AdamW as one process with the whole batch (AdamW is elementwise; only the order of the
+gradient sums differs).
 
 Two process groups keep each thread's collectives in one order on every rank: `step` for the issuing thread
 (gradients, token counts, the loss, checkpoints) and `update` for the CPU optimizer's worker."""

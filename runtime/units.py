@@ -77,15 +77,13 @@ class Unit:
         self.layout = layout
         self.on_gpu = on_gpu  # placed on the GPU (on a CPU device, the plan's 'gpu' units are updated in place too)
         self.weights = weights
-        if fill and master.device.type != "cpu":  # filled on the host, then copied over whole
-            staged = torch.empty(layout.numel, dtype=torch.float32)
-            fill_from(source, layout, staged)
-            master.copy_(staged)
-        elif fill:
-            fill_from(source, layout, master)
         self.master = torch.nn.Parameter(master)
         self.optimizer = optim.optimizer(self.master)
         if fill:
+            on_host = master if master.device.type == "cpu" else torch.empty(layout.numel, dtype=torch.float32)
+            fill_from(source, layout, on_host)
+            if on_host is not master:  # filled on the host, then copied over whole
+                master.copy_(on_host)
             self.refresh_weights()
 
     def refresh_weights(self) -> None:
@@ -148,8 +146,9 @@ class ShardedUnit(Unit):
 
 
 class StreamedUnit:
-    """A decoder layer (or the embedding) whose fp32 master and AdamW states stay in pinned host memory and are updated on the
-    GPU piece by piece; the host also keeps its bf16 weights, rewritten by every update, for the GPU's loads."""
+    """A decoder layer (or the embedding) whose fp32 master and AdamW states stay in pinned host memory and are
+    updated on the GPU piece by piece; the host also keeps its bf16 weights, rewritten by every update, for the
+    GPU's loads."""
 
     on_gpu = False
 

@@ -44,10 +44,10 @@ class Plan:
     # (embed, layer 0..L-1, head): 'cpu' (host RAM, CPU AdamW), 'gpu' (never cross PCIe), 'disk'
     # (decoder layers only: files in the disk tier, read ahead into `disk_ring` host buffers, updated by the
     # CPU AdamW and written back; the host keeps their bf16 weights for the GPU's loads), or 'streamed' (decoder
-    # layers and the embedding: master and states in pinned RAM, streamed to the GPU in pieces after the layer's backward,
-    # updated there by the fused AdamW and written back with the bf16 weights the unit's loads read; its
-    # gradient never leaves the GPU and the CPU does no work for it; also the embedding, whose CPU update would
-    # otherwise sit between one step's backward and the next step's first lookup).
+    # layers and the embedding: master and states in pinned RAM, streamed to the GPU in pieces after the unit's
+    # backward, updated there by the fused AdamW and written back with the bf16 weights the unit's loads read;
+    # its gradient never leaves the GPU and the CPU does no work for it, so a streamed embedding's update no
+    # longer sits between one step's backward and the next step's first lookup).
     placement: list[Placement] = field(default_factory=list)
     update: UpdateSchedule = (
         "during_backward"  # or 'after_norm' (exact global-norm clipping, overlapped with next forward)
