@@ -41,11 +41,73 @@ def seq_batch(workload: str) -> tuple[int, int]:
     return int(seq), int(batch)
 
 
-def run_ours(workloads: list[str], timeout_s: int, profile_path: str, disk_dir: str | None) -> dict:
+def chosen_plans(plans_dir: str, workloads: list[str], profile, cfg, budgets) -> dict[str, tuple]:
+    """Verdicts the planner reached beforehand (`bench.consumer --choose`) for the same profile and budgets no
+    larger than these, so that a lease spends no time searching: {workload: (verdict, file)}. A file for
+    another profile or larger budgets is not used (the planner runs here instead)."""
+    from slideformer.planner.search import Budgets, Verdict
+    from slideformer.schedule.plan import Plan
+    from slideformer.simulator import simulate
+
+    out = {}
+    for w in workloads:
+        path = Path(plans_dir) / f"{MODEL}-{GPU_CAP_GIB}gib-{w}-{profile.name}.json"
+        if not path.exists():
+            continue
+        saved = json.loads(path.read_text())
+        chosen_for = Budgets(**saved["budgets"])
+        if saved["profile"] != profile.name or any(
+            getattr(chosen_for, k) > getattr(budgets, k) for k in ("gpu_bytes", "host_bytes", "disk_bytes")
+        ):
+            print(f"{w}: {path} was chosen for other budgets or profile; planning here", flush=True)
+            continue
+        plan = Plan(**saved["plan"])
+        out[w] = (Verdict(True, plan, simulate(cfg, plan, profile), saved["max_batch"]), str(path), chosen_for)
+    return out
+
+
+def choose(workloads: list[str], profile_path: str, host_bytes: int, plans_dir: str) -> None:
+    """The planner's verdicts for the consumer budgets, written for `--plans` (on any machine: the same
+    profile and budgets give the same plans)."""
+    from slideformer.models import load_model_config
+    from slideformer.planner.search import GPU_BUDGET_FRACTION, Budgets, choose_plan
+    from slideformer.schedule.profile import Profile
+
+    cfg, profile = load_model_config(MODEL), Profile.load(profile_path)
+    budgets = Budgets(int(GPU_CAP_GIB * GiB * GPU_BUDGET_FRACTION), host_bytes, 0)
+    for w in workloads:
+        seq, batch = seq_batch(w)
+        verdict = choose_plan(cfg, MODEL, seq, batch, profile, budgets)
+        path = Path(plans_dir) / f"{MODEL}-{GPU_CAP_GIB}gib-{w}-{profile.name}.json"
+        if not verdict.fits:
+            print(f"{w}: refused: {'; '.join(verdict.shortfalls)}", flush=True)
+            continue
+        record = {
+            "command": "python -m bench.consumer " + " ".join(sys.argv[1:]),
+            "profile": profile.name,
+            "budgets": asdict(budgets),
+            "max_batch": verdict.max_batch,
+            "predicted_step_s": verdict.simulation.step_s,
+            "plan": asdict(verdict.plan),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2))
+        print(f"{w}: predicted {verdict.simulation.step_s:.3f} s/step, wrote {path}", flush=True)
+
+
+def run_ours(
+    workloads: list[str], timeout_s: int, profile_path: str, disk_dir: str | None, plans_dir: str | None
+) -> dict:
     from slideformer.schedule.profile import Profile
     from slideformer.models import load_model_config
-    from slideformer.planner.report import capacity_report
-    from slideformer.planner.search import DISK_BUDGET_FRACTION, GPU_BUDGET_FRACTION, Budgets, choose_plan
+    from slideformer.planner.search import (
+        DISK_BUDGET_FRACTION,
+        GPU_BUDGET_FRACTION,
+        Budgets,
+        choose_plan,
+        feasible,
+        largest,
+    )
     from slideformer.recipes.train import available_host_bytes
 
     cfg, profile = load_model_config(MODEL), Profile.load(profile_path)
@@ -55,13 +117,19 @@ def run_ours(workloads: list[str], timeout_s: int, profile_path: str, disk_dir: 
         disk = int(shutil.disk_usage(disk_dir).free * DISK_BUDGET_FRACTION)
     budgets = Budgets(int(GPU_CAP_GIB * GiB * GPU_BUDGET_FRACTION), available_host_bytes() - HOST_RESERVE, disk)
     rows: dict[str, dict] = {}
+    chosen = chosen_plans(plans_dir, workloads, profile, cfg, budgets) if plans_dir else {}
     for w in workloads:
         seq, batch = seq_batch(w)
-        verdict = choose_plan(cfg, MODEL, seq, batch, profile, budgets)
+        if w in chosen:
+            verdict, source, chosen_for = chosen[w]
+        else:
+            verdict, source, chosen_for = choose_plan(cfg, MODEL, seq, batch, profile, budgets), "planner", budgets
         row: dict = {
             "seq": seq,
             "batch": batch,
             "budgets": asdict(budgets),
+            "plan_source": source,  # the planner here, or its file from --choose
+            "plan_budgets": asdict(chosen_for),
             "profile": profile.name,
             "profile_date": profile.date,
             "fits": verdict.fits,
@@ -135,8 +203,13 @@ def run_ours(workloads: list[str], timeout_s: int, profile_path: str, disk_dir: 
             f"host {row['peak_host_rss_gib']:.1f} GiB (pred {row['predicted_peak_host_gib']:.1f})",
             flush=True,
         )
-    report = capacity_report(cfg, MODEL, 1024, 8, profile, budgets)
-    capacity = {"max_batch_at_seq_1024": report["max_batch"], "max_seq_at_batch_1": report["max_seq_at_batch_1"]}
+    # what `slideformer plan` reports as capacity (its max batch and max seq), without its plan search
+    capacity = {
+        "max_batch_at_seq_1024": largest(lambda b: feasible(cfg, MODEL, b, 1024, profile, budgets), 1 << 16),
+        "max_seq_at_batch_1": largest(
+            lambda s: feasible(cfg, MODEL, 1, s, profile, budgets), cfg.max_position_embeddings
+        ),
+    }
     return {"workloads": rows, "planner_capacity": capacity}
 
 
@@ -259,10 +332,24 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=300, help="seconds per workload (ours) / deadline (official)")
     ap.add_argument("--profile", default="h100-80gb", help="the planner's profile (ours): a JSON or committed name")
     ap.add_argument("--disk-dir", help="ours: a directory for the disk tier (budget: 90%% of its free space)")
+    ap.add_argument("--plans", help="ours: a directory of the planner's verdicts from --choose, used where they match")
+    ap.add_argument(
+        "--choose",
+        type=int,
+        metavar="HOST_BYTES",
+        help="write the planner's verdicts for this host budget into --plans and stop (no GPU needed)",
+    )
     ap.add_argument("--merge", nargs="+", help="result files of earlier calls to merge into --out")
     ap.add_argument("--figure", help="with --merge: a PNG of tokens/s and peak GPU memory, both systems")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     a = ap.parse_args()
+    if a.choose:
+        if not a.plans:
+            ap.error("--choose writes into --plans DIR")
+        choose(a.only.split(","), a.profile, a.choose, a.plans)
+        return
+    if not a.out:
+        ap.error("--out is required")
     if a.merge:
         record = merge(a.merge)
         record["table"] = table(record)
@@ -271,7 +358,7 @@ def main() -> None:
     else:
         workloads = a.only.split(",")
         result = (
-            run_ours(workloads, a.timeout, a.profile, a.disk_dir)
+            run_ours(workloads, a.timeout, a.profile, a.disk_dir, a.plans)
             if a.system == "ours"
             else run_official(workloads, a.timeout)
         )

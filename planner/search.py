@@ -2,7 +2,8 @@
 
 The space: batch (given, or the best of powers of two up to the largest that fits), chunk, window,
 activation policy (offload, recompute or disk, with the last layers keeping their graphs), how many units
-keep their optimizer on the GPU, how many layers are updated by the streamed GPU AdamW (spread evenly),
+keep their optimizer on the GPU (from the embedding, with the head; or the first layers alone), how many layers
+are updated by the streamed GPU AdamW (spread evenly), which CPU updates wait for the end of the backward,
 how many layers keep their states in the disk tier, whether host-updated units keep bf16 weights in RAM, the
 loss piece size, and (only where the plan does not fit without them) sequence tiles and a transient head
 gradient, on a fixed grid. Memory rules candidates out in closed form; the simulator scores every one left, so
@@ -273,9 +274,11 @@ def _grid_points(L: int, batch: int, budgets: Budgets, update: str, ranks: int) 
         for activation, chunk, keep, gpu_units in product(
             activation_policies(budgets, ranks), chunks, keeps, gpu_unit_grid(L)
         ):
-            for late, (streamed, embedding), host_bf16 in product(
+            for late, deferred, (streamed, embedding), gpu_layers, host_bf16 in product(
                 late_update_grid(L, update),
+                deferred_update_grid(update, gpu_units),
                 streamed_grid(L, update, gpu_units, ranks),
+                gpu_layer_grid(L, gpu_units),
                 host_bf16_options(L, gpu_units),
             ):
                 yield dict(
@@ -284,7 +287,9 @@ def _grid_points(L: int, batch: int, budgets: Budgets, update: str, ranks: int) 
                     activation=activation,
                     keep_last=keep,
                     gpu_units=gpu_units,
+                    gpu_layers=gpu_layers,
                     late_updates=late,
+                    deferred_updates=deferred,
                     streamed_layers=streamed,
                     streamed_embedding=embedding,
                     host_bf16_weights=host_bf16,
@@ -306,11 +311,25 @@ def late_update_grid(num_layers: int, update: str) -> list[int]:
     return sorted({0, num_layers // 4, num_layers // 2, num_layers + 1})
 
 
+def deferred_update_grid(update: str, gpu_units: int) -> list[int]:
+    """Units from the head down whose CPU updates wait for the end of the backward (Plan.deferred_updates): none
+    or the head, whose update then runs beside the next forward instead of leaving the CPU idle there (more
+    layers deferred held the next forward's loads up in simulation). Only for a host-updated head."""
+    return [0, 1] if update == "during_backward" and not gpu_units else [0]
+
+
+def gpu_layer_grid(num_layers: int, gpu_units: int) -> list[int]:
+    """First decoder layers updated on the GPU beside host-updated edges (`uniform_plan`'s gpu_layers): none, one
+    or two, which a small GPU's spare memory holds (each takes its master, states and gradient); their updates
+    end with the backward, so the next forward starts without waiting for the CPU."""
+    return sorted({0, *(k for k in (1, 2) if k <= num_layers)}) if not gpu_units else [0]
+
+
 def streamed_grid(num_layers: int, update: str, gpu_units: int, ranks: int = 1) -> list[tuple[tuple[int, ...], bool]]:
     """Sets of layers the streamed GPU AdamW updates (Plan.placement 'streamed'), each with and without the
     embedding: none, or two to six eighths of the layers spread evenly, so their PCIe traffic interleaves with
     the backward's loads rather than bunching (layers placed on disk stay there). Both take work off the CPU,
-    so plans with GPU-placed units (a large GPU's way) are not combined with streamed units (a small GPU's),
+    so plans with GPU-placed edges (a large GPU's way) are not combined with streamed units (a small GPU's),
     which keeps the search short. None with several ranks (the runtime refuses 'streamed' there)."""
     if update != "during_backward" or gpu_units or ranks > 1:
         return [((), False)]

@@ -195,8 +195,11 @@ class _StepGraph:
         plan, L, W, C, last = self.plan, self.L, self.W, self.C, self.last
         for u in self.disk_order[: plan.disk_ring]:
             self.disk_read(u, None)
+        # a deferred head's load would hold up the layers' loads behind it: it goes after the last of them
+        head_late = L + 1 in plan.late_units
         self.load(0, "fwd", [])
-        self.load(L + 1, "fwd", [])
+        if not head_late:
+            self.load(L + 1, "fwd", [])
         for lay in range(min(W - 1, L)):
             self.load(layer_unit(lay), "fwd", [])
         weights = self.itemsize * self.numel[0] if transient_edge(self.cfg, plan, "edge_weights", 0) else 0
@@ -214,6 +217,8 @@ class _StepGraph:
             ahead = lay + W - 1
             if ahead < L:  # into the slot of layer lay-1: wait until its forward is done
                 self.load(layer_unit(ahead), "fwd", [f"fwd:{lay - 1}:{last}" if lay else None])
+                if head_late and ahead == L - 1:
+                    self.load(L + 1, "fwd", [])
             self.forward_layer(lay)
         weights = self.itemsize * self.numel[L + 1] if transient_edge(self.cfg, plan, "edge_weights", L + 1) else 0
         grad = 4 * self.numel[L + 1] if transient_edge(self.cfg, plan, "grad", L + 1) else 0  # freed by grad_out

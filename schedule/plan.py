@@ -56,6 +56,11 @@ class Plan:
     # the end of the backward and then run in forward order, so the next step's forward starts after the first
     # of them instead of after all (their gradients get their own host buffers instead of the ring's).
     late_updates: int = 0
+    # during_backward only: the last `deferred_updates` CPU-updated units from the head down (head, layer L-1,
+    # ...) wait for the end of the backward too and run after the late ones, in forward order, so the CPU
+    # updates them while the next step's forward runs the layers below, which it needs first (their gradients
+    # get their own host buffers; the head's load is issued after the layers' loads).
+    deferred_updates: int = 0
     transfer_chunk_mb: int = 64  # fp32 weight streaming piece (the GPU's staging ring holds a few such pieces)
     grad_ring: int = 4  # pinned host fp32 gradient buffers shared by the CPU-updated layers
     disk_ring: int = 2  # host buffers for each kind of disk traffic (states, activations): the read-ahead depth
@@ -121,8 +126,11 @@ class Plan:
 
     @property
     def late_units(self) -> list[int]:
-        """Host-updated units whose updates run after the backward, in forward order."""
-        return [u for u in range(self.late_updates) if self.placement[u] == "cpu"]
+        """Host-updated units whose updates run after the backward, in the order they run: the first
+        `late_updates` and the last `deferred_updates`, each in forward order."""
+        first = [u for u in range(self.late_updates) if self.placement[u] == "cpu"]
+        top = range(len(self.placement) - self.deferred_updates, len(self.placement))
+        return first + [u for u in top if self.placement[u] == "cpu" and u not in first]
 
     @property
     def shares_edge_grad(self) -> bool:
@@ -131,7 +139,7 @@ class Plan:
         return (
             self.update == "during_backward"
             and self.placement[0] == self.placement[-1] == "cpu"
-            and self.late_updates == 0
+            and self.late_updates == self.deferred_updates == 0
         )
 
     def keeps_bf16_weights(self, unit: int) -> bool:
@@ -182,10 +190,12 @@ class Plan:
             problems.append("compute_dtype is 'bfloat16', or 'float32' on device 'cpu'")
         if min(self.grad_ring, self.disk_ring, self.transfer_chunk_mb, self.loss_chunk_tokens) < 1:
             problems.append("grad_ring, disk_ring, transfer_chunk_mb and loss_chunk_tokens must be positive")
-        if not 0 <= self.late_updates <= num_layers + 1 or (self.late_updates and self.update != "during_backward"):
-            problems.append(
-                f"late_updates must be between 0 and {num_layers + 1}, and 0 unless update is 'during_backward'"
-            )
+        for name in ("late_updates", "deferred_updates"):
+            n = getattr(self, name)
+            if not 0 <= n <= num_layers + 1 or (n and self.update != "during_backward"):
+                problems.append(
+                    f"{name} must be between 0 and {num_layers + 1}, and 0 unless update is 'during_backward'"
+                )
         if self.mlp_tile_tokens < 0:
             problems.append("mlp_tile_tokens must be 0 (whole chunk) or positive")
         if self.transient_head_grad and self.placement and self.placement[-1] == "gpu":
@@ -234,14 +244,16 @@ def uniform_plan(
     activation: ActivationPolicy = "offload",
     keep_last: int = 0,
     gpu_units: int = 0,
+    gpu_layers: int = 0,
     disk_layers: int = 0,
     streamed_layers: tuple[int, ...] = (),
     streamed_embedding: bool = False,
     **kw,
 ) -> Plan:
     """A plan with one policy for every layer; the last `keep_last` layers keep their graphs, the first
-    `gpu_units` units (embed, layer 0, ...) plus the head when gpu_units > 0 are updated on the GPU, the
-    last `disk_layers` layers keep their states on disk (updated first in backward, needed last in forward)
+    `gpu_units` units (embed, layer 0, ...) plus the head when gpu_units > 0 are updated on the GPU, and so
+    are the first `gpu_layers` decoder layers alone (the next forward needs them first, and the edges are the
+    largest units), the last `disk_layers` layers keep their states on disk (updated first in backward, needed last in forward)
     and the layers `streamed_layers` (and the embedding, `streamed_embedding`) that are left on the CPU are updated
     by the streamed GPU AdamW."""
     acts: list[ActivationPolicy] = [activation] * num_layers
@@ -252,6 +264,8 @@ def uniform_plan(
         placement[i] = "gpu"
     if gpu_units > 0:
         placement[-1] = "gpu"
+    for i in range(1, min(gpu_layers, num_layers) + 1):
+        placement[i] = "gpu"
     for i in range(num_layers + 1 - disk_layers, num_layers + 1):
         placement[i] = "disk"
     for u in [lay + 1 for lay in streamed_layers] + ([0] if streamed_embedding else []):

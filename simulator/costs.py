@@ -3,8 +3,8 @@
 Layer and head times come from the profile's measurements of the model's own shapes (linear in tokens
 between measured chunk sizes); shapes it did not measure run at the measured efficiency of the shapes it
 did (or half of peak for a spec-sheet profile). Copies cost latency + bytes / bandwidth; weight loads
-run at the rate calibrate measured beside a layer's backward. Each direction runs at its own rate; the
-simulator bounds the step by both directions' bytes at the measured duplex rate (streamed updates fill both).
+run at the rate calibrate measured beside a layer's backward. These are each copy's rate alone; the
+simulator's replay shares the measured duplex rate between the two directions while both copy.
 """
 
 from __future__ import annotations

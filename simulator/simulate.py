@@ -4,7 +4,8 @@ into arrays, replay it, the GPU memory timeline, the last step's critical path.
 The replay models the executor (`runtime/executor.py`) as the runtime behaves: one host thread issues ops in
 `seq` order; each of the GPU's streams (gpu, h2d, d2h, opt), the single CPU optimizer worker and the
 disk-tier worker serves its ops one at a time in that order; an op starts once issued, its resource is free
-and its dependencies are done. A GPU-side op that waits for a host op (a weight load after last step's host
+and its dependencies are done; a copy's bytes move at its own rate, less what the other direction takes of
+the duplex limit while both run. A GPU-side op that waits for a host op (a weight load after last step's host
 update, a gradient copy into a ring buffer the optimizer still reads) blocks the issuing thread, as a Python
 future does. Steps run back to back (the next step's loads wait for this step's updates) and a step ends
 when its loss is read. Memory is tracked per tier: the plan's static buffers, kept activations from their
@@ -13,6 +14,7 @@ forward to their backward, and each compute op's workspace while it runs.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -38,6 +40,7 @@ from slideformer.schedule.memory import (
 from .costs import CostModel, issue_seconds, op_seconds
 
 RESOURCES = tuple(Resource)
+PCIE = (Resource.H2D, Resource.D2H)
 RESOURCE_NAMES: dict[str, str] = {
     Resource.GPU: "GPU compute",
     Resource.H2D: "PCIe host-to-device",
@@ -138,6 +141,8 @@ class _FlatGraph:
     freed: list[int]
     workspace: list[int]  # GPU bytes an op holds while it runs
     norm: int | None
+    pcie_bytes: list[int]  # bytes a copy moves over PCIe (0 for other ops)
+    duplex_bandwidth: float | None  # both directions together at most (None: each direction on its own)
 
 
 @dataclass
@@ -193,7 +198,54 @@ def _flatten(g: nx.DiGraph, cfg: ModelConfig, plan: Plan, profile: Profile) -> _
             for o in records
         ],
         norm=index.get("norm"),
+        pcie_bytes=[o.nbytes if o.resource in PCIE else 0 for o in records],
+        duplex_bandwidth=profile.duplex_bandwidth,
     )
+
+
+class _Link:
+    """One PCIe direction's transfers so far, as (start, end, bytes per second) pieces in time order: what the
+    other direction reads to share the duplex limit."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.rates: list[float] = []
+
+    def add(self, start: float, end: float, rate: float) -> None:
+        if end > start:
+            self.starts.append(start)
+            self.ends.append(end)
+            self.rates.append(rate)
+
+
+def _shared_copy_end(start: float, nbytes: int, rate: float, other: _Link, duplex: float, own: _Link) -> float:
+    """When a copy of `nbytes` at `rate`, starting at `start`, ends while the other direction's transfers
+    placed so far take their rates out of the duplex limit; its pieces go into `own`. The copy placed later
+    yields (the replay places ops in issue order), which keeps both directions' sum within the limit."""
+    t, left = start, float(nbytes)
+    k = bisect.bisect_right(other.ends, t)
+    while left > 0:
+        if k == len(other.ends):
+            own.add(t, t + left / rate, rate)
+            return t + left / rate
+        s, e = other.starts[k], other.ends[k]
+        if s > t:  # a gap: the whole rate
+            if left <= rate * (s - t):
+                own.add(t, t + left / rate, rate)
+                return t + left / rate
+            own.add(t, s, rate)
+            left -= rate * (s - t)
+            t = s
+        shared = max(min(rate, duplex - other.rates[k]), 1e-3 * rate)
+        if left <= shared * (e - t):
+            own.add(t, t + left / shared, shared)
+            return t + left / shared
+        own.add(t, e, shared)
+        left -= shared * (e - t)
+        t = e
+        k += 1
+    return t
 
 
 def _replay(f: _FlatGraph, steps: int) -> _Replay:
@@ -206,6 +258,8 @@ def _replay(f: _FlatGraph, steps: int) -> _Replay:
     last_on: dict[Resource, tuple[int, int] | None] = dict.fromkeys(RESOURCES)
     out = _Replay([], [], [], {}, None)
     ends: list[list[float]] = []
+    links = {Resource.H2D: _Link(), Resource.D2H: _Link()}
+    duplex = f.duplex_bandwidth
     for step in range(steps):
         for r in (Resource.H2D, Resource.D2H):  # the step's barrier: copy streams wait for compute issued so far
             free[r] = max(free[r], free[Resource.GPU])
@@ -230,7 +284,12 @@ def _replay(f: _FlatGraph, steps: int) -> _Replay:
             if issuer > start:
                 start, why = issuer, issuer_cause
             out.cause[(step, i)] = why
-            end[i] = free[r] = start + f.seconds[i]
+            if duplex and f.pcie_bytes[i] and f.seconds[i] > 0:
+                other = links[Resource.D2H if r == Resource.H2D else Resource.H2D]
+                rate = f.pcie_bytes[i] / f.seconds[i]
+                end[i] = free[r] = _shared_copy_end(start, f.pcie_bytes[i], rate, other, duplex, links[r])
+            else:
+                end[i] = free[r] = start + f.seconds[i]
             last_on[r] = (step, i)
             out.spans.append(Span(f.order[i], step, r, f.kind[i], start, end[i]))
             if f.alloc[i]:

@@ -50,6 +50,11 @@ PLANS = {
     "streamed-layers": dict(window=2, activation="offload", streamed_layers=(0, 2, 3), late_updates=2),
     "host-bf16-weights": dict(window=2, activation="recompute", host_bf16_weights=True, streamed_layers=(1,)),
     "streamed-embedding": dict(window=2, activation="offload", chunk=2, streamed_embedding=True),
+    # the head's update after the backward, beside the next forward; the first layer on the GPU, the rest streamed
+    "deferred-head-gpu-layer": dict(
+        window=2, activation="recompute", deferred_updates=1, gpu_layers=1, streamed_layers=(2,), host_bf16_weights=True
+    ),
+    "deferred-head-and-layer": dict(window=2, activation="offload", chunk=2, deferred_updates=2, late_updates=1),
 }
 
 

@@ -27,9 +27,14 @@ def test_plan_json_round_trip(tmp_path):
     policy=st.sampled_from(["offload", "recompute"]),
     keep=st.integers(0, 2),
     gpu_units=st.integers(0, 3),
+    gpu_layers=st.integers(0, 2),
+    late=st.integers(0, 3),
+    deferred=st.integers(0, 3),
     update=st.sampled_from(["during_backward", "after_norm"]),
 )
-def test_graph_is_acyclic_and_updates_each_unit_once(layers, window, chunks, ring, policy, keep, gpu_units, update):
+def test_graph_is_acyclic_and_updates_each_unit_once(
+    layers, window, chunks, ring, policy, keep, gpu_units, gpu_layers, late, deferred, update
+):
     cfg = replace(PRESETS["tiny-llama"], num_layers=layers)
     window = min(window, layers)
     plan = uniform_plan(
@@ -42,8 +47,11 @@ def test_graph_is_acyclic_and_updates_each_unit_once(layers, window, chunks, rin
         activation=policy,
         keep_last=min(keep, window),
         gpu_units=gpu_units,
+        gpu_layers=gpu_layers,
         grad_ring=ring,
         update=update,
+        late_updates=min(late, layers + 1) if update == "during_backward" else 0,
+        deferred_updates=min(deferred, layers + 1) if update == "during_backward" else 0,
         device="cpu",
     )
     plan.validate(layers)
@@ -58,6 +66,16 @@ def test_graph_is_acyclic_and_updates_each_unit_once(layers, window, chunks, rin
     for lay in range(layers):
         loads = [n for n in g.nodes if n.startswith(f"load:{lay + 1}:")]
         assert loads, f"layer {lay} never loaded"
+    # units updated after the backward run after the embedding's gradient is out, in the plan's order
+    seq = {o.name: o.seq for o in ops(g)}
+    late_updates = [f"update:{u}" for u in plan.late_units]
+    assert all(seq[a] < seq[b] for a, b in zip(late_updates, late_updates[1:]))
+    assert all(seq[n] > seq["embed_bwd:0"] for n in late_updates)
+    if layers + 1 in plan.late_units:  # a deferred head is loaded after every layer's forward load
+        layer_loads = [
+            seq[n] for n in seq if n.startswith("load:") and n.endswith(":fwd") and n != f"load:{layers + 1}:fwd"
+        ]
+        assert seq[f"load:{layers + 1}:fwd"] > max(layer_loads)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from slideformer.schedule.memory import GiB, host_bytes_all_ranks
 from slideformer.planner.search import TIE, Budgets, choose_plan, gpu_need, least_needs
 from slideformer.simulator import simulate
 from slideformer.simulator.costs import CostModel, step_lower_bound
+from slideformer.simulator.simulate import _Link, _shared_copy_end
 
 
 @st.composite
@@ -81,6 +82,8 @@ def plans(draw, cfg):
         gpu_units=draw(st.integers(0, L + 2)),
         update=update,
         late_updates=draw(st.integers(0, L + 1)) if update == "during_backward" else 0,
+        deferred_updates=draw(st.integers(0, L + 1)) if update == "during_backward" else 0,
+        gpu_layers=draw(st.integers(0, L)),
         grad_ring=draw(st.integers(1, 4)),
         disk_layers=draw(st.integers(0, L)) if ranks == 1 else 0,
         disk_ring=draw(st.integers(1, 3)),
@@ -239,3 +242,31 @@ def test_more_memory_or_bandwidth_never_makes_the_chosen_plan_slower(cfg, profil
     # the planner takes the fewest chunks among predictions within TIE of the fastest
     assert roomier.simulation.step_s <= base.simulation.step_s * (1 + TIE + 1e-9)
     assert quicker.simulation.step_s <= base.simulation.step_s * (1 + TIE + 1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    gaps=st.lists(st.tuples(st.floats(0, 2), st.floats(0.01, 2), st.floats(1, 100)), max_size=6),
+    start=st.floats(0, 8),
+    nbytes=st.integers(1, 500),
+    rate=st.floats(1, 100),
+    duplex=st.floats(1, 150),
+)
+def test_a_copy_shares_the_duplex_limit_with_the_other_direction(gaps, start, nbytes, rate, duplex):
+    """A copy moves all its bytes, never faster than its own rate, and while the other direction copies at most
+    what that leaves of the duplex limit (a thousandth of its rate at least, so that it ends)."""
+    other, t = _Link(), 0.0
+    for gap, length, other_rate in gaps:
+        other.add(t + gap, t + gap + length, other_rate)
+        t += gap + length
+    own = _Link()
+    end = _shared_copy_end(start, nbytes, rate, other, duplex, own)
+    pieces = list(zip(own.starts, own.ends, own.rates))
+    assert pieces[0][0] == start and abs(pieces[-1][1] - end) <= 1e-9 * max(1, end)
+    assert all(abs(a[1] - b[0]) <= 1e-9 * max(1, b[0]) for a, b in zip(pieces, pieces[1:]))
+    assert abs(sum((e - s) * r for s, e, r in pieces) - nbytes) <= 1e-6 * nbytes
+    for s, e, r in pieces:
+        assert r <= rate * (1 + 1e-12)
+        for os, oe, o_rate in zip(other.starts, other.ends, other.rates):
+            if min(e, oe) - max(s, os) > 1e-9:
+                assert r <= max(duplex - o_rate, 1e-3 * rate) * (1 + 1e-12)
