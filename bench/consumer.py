@@ -42,10 +42,11 @@ def seq_batch(workload: str) -> tuple[int, int]:
 
 
 def chosen_plans(plans_dir: str, workloads: list[str], profile, cfg, budgets) -> dict[str, tuple]:
-    """Verdicts the planner reached beforehand (`bench.consumer --choose`) for the same profile and budgets no
-    larger than these, so that a lease spends no time searching: {workload: (verdict, file)}. A file for
-    another profile or larger budgets is not used (the planner runs here instead)."""
-    from slideformer.planner.search import Budgets, Verdict
+    """Verdicts the planner reached beforehand (`bench.consumer --choose`) for the same profile, so that a lease
+    spends no time searching: {workload: (verdict, file, the budgets it was chosen for)}. A file counts as the
+    planner's choice for these budgets when it was chosen for budgets at least as large (every plan that fits
+    these was on its grid) and its plan fits these; otherwise the planner runs here."""
+    from slideformer.planner.search import Budgets, Verdict, shortfalls
     from slideformer.schedule.plan import Plan
     from slideformer.simulator import simulate
 
@@ -56,12 +57,14 @@ def chosen_plans(plans_dir: str, workloads: list[str], profile, cfg, budgets) ->
             continue
         saved = json.loads(path.read_text())
         chosen_for = Budgets(**saved["budgets"])
-        if saved["profile"] != profile.name or any(
-            getattr(chosen_for, k) > getattr(budgets, k) for k in ("gpu_bytes", "host_bytes", "disk_bytes")
-        ):
-            print(f"{w}: {path} was chosen for other budgets or profile; planning here", flush=True)
-            continue
         plan = Plan(**saved["plan"])
+        if (
+            saved["profile"] != profile.name
+            or any(getattr(chosen_for, k) < getattr(budgets, k) for k in ("gpu_bytes", "host_bytes", "disk_bytes"))
+            or shortfalls(cfg, plan, profile, budgets)
+        ):
+            print(f"{w}: {path} was chosen for smaller budgets, another profile or does not fit; planning here")
+            continue
         out[w] = (Verdict(True, plan, simulate(cfg, plan, profile), saved["max_batch"]), str(path), chosen_for)
     return out
 
