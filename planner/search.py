@@ -2,8 +2,9 @@
 
 The space: batch (given, or the best of powers of two up to the largest that fits), chunk, window,
 activation policy (offload, recompute or disk, with the last layers keeping their graphs), how many units
-keep their optimizer on the GPU (from the embedding, with the head; or the first layers alone), how many layers
-are updated by the streamed GPU AdamW (spread evenly), which CPU updates wait for the end of the backward,
+keep their optimizer on the GPU (from the embedding, with the head; or the first layers alone, as many as fit
+at no other cost), how many layers are updated by the streamed GPU AdamW (spread evenly), which CPU updates
+wait for the end of the backward,
 how many layers keep their states in the disk tier, whether host-updated units keep bf16 weights in RAM, the
 loss piece size, and (only where the plan does not fit without them) sequence tiles and a transient head
 gradient, on a fixed grid. Memory rules candidates out in closed form; the simulator scores every one left, so
@@ -40,7 +41,7 @@ TIE = 0.01
 # Chunks per step at most: more only add ops (each layer's weights are loaded once per step whatever the chunk),
 # and a tiny model's huge batch would otherwise build graphs of tens of thousands of chunks.
 MAX_CHUNKS = 64
-PARALLEL_FROM = 64  # candidates from which the simulations run in worker processes
+PARALLEL_FROM = 64  # grid points or candidates from which the checks or simulations run in worker processes
 MAX_WORKERS = 16
 
 
@@ -230,11 +231,28 @@ def candidates(
     update: str,
     ranks: int = 1,
 ) -> list[Plan]:
-    """Every plan on a fixed grid that fits, each with the fewest layers on disk that make it fit. The grid
-    does not depend on the budgets, so a larger budget only adds candidates or moves layers off the disk."""
+    """Every plan on a fixed grid that fits, each with the fewest layers on disk that make it fit, in the
+    grid's order (large grids are checked in worker processes). The grid does not depend on the budgets, so a
+    larger budget only adds candidates or moves layers off the disk."""
+    points = list(_grid_points(cfg.num_layers, batch, budgets, update, ranks))
+    workers = _workers(len(points))
+    groups = [points[i :: workers * 4] for i in range(workers * 4)] if workers > 1 else [points]
+    question = (cfg, model, batch, seq, profile, budgets, update, ranks)
+    with _pool(workers) as pool:
+        checked = list(pool.map(_fitting_plans, [(question, group) for group in groups]))
+    by_point: dict[int, Plan | None] = {}  # the groups interleave the points: put the grid's order back
+    for group, plans in zip(groups, checked):
+        by_point |= {id(point): plan for point, plan in zip(group, plans)}
+    return [plan for point in points if (plan := by_point[id(point)]) is not None]
+
+
+def _fitting_plans(job: tuple[tuple, list[dict]]) -> list[Plan | None]:
+    """For each grid point, its plan with the fewest layers on disk that fits (None: none fits)."""
+    (cfg, model, batch, seq, profile, budgets, update, ranks), points = job
     L, out = cfg.num_layers, []
-    for point in _grid_points(L, batch, budgets, update, ranks):
-        plan = _fewest_disk_layers(
+
+    def fitting(point: dict, gpu_layers: int) -> Plan | None:
+        return _fewest_disk_layers(
             cfg,
             budgets,
             ranks,
@@ -252,48 +270,62 @@ def candidates(
                 grad_ring=ring,
                 seq_tile_tokens=seq_tile,
                 transient_head_grad=head_grad,
+                gpu_layers=gpu_layers,
                 **point,
             ),
             profile,
             seq_tiles(cfg, seq),
             head_grad_options(cfg, point["gpu_units"]),
         )
-        if plan is not None:
-            out.append(plan)
+
+    for point in points:
+        *more, none = gpu_layer_options(L, point["gpu_units"])
+        plan = fitting(point, none)
+        for k in more if plan is not None else ():  # the most GPU layers that fit with nothing else changed
+            with_gpu = fitting(point, k)
+            if with_gpu is not None and plan is not None and _same_costs(with_gpu, plan):
+                plan = with_gpu
+                break
+        out.append(plan)
     return out
+
+
+def _same_costs(a: Plan, b: Plan) -> bool:
+    """The same layers on disk and the same speed-relevant variants (gradient ring, sequence and MLP tiles, the
+    head's gradient); the loss piece does not change the time."""
+    keys = ("grad_ring", "seq_tile_tokens", "mlp_tile_tokens", "transient_head_grad")
+    return a.disk_units == b.disk_units and all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
 def _grid_points(L: int, batch: int, budgets: Budgets, update: str, ranks: int) -> Iterator[dict]:
     """The grid's points in a fixed order, as `uniform_plan`'s arguments (those `_fewest_disk_layers` varies
     aside): window, activation policy, chunk, kept layers and GPU-placed units (each trades GPU memory for host
-    memory), late updates (host memory for overlap), streamed units (PCIe for CPU time) and bf16 weights in RAM
-    (RAM and CPU time for PCIe)."""
+    memory), late updates (host memory for overlap), streamed units (PCIe for CPU time), bf16 weights in RAM
+    (RAM and CPU time for PCIe) and a deferred head update (host memory for overlap)."""
     chunks = [c for c in _divisors(batch) if (c & (c - 1) == 0 or c == batch) and batch // c <= MAX_CHUNKS]
     for window in sorted({min(2, L), min(3, L)}):
         keeps = sorted({0, 1, window} & set(range(L + 1)))
         for activation, chunk, keep, gpu_units in product(
             activation_policies(budgets, ranks), chunks, keeps, gpu_unit_grid(L)
         ):
-            for late, deferred, (streamed, embedding), gpu_layers, host_bf16 in product(
+            for late, (streamed, embedding), host_bf16 in product(
                 late_update_grid(L, update),
-                deferred_update_grid(update, gpu_units),
                 streamed_grid(L, update, gpu_units, ranks),
-                gpu_layer_grid(L, gpu_units),
                 host_bf16_options(L, gpu_units),
             ):
-                yield dict(
-                    chunk=chunk,
-                    window=window,
-                    activation=activation,
-                    keep_last=keep,
-                    gpu_units=gpu_units,
-                    gpu_layers=gpu_layers,
-                    late_updates=late,
-                    deferred_updates=deferred,
-                    streamed_layers=streamed,
-                    streamed_embedding=embedding,
-                    host_bf16_weights=host_bf16,
-                )
+                for deferred in deferred_update_grid(update, gpu_units, late):
+                    yield dict(
+                        chunk=chunk,
+                        window=window,
+                        activation=activation,
+                        keep_last=keep,
+                        gpu_units=gpu_units,
+                        late_updates=late,
+                        deferred_updates=deferred,
+                        streamed_layers=streamed,
+                        streamed_embedding=embedding,
+                        host_bf16_weights=host_bf16,
+                    )
 
 
 def host_bf16_options(num_layers: int, gpu_units: int) -> tuple[bool, ...]:
@@ -311,18 +343,20 @@ def late_update_grid(num_layers: int, update: str) -> list[int]:
     return sorted({0, num_layers // 4, num_layers // 2, num_layers + 1})
 
 
-def deferred_update_grid(update: str, gpu_units: int) -> list[int]:
+def deferred_update_grid(update: str, gpu_units: int, late: int) -> list[int]:
     """Units from the head down whose CPU updates wait for the end of the backward (Plan.deferred_updates): none
     or the head, whose update then runs beside the next forward instead of leaving the CPU idle there (more
-    layers deferred held the next forward's loads up in simulation). Only for a host-updated head."""
-    return [0, 1] if update == "during_backward" and not gpu_units else [0]
+    layers deferred held the next forward's loads up in simulation, and so did a deferred head behind late
+    first layers, which already keep the CPU busy there). Only for a host-updated head."""
+    return [0, 1] if update == "during_backward" and not gpu_units and not late else [0]
 
 
-def gpu_layer_grid(num_layers: int, gpu_units: int) -> list[int]:
-    """First decoder layers updated on the GPU beside host-updated edges (`uniform_plan`'s gpu_layers): none, one
-    or two, which a small GPU's spare memory holds (each takes its master, states and gradient); their updates
-    end with the backward, so the next forward starts without waiting for the CPU."""
-    return sorted({0, *(k for k in (1, 2) if k <= num_layers)}) if not gpu_units else [0]
+def gpu_layer_options(num_layers: int, gpu_units: int) -> tuple[int, ...]:
+    """First decoder layers to update on the GPU beside host-updated edges (`uniform_plan`'s gpu_layers), most
+    first: two, one or none, which a small GPU's spare memory holds (each takes its master, states and
+    gradient). Their updates end with the backward, so the next forward starts without waiting for the CPU,
+    and they take their work off the CPU and PCIe: a point takes the most that fit at no other cost."""
+    return tuple(k for k in (2, 1) if k <= num_layers) + (0,) if not gpu_units else (0,)
 
 
 def streamed_grid(num_layers: int, update: str, gpu_units: int, ranks: int = 1) -> list[tuple[tuple[int, ...], bool]]:
@@ -429,7 +463,7 @@ def choose_plan(
     # simulated, and the extra ones cannot win (their time is past the bound that would have stopped it).
     scored: list[tuple[float, Plan]] = []
     fastest = float("inf")
-    workers = min(os.cpu_count() or 1, MAX_WORKERS) if len(bounded) >= PARALLEL_FROM else 1
+    workers = _workers(len(bounded))
     with _pool(workers) as pool:
         for start in range(0, len(bounded), workers):
             group = [p for bound, _, p in bounded[start : start + workers] if bound < fastest * (1 + TIE)]
@@ -446,6 +480,12 @@ def choose_plan(
 def _seconds_per_token(job: tuple[ModelConfig, Plan, Profile]) -> float:
     cfg, plan, profile = job
     return 1 / simulate(cfg, plan, profile).tokens_per_s
+
+
+def _workers(jobs: int) -> int:
+    """Worker processes for `jobs` plans to check or simulate: the cores (at most MAX_WORKERS) from PARALLEL_FROM
+    jobs on, else the caller alone."""
+    return min(os.cpu_count() or 1, MAX_WORKERS) if jobs >= PARALLEL_FROM else 1
 
 
 def _pool(workers: int) -> ProcessPoolExecutor | _Serial:
