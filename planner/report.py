@@ -9,7 +9,7 @@ from slideformer.models.config import ModelConfig
 from slideformer.simulator import RESOURCE_NAMES
 
 from slideformer.schedule.memory import GiB
-from slideformer.schedule.op import OpKind
+from slideformer.schedule.op import COLLECTIVES
 from .search import Budgets, choose_plan, feasible, largest, least_needs
 
 
@@ -108,7 +108,7 @@ def _levers_when_fitting(cfg: ModelConfig, report: dict, sim) -> list[str]:
         out.append(f"{RESOURCE_NAMES[sim.bottleneck]} bounds the step: a larger batch amortises the weight traffic")
     if plan.ranks > 1:
         last = sim.spans[-1].step
-        reducing = sum(s.end - s.start for s in sim.spans if s.step == last and s.kind == OpKind.ALLREDUCE)
+        reducing = sum(s.end - s.start for s in sim.spans if s.step == last and s.kind in COLLECTIVES)
         out.append(
             f"the gradients' all-reduce between the {plan.ranks} GPUs takes {reducing:.2f} s of each step's GPU "
             "time: a faster link between them (a measured profile's gpu_link_bandwidth, NVLink) shortens it"

@@ -57,6 +57,7 @@ class StepOps:
         self.unpacked = self.numerics.positions(None, buffers.hidden[0][self._rows(0)])  # rows at 0..seq-1
         self.positions: list[Any] = []  # this step's, by chunk
         self.sq_norm = torch.zeros((), dtype=torch.float32, device=device)
+        self.sq_norm_shards = torch.zeros((), dtype=torch.float32, device=device)  # this rank's shards' (ranks > 1)
         self.loss = torch.zeros((), dtype=torch.float32, device=device)
         self.tokens: tuple[torch.Tensor, ...] = ()
         self.labels: tuple[torch.Tensor, ...] = ()
@@ -72,6 +73,7 @@ class StepOps:
             OpKind.BWD: self._bwd,
             OpKind.EMBED_BWD: self._embed_bwd,
             OpKind.ALLREDUCE: self._allreduce,
+            OpKind.REDUCE_SCATTER: self._reduce_scatter,
             OpKind.GRAD_OUT: self._grad_out,
         }
 
@@ -92,6 +94,7 @@ class StepOps:
         )
         self.loss.zero_()
         self.sq_norm.zero_()
+        self.sq_norm_shards.zero_()
 
     @property
     def embed_w(self) -> torch.Tensor:
@@ -252,10 +255,30 @@ class StepOps:
             self._add_to_norm(unit)
 
     def _allreduce(self, unit: int) -> None:
-        """A unit's complete gradient summed over the data-parallel ranks, then the sum added to the norm."""
+        """A GPU-updated unit's complete gradient summed over the data-parallel ranks, then the sum added to the
+        norm."""
         assert self.ranks is not None, "an all-reduce op exists only in a plan of several ranks"
         self.ranks.sum(self.b.gpu_grad[unit][: self.layouts[unit].numel])
         self._add_to_norm(unit)
+        self._collectives_done(unit)
+
+    def _reduce_scatter(self, unit: int) -> None:
+        """A host-updated unit's gradient: each rank gets the sum over ranks of its own shard (all its CPU
+        AdamW updates), whose square goes into this rank's part of the norm."""
+        assert self.ranks is not None, "a reduce-scatter op exists only in a plan of several ranks"
+        g = self.b.gpu_grad[unit][: self.layouts[unit].numel]
+        self.ranks.sum_to_owners(g)
+        shard = g[self.ranks.shard(g.numel())]
+        self.sq_norm_shards += torch.dot(shard, shard)
+        self._collectives_done(unit)
+
+    def _collectives_done(self, unit: int) -> None:
+        """After the step's last collective (the embedding's: its gradient completes last), the ranks' shard
+        norms summed into the step's norm, so every rank reads the whole batch's."""
+        if unit == 0:
+            assert self.ranks is not None
+            self.ranks.sum(self.sq_norm_shards)
+            self.sq_norm += self.sq_norm_shards
 
     def _add_to_norm(self, unit: int) -> None:
         """The unit's squared gradient into the step's squared norm (once per unit and step)."""
@@ -263,8 +286,10 @@ class StepOps:
         self.sq_norm += torch.dot(g, g)
 
     def _grad_out(self, unit: int) -> None:
+        """The unit's gradient to its host buffer: with several ranks, this rank's shard of it."""
         n = self.layouts[unit].numel
-        self.b.host_grad[unit][:n].copy_(self.b.gpu_grad[unit][:n], non_blocking=True)
+        part = slice(0, n) if self.ranks is None else self.ranks.shard(n)
+        self.b.host_grad[unit][part].copy_(self.b.gpu_grad[unit][part], non_blocking=True)
         self.release_grad(unit)
 
     def release_grad(self, unit: int) -> None:

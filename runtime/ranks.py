@@ -1,6 +1,7 @@
 """Data-parallel ranks (torch.distributed): each rank runs the same plan's sliding window on its share of the
-batch; every unit's gradient is summed across ranks on the device before its norm and update, and each host
-unit's AdamW runs sharded: the ranks share one copy of the masters (and of the bf16 weights kept in RAM) in
+batch; every unit's gradient is summed across ranks on the device before its norm and update (a host unit's
+shard by shard, each rank receiving the sum of its own shard, the only part it copies out and updates), and each
+host unit's AdamW runs sharded: the ranks share one copy of the masters (and of the bf16 weights kept in RAM) in
 shared host memory, each rank updates its slice in place and waits for the others before the unit is loaded
 again, so the host optimizer's work and states are split between the ranks and the masters exist once.
 Exact: the same AdamW as one process with the whole batch (AdamW is elementwise; only the order of the
@@ -40,6 +41,14 @@ class Ranks:
     def sum(self, tensor: torch.Tensor) -> None:
         """In place, the sum over ranks (issuing thread)."""
         dist.all_reduce(tensor, group=self.step)
+
+    def sum_to_owners(self, flat: torch.Tensor) -> None:
+        """In place, each rank's shard of `flat` (`shard`) summed over ranks into that rank's copy (issuing thread):
+        a reduce-scatter that allows shards of unequal length; the other shards are left as they were."""
+        for r in range(self.world):
+            part = flat[self.shard(flat.numel(), r)]
+            if part.numel():
+                dist.reduce(part, dst=r, group=self.step)
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """Whether `flag` is set on any rank (issuing thread), so that every rank takes the same branch."""

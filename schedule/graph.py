@@ -15,7 +15,7 @@ import networkx as nx
 
 from slideformer.models.config import GENERIC, ModelConfig
 
-from slideformer.schedule.op import Op, OpKind, Resource
+from slideformer.schedule.op import COLLECTIVES, Op, OpKind, Resource
 from slideformer.schedule.plan import STATE_STAGING_BUFFERS, STREAMED_IN_BYTES, STREAMED_OUT_BYTES, Plan
 
 
@@ -343,7 +343,10 @@ class _StepGraph:
         several ranks it is first summed across them, and what follows reads the sum."""
         plan, L = self.plan, self.L
         if plan.ranks > 1:  # NCCL runs on the compute stream, right after the gradient's last contribution
-            ready = self.op(f"allreduce:{u}", OpKind.ALLREDUCE, Resource.GPU, [ready], unit=u, nbytes=4 * self.numel[u])
+            # a GPU-updated unit needs the whole sum on every rank; a host-updated one only its rank's shard of
+            # it, which is all that rank's CPU AdamW updates and its copy to the host moves
+            kind = OpKind.ALLREDUCE if plan.placement[u] == "gpu" else OpKind.REDUCE_SCATTER
+            ready = self.op(f"{kind}:{u}", kind, Resource.GPU, [ready], unit=u, nbytes=4 * self.numel[u])
         if plan.placement[u] == "streamed":
             self.streamed_update(u, ready)
             return
@@ -366,7 +369,7 @@ class _StepGraph:
             Resource.D2H,
             [ready, ring_war],
             unit=u,
-            nbytes=4 * self.numel[u],
+            nbytes=4 * plan.shard_numel(self.numel[u]),
             gpu_free=4 * self.numel[u] if transient else 0,
         )
         if u not in (0, L + 1):
@@ -452,7 +455,7 @@ class _StepGraph:
     def updates_after_norm(self) -> None:
         """after_norm: the global norm once every gradient is in, then every update in forward order, so the
         next step's forward can start early."""
-        complete = (OpKind.GRAD_OUT, OpKind.ALLREDUCE, OpKind.EMBED_BWD, OpKind.HEAD, OpKind.BWD)
+        complete = (OpKind.GRAD_OUT, *COLLECTIVES, OpKind.EMBED_BWD, OpKind.HEAD, OpKind.BWD)
         ready = [o.name for o in ops(self.g) if o.kind in complete]
         norm = self.op("norm", OpKind.NORM, Resource.CPU, ready)
         for u in range(self.L + 2):

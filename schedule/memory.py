@@ -349,9 +349,8 @@ def host_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> 
     streamed; of its shard only for the CPU-updated units of one of several ranks), offloaded activations, bf16
     weights kept in RAM, and the disk tier's rings."""
     pinned = by_kind(host_buffers(cfg, plan), HOST_KINDS)
-    # a rank's share of a unit is its parameters / ranks, rounded up (`runtime.ranks.Ranks.shard`)
     states = (
-        sum(8 * -(-n // plan.ranks) for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu")
+        sum(8 * plan.shard_numel(n) for n, where in zip(unit_numels(cfg), plan.placement) if where == "cpu")
         + pinned["streamed_states"]
     )
     return {

@@ -31,7 +31,8 @@ class OpKind(StrEnum):
     FETCH = "fetch"  # a saved input back for the backward
     BWD = "bwd"
     EMBED_BWD = "embed_bwd"
-    ALLREDUCE = "allreduce"  # a unit's complete gradient summed across data-parallel ranks (Plan.ranks > 1)
+    ALLREDUCE = "allreduce"  # a GPU-updated unit's complete gradient summed across data-parallel ranks (ranks > 1)
+    REDUCE_SCATTER = "reduce_scatter"  # ... a host-updated unit's: each rank gets the sum of its shard only
     GRAD_OUT = "grad_out"  # a unit's fp32 gradient to its host buffer
     UPDATE = "update"  # AdamW on the CPU or, for GPU-placed units, on the GPU
     NORM = "norm"  # the global gradient norm (after_norm)
@@ -43,6 +44,8 @@ class OpKind(StrEnum):
     ACT_WRITE = "act_write"  # a disk-bound layer's saved input out to the tier
     ACT_READ = "act_read"
 
+
+COLLECTIVES = frozenset({OpKind.ALLREDUCE, OpKind.REDUCE_SCATTER})  # sums across ranks, on the compute stream
 
 BODY_ARGUMENTS = ("unit", "layer", "chunk", "slot", "piece")  # the fields an op's body takes, where set
 

@@ -110,6 +110,10 @@ class Plan:
             self.host_updated(u) and u not in late for u in range(1, len(self.placement) - 1)
         )
 
+    def shard_numel(self, numel: int) -> int:
+        """Parameters of a unit's largest per-rank shard (`runtime.ranks.Ranks.shard`: contiguous, rounded up)."""
+        return -(-numel // self.ranks)
+
     @property
     def streamed_units(self) -> list[int]:
         return [u for u, p in enumerate(self.placement) if p == "streamed"]

@@ -19,7 +19,7 @@ import numpy as np
 from slideformer.schedule.profile import Profile, ProfileError, fit_at
 from slideformer.models.config import ModelConfig
 from slideformer.schedule.graph import op_of, unit_numels
-from slideformer.schedule.op import OpKind, Resource
+from slideformer.schedule.op import COLLECTIVES, OpKind, Resource
 from slideformer.schedule.memory import saved_input_bytes
 from slideformer.schedule.plan import STREAMED_IN_BYTES, STREAMED_OUT_BYTES, Plan
 
@@ -29,7 +29,7 @@ COPY_LAUNCH_S = 10e-6
 # Two consumer cards without NVLink: NCCL through PCIe 4.0 x16, an assumption until measured (a profile's
 # `gpu_link_bandwidth` replaces it).
 DEFAULT_GPU_LINK_BANDWIDTH = 25e9
-ALLREDUCE_LATENCY_S = 50e-6  # one NCCL all-reduce's launch and ring steps, an assumption until measured
+COLLECTIVE_LATENCY_S = 50e-6  # one NCCL collective's launch and ring steps, an assumption until measured
 
 
 def layer_flops(cfg: ModelConfig, seq: int, tokens: int) -> float:
@@ -119,10 +119,12 @@ class CostModel:
         rate = self.p.streamed_in_bandwidth if into else self.p.streamed_out_bandwidth
         return self.copy("h2d" if into else "d2h", nbytes) if rate is None else nbytes / rate
 
-    def allreduce(self, nbytes: int, ranks: int) -> float:
-        """A ring all-reduce of `nbytes` over `ranks` GPUs: each link carries 2 (N - 1) / N of the bytes."""
+    def collective(self, kind: OpKind, nbytes: int, ranks: int) -> float:
+        """A ring all-reduce of `nbytes` over `ranks` GPUs (each link carries 2 (N - 1) / N of the bytes), or a
+        reduce-scatter (its first half: (N - 1) / N)."""
         link = self.p.gpu_link_bandwidth or DEFAULT_GPU_LINK_BANDWIDTH
-        return ALLREDUCE_LATENCY_S + 2 * (ranks - 1) / ranks * nbytes / link
+        passes = 2 if kind == OpKind.ALLREDUCE else 1
+        return COLLECTIVE_LATENCY_S + passes * (ranks - 1) / ranks * nbytes / link
 
     def gpu_bytes_moved(self, nbytes: float) -> float:
         return nbytes / self.gpu_memory_bandwidth
@@ -191,8 +193,8 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
         return cost.head(tokens) * slow
     if kind in (OpKind.EMBED, OpKind.EMBED_BWD):
         return cost.gpu_bytes_moved(a.nbytes * (2 if kind == OpKind.EMBED else 6))
-    if kind == OpKind.ALLREDUCE:
-        return cost.allreduce(a.nbytes, plan.ranks)
+    if kind in COLLECTIVES:
+        return cost.collective(kind, a.nbytes, plan.ranks)
     if kind == OpKind.UPDATE:
         if a.resource == Resource.GPU:
             return a.params / cost.gpu_adamw_rate
@@ -231,7 +233,8 @@ def embedding_turnaround(cfg: ModelConfig, plan, cost: CostModel) -> float:
         return n / cost.gpu_adamw_rate + cost.gpu_bytes_moved(6 * n)
     if where == "streamed":  # its pieces' updates, then the load of the bf16 weights the last piece wrote
         return n / cost.gpu_adamw_rate + cost.host_unit_load(plan, 0, n)
-    return cost.copy("d2h", 4 * n) + cost.host_update(n, plan.keeps_bf16_weights(0)) + cost.host_unit_load(plan, 0, n)
+    out = cost.copy("d2h", 4 * plan.shard_numel(n))  # its gradient (this rank's shard of it with several ranks)
+    return out + cost.host_update(n, plan.keeps_bf16_weights(0)) + cost.host_unit_load(plan, 0, n)
 
 
 def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
@@ -248,9 +251,16 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
 
     layers = sum(layer(a) for a in plan.activations)
     numels = unit_numels(cfg)
-    # several ranks: every unit's all-reduce on the compute stream (the embedding's before its turnaround)
-    allreduces = sum(cost.allreduce(4 * n, plan.ranks) for n in numels) if plan.ranks > 1 else 0.0
-    gpu = plan.chunks * (layers + cost.head(tokens)) * slow + allreduces + embedding_turnaround(cfg, plan, cost)
+    # several ranks: every unit's collective on the compute stream (the embedding's before its turnaround)
+    collectives = (
+        sum(
+            cost.collective(OpKind.ALLREDUCE if where == "gpu" else OpKind.REDUCE_SCATTER, 4 * n, plan.ranks)
+            for n, where in zip(numels, plan.placement)
+        )
+        if plan.ranks > 1
+        else 0.0
+    )
+    gpu = plan.chunks * (layers + cost.head(tokens)) * slow + collectives + embedding_turnaround(cfg, plan, cost)
     cpu = sum(cost.host_update(n, plan.keeps_bf16_weights(u)) for u, n in enumerate(numels) if plan.host_updated(u))
     files = [12 * numels[u] for u in plan.disk_units] + [saved_input_bytes(cfg, plan)] * plan.activations.count("disk")
     disk = sum(cost.disk("read", n) + cost.disk("write", n) for n in files)
@@ -267,8 +277,8 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
             h2d += STREAMED_IN_BYTES * n / (cost.p.streamed_in_bandwidth or cost.h2d.bandwidth)
             d2h += STREAMED_OUT_BYTES * n / (cost.p.streamed_out_bandwidth or cost.d2h.bandwidth)
             pcie_bytes += (STREAMED_IN_BYTES + STREAMED_OUT_BYTES) * n
-        else:
-            d2h += cost.copy("d2h", 4 * n)
-            pcie_bytes += 4 * n
+        else:  # its gradient, of this rank's shard only with several ranks
+            d2h += cost.copy("d2h", 4 * plan.shard_numel(n))
+            pcie_bytes += 4 * plan.shard_numel(n)
     duplex = pcie_bytes / cost.p.duplex_bandwidth if cost.p.duplex_bandwidth else 0.0
     return max(gpu, cpu, disk, h2d, d2h, duplex)

@@ -58,10 +58,12 @@ def _rank(rank: int, world: int, store: str, plan_kw: dict, out: str, resume: st
         saved = torch.load(resume)
         e.load_training_state(saved.__getitem__, set(saved))
         first = range(STEPS - 1, STEPS)
-    losses = train(e, batches(), rank, world, first)
+    losses = train(e, batches(), rank, world, first[:1])
+    after_one = e.hf_state() if rank == 0 else None
+    losses += train(e, batches(), rank, world, first[1:])
     state = e.training_state()  # every rank takes part: states are gathered
     if rank == 0:
-        torch.save({"losses": losses, "weights": e.hf_state(), "state": dict(state)}, out)
+        torch.save({"losses": losses, "weights": e.hf_state(), "after_one": after_one, "state": dict(state)}, out)
     if ranks is not None:  # one copy of the masters: what the first rank writes, the last one reads
         master = e.units[1].master.detach()
         ranks.barrier()
@@ -98,11 +100,15 @@ def test_ranks_train_like_one_process_with_the_whole_batch(tmp_path, world, plan
     one = run_ranks(tmp_path, 0, PLANS[plan])
     got = run_ranks(tmp_path, world, PLANS[plan])
     assert got["seen"] == SENTINEL  # the ranks share one copy of the masters
-    # fp32 sums in another order (over ranks, not over chunks): a missing or doubled rank's gradient moves the
-    # second step's loss by ~1e-3
-    assert got["losses"] == pytest.approx(one["losses"], rel=1e-6)
-    for name, w in one["weights"].items():
-        torch.testing.assert_close(got["weights"][name], w, rtol=1e-5, atol=1e-6, msg=name)
+    # fp32 sums in another order (over ranks, not over chunks; the clipping norm from the ranks' shard norms): a
+    # missing or doubled rank's gradient moves the second step's loss by ~1e-3
+    assert got["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    # Clipped, the norm's rounding changes the clip coefficient in its last bits, which AdamW's first steps on
+    # near-zero gradients amplify to ~lr (one process with max_grad_norm 0.5 and 0.5 (1 + 1e-7) ends 6e-4
+    # apart): there the weights are compared after the first step, before that amplification.
+    weights = "after_one" if "clip" in PLANS[plan] else "weights"
+    for name, w in one[weights].items():
+        torch.testing.assert_close(got[weights][name], w, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path):

@@ -106,7 +106,8 @@ def test_the_engine_has_a_body_for_every_kind_of_op_the_graph_builds():
         dict(update="after_norm"),
         dict(activation="disk", disk_layers=2),
         dict(streamed_layers=(1,)),
-        dict(ranks=2),
+        dict(ranks=2),  # host units reduce-scattered
+        dict(ranks=2, gpu_units=1),  # GPU units all-reduced
     ):
         plan = uniform_plan("tiny-llama", cfg.num_layers, 2, 16, device="cpu", **kw)
         kinds |= {o.kind for o in ops(build_step_graph(cfg, plan))}

@@ -1,6 +1,7 @@
 """Data-parallel ranks in the plan, the graph, the simulator and the planner: every unit's gradient is summed
-across ranks (an all-reduce on the compute stream) before it leaves the GPU or is updated, that all-reduce
-costs a ring's time, a step trains every rank's tokens, the ranks' host memory counts the shared masters once,
+across ranks on the compute stream before it leaves the GPU or is updated (all-reduced for GPU-updated units,
+reduce-scattered for host-updated ones, which copy out their rank's shard only), each collective costs a
+ring's time, a step trains every rank's tokens, the ranks' host memory counts the shared masters once,
 and `slideformer plan --gpus N` reports the scaling against one GPU."""
 
 import json
@@ -12,11 +13,11 @@ from slideformer.cli import main
 from slideformer.models import PRESETS, load_model_config
 from slideformer.schedule.graph import build_step_graph, op_of, ops, unit_numels
 from slideformer.schedule.memory import SHARED_HOST_KINDS, host_bytes, host_bytes_all_ranks
-from slideformer.schedule.op import OpKind, Resource
+from slideformer.schedule.op import COLLECTIVES, OpKind, Resource
 from slideformer.schedule.plan import Plan, PlanError, uniform_plan
 from slideformer.schedule.profile import Profile
 from slideformer.simulator import simulate
-from slideformer.simulator.costs import ALLREDUCE_LATENCY_S, DEFAULT_GPU_LINK_BANDWIDTH, CostModel, op_seconds
+from slideformer.simulator.costs import COLLECTIVE_LATENCY_S, DEFAULT_GPU_LINK_BANDWIDTH, CostModel, op_seconds
 
 CFG = load_model_config("llama-3.1-8b").with_layers(4)
 MODEL = "llama-3.1-8b:4"
@@ -37,12 +38,15 @@ def test_each_unit_gradient_is_summed_across_ranks_before_it_leaves_or_is_update
     g = build_step_graph(cfg, plan)
     L, last = cfg.num_layers, plan.chunks - 1
     ready = {0: f"embed_bwd:{last}", L + 1: f"head:{last}"} | {lay + 1: f"bwd:{lay}:{last}" for lay in range(L)}
-    reductions = [o for o in ops(g) if o.kind == OpKind.ALLREDUCE]
+    reductions = [o for o in ops(g) if o.kind in COLLECTIVES]
     assert sorted(o.unit for o in reductions) == list(range(L + 2))  # one per unit
     for o in reductions:
         u = o.unit
-        assert o.name == f"allreduce:{u}" and o.resource == Resource.GPU
+        kind = OpKind.ALLREDUCE if plan.placement[u] == "gpu" else OpKind.REDUCE_SCATTER
+        assert o.name == f"{kind}:{u}" and o.kind == kind and o.resource == Resource.GPU
         assert o.nbytes == 4 * unit_numels(cfg)[u] and list(g.predecessors(o.name)) == [ready[u]]
+        if plan.host_updated(u):  # only this rank's shard leaves the GPU
+            assert op_of(g, f"grad_out:{u}").nbytes == 4 * -(-unit_numels(cfg)[u] // 2)
         # what reads the gradient next (its copy to the host, its GPU update) reads the sum
         readers = [n for n in g.successors(o.name) if op_of(g, n).kind in (OpKind.GRAD_OUT, OpKind.UPDATE)]
         if plan.update == "during_backward" or plan.host_updated(u):
@@ -52,20 +56,20 @@ def test_each_unit_gradient_is_summed_across_ranks_before_it_leaves_or_is_update
     if plan.update == "after_norm":
         assert {o.name for o in reductions} <= set(g.predecessors("norm"))
     one = build_step_graph(cfg, replace(plan, ranks=1))
-    assert not any(o.kind == OpKind.ALLREDUCE for o in ops(one))
+    assert not any(o.kind in COLLECTIVES for o in ops(one))
 
 
-def test_an_allreduce_costs_a_ring_over_the_gpu_link():
-    plan = uniform_plan(MODEL, 4, 8, 1024, chunk=4, ranks=2)
+@pytest.mark.parametrize("op, passes", [("allreduce:1", 2), ("reduce_scatter:2", 1)])
+def test_a_collective_costs_a_ring_over_the_gpu_link(op, passes):
+    """An all-reduce moves 2 (N - 1) / N of the bytes over each link, a reduce-scatter half that."""
+    plan = uniform_plan(MODEL, 4, 8, 1024, chunk=4, ranks=2, gpu_units=2)  # units 0, 1 and the head on the GPU
     g = build_step_graph(CFG, plan)
     nbytes = 4 * unit_numels(CFG)[1]
-    ring = lambda link: ALLREDUCE_LATENCY_S + 2 * (2 - 1) / 2 * nbytes / link  # noqa: E731
+    ring = lambda link: COLLECTIVE_LATENCY_S + passes * (2 - 1) / 2 * nbytes / link  # noqa: E731
     assert PROFILE.gpu_link_bandwidth is None  # unmeasured: the assumed PCIe link
-    assert op_seconds(g, "allreduce:1", CostModel(PROFILE, CFG, plan.seq)) == pytest.approx(
-        ring(DEFAULT_GPU_LINK_BANDWIDTH)
-    )
+    assert op_seconds(g, op, CostModel(PROFILE, CFG, plan.seq)) == pytest.approx(ring(DEFAULT_GPU_LINK_BANDWIDTH))
     measured = replace(PROFILE, gpu_link_bandwidth=100e9)
-    assert op_seconds(g, "allreduce:1", CostModel(measured, CFG, plan.seq)) == pytest.approx(ring(100e9))
+    assert op_seconds(g, op, CostModel(measured, CFG, plan.seq)) == pytest.approx(ring(100e9))
 
 
 def scaling(batch: int, **kw) -> tuple[float, dict, dict]:
@@ -79,7 +83,7 @@ def scaling(batch: int, **kw) -> tuple[float, dict, dict]:
 def test_a_gpu_bound_plan_scales_by_less_than_the_ranks_its_allreduces_add_to_the_gpu():
     plan = uniform_plan(MODEL, 4, 64, 1024, chunk=4, ranks=2, gpu_units=6, activation="recompute")
     g, cost = build_step_graph(CFG, plan), CostModel(PROFILE, CFG, plan.seq)
-    reductions = sum(op_seconds(g, o.name, cost) for o in ops(g) if o.kind == OpKind.ALLREDUCE)
+    reductions = sum(op_seconds(g, o.name, cost) for o in ops(g) if o.kind in COLLECTIVES)
     ratio, one, two = scaling(64, gpu_units=6, activation="recompute")
     assert 1 < ratio < 2
     assert two["gpu"] == pytest.approx(one["gpu"] + reductions)  # the step's other GPU work is one rank's
