@@ -257,9 +257,9 @@ def uniform_plan(
     """A plan with one policy for every layer; the last `keep_last` layers keep their graphs, the first
     `gpu_units` units (embed, layer 0, ...) plus the head when gpu_units > 0 are updated on the GPU, and so
     are the first `gpu_layers` decoder layers alone (the next forward needs them first, and the edges are the
-    largest units), the last `disk_layers` layers keep their states on disk (updated first in backward, needed last in forward)
-    and the layers `streamed_layers` (and the embedding, `streamed_embedding`) that are left on the CPU are updated
-    by the streamed GPU AdamW."""
+    largest units), the last `disk_layers` layers keep their states on disk (updated first in backward,
+    needed last in forward) and the layers `streamed_layers` (and the embedding, `streamed_embedding`) that
+    are left on the CPU are updated by the streamed GPU AdamW."""
     acts: list[ActivationPolicy] = [activation] * num_layers
     for i in range(num_layers - keep_last, num_layers):
         acts[i] = "keep"
