@@ -41,6 +41,11 @@ def seq_batch(workload: str) -> tuple[int, int]:
     return int(seq), int(batch)
 
 
+def plan_file(plans_dir: str, workload: str, profile_name: str) -> Path:
+    """Where `--choose` writes, and `--plans` reads, the planner's verdict for a workload and profile."""
+    return Path(plans_dir) / f"{MODEL}-{GPU_CAP_GIB}gib-{workload}-{profile_name}.json"
+
+
 def chosen_plans(plans_dir: str, workloads: list[str], profile, cfg, budgets) -> dict[str, tuple]:
     """Verdicts the planner reached beforehand (`bench.consumer --choose`) for the same profile, so that a lease
     spends no time searching: {workload: (verdict, file, the budgets it was chosen for)}. A file counts as the
@@ -52,7 +57,7 @@ def chosen_plans(plans_dir: str, workloads: list[str], profile, cfg, budgets) ->
 
     out = {}
     for w in workloads:
-        path = Path(plans_dir) / f"{MODEL}-{GPU_CAP_GIB}gib-{w}-{profile.name}.json"
+        path = plan_file(plans_dir, w, profile.name)
         if not path.exists():
             continue
         saved = json.loads(path.read_text())
@@ -81,7 +86,7 @@ def choose(workloads: list[str], profile_path: str, host_bytes: int, plans_dir: 
     for w in workloads:
         seq, batch = seq_batch(w)
         verdict = choose_plan(cfg, MODEL, seq, batch, profile, budgets)
-        path = Path(plans_dir) / f"{MODEL}-{GPU_CAP_GIB}gib-{w}-{profile.name}.json"
+        path = plan_file(plans_dir, w, profile.name)
         if not verdict.fits:
             print(f"{w}: refused: {'; '.join(verdict.shortfalls)}", flush=True)
             continue

@@ -236,14 +236,12 @@ def candidates(
     larger budget only adds candidates or moves layers off the disk."""
     points = list(_grid_points(cfg.num_layers, batch, budgets, update, ranks))
     workers = _workers(len(points))
-    groups = [points[i :: workers * 4] for i in range(workers * 4)] if workers > 1 else [points]
+    size = -(-len(points) // (workers * 4))  # a few groups per worker, in the grid's order
+    groups = [points[i : i + size] for i in range(0, len(points), size)]
     question = (cfg, model, batch, seq, profile, budgets, update, ranks)
     with _pool(workers) as pool:
-        checked = list(pool.map(_fitting_plans, [(question, group) for group in groups]))
-    by_point: dict[int, Plan | None] = {}  # the groups interleave the points: put the grid's order back
-    for group, plans in zip(groups, checked):
-        by_point |= {id(point): plan for point, plan in zip(group, plans)}
-    return [plan for point in points if (plan := by_point[id(point)]) is not None]
+        checked = pool.map(_fitting_plans, [(question, group) for group in groups])
+        return [plan for plans in checked for plan in plans if plan is not None]
 
 
 def _fitting_plans(job: tuple[tuple, list[dict]]) -> list[Plan | None]:
@@ -281,11 +279,12 @@ def _fitting_plans(job: tuple[tuple, list[dict]]) -> list[Plan | None]:
     for point in points:
         *more, none = gpu_layer_options(L, point["gpu_units"])
         plan = fitting(point, none)
-        for k in more if plan is not None else ():  # the most GPU layers that fit with nothing else changed
-            with_gpu = fitting(point, k)
-            if with_gpu is not None and plan is not None and _same_costs(with_gpu, plan):
-                plan = with_gpu
-                break
+        if plan is not None:
+            for k in more:  # the most GPU layers that fit with nothing else changed
+                with_gpu = fitting(point, k)
+                if with_gpu is not None and _same_costs(with_gpu, plan):
+                    plan = with_gpu
+                    break
         out.append(plan)
     return out
 

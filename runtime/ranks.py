@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from slideformer.schedule.plan import shard_numel
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -34,7 +36,7 @@ class Ranks:
 
     def shard(self, numel: int, rank: int | None = None) -> slice:
         """Rank `rank`'s (default: this one's) contiguous slice of a unit of `numel` parameters."""
-        per = -(-numel // self.world)
+        per = shard_numel(numel, self.world)
         r = self.rank if rank is None else rank
         return slice(min(r * per, numel), min((r + 1) * per, numel))
 

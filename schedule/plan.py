@@ -111,8 +111,8 @@ class Plan:
         )
 
     def shard_numel(self, numel: int) -> int:
-        """Parameters of a unit's largest per-rank shard (`runtime.ranks.Ranks.shard`: contiguous, rounded up)."""
-        return -(-numel // self.ranks)
+        """Parameters of a unit's largest per-rank shard (`shard_numel`)."""
+        return shard_numel(numel, self.ranks)
 
     @property
     def streamed_units(self) -> list[int]:
@@ -236,6 +236,12 @@ class Plan:
             return cls.from_json(Path(path).read_text())
         except PlanError as e:
             raise PlanError(f"{path}: {e}") from None
+
+
+def shard_numel(numel: int, ranks: int) -> int:
+    """Parameters per rank of a unit split between `ranks` data-parallel ranks: contiguous shards, rounded up
+    (the last may be shorter)."""
+    return -(-numel // ranks)
 
 
 def uniform_plan(

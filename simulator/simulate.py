@@ -15,6 +15,7 @@ forward to their backward, and each compute op's workspace while it runs.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -224,28 +225,19 @@ def _shared_copy_end(start: float, nbytes: int, rate: float, other: _Link, duple
     placed so far take their rates out of the duplex limit; its pieces go into `own`. The copy placed later
     yields (the replay places ops in issue order), which keeps both directions' sum within the limit."""
     t, left = start, float(nbytes)
-    k = bisect.bisect_right(other.ends, t)
-    while left > 0:
-        if k == len(other.ends):
-            own.add(t, t + left / rate, rate)
-            return t + left / rate
-        s, e = other.starts[k], other.ends[k]
-        if s > t:  # a gap: the whole rate
-            if left <= rate * (s - t):
-                own.add(t, t + left / rate, rate)
-                return t + left / rate
-            own.add(t, s, rate)
-            left -= rate * (s - t)
-            t = s
-        shared = max(min(rate, duplex - other.rates[k]), 1e-3 * rate)
-        if left <= shared * (e - t):
-            own.add(t, t + left / shared, shared)
-            return t + left / shared
-        own.add(t, e, shared)
-        left -= shared * (e - t)
-        t = e
-        k += 1
-    return t
+    k = bisect.bisect_right(other.ends, t)  # the other's first transfer that ends after t
+    while True:
+        if k < len(other.ends) and other.starts[k] <= t:  # the other copies: what it leaves of the limit
+            r, until = max(min(rate, duplex - other.rates[k]), 1e-3 * rate), other.ends[k]
+            k += 1
+        else:  # a gap: the whole rate, until the other's next transfer
+            r, until = rate, other.starts[k] if k < len(other.ends) else math.inf
+        if left <= r * (until - t):
+            own.add(t, t + left / r, r)
+            return t + left / r
+        own.add(t, until, r)
+        left -= r * (until - t)
+        t = until
 
 
 def _replay(f: _FlatGraph, steps: int) -> _Replay:
