@@ -12,6 +12,7 @@ import argparse
 from bench.common import provenance, write_result
 from slideformer.calibrate.measure import staged_load_bandwidth
 from slideformer.models import load_model_config
+from slideformer.runtime.weight_stream import WeightStream
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
     rows = []
     for seq, sequences in ((1024, 8), (2048, 8)):
         for buffers, priority in ((1, False), (1, True), (4, False), (4, True)):
-            rate = staged_load_bandwidth(cfg, seq, sequences, 64 * 2**20, buffers, priority)
+            rate = staged_load_bandwidth(WeightStream, cfg, seq, sequences, 64 * 2**20, buffers, priority)
             rows.append(
                 {
                     "seq": seq,

@@ -28,7 +28,7 @@ from slideformer.schedule.memory import GiB, disk_bytes
 from slideformer.planner.search import GPU_BUDGET_FRACTION, Budgets, choose_plan
 from slideformer.recipes.train import available_host_bytes
 from slideformer.runtime import AdamWConfig, Engine
-from slideformer.runtime.disk import kvikio_available
+from slideformer.runtime.disk import DiskTier, kvikio_available
 from slideformer.simulator import RESOURCE_NAMES
 
 SHAPES = ["qwen2.5-32b:30", "qwen2.5-32b:28", "qwen2.5-32b:26", "qwen3-14b", "qwen2.5-32b:24", "qwen3-14b:32"]
@@ -59,7 +59,7 @@ def main() -> None:
 
     # 1. The tier alone.
     paths = ["kvikio", "posix"] if kvikio_available() else ["posix"]
-    record["tier"] = {io: dataclasses.asdict(disk_rates(root, int(a.tier_gib * GiB), io)) for io in paths}
+    record["tier"] = {io: dataclasses.asdict(disk_rates(DiskTier, root, int(a.tier_gib * GiB), io)) for io in paths}
     write_result(a.out, record)
 
     # 2. The largest shape that fits with the disk (and not without).

@@ -9,14 +9,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from slideformer.models.config import GENERIC, ModelConfig
 from slideformer.schedule.plan import SEQ_TILES, STAGING_BUFFERS
-from slideformer.runtime.weight_stream import WeightStream
 from slideformer.models.loss import head_loss_and_grads
 from slideformer.models.numerics import numerics_for
 
@@ -83,18 +82,17 @@ def cpu_adamw_rates(numel: int, thread_counts: list[int]) -> list[float]:
     return rates
 
 
-def disk_rates(directory: str | Path, nbytes: int, io: str = "auto") -> Disk:
-    """Write then read files of two sizes through the disk tier itself (its pieces, threads, checksums and
-    I/O path: kvikio when installed, else POSIX with O_DIRECT), fitting time = latency + bytes / bandwidth
-    per direction: layers' states move in large files, activations in small ones."""
-    from slideformer.runtime.disk import DiskTier
-
+def disk_rates(disk_tier: Callable[..., Any], directory: str | Path, nbytes: int, io: str = "auto") -> Disk:
+    """Write then read files of two sizes through the disk tier itself (`disk_tier`: the runtime's `DiskTier`,
+    with its pieces, threads, checksums and I/O path: kvikio when installed, else POSIX with O_DIRECT), fitting
+    time = latency + bytes / bandwidth per direction: layers' states move in large files, activations in small
+    ones."""
     sizes = [max(nbytes // 16, 4 * DISK_ALIGN), nbytes]
     buf = torch.empty(padded(nbytes) + DISK_ALIGN, dtype=torch.uint8)
     buf = buf[-buf.data_ptr() % DISK_ALIGN :][: padded(nbytes)].fill_(0x5A)
     times: dict[str, list[float]] = {"read": [], "write": []}
     with tempfile.TemporaryDirectory(dir=directory, prefix=".slideformer-calibrate-") as d:
-        tier = DiskTier(d, {f"calibrate{n}": n for n in sizes}, io)
+        tier = disk_tier(d, {f"calibrate{n}": n for n in sizes}, io)
         try:
             for n in sizes:
                 times["write"].append(median_time(lambda: tier.write(f"calibrate{n}", buf), repeats=2))
@@ -265,6 +263,7 @@ def cpu_adamw_rate_under_copies(
 
 
 def staged_load_bandwidth(
+    weight_stream: Callable[..., Any],
     cfg: ModelConfig,
     seq: int,
     sequences: int,
@@ -272,12 +271,13 @@ def staged_load_bandwidth(
     buffers: int = STAGING_BUFFERS,
     cast_priority: bool = True,
 ) -> float:
-    """The runtime's weight load (`WeightStream`: fp32 pinned -> staging ring -> bf16 cast) of one layer
-    while the compute stream runs that layer's recompute + backward, as in the runtime's backward."""
+    """The runtime's weight load (`weight_stream`: the runtime's `WeightStream`, fp32 pinned -> staging ring ->
+    bf16 cast) of one layer while the compute stream runs that layer's recompute + backward, as in the
+    runtime's backward."""
     numel = cfg.layer_params
     master = torch.ones(numel, dtype=torch.float32, pin_memory=True)
     dst = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
-    stream = WeightStream([torch.empty(piece_bytes // 4, device="cuda") for _ in range(buffers)], cast_priority)
+    stream = weight_stream([torch.empty(piece_bytes // 4, device="cuda") for _ in range(buffers)], cast_priority)
     layer = _Layer(cfg, "cuda")
     x = torch.randn(sequences, seq, cfg.hidden_size, dtype=torch.bfloat16, device="cuda")
     side = torch.cuda.Stream()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 import os
 from pathlib import Path
 import platform
+from typing import Any, Callable
 
 import torch
 
@@ -18,7 +20,18 @@ from slideformer.schedule.profile import Profile
 MiB = 2**20
 
 
+@dataclass(frozen=True)
+class TimedPieces:
+    """The runtime's own pieces that calibrate times, so that it measures the code that runs: handed in by the
+    application (`slideformer calibrate`), since calibrate and the runtime sit side by side on the schedule
+    layer and never import each other."""
+
+    weight_stream: Callable[..., Any]  # runtime.weight_stream.WeightStream
+    disk_tier: Callable[..., Any]  # runtime.disk.DiskTier
+
+
 def calibrate(
+    pieces: TimedPieces,
     models: list[ModelConfig],
     seqs: list[int],
     sequences_per_chunk: list[int],
@@ -58,7 +71,7 @@ def calibrate(
         process_baseline_bytes=measure.resident_bytes(),
     )
     if disk_dir is not None:
-        prof.disk = measure.disk_rates(disk_dir, int(2048 * MiB * scale))
+        prof.disk = measure.disk_rates(pieces.disk_tier, disk_dir, int(2048 * MiB * scale))
     if cuda:
         prof.gpu_memory_bytes = torch.cuda.get_device_properties(0).total_memory
         prof.gpu_bf16_flops = measure.gpu_gemm_flops(8192 if not quick else 1024)
@@ -77,7 +90,7 @@ def calibrate(
         )
         if models:
             prof.staged_load_bandwidth = measure.staged_load_bandwidth(
-                models[0], seqs[0], max(sequences_per_chunk), int(transfer_chunk_mb * MiB * scale)
+                pieces.weight_stream, models[0], seqs[0], max(sequences_per_chunk), int(transfer_chunk_mb * MiB * scale)
             )
             prof.compute_slowdown_under_copies = measure.compute_slowdown_under_copies(
                 models[0], seqs[0], max(sequences_per_chunk), copies, prof.h2d.bandwidth

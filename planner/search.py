@@ -360,14 +360,15 @@ def gpu_layer_options(num_layers: int, gpu_units: int) -> tuple[int, ...]:
 
 def streamed_grid(num_layers: int, update: str, gpu_units: int, ranks: int = 1) -> list[tuple[tuple[int, ...], bool]]:
     """Sets of layers the streamed GPU AdamW updates (Plan.placement 'streamed'), each with and without the
-    embedding: none, or two to six eighths of the layers spread evenly, so their PCIe traffic interleaves with
-    the backward's loads rather than bunching (layers placed on disk stay there). Both take work off the CPU,
+    embedding: none, or two to six eighths of the layers spread evenly from layer 0 up, so their PCIe traffic
+    interleaves with the backward's loads rather than bunching and the top layer, the backward's first, keeps
+    the CPU busy from the start (layers placed on disk stay there). Both take work off the CPU,
     so plans with GPU-placed edges (a large GPU's way) are not combined with streamed units (a small GPU's),
     which keeps the search short. None with several ranks (the runtime refuses 'streamed' there)."""
     if update != "during_backward" or gpu_units or ranks > 1:
         return [((), False)]
     counts = sorted({0, *(k * num_layers // 8 for k in (2, 3, 4, 5, 6))})
-    layers = [tuple(int((i + 0.5) * num_layers / k) for i in range(k)) for k in counts]
+    layers = [tuple(i * num_layers // k for i in range(k)) for k in counts]
     return [(s, embedding) for s in layers for embedding in (False, True)]
 
 

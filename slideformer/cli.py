@@ -72,11 +72,20 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
-    from slideformer.calibrate.run import calibrate
+    from slideformer.calibrate.run import TimedPieces, calibrate
+    from slideformer.runtime.disk import DiskTier
+    from slideformer.runtime.weight_stream import WeightStream
 
     models = [load_model_config(m) for m in a.model]
     prof = calibrate(
-        models, a.seq, a.sequences, a.disk_dir, quick=a.quick, name=a.name, max_chunk_tokens=a.max_chunk_tokens
+        TimedPieces(WeightStream, DiskTier),
+        models,
+        a.seq,
+        a.sequences,
+        a.disk_dir,
+        quick=a.quick,
+        name=a.name,
+        max_chunk_tokens=a.max_chunk_tokens,
     )
     prof.save(a.out)
     parts = [

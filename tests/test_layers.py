@@ -1,5 +1,6 @@
-"""Imports point one way: models (and kernels) <- schedule <- runtime, simulator <- calibrate, planner <- the
-application (CLI, recipes, data, checkpoints). A module importing against that direction fails here."""
+"""Imports point one way: models (and kernels) <- schedule <- runtime, simulator, calibrate (side by side, never
+each other) <- planner <- the application (CLI, recipes, data, checkpoints). A module importing against that
+direction fails here."""
 
 import ast
 from pathlib import Path
@@ -15,8 +16,8 @@ ALLOWED = {
     "schedule": {"models"},
     "runtime": {"schedule", "models", "kernels"},
     "simulator": {"schedule", "models"},
-    # calibrate times the runtime's own transfer and storage pieces (the weight stream, the disk tier) here
-    "calibrate": {"schedule", "models", "kernels", "runtime"},
+    # calibrate times the runtime's weight stream and disk tier, which the application hands it
+    "calibrate": {"schedule", "models", "kernels"},
     "planner": {"schedule", "models", "simulator"},
 }
 LAYERS = set(ALLOWED) | {"recipes"}
