@@ -1,6 +1,7 @@
 """Simulator fidelity: run plans with per-op CUDA-event timing and lay them beside the simulator's prediction.
 
     python -m bench.fidelity --profile calibrate/profiles/h100-80gb.json --out bench/results/X.json
+    python -m bench.fidelity --profile P.json --plan 1024x8=bench/plans/F.json --gpu-cap-gib 24 --out X.json
 
 Each plan runs in its own process (so its peak host RSS is its own): 2 warm-up steps, 3 timed steps
 (untraced: the measured step time), then 2 traced steps (the measured Gantt). The parent simulates the
@@ -55,13 +56,19 @@ def plans(profile: Profile) -> dict[str, Plan]:
     }
 
 
-def run_one(plan: Plan, out: Path) -> None:
+def run_one(plan: Plan, out: Path, gpu_cap_gib: float | None) -> None:
+    import torch
+
     from slideformer.data import random_next_token_batch
     from slideformer.models import RandomWeights
     from slideformer.runtime import AdamWConfig, Engine
 
+    budget = None
+    if gpu_cap_gib:  # as bench.ours: the caching allocator capped, and the engine's own check at the same cap
+        torch.cuda.set_per_process_memory_fraction(gpu_cap_gib * GiB / torch.cuda.get_device_properties(0).total_memory)
+        budget = int(gpu_cap_gib * GiB)
     cfg = load_model_config(plan.model)
-    engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5))
+    engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5), gpu_budget_bytes=budget)
     data = [random_next_token_batch(cfg.vocab_size, plan.batch, plan.seq, seed=i) for i in range(2)]
     step_s = time_steps(lambda i: engine.train_step(*data[i % 2]).loss, 2, 3, engine.synchronize)["step_s"]
     trace = engine.start_trace()
@@ -112,10 +119,12 @@ def main() -> None:
     ap.add_argument("--profile", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", help="comma-separated plan names")
+    ap.add_argument("--plan", action="append", metavar="NAME=FILE", help="run these plan files instead (repeatable)")
+    ap.add_argument("--gpu-cap-gib", type=float, help="cap the GPU at this many GiB (as bench.ours)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child mode: plan JSON path
     a = ap.parse_args()
     if a.one:
-        run_one(Plan.load(a.one), Path(a.out))
+        run_one(Plan.load(a.one), Path(a.out), a.gpu_cap_gib)
         return
     profile = Profile.load(a.profile)
     record = {
@@ -125,7 +134,8 @@ def main() -> None:
         "runs": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for name, plan in plans(profile).items():
+        chosen = {name: Plan.load(f) for name, f in (p.split("=", 1) for p in a.plan)} if a.plan else plans(profile)
+        for name, plan in chosen.items():
             if a.only and name not in a.only.split(","):
                 continue
             plan_path, out = Path(tmp) / f"{name}.plan.json", Path(tmp) / f"{name}.json"
@@ -140,6 +150,7 @@ def main() -> None:
                     a.profile,
                     "--one",
                     str(plan_path),
+                    *(["--gpu-cap-gib", str(a.gpu_cap_gib)] if a.gpu_cap_gib else []),
                     "--out",
                     str(out),
                 ],
