@@ -70,6 +70,7 @@ def provenance() -> dict:
         "git_commit": os.environ.get("SLIDEFORMER_COMMIT") or run(["git", "rev-parse", "HEAD"]),
         "torch": torch.__version__,
         "host": run(["hostname"]),
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # as the run's CUDA allocator read it
     }
 
 

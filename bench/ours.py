@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -72,6 +73,7 @@ def main() -> None:
         {
             "system": "slideformer",
             "name": a.name,
+            "command": "python -m bench.ours " + " ".join(sys.argv[1:]),
             **provenance(),
             "plan": plan.__dict__,
             "init_s": init_s,

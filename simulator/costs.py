@@ -54,6 +54,7 @@ class CostModel:
         shape = cfg.layer_shape()
         whole = [t for t in profile.layers if not t.seq_tile]
         self.own = [t for t in whole if t.shape() == shape and t.seq == seq]
+        self.same_shape = [t for t in whole if t.shape() == shape]
         self.own_tiled = [t for t in profile.layers if t.seq_tile and t.shape() == shape and t.seq == seq]
         self.heads = [t for t in profile.heads if (t.hidden, t.vocab) == (cfg.hidden_size, cfg.vocab_size)]
         peak = self.gpu_flops
@@ -84,8 +85,31 @@ class CostModel:
             return float(max(slope * tokens + intercept, min(p[1] for p in pts) * tokens / max(p[0] for p in pts)))
         if pts:
             return pts[0][1] * tokens / pts[0][0]
+        between = self._between_lengths(key, tokens)
+        if between is not None:
+            return between
         work = {"fwd_s": 1, "bwd_recompute_s": 3, "bwd_kept_s": 2}[key]
         return work * layer_flops(self.cfg, self.seq, tokens) / (self.gpu_flops * self.eff[key])
+
+    def _between_lengths(self, key: str, tokens: int) -> float | None:
+        """The layer at a sequence length the profile did not time, from the two timed lengths nearest it
+        (the same shape): per token, the matmuls cost the same at any length and causal attention grows in
+        proportion to it, so the time per token is a line in the length. Each length's time per token is
+        taken at its largest timed chunk (small chunks carry launch overheads). None without two lengths."""
+        per_token: dict[int, tuple[int, float]] = {}
+        for t in self.same_shape:
+            if getattr(t, key) > 0 and t.tokens >= per_token.get(t.seq, (0, 0.0))[0]:
+                per_token[t.seq] = (t.tokens, getattr(t, key) / t.tokens)
+        if len(per_token) < 2:
+            return None
+        lengths = sorted(per_token)
+        below, above = [s for s in lengths if s < self.seq], [s for s in lengths if s > self.seq]
+        if below and above:
+            lo, hi = below[-1], above[0]
+        else:  # beyond the timed lengths: the line through the two nearest
+            lo, hi = (above[0], above[1]) if above else (below[-2], below[-1])
+        (_, a), (_, b) = per_token[lo], per_token[hi]
+        return tokens * max(a + (b - a) * (self.seq - lo) / (hi - lo), min(a, b))
 
     @lru_cache(maxsize=None)
     def head(self, tokens: int) -> float:

@@ -6,6 +6,14 @@ The Python API (see `slideformer.api`): `slideformer.finetune(config, dataset=ro
 `slideformer.Plan` a plan.
 """
 
+import os
+
+# A step's GPU buffers change size from op to op (sequence tiles, loss pieces, the head), and under a tight cap
+# the caching allocator's fixed segments fragment: a 128K-token plan with 3 GiB to spare ran out of memory with
+# 5.9 GiB reserved but unallocated, and ran with expandable segments (bench/results/h200-2026-12-01-night-
+# consumer.json). Set before torch's CUDA allocator starts, unless the user chose a setting.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 __version__ = "0.1.0"
 __all__ = ["Plan", "TrainConfig", "finetune", "plan", "simulate", "train"]
 

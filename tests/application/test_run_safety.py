@@ -244,3 +244,18 @@ def test_a_second_signal_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("preset", [None, "backend:native"])
+def test_importing_slideformer_sets_expandable_segments_unless_the_user_chose(preset):
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    if preset:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = preset
+    out = subprocess.run(
+        [sys.executable, "-c", "import os, slideformer.runtime; print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert out == (preset or "expandable_segments:True")
