@@ -2,6 +2,7 @@
 
     python -m bench.fidelity --profile calibrate/profiles/h100-80gb.json --out bench/results/X.json
     python -m bench.fidelity --profile P.json --plan 1024x8=bench/plans/F.json --gpu-cap-gib 24 --out X.json
+    python -m bench.fidelity --draw X.json --out gantt.png   # a run's measured step over its simulated one
 
 Each plan runs in its own process (so its peak host RSS is its own): 2 warm-up steps, 3 timed steps
 (untraced: the measured step time), then 2 traced steps (the measured Gantt). The parent simulates the
@@ -54,6 +55,12 @@ def plans(profile: Profile) -> dict[str, Plan]:
         ),
         "planner-choice": chosen,
     }
+
+
+def plan_of(path: str) -> Plan:
+    """A plan file, or a verdict file of `bench.consumer --choose` (the plan under "plan")."""
+    saved = json.loads(Path(path).read_text())
+    return Plan.from_json(json.dumps(saved["plan"])) if "plan" in saved else Plan.load(path)
 
 
 def run_one(plan: Plan, out: Path, gpu_cap_gib: float | None) -> None:
@@ -114,18 +121,39 @@ def compare(name: str, plan: Plan, measured: dict, profile: Profile) -> dict:
     return row
 
 
+def draw_run(result: str, name: str | None, path: str) -> None:
+    """One traced step as measured above the same step as simulated, on one time axis."""
+    from slideformer.simulator.gantt import draw
+
+    runs = [r for r in json.loads(Path(result).read_text())["runs"] if "measured_spans" in r]
+    run = next(r for r in runs if name in (None, r["name"]))
+    draw(
+        [
+            (f"{run['name']}: measured, {run['measured_step_s']:.2f} s/step", run["measured_spans"], None),
+            (f"{run['name']}: simulated, {run['predicted_step_s']:.2f} s/step", run["predicted_spans"], None),
+        ],
+        path,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", required=True)
+    ap.add_argument("--profile")
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", help="comma-separated plan names")
     ap.add_argument("--plan", action="append", metavar="NAME=FILE", help="run these plan files instead (repeatable)")
     ap.add_argument("--gpu-cap-gib", type=float, help="cap the GPU at this many GiB (as bench.ours)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child mode: plan JSON path
+    ap.add_argument("--draw", metavar="RESULT", help="draw the first run of a result file (--only: that run)")
     a = ap.parse_args()
+    if a.draw:
+        draw_run(a.draw, a.only, a.out)
+        return
     if a.one:
         run_one(Plan.load(a.one), Path(a.out), a.gpu_cap_gib)
         return
+    if not a.profile:
+        ap.error("--profile is required to run plans")
     profile = Profile.load(a.profile)
     record = {
         "command": " ".join(["python -m bench.fidelity", *sys.argv[1:]]),
@@ -134,7 +162,7 @@ def main() -> None:
         "runs": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
-        chosen = {name: Plan.load(f) for name, f in (p.split("=", 1) for p in a.plan)} if a.plan else plans(profile)
+        chosen = {name: plan_of(f) for name, f in (p.split("=", 1) for p in a.plan)} if a.plan else plans(profile)
         for name, plan in chosen.items():
             if a.only and name not in a.only.split(","):
                 continue
