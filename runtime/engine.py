@@ -9,7 +9,8 @@ pass theirs through GPU slots in pieces after their backward for a fused AdamW t
 
 The pieces, in the order a step meets them: the plan's buffers (`buffers.StepBuffers`), its units' state
 (`units`), the graph's executor (`executor.GraphExecutor`, the simulator's twin) and the bodies of the ops it
-runs (`ops.StepOps`, `update_ops.UpdateOps`); `unit_state` saves and restores every unit's state.
+runs (`ops.StepOps`, `gradient_ops.GradientOps`, `update_ops.UpdateOps`); `unit_state` saves and restores
+every unit's state; `evaluation` runs the forward alone.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ import torch
 
 from slideformer.models.config import GENERIC, ModelConfig
 from slideformer.schedule.graph import build_step_graph
-from slideformer.schedule.op import Resource
 from slideformer.schedule.memory import GiB, describe, gpu_bytes, saved_input_bytes
 from slideformer.schedule.plan import Plan, PlanError
 
 from .buffers import StepBuffers
 from .disk import DeferredTensor, DiskTier
+from .evaluation import eval_loss
 from .executor import GraphExecutor
 from .layout import unit_layouts
 from slideformer.kernels import IGNORE_INDEX
+from .gradient_ops import GradientOps
 from .ops import StepOps
 from .trace import OpTrace
 from .unit_state import UnitStates
@@ -110,7 +112,8 @@ class Engine:
         self.units = self._make_units(source)
         if ranks is not None:  # the first rank has written the shared masters' initial weights
             ranks.barrier()
-        self.ops = StepOps(cfg, plan, self.layouts, self.units, self.buffers, self.device, ranks)
+        self.grads = GradientOps(cfg, plan, self.layouts, self.buffers, self.device, ranks)
+        self.ops = StepOps(cfg, plan, self.layouts, self.units, self.buffers, self.device, self.grads)
         updates = UpdateOps(
             plan,
             self.layouts,
@@ -119,10 +122,10 @@ class Engine:
             self.optim,
             self.tier,
             self.graph.graph["disk_slot"],
-            self.ops.sq_norm,
-            self.ops.release_grad,
+            self.grads.sq_norm,
+            self.grads.release_grad,
         )
-        self.executor = GraphExecutor(self.graph, self.ops.bodies | updates.bodies, self.device)
+        self.executor = GraphExecutor(self.graph, self.ops.bodies | self.grads.bodies | updates.bodies, self.device)
         self.states = UnitStates(plan, self.units, self.buffers, self.tier, self.executor, self.device)
         for u in plan.disk_units:  # initial states to disk
 
@@ -182,6 +185,7 @@ class Engine:
         if self.ranks is not None:  # the loss is the mean over every rank's trained tokens
             self.ranks.sum(trained)
         total = max(int(trained), 1)
+        self.grads.begin_step()
         self.ops.begin_step(
             input_ids.to(self.device, non_blocking=True).split(plan.chunk),
             labels.to(self.device, non_blocking=True).split(plan.chunk),
@@ -193,7 +197,7 @@ class Engine:
             self.ranks.sum(self.ops.loss)
         loss = float(self.ops.loss)
         norm_op = done.get("norm")
-        norm = norm_op.result()[0] if isinstance(norm_op, Future) else math.sqrt(float(self.ops.sq_norm))
+        norm = norm_op.result()[0] if isinstance(norm_op, Future) else math.sqrt(float(self.grads.sq_norm))
         if self.executor.trace:
             self.executor.trace.end_step()
         return StepResult(loss=loss, grad_norm=norm, tokens=total)
@@ -211,35 +215,11 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @torch.no_grad()
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> float:
         """Mean loss over non-ignored tokens with the current weights, changing nothing (any batch size;
         `positions` as train_step takes them)."""
         self.synchronize()
-        cfg, L, ops = self.cfg, self.cfg.num_layers, self.ops
-        ids, labels = input_ids.to(self.device), labels.to(self.device)
-        num = ops.numerics
-        pieces = [None] * -(-len(ids) // self.plan.chunk) if positions is None else positions.split(self.plan.chunk)
-        with self.executor.streams.on(Resource.GPU):
-            for unit in (0, L + 1):
-                ops._load(unit)
-            hidden = []
-            for rows in ids.split(self.plan.chunk):
-                x = torch.empty(*rows.shape, cfg.hidden_size, dtype=self.compute_dtype, device=self.device)
-                num.embed(ops.embed_w, rows, x)
-                hidden.append(x)
-            ops.release_edge_weights(0)
-            chunks = [num.positions(p, x) for p, x in zip(pieces, hidden)]
-            for lay in range(L):
-                ops._load(lay + 1)
-                params = ops._layer_params(lay)
-                hidden = [num.layer(lay, params, x, p, self.plan.seq_tile_tokens) for x, p in zip(hidden, chunks)]
-            total = sum(
-                num.head_loss_sum(x, y, ops.norm_w, ops.head_w, self.plan.loss_chunk_tokens)
-                for x, y in zip(hidden, labels.split(self.plan.chunk))
-            )
-            ops.release_edge_weights(L + 1)
-        return float(total) / max(int((labels != IGNORE_INDEX).sum()), 1)
+        return eval_loss(self.ops, self.executor, input_ids, labels, positions)
 
     def training_state(self) -> dict[str, torch.Tensor | DeferredTensor]:
         """fp32 master weights and AdamW states of every unit, for checkpoints (see UnitStates.training_state)."""

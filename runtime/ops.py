@@ -1,5 +1,6 @@
-"""What the step's compute and copy ops do (loads, the forward, the head, the backward, gradients out): the bodies
-the executor runs, one method per op kind; `update_ops` has the updates' and the disk tier's.
+"""What the step's compute and copy ops do (loads, the forward, the head, the backward): the bodies the executor
+runs, one method per op kind; `gradient_ops` has the complete gradients' (collectives, the norm, the copy out),
+`update_ops` the updates' and the disk tier's.
 
 They read and write the step's buffers (`StepBuffers`) and units; the executor has already put each on its
 resource's stream (or worker thread) and made it wait for its dependencies.
@@ -19,8 +20,8 @@ from slideformer.schedule.op import OpKind
 from slideformer.schedule.plan import Plan
 
 from .buffers import StepBuffers
+from .gradient_ops import GradientOps
 from .layout import UnitLayout
-from .ranks import Ranks
 from .units import DiskUnit, StreamedUnit, Unit
 from .weight_stream import WeightStream
 
@@ -34,10 +35,11 @@ class StepOps:
         units: list[Unit | StreamedUnit | DiskUnit],
         buffers: StepBuffers,
         device: torch.device,
-        ranks: Ranks | None = None,
+        grads: GradientOps,
     ) -> None:
+        """`grads`: what follows a unit's last gradient contribution (`GradientOps.gradient_done`)."""
         self.cfg, self.plan, self.layouts, self.units, self.b = cfg, plan, layouts, units, buffers
-        self.ranks, self.device = ranks, device
+        self.device, self.gradient_done = device, grads.gradient_done
         L = cfg.num_layers
 
         def leaves(layout: UnitLayout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -56,15 +58,13 @@ class StepOps:
         self.numerics = numerics_for(cfg, device)
         self.unpacked = self.numerics.positions(None, buffers.hidden[0][self._rows(0)])  # rows at 0..seq-1
         self.positions: list[Any] = []  # this step's, by chunk
-        self.sq_norm = torch.zeros((), dtype=torch.float32, device=device)
-        self.sq_norm_shards = torch.zeros((), dtype=torch.float32, device=device)  # this rank's shards' (ranks > 1)
         self.loss = torch.zeros((), dtype=torch.float32, device=device)
         self.tokens: tuple[torch.Tensor, ...] = ()
         self.labels: tuple[torch.Tensor, ...] = ()
         self.total_tokens = 1
         # What each kind of graph op does (an op's `kind` names one of these).
         self.bodies: dict[OpKind, Callable[..., object]] = {
-            OpKind.LOAD: self._load,
+            OpKind.LOAD: self.load,
             OpKind.EMBED: self._embed,
             OpKind.SAVE: self._save,
             OpKind.FWD: self._fwd,
@@ -72,9 +72,6 @@ class StepOps:
             OpKind.FETCH: self._fetch,
             OpKind.BWD: self._bwd,
             OpKind.EMBED_BWD: self._embed_bwd,
-            OpKind.ALLREDUCE: self._allreduce,
-            OpKind.REDUCE_SCATTER: self._reduce_scatter,
-            OpKind.GRAD_OUT: self._grad_out,
         }
 
     def begin_step(
@@ -93,8 +90,6 @@ class StepOps:
             else [self.numerics.positions(p, self.b.hidden[0][self._rows(0)]) for p in positions]
         )
         self.loss.zero_()
-        self.sq_norm.zero_()
-        self.sq_norm_shards.zero_()
 
     @property
     def embed_w(self) -> torch.Tensor:
@@ -124,7 +119,7 @@ class StepOps:
             self.b.edge_weights[unit] = torch.empty(n, dtype=self.b.compute, device=self.device)
         return self.b.edge_weights[unit] if unit in (0, L + 1) else self.b.slots[(unit - 1) % self.plan.window]
 
-    def _load(self, unit: int) -> None:
+    def load(self, unit: int) -> None:
         """bf16 weights kept in RAM straight into the slot, else the fp32 master cast to bf16 on the GPU (streamed
         through the staging ring when on the host)."""
         u = self.units[unit]
@@ -151,7 +146,7 @@ class StepOps:
         dst = self.b.host_act[layer] if slot is None else self.b.act_views[slot]
         dst[rows].copy_(self.b.hidden[layer % 2][rows], non_blocking=True)
 
-    def _layer_params(self, layer: int) -> dict[str, torch.Tensor]:
+    def layer_params(self, layer: int) -> dict[str, torch.Tensor]:
         return self.slot_params[layer % self.plan.window]
 
     def _fwd(self, layer: int, chunk: int) -> None:
@@ -164,17 +159,17 @@ class StepOps:
         if policy == "keep":
             x = x.detach().clone().requires_grad_()
             with torch.enable_grad():
-                y = self.numerics.layer(layer, self._layer_params(layer), x, pos)
+                y = self.numerics.layer(layer, self.layer_params(layer), x, pos)
             self.kept_graph[(layer, chunk)] = (x, y)
             out.copy_(y.detach())
         else:
             with torch.no_grad():
-                out.copy_(self.numerics.layer(layer, self._layer_params(layer), x, pos, self.plan.seq_tile_tokens))
+                out.copy_(self.numerics.layer(layer, self.layer_params(layer), x, pos, self.plan.seq_tile_tokens))
 
     def _head(self, chunk: int) -> None:
         L = self.cfg.num_layers
         rows = self._rows(chunk)
-        if chunk == 0 and self.transient[("grad", L + 1)]:  # taken now, given back once copied out (_grad_out)
+        if chunk == 0 and self.transient[("grad", L + 1)]:  # taken now, given back once copied out (GradientOps)
             self.b.gpu_grad[L + 1] = torch.zeros(self.layouts[L + 1].numel, dtype=torch.float32, device=self.device)
         elif chunk == 0:
             self.b.gpu_grad[L + 1].zero_()
@@ -200,7 +195,7 @@ class StepOps:
         self.b.dgrad[L % 2][rows].copy_(dx)
         if chunk == self.plan.chunks - 1:
             self.release_edge_weights(L + 1)
-            self._gradient_done(L + 1)
+            self.gradient_done(L + 1)
 
     def _fetch(self, layer: int, chunk: int, slot: int | None = None) -> None:
         rows = self._rows(chunk)
@@ -209,7 +204,7 @@ class StepOps:
 
     def _bwd(self, layer: int, chunk: int) -> None:
         rows = self._rows(chunk)
-        params = self._layer_params(layer)
+        params = self.layer_params(layer)
         policy = self.plan.activations[layer]
         unit = layer + 1
         acc, written = self.grad_views[unit], set()
@@ -235,10 +230,10 @@ class StepOps:
             )
         self.b.dgrad[layer % 2][rows].copy_(dx)
         if chunk == self.plan.chunks - 1:
-            self._gradient_done(unit)
+            self.gradient_done(unit)
 
     def _embed_bwd(self, chunk: int) -> None:
-        if chunk == 0 and self.transient[("grad", 0)]:  # taken now, given back once copied out (_grad_out)
+        if chunk == 0 and self.transient[("grad", 0)]:  # taken now, given back once copied out (GradientOps)
             self.b.gpu_grad[0] = torch.zeros(self.layouts[0].numel, dtype=torch.float32, device=self.device)
         elif chunk == 0 and not self.cfg.tie_word_embeddings:
             self.b.gpu_grad[0].zero_()
@@ -246,56 +241,4 @@ class StepOps:
         weights = self.b.edge_weights[0]  # (ours reads none: the transient weights are gone by now)
         self.numerics.embed_backward(weights, self.tokens[chunk], self.b.dgrad[0][rows], self.b.gpu_grad[0])
         if chunk == self.plan.chunks - 1:
-            self._gradient_done(0)
-
-    def _gradient_done(self, unit: int) -> None:
-        """A unit's gradient is complete: one rank's is the whole batch's, added to the norm now; several ranks'
-        are summed first, by the unit's all-reduce op."""
-        if self.plan.ranks == 1:
-            self._add_to_norm(unit)
-
-    def _allreduce(self, unit: int) -> None:
-        """A GPU-updated unit's complete gradient summed over the data-parallel ranks, then the sum added to the
-        norm."""
-        assert self.ranks is not None, "an all-reduce op exists only in a plan of several ranks"
-        self.ranks.sum(self.b.gpu_grad[unit][: self.layouts[unit].numel])
-        self._add_to_norm(unit)
-        self._collectives_done(unit)
-
-    def _reduce_scatter(self, unit: int) -> None:
-        """A host-updated unit's gradient: each rank gets the sum over ranks of its own shard (all its CPU
-        AdamW updates), whose square goes into this rank's part of the norm."""
-        assert self.ranks is not None, "a reduce-scatter op exists only in a plan of several ranks"
-        g = self.b.gpu_grad[unit][: self.layouts[unit].numel]
-        self.ranks.sum_to_owners(g)
-        shard = g[self.ranks.shard(g.numel())]
-        self.sq_norm_shards += torch.dot(shard, shard)
-        self._collectives_done(unit)
-
-    def _collectives_done(self, unit: int) -> None:
-        """After the step's last collective (the embedding's: its gradient completes last), the ranks' shard
-        norms summed into the step's norm, so every rank reads the whole batch's."""
-        if unit == 0:
-            assert self.ranks is not None
-            self.ranks.sum(self.sq_norm_shards)
-            self.sq_norm += self.sq_norm_shards
-
-    def _add_to_norm(self, unit: int) -> None:
-        """The unit's squared gradient into the step's squared norm (once per unit and step)."""
-        g = self.b.gpu_grad[unit][: self.layouts[unit].numel]
-        self.sq_norm += torch.dot(g, g)
-
-    def _grad_out(self, unit: int) -> None:
-        """The unit's gradient to its host buffer: with several ranks, this rank's shard of it."""
-        n = self.layouts[unit].numel
-        part = slice(0, n) if self.ranks is None else self.ranks.shard(n)
-        self.b.host_grad[unit][part].copy_(self.b.gpu_grad[unit][part], non_blocking=True)
-        self.release_grad(unit)
-
-    def release_grad(self, unit: int) -> None:
-        """An edge's transient gradient: free for reuse once the work queued on this stream with it is done (its
-        copy to the host, or a streamed update's last piece)."""
-        if self.transient.get(("grad", unit), False):
-            if self.device.type == "cuda":
-                self.b.gpu_grad[unit].record_stream(torch.cuda.current_stream(self.device))
-            self.b.gpu_grad[unit] = torch.empty(0)
+            self.gradient_done(0)

@@ -33,7 +33,7 @@ class UpdateOps:
         release_grad: Callable[[int], None],
     ) -> None:
         """`sq_norm`: the step's squared gradient norm, which the backward's ops accumulate; `release_grad(unit)`
-        gives a transient gradient back (`StepOps.release_grad`) once a streamed update has read all of it."""
+        gives a transient gradient back (`GradientOps.release_grad`) once a streamed update has read all of it."""
         self.plan, self.layouts, self.units, self.b = plan, layouts, units, buffers
         self.optim, self.tier, self.disk_slot, self.sq_norm = optim, tier, disk_slot, sq_norm
         self.release_grad = release_grad
