@@ -23,7 +23,8 @@ def main() -> None:
     a = ap.parse_args()
     prof = Profile.load(a.profile)
     piece = Plan(model=a.model, batch=1, seq=2, chunk=1, transfer_chunk_mb=a.transfer_chunk_mb).state_piece_numel
-    rates = measure.streamed_update_bandwidths(load_model_config(a.model).layer_params, piece, STATE_STAGING_BUFFERS)
+    numel = load_model_config(a.model).layer_params
+    rates = measure.streamed_update_bandwidths(numel, piece, STATE_STAGING_BUFFERS, measure.BackgroundAdamW(numel))
     prof.streamed_in_bandwidth, prof.streamed_out_bandwidth = rates
     print(f"streamed in {rates[0] / 1e9:.1f} GB/s, out {rates[1] / 1e9:.1f} GB/s")
     prof.save(a.out)

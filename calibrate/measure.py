@@ -5,8 +5,10 @@ Timings take the median of several repeats after a warm-up; GPU work is timed wi
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -141,10 +143,14 @@ def duplex_bandwidth(nbytes: int) -> float:
     return 2 * nbytes / median_time(both)
 
 
-def streamed_update_bandwidths(numel: int, piece_numel: int, slots: int) -> tuple[float, float]:
+def streamed_update_bandwidths(
+    numel: int, piece_numel: int, slots: int, beside: BackgroundAdamW | None = None
+) -> tuple[float, float]:
     """Bytes/s of a streamed update's copies in each direction (master and states in; the same and bf16 weights
     out), timed op by op as the runtime issues them: pieces cycle through `slots` GPU slots, in on one stream,
-    the fused AdamW on another, out on a third, so both PCIe directions run at once as in a step."""
+    the fused AdamW on another, out on a third, so both PCIe directions run at once as in a step; `beside`, with
+    the CPU's AdamW running too, as the CPU-updated layers' updates run beside these copies in a backward (both
+    draw on the host's memory bandwidth: on the H200 host the copies ran 14% slower so)."""
     host = [torch.zeros(numel, dtype=torch.float32, pin_memory=True) for _ in range(3)]
     weights = torch.empty(numel, dtype=torch.bfloat16, pin_memory=True)
     grad = torch.full((numel,), 1e-3, device="cuda")
@@ -208,9 +214,38 @@ def streamed_update_bandwidths(numel: int, piece_numel: int, slots: int) -> tupl
         return tuple(sum(a.elapsed_time(b) for a, b in spans) / 1e3 for spans in (ins, outs))
 
     run()  # warm-up
-    times = [run() for _ in range(3)]
+    with beside or contextlib.nullcontext():
+        times = [run() for _ in range(3)]
     in_s, out_s = (statistics.median(t[i] for t in times) for i in range(2))
     return 12 * numel / in_s, 14 * numel / out_s
+
+
+class BackgroundAdamW:
+    """Keeps the CPU's fused AdamW busy (a thread stepping `numel` parameters, as the runtime's CPU worker does)
+    for as long as the `with` block runs."""
+
+    def __init__(self, numel: int) -> None:
+        param = torch.nn.Parameter(torch.zeros(numel))
+        param.grad = torch.full_like(param, 1e-3)
+        self.opt = torch.optim.AdamW([param], lr=1e-5, fused=True)
+        self.opt.step()
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.opt.step()
+
+    def __enter__(self) -> BackgroundAdamW:
+        self.stop.clear()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        assert self.thread is not None
+        self.thread.join()
 
 
 class BackgroundCopies:
@@ -390,6 +425,7 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
     """Forward, recompute+backward and kept-graph backward of one decoder layer per chunk size."""
     cuda = device == "cuda"
     layer = _Layer(cfg, device)
+    widths = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     out = []
     for n in sequences:
         x = torch.randn(n, seq, cfg.hidden_size, dtype=torch.bfloat16, device=device)
@@ -416,20 +452,18 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
         kept: list[float] = []
         for _ in range(4):
             kept_bwd()
-        hidden, intermediate, heads, kv_heads, head_dim = cfg.layer_shape()
         out.append(
             LayerTiming(
-                hidden,
-                intermediate,
-                heads,
-                kv_heads,
-                head_dim,
+                *widths,
                 seq,
                 n * seq,
                 median_time(fwd, cuda=cuda),
                 median_time(recompute_bwd, cuda=cuda),
                 statistics.median(kept[1:]),
                 kept_bytes(layer, x) if cuda else 0,
+                layer=cfg.layer_kind,
+                fwd_workspace_bytes=peak_extra_bytes(fwd) if cuda else 0,
+                bwd_workspace_bytes=peak_extra_bytes(recompute_bwd) if cuda else 0,
             )
         )
     if cfg.family != GENERIC:  # one sequence in each sequence tile the planner may choose
@@ -439,9 +473,7 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
             with torch.no_grad():
                 fwd_s = median_time(lambda: layer.forward(x, tile), repeats=3, cuda=cuda)
             bwd_s = median_time(lambda: layer.recompute_backward(x, dy, tile), repeats=3, cuda=cuda)
-            out.append(
-                LayerTiming(hidden, intermediate, heads, kv_heads, head_dim, seq, seq, fwd_s, bwd_s, 0.0, seq_tile=tile)
-            )
+            out.append(LayerTiming(*widths, seq, seq, fwd_s, bwd_s, 0.0, seq_tile=tile, layer=cfg.layer_kind))
     return out
 
 

@@ -86,7 +86,7 @@ def calibrate(
         copies = measure.BackgroundCopies(int(256 * MiB * scale))
         prof.cpu_adamw_busy_params_per_s = measure.cpu_adamw_rate_under_copies(unit, copies, prof.h2d.bandwidth)
         prof.streamed_in_bandwidth, prof.streamed_out_bandwidth = measure.streamed_update_bandwidths(
-            unit, int(transfer_chunk_mb * MiB * scale) // 2, STATE_STAGING_BUFFERS
+            unit, int(transfer_chunk_mb * MiB * scale) // 2, STATE_STAGING_BUFFERS, measure.BackgroundAdamW(unit)
         )
         if models:
             prof.staged_load_bandwidth = measure.staged_load_bandwidth(

@@ -48,9 +48,26 @@ class ModelConfig:
             raise ModelConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
     # --- sizes -------------------------------------------------------------------------
-    def layer_shape(self) -> tuple[int, ...]:
-        """What a decoder layer's cost depends on (the key of a profile's layer timings)."""
-        return self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+    def layer_shape(self) -> tuple[int | str, ...]:
+        """What a decoder layer's cost depends on (the key of a profile's layer timings): its widths and whose
+        layer it is (`layer_kind`)."""
+        return (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.layer_kind,
+        )
+
+    @property
+    def layer_kind(self) -> str:
+        """Whose layer runs: '' for our numerics; an architecture's own, its model_type and its layer's parameter
+        count (which tells apart layers of the same widths with other parts, e.g. experts)."""
+        if self.family != GENERIC:
+            return ""
+        assert self.hf_config is not None
+        return f"{json.loads(self.hf_config)['model_type']}/{self.layer_params}"
 
     def layer_param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Parameters of one decoder layer, in Hugging Face names relative to `model.layers.{i}.`."""

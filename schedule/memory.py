@@ -125,13 +125,31 @@ def layer_forward_workspace(cfg: ModelConfig, tokens: int, tile_tokens: int = 0)
     return 2 * (3 * ff + 2 * h) * tokens
 
 
-def plan_forward_workspace(cfg: ModelConfig, plan: Plan) -> int:
+def measured_workspace(cfg: ModelConfig, plan: Plan, profile: Profile | None, key: str) -> int | None:
+    """An architecture's own layer's workspace at one chunk (`key`: fwd_workspace_bytes or bwd_workspace_bytes),
+    as calibrate measured it at this sequence length; None for our layers (their formulas are exact) or where
+    the profile has no measurement."""
+    if cfg.family != GENERIC or profile is None:
+        return None
+    shape = cfg.layer_shape()
+    points = [(t.tokens, getattr(t, key)) for t in profile.layers if t.shape() == shape and t.seq == plan.seq]
+    return _fit(points, plan.chunk * plan.seq)
+
+
+def plan_forward_workspace(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> int:
+    measured = measured_workspace(cfg, plan, profile, "fwd_workspace_bytes")
+    if measured is not None:
+        return measured
     tile = plan.chunk * min(plan.seq_tile_tokens, plan.seq) if plan.seq_tile_tokens else 0
     return layer_forward_workspace(cfg, plan.chunk * plan.seq, tile)
 
 
-def plan_layer_workspace(cfg: ModelConfig, plan: Plan) -> int:
-    """`layer_workspace` of one chunk under the plan's MLP and sequence tiles."""
+def plan_layer_workspace(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> int:
+    """`layer_workspace` of one chunk under the plan's MLP and sequence tiles (an architecture's own layer: as
+    measured, where the profile has it)."""
+    measured = measured_workspace(cfg, plan, profile, "bwd_workspace_bytes")
+    if measured is not None:
+        return measured
     tile = plan.chunk * min(plan.seq_tile_tokens, plan.seq) if plan.seq_tile_tokens else 0
     return layer_workspace(cfg, plan.chunk * plan.seq, plan.mlp_tile_tokens, tile)
 
@@ -329,11 +347,11 @@ def gpu_bytes(cfg: ModelConfig, plan: Plan, profile: Profile | None = None) -> d
         head_workspace(cfg, min(plan.loss_chunk_tokens, chunk_tokens), chunk_tokens, profile)
         + head_weights_bytes(cfg, plan)
         + (4 * unit_numels(cfg)[-1] if plan.transient_head_grad else 0),
-        plan_forward_workspace(cfg, plan) + head_weights_bytes(cfg, plan),  # the forward
+        plan_forward_workspace(cfg, plan, profile) + head_weights_bytes(cfg, plan),  # the forward
         kept_backward_workspace(cfg, chunk_tokens) if kept else 0,
     )
     without_graphs = max(
-        plan_layer_workspace(cfg, plan),
+        plan_layer_workspace(cfg, plan, profile),
         embedding_backward_bytes(cfg, plan),
         transient_edge_weights(cfg, plan),  # the step's start
     )

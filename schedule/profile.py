@@ -58,9 +58,15 @@ class LayerTiming:
     bwd_kept_s: float  # backward from a kept graph
     kept_graph_bytes: int = 0  # GPU bytes a forward with autograd keeps until its backward (0: unmeasured)
     seq_tile: int = 0
+    layer: str = ""  # whose layer (`ModelConfig.layer_kind`): '' ours, else the architecture's own
+    # GPU bytes the forward without gradients and the recompute + backward allocate at their peaks beyond
+    # the layer's input (and output gradient) and weights (0: unmeasured); the memory model reads them for an
+    # architecture's own layer, whose autograd it has no formula for
+    fwd_workspace_bytes: int = 0
+    bwd_workspace_bytes: int = 0
 
-    def shape(self) -> tuple[int, ...]:
-        return self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim
+    def shape(self) -> tuple[int | str, ...]:
+        return self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim, self.layer
 
 
 @dataclass
@@ -115,7 +121,9 @@ class Profile:
     # bytes/s of a large NCCL all-reduce's bus between two GPUs of the host (Plan.ranks > 1); None: unmeasured
     gpu_link_bandwidth: float | None = None
     staged_load_bandwidth: float | None = None  # the runtime's fp32->bf16 weight load beside a layer's backward
-    # A streamed update's copies, bytes/s in each direction while both run (Plan placement 'streamed')
+    # A streamed update's copies, bytes/s in each direction while both run (Plan placement 'streamed') and the
+    # CPU's AdamW runs beside them, as in a backward with CPU-updated layers (profiles up to h200-2026-12-01
+    # timed them without the AdamW)
     streamed_in_bandwidth: float | None = None
     streamed_out_bandwidth: float | None = None
     compute_slowdown_under_copies: float = 1.0  # layer time with both PCIe directions busy / alone

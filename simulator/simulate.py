@@ -162,10 +162,10 @@ def _flatten(g: nx.DiGraph, cfg: ModelConfig, plan: Plan, profile: Profile) -> _
     order = [o.name for o in records]
     tokens = plan.chunk * plan.seq
     workspace = {
-        OpKind.BWD: plan_layer_workspace(cfg, plan),
+        OpKind.BWD: plan_layer_workspace(cfg, plan, profile),
         OpKind.HEAD: head_workspace(cfg, min(plan.loss_chunk_tokens, tokens), tokens, profile),
         OpKind.EMBED_BWD: embedding_backward_temporary(cfg, plan),
-        OpKind.FWD: plan_forward_workspace(cfg, plan),
+        OpKind.FWD: plan_forward_workspace(cfg, plan, profile),
     }
     index = {n: i for i, n in enumerate(order)}
     res = [o.resource for o in records]

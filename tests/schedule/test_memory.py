@@ -105,3 +105,37 @@ def test_a_kept_layer_backward_meets_the_h200_measurements_and_never_meets_a_rec
     need = gpu_bytes(cfg, plan, profile)
     assert need["kept_graphs"] > 0 and need["workspace"] < plan_layer_workspace(cfg, plan)
     assert simulate(cfg, plan, profile).peak_gpu_bytes == sum(need.values())
+
+
+def test_an_architectures_own_layer_is_costed_from_calibrates_measurement():
+    """Our formulas do not know an architecture's own layer's autograd: where the profile has calibrate's
+    measurement of that layer (its kind, at this length) the memory model and the simulator read it, else the
+    formula. The kind keeps such an entry apart from one of our layers of the same widths."""
+    import dataclasses
+
+    from slideformer.calibrate.measure import layer_timings
+    from slideformer.models import ModelConfig
+    from slideformer.schedule.memory import gpu_bytes, layer_workspace, plan_forward_workspace, plan_layer_workspace
+    from slideformer.schedule.plan import uniform_plan
+    from slideformer.schedule.profile import LayerTiming, Profile
+    from slideformer.simulator import simulate
+
+    hf = dict(model_type="olmo2", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3)
+    cfg = ModelConfig.from_hf(hf | dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    assert cfg.layer_kind.startswith("olmo2/") and cfg.layer_shape()[-1] == cfg.layer_kind
+    timed = layer_timings(cfg, 32, [1], "cpu")
+    assert {t.layer for t in timed} == {cfg.layer_kind} and timed[0].bwd_workspace_bytes == 0  # GPU-only figure
+    plan = uniform_plan("olmo2", 3, 2, 32, chunk=1, activation="recompute")
+    big = 10 * 2**30
+
+    def entry(tokens: int, kind: str) -> LayerTiming:
+        return LayerTiming(64, 96, 4, 2, 16, 32, tokens, 1e-4, 3e-4, 2e-4, layer=kind, fwd_workspace_bytes=tokens,
+                           bwd_workspace_bytes=big // 32 * tokens)  # fmt: skip
+
+    base = Profile.load("h100-80gb")
+    measured = dataclasses.replace(base, layers=[entry(32, cfg.layer_kind), entry(64, cfg.layer_kind)])
+    assert plan_layer_workspace(cfg, plan, measured) == big and plan_forward_workspace(cfg, plan, measured) == 32
+    assert gpu_bytes(cfg, plan, measured)["workspace"] == big
+    assert simulate(cfg, plan, measured).peak_gpu_allocated_bytes > big
+    ours_only = dataclasses.replace(base, layers=[entry(32, ""), entry(64, "")])
+    assert plan_layer_workspace(cfg, plan, ours_only) == layer_workspace(cfg, 32, plan.mlp_tile_tokens)
