@@ -104,28 +104,6 @@ def test_simulate_with_a_cpu_only_profile_says_what_is_missing(tmp_path, capsys)
     assert "has no GPU measurements" in capsys.readouterr().err
 
 
-def test_calibrate_times_sequence_tiles_and_the_simulator_reads_them():
-    """A sequence longer than a tile is also timed in each tile the planner may choose; the cost model reads
-    those entries for a plan in tiles, and without them adds the k/v pass to the whole layer's time."""
-    import dataclasses
-
-    from slideformer.calibrate.measure import layer_timings
-    from slideformer.models import PRESETS
-    from slideformer.simulator.costs import CostModel
-
-    cfg = PRESETS["tiny-llama"]
-    timings = layer_timings(cfg, 4608, [1], "cpu")
-    assert [t.seq_tile for t in timings] == [0, 4096]
-    whole, tiled = timings
-    assert tiled.tokens == whole.tokens == 4608 and tiled.fwd_s > 0 and tiled.bwd_recompute_s > 0
-    profile = Profile.load("h100-80gb")
-    measured = CostModel(dataclasses.replace(profile, layers=timings), cfg, 4608)
-    assert measured.layer("bwd_recompute_s", 4608, 4096) == tiled.bwd_recompute_s
-    assert measured.layer("bwd_recompute_s", 4608) == whole.bwd_recompute_s
-    untimed = CostModel(dataclasses.replace(profile, layers=[whole]), cfg, 4608)
-    assert untimed.layer("bwd_recompute_s", 4608, 4096) > untimed.layer("bwd_recompute_s", 4608)
-
-
 def test_a_layer_at_an_untimed_length_is_read_between_the_timed_lengths_around_it():
     """Per token the matmuls cost the same at any length and causal attention grows with it: at a length the
     profile did not time, the time per token is the line through the nearest timed lengths (each at its

@@ -169,21 +169,3 @@ def test_checkpoint_of_disk_states_resumes_bit_exactly(tmp_path):
     again = [resumed.train_step(ids, labels).loss for ids, labels in data[2:]]
     resumed.close()
     assert again == straight
-
-
-def test_planner_puts_states_on_disk_only_when_ram_is_short():
-    from slideformer.schedule.profile import Profile
-    from slideformer.schedule.memory import GiB, disk_bytes
-    from slideformer.planner.search import Budgets, choose_plan
-    from slideformer.models import load_model_config
-
-    profile, cfg = Profile.load("h100-80gb"), load_model_config("qwen3-14b")
-    without = choose_plan(cfg, "qwen3-14b", 2048, 8, profile, Budgets(72 * GiB, 110 * GiB))
-    assert not without.fits and "host RAM needs at least" in without.shortfalls[0]
-    with_disk = choose_plan(cfg, "qwen3-14b", 2048, 8, profile, Budgets(72 * GiB, 110 * GiB, 60 * GiB))
-    assert with_disk.fits and with_disk.plan.disk_units
-    assert disk_bytes(cfg, with_disk.plan) <= 60 * GiB
-    sim = with_disk.simulation
-    assert sim.utilisation["disk"] > 0.5 and sim.host_memory_bytes <= 110 * GiB
-    roomy = choose_plan(cfg, "qwen3-14b", 2048, 8, profile, Budgets(72 * GiB, 400 * GiB, 60 * GiB))
-    assert roomy.fits and not roomy.plan.disk_units

@@ -1,99 +1,15 @@
-"""Property-based tests of the schedule: the graph, its simulation and the planner, over random model
-shapes, plans, budgets and machine profiles."""
-
-from dataclasses import replace
+"""Property-based tests of the simulator over random model shapes, plans and machine profiles: it honours the
+graph's dependencies and resources, a disk ring serves one unit at a time, layers compute on their own weights,
+and a copy shares the PCIe duplex limit."""
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slideformer.schedule.profile import Disk, Link, Profile
-from slideformer.models import PRESETS
 from slideformer.schedule.graph import build_step_graph, op_of, unit_numels
-from slideformer.schedule.plan import uniform_plan
-from slideformer.schedule.memory import GiB, host_bytes_all_ranks
-from slideformer.planner.search import TIE, Budgets, choose_plan, gpu_need, least_needs
 from slideformer.simulator import simulate
 from slideformer.simulator.costs import CostModel, step_lower_bound
 from slideformer.simulator.simulate import _Link, _shared_copy_end
-
-
-@st.composite
-def models(draw):
-    """Real-sized shapes (nothing is allocated: the simulator and planner only count bytes and flops)."""
-    heads = draw(st.sampled_from([8, 16, 32]))
-    return replace(
-        PRESETS["llama-3.1-8b"],
-        num_layers=draw(st.integers(1, 6)),
-        num_heads=heads,
-        num_kv_heads=draw(st.sampled_from([h for h in (1, 2, 4, 8) if heads % h == 0])),
-        hidden_size=heads * 128,
-        intermediate_size=draw(st.sampled_from([2, 3, 4])) * heads * 128,
-        vocab_size=draw(st.sampled_from([32000, 128256])),
-        name="random",
-    )
-
-
-@st.composite
-def profiles(draw):
-    rate = lambda lo, hi: draw(st.floats(lo, hi))  # noqa: E731
-    return Profile(
-        name="random",
-        source="spec",
-        device="random",
-        date="-",
-        host_memory_bytes=64 * GiB,
-        host_cores=8,
-        cpu_adamw_threads=[8],
-        cpu_adamw_params_per_s=[rate(1e6, 1e10)],
-        runtime_threads=8,
-        gpu_memory_bytes=80 * GiB,
-        gpu_bf16_flops=rate(1e9, 1e15),
-        gpu_memory_bandwidth=rate(1e9, 3e12),
-        gpu_adamw_params_per_s=rate(1e7, 1e11),
-        issue_s=rate(0, 1e-3),
-        h2d=Link(rate(1e7, 6e10), rate(0, 1e-4)),
-        d2h=Link(rate(1e7, 6e10), rate(0, 1e-4)),
-        staged_load_bandwidth=draw(st.none() | st.floats(1e7, 6e10)),
-        host_cast_bandwidth=rate(1e8, 1e11),
-        disk=Disk("-", "spec", rate(1e7, 1e10), rate(1e7, 1e10), rate(0, 0.1), rate(0, 0.1)),
-        compute_slowdown_under_copies=rate(1.0, 1.3),
-        duplex_bandwidth=draw(st.none() | st.floats(1e7, 1e11)),
-        gpu_link_bandwidth=draw(st.none() | st.floats(1e9, 1e11)),
-    )
-
-
-@st.composite
-def plans(draw, cfg):
-    L = cfg.num_layers
-    window = draw(st.integers(1, min(4, L)))
-    chunk = draw(st.sampled_from([1, 2]))
-    update = draw(st.sampled_from(["during_backward", "after_norm"]))
-    ranks = draw(st.sampled_from([1, 2]))  # several ranks: no disk or streamed placements, no disk activations
-    streams = update == "during_backward" and ranks == 1
-    return uniform_plan(
-        "random",
-        L,
-        chunk * draw(st.integers(1, 3)),
-        draw(st.sampled_from([16, 64])),
-        chunk=chunk,
-        window=window,
-        activation=draw(st.sampled_from(["offload", "recompute", "disk"] if ranks == 1 else ["offload", "recompute"])),
-        keep_last=draw(st.integers(0, window)),
-        gpu_units=draw(st.integers(0, L + 2)),
-        update=update,
-        late_updates=draw(st.integers(0, L + 1)) if update == "during_backward" else 0,
-        deferred_updates=draw(st.integers(0, L + 1)) if update == "during_backward" else 0,
-        gpu_layers=draw(st.integers(0, L)),
-        grad_ring=draw(st.integers(1, 4)),
-        disk_layers=draw(st.integers(0, L)) if ranks == 1 else 0,
-        disk_ring=draw(st.integers(1, 3)),
-        transfer_chunk_mb=1,
-        device="cpu",
-        streamed_layers=tuple(draw(st.sets(st.integers(0, L - 1)))) if streams else (),
-        streamed_embedding=streams and draw(st.booleans()),
-        host_bf16_weights=draw(st.booleans()),
-        ranks=ranks,
-    )
+from tests.strategies import models, plans, profiles
 
 
 @settings(max_examples=80, deadline=None)
@@ -181,67 +97,6 @@ def test_layers_compute_only_on_their_own_resident_weights(data, cfg, profile):
         before = [s for s in same_slot if s.end <= op.start + 1e-12]
         assert before and int(max(before, key=lambda s: s.end).name.split(":")[1]) == layer + 1
         assert not [s for s in same_slot if s.start < op.end - 1e-12 and s.end > op.start + 1e-12]
-
-
-def budget_for(cfg, profile, batch, gpu_scale, host_scale) -> Budgets:
-    """Budgets around the least this model needs, so that some fit and some do not."""
-    gpu, host = least_needs(cfg, "random", batch, 64, profile, Budgets(0, 0))
-    return Budgets(int(gpu * gpu_scale), int(host * host_scale))
-
-
-scales = st.floats(0.9, 3.0)
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    cfg=models(),
-    profile=profiles(),
-    gpu_scale=scales,
-    host_scale=scales,
-    batch=st.sampled_from([1, 2, 4]),
-    ranks=st.sampled_from([1, 2]),
-)
-def test_planner_never_returns_a_plan_over_budget(cfg, profile, gpu_scale, host_scale, batch, ranks):
-    budget = budget_for(cfg, profile, batch, gpu_scale, host_scale)
-    verdict = choose_plan(cfg, "random", 64, batch, profile, budget, ranks=ranks)
-    if not verdict.fits:
-        assert verdict.shortfalls and verdict.plan is None
-        return
-    plan, sim = verdict.plan, verdict.simulation
-    assert gpu_need(cfg, plan, profile) <= budget.gpu_bytes
-    assert plan.ranks == ranks and host_bytes_all_ranks(cfg, plan, profile) <= budget.host_bytes
-    assert sim.peak_gpu_bytes <= budget.gpu_bytes  # no tier over budget at any time of the simulation
-    assert sim.host_memory_bytes <= budget.host_bytes
-
-
-@settings(max_examples=30, deadline=None)
-@given(
-    cfg=models(),
-    profile=profiles(),
-    gpu_scale=scales,
-    host_scale=scales,
-    more=st.floats(1.0, 4.0),
-    faster=st.floats(1.0, 4.0),
-)
-def test_more_memory_or_bandwidth_never_makes_the_chosen_plan_slower(cfg, profile, gpu_scale, host_scale, more, faster):
-    budget = budget_for(cfg, profile, 2, gpu_scale, host_scale)
-    base = choose_plan(cfg, "random", 64, 2, profile, budget)
-    if not base.fits:
-        return
-    roomier = choose_plan(
-        cfg, "random", 64, 2, profile, Budgets(int(budget.gpu_bytes * more), int(budget.host_bytes * more))
-    )
-    quicker_profile = replace(
-        profile,
-        h2d=Link(profile.h2d.bandwidth * faster, profile.h2d.latency_s),
-        d2h=Link(profile.d2h.bandwidth * faster, profile.d2h.latency_s),
-        staged_load_bandwidth=profile.staged_load_bandwidth and profile.staged_load_bandwidth * faster,
-    )
-    quicker = choose_plan(cfg, "random", 64, 2, quicker_profile, budget)
-    assert roomier.fits and quicker.fits
-    # the planner takes the fewest chunks among predictions within TIE of the fastest
-    assert roomier.simulation.step_s <= base.simulation.step_s * (1 + TIE + 1e-9)
-    assert quicker.simulation.step_s <= base.simulation.step_s * (1 + TIE + 1e-9)
 
 
 @settings(max_examples=200, deadline=None)
