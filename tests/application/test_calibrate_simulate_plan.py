@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from slideformer.schedule.profile import Profile
 from slideformer.cli import main
@@ -102,32 +101,3 @@ def test_simulate_with_a_cpu_only_profile_says_what_is_missing(tmp_path, capsys)
     main(["calibrate", "--model", "tiny-llama", "--seq", "32", "--sequences", "1", "--quick", "--out", str(prof)])
     assert main(["simulate", "examples/llama-3.1-8b-16l-offload.json", "--profile", str(prof)]) == 2
     assert "has no GPU measurements" in capsys.readouterr().err
-
-
-def test_a_layer_at_an_untimed_length_is_read_between_the_timed_lengths_around_it():
-    """Per token the matmuls cost the same at any length and causal attention grows with it: at a length the
-    profile did not time, the time per token is the line through the nearest timed lengths (each at its
-    largest chunk), inside the range and beyond it."""
-    import dataclasses
-
-    from slideformer.models import PRESETS
-    from slideformer.schedule.profile import LayerTiming
-    from slideformer.simulator.costs import CostModel
-
-    cfg = PRESETS["llama-3.1-8b"]
-    shape = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128)
-
-    def timing(seq: int, tokens: int, per_token: float) -> LayerTiming:
-        t = per_token * tokens
-        return LayerTiming(**shape, seq=seq, tokens=tokens, fwd_s=t, bwd_recompute_s=3 * t, bwd_kept_s=2 * t)
-
-    layers = [timing(1024, 1024, 9.0), timing(1024, 8192, 1.0), timing(32768, 32768, 2.0), timing(131072, 131072, 5.0)]
-    profile = dataclasses.replace(Profile.load("h100-80gb"), layers=layers)
-
-    def per_token(seq: int) -> float:
-        return CostModel(profile, cfg, seq).layer("fwd_s", 2 * seq) / (2 * seq)
-
-    assert per_token(65536) == pytest.approx(2.0 + 3.0 * (65536 - 32768) / (131072 - 32768))
-    assert per_token(16384) == pytest.approx(1.0 + 1.0 * (16384 - 1024) / (32768 - 1024))  # not the 1024-token chunk
-    assert per_token(262144) == pytest.approx(5.0 + 3.0 * (262144 - 131072) / (131072 - 32768))
-    assert per_token(512) == pytest.approx(1.0)  # below the shortest: no cheaper than it
