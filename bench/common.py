@@ -57,6 +57,15 @@ def throughput(model: str, batch: int, seq: int, step_s: float) -> dict:
     }
 
 
+def cap_gpu(gpu_cap_gib: float | None) -> int | None:
+    """Cap the CUDA caching allocator at `gpu_cap_gib` (as on a card of that size) and return the same cap in
+    bytes for the engine's own check; None (no cap) without one."""
+    if not gpu_cap_gib:
+        return None
+    torch.cuda.set_per_process_memory_fraction(gpu_cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    return int(gpu_cap_gib * 2**30)
+
+
 def provenance() -> dict:
     def run(cmd: list[str]) -> str:
         try:

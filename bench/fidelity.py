@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.common import BATCH, MODEL, SEQ, memory_readings, provenance, time_steps
+from bench.common import BATCH, MODEL, SEQ, cap_gpu, memory_readings, provenance, time_steps
 from slideformer.schedule.profile import Profile
 from slideformer.models import load_model_config
 from slideformer.schedule.plan import Plan, uniform_plan
@@ -64,16 +64,11 @@ def plan_of(path: str) -> Plan:
 
 
 def run_one(plan: Plan, out: Path, gpu_cap_gib: float | None) -> None:
-    import torch
-
     from slideformer.data import random_next_token_batch
     from slideformer.models import RandomWeights
     from slideformer.runtime import AdamWConfig, Engine
 
-    budget = None
-    if gpu_cap_gib:  # as bench.ours: the caching allocator capped, and the engine's own check at the same cap
-        torch.cuda.set_per_process_memory_fraction(gpu_cap_gib * GiB / torch.cuda.get_device_properties(0).total_memory)
-        budget = int(gpu_cap_gib * GiB)
+    budget = cap_gpu(gpu_cap_gib)
     cfg = load_model_config(plan.model)
     engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5), gpu_budget_bytes=budget)
     data = [random_next_token_batch(cfg.vocab_size, plan.batch, plan.seq, seed=i) for i in range(2)]

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from bench.common import BATCH, MODEL, SEQ, memory_readings, provenance, throughput, time_steps, write_result
+from bench.common import BATCH, MODEL, SEQ, cap_gpu, memory_readings, provenance, throughput, time_steps, write_result
 from slideformer import kernels
 from slideformer.data import random_next_token_batch
 from slideformer.models import RandomWeights, load_model_config
@@ -38,9 +38,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
-    if a.gpu_cap_gib:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(a.gpu_cap_gib * 2**30 / total)
+    budget = cap_gpu(a.gpu_cap_gib)
     if a.plan:
         plan = Plan.load(a.plan)
         a.model, a.batch, a.seq = plan.model, plan.batch, plan.seq
@@ -61,7 +59,6 @@ def main() -> None:
             loss_chunk_tokens=a.loss_chunk,
         )
     t0 = time.perf_counter()
-    budget = int(a.gpu_cap_gib * 2**30) if a.gpu_cap_gib else None
     engine = Engine(
         cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5), gpu_budget_bytes=budget, disk_dir=a.disk_dir
     )

@@ -15,7 +15,7 @@ import networkx as nx
 
 from slideformer.models.config import GENERIC, ModelConfig
 
-from slideformer.schedule.op import COLLECTIVES, Op, OpKind, Resource
+from slideformer.schedule.op import COLLECTIVES, Op, OpKind, Resource, collective_for
 from slideformer.schedule.plan import STATE_STAGING_BUFFERS, STREAMED_IN_BYTES, STREAMED_OUT_BYTES, Plan
 
 
@@ -343,9 +343,7 @@ class _StepGraph:
         several ranks it is first summed across them, and what follows reads the sum."""
         plan, L = self.plan, self.L
         if plan.ranks > 1:  # NCCL runs on the compute stream, right after the gradient's last contribution
-            # a GPU-updated unit needs the whole sum on every rank; a host-updated one only its rank's shard of
-            # it, which is all that rank's CPU AdamW updates and its copy to the host moves
-            kind = OpKind.ALLREDUCE if plan.placement[u] == "gpu" else OpKind.REDUCE_SCATTER
+            kind = collective_for(plan.placement[u])
             ready = self.op(f"{kind}:{u}", kind, Resource.GPU, [ready], unit=u, nbytes=4 * self.numel[u])
         if plan.placement[u] == "streamed":
             self.streamed_update(u, ready)

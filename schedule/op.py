@@ -47,6 +47,14 @@ class OpKind(StrEnum):
 
 COLLECTIVES = frozenset({OpKind.ALLREDUCE, OpKind.REDUCE_SCATTER})  # sums across ranks, on the compute stream
 
+
+def collective_for(placement: str) -> OpKind:
+    """How several ranks sum a unit's gradient: a GPU-updated unit needs the whole sum on every rank; a
+    host-updated one only its rank's shard of it, which is all that rank's CPU AdamW updates and its copy to
+    the host moves."""
+    return OpKind.ALLREDUCE if placement == "gpu" else OpKind.REDUCE_SCATTER
+
+
 BODY_ARGUMENTS = ("unit", "layer", "chunk", "slot", "piece")  # the fields an op's body takes, where set
 
 

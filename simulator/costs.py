@@ -19,7 +19,7 @@ import numpy as np
 from slideformer.schedule.profile import Profile, ProfileError, fit_at
 from slideformer.models.config import ModelConfig
 from slideformer.schedule.graph import op_of, unit_numels
-from slideformer.schedule.op import COLLECTIVES, OpKind, Resource
+from slideformer.schedule.op import COLLECTIVES, OpKind, Resource, collective_for
 from slideformer.schedule.memory import saved_input_bytes
 from slideformer.schedule.plan import STREAMED_IN_BYTES, STREAMED_OUT_BYTES, Plan
 
@@ -277,10 +277,7 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
     numels = unit_numels(cfg)
     # several ranks: every unit's collective on the compute stream (the embedding's before its turnaround)
     collectives = (
-        sum(
-            cost.collective(OpKind.ALLREDUCE if where == "gpu" else OpKind.REDUCE_SCATTER, 4 * n, plan.ranks)
-            for n, where in zip(numels, plan.placement)
-        )
+        sum(cost.collective(collective_for(where), 4 * n, plan.ranks) for n, where in zip(numels, plan.placement))
         if plan.ranks > 1
         else 0.0
     )
