@@ -1,11 +1,12 @@
 """The CPU update of one decoder layer against the host's memory bandwidth: torch's fused AdamW alone, with the
-cast of the new master into bf16 weights after it (`Plan.host_bf16_weights`, as the runtime does), and both
-in cache-sized pieces (each piece cast while it is still in cache).
+cast of the new master into bf16 weights after it (`Plan.host_bf16_weights` as the runtime did up to
+2026-12-01), both in cache-sized pieces (each piece cast while it is still in cache), and the runtime's
+one-pass AdamW + cast (`kernels.host_adamw`).
 
     python -m bench.host_update --out host-update.json
 
 AdamW reads master, gradient and both states (16 bytes per parameter) and writes master and states (12); the
-cast reads the master (4) and writes bf16 (2). Bytes per second are those counts over the measured time, set
+cast reads the master (4) and writes bf16 (2); the one pass moves 30. Bytes per second are those counts over the measured time, set
 beside a plain copy's (read plus written) on the same threads.
 """
 
@@ -18,6 +19,7 @@ import time
 import torch
 
 from bench.common import provenance, write_result
+from slideformer.kernels import host_adamw
 from slideformer.models import load_model_config
 
 ADAMW = dict(lr=1e-5, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
@@ -59,24 +61,37 @@ def main() -> None:
             adamw(rows)
             bf16[rows].copy_(master[rows])
 
+    def one_pass() -> None:
+        step.add_(1)
+        host_adamw.adamw_and_cast(master, grad, m, v, bf16, int(step.item()), 1e-5, 0.9, 0.999, 1e-8, 0.0)
+
+    compiled = host_adamw.prepare()
     src, dst = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
     copy_s = seconds(lambda: dst.copy_(src))
     rows = {"adamw": seconds(adamw), "adamw_then_cast": seconds(with_cast), "cast": seconds(lambda: bf16.copy_(master))}
     for piece in map(int, args.pieces.split(",")):
         rows[f"adamw_and_cast_in_pieces_of_{piece}"] = seconds(lambda piece=piece: in_pieces(piece))
-    moved = {"adamw": 28, "cast": 6}
+    rows["adamw_and_cast_one_pass"] = seconds(one_pass)
+    moved = {"adamw": 28, "cast": 6, "one_pass": 30}  # bytes per parameter
     out = {
         "command": " ".join(["python -m bench.host_update", *[f"--{k} {v}" for k, v in vars(args).items()]]),
         **provenance(),
         "params": n,
         "threads": torch.get_num_threads(),
         "pinned": pin,
+        "one_pass_compiled": compiled,
         "copy_bytes_per_s": 8 * n / copy_s,
         "runs": {
             name: {
                 "s": s,
                 "params_per_s": n / s,
-                "bytes_per_s": n * (moved["adamw"] * ("adamw" in name) + moved["cast"] * ("cast" in name)) / s,
+                "bytes_per_s": n
+                * (
+                    moved["one_pass"]
+                    if "one_pass" in name
+                    else moved["adamw"] * ("adamw" in name) + moved["cast"] * ("cast" in name)
+                )
+                / s,
             }
             for name, s in rows.items()
         },

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from slideformer.kernels import host_adamw
 from slideformer.models.config import GENERIC, ModelConfig
 from slideformer.schedule.plan import SEQ_TILES, STAGING_BUFFERS
 from slideformer.models.loss import head_loss_and_grads
@@ -68,20 +69,36 @@ def host_cast_bandwidth(nbytes: int) -> float:
     return nbytes / median_time(lambda: dst.copy_(src))
 
 
+def host_update(numel: int, cast: bool) -> Callable[[], None]:
+    """One CPU update of `numel` fp32 parameters as the runtime runs it: torch's fused AdamW, or (`cast`) the
+    one-pass AdamW + bf16 cast of units keeping bf16 weights in RAM."""
+    param = torch.nn.Parameter(torch.zeros(numel))
+    grad = torch.full_like(param, 1e-3)
+    if cast:
+        states, weights = (torch.zeros(numel), torch.zeros(numel)), torch.empty(numel, dtype=torch.bfloat16)
+        host_adamw.prepare()
+        return lambda: host_adamw.adamw_and_cast(param.detach(), grad, *states, weights, 1, 1e-5, 0.9, 0.999, 1e-8, 0.0)
+    param.grad = grad
+    return torch.optim.AdamW([param], lr=1e-5, fused=True).step
+
+
 def cpu_adamw_rates(numel: int, thread_counts: list[int]) -> list[float]:
     """Parameters/s of torch's fused AdamW on fp32 master weights and states, per intra-op thread count."""
-    param = torch.nn.Parameter(torch.zeros(numel))
-    param.grad = torch.full_like(param, 1e-3)
-    opt = torch.optim.AdamW([param], lr=1e-5, fused=True)
+    step = host_update(numel, cast=False)
     saved = torch.get_num_threads()
     rates = []
     try:
         for t in thread_counts:
             torch.set_num_threads(t)
-            rates.append(numel / median_time(opt.step, repeats=3))
+            rates.append(numel / median_time(step, repeats=3))
     finally:
         torch.set_num_threads(saved)
     return rates
+
+
+def cpu_adamw_cast_rate(numel: int) -> float:
+    """Parameters/s of the one-pass AdamW + bf16 cast at the runtime's thread count."""
+    return numel / median_time(host_update(numel, cast=True), repeats=3)
 
 
 def disk_rates(disk_tier: Callable[..., Any], directory: str | Path, nbytes: int, io: str = "auto") -> Disk:
@@ -225,16 +242,14 @@ class BackgroundAdamW:
     for as long as the `with` block runs."""
 
     def __init__(self, numel: int) -> None:
-        param = torch.nn.Parameter(torch.zeros(numel))
-        param.grad = torch.full_like(param, 1e-3)
-        self.opt = torch.optim.AdamW([param], lr=1e-5, fused=True)
-        self.opt.step()
+        self.update = host_update(numel, cast=False)
+        self.update()
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            self.opt.step()
+            self.update()
 
     def __enter__(self) -> BackgroundAdamW:
         self.stop.clear()
@@ -279,19 +294,17 @@ class BackgroundCopies:
 
 
 def cpu_adamw_rate_under_copies(
-    numel: int, copies: BackgroundCopies, link_bandwidth: float, duty: float = 1 / 3
+    numel: int, copies: BackgroundCopies, link_bandwidth: float, duty: float = 1 / 3, cast: bool = False
 ) -> float:
-    """Fused CPU AdamW while DMA competes for host memory as during the runtime's backward, where weight loads
-    and gradient copies keep each PCIe direction about a third busy (one layer's 4 bytes/param each way
-    against its recompute + backward)."""
-    param = torch.nn.Parameter(torch.zeros(numel))
-    param.grad = torch.full_like(param, 1e-3)
-    opt = torch.optim.AdamW([param], lr=1e-5, fused=True)
-    opt.step()
+    """The CPU update (`host_update`) while DMA competes for host memory as during the runtime's backward,
+    where weight loads and gradient copies keep each PCIe direction about a third busy (one layer's 4
+    bytes/param each way against its recompute + backward)."""
+    step = host_update(numel, cast)
+    step()
     copies.queue(seconds=numel / 1e9 * 6, bandwidth=link_bandwidth, duty=duty)
     t = time.perf_counter()
     for _ in range(3):
-        opt.step()
+        step()
     rate = 3 * numel / (time.perf_counter() - t)
     copies.drain()
     return rate

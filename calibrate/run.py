@@ -67,6 +67,7 @@ def calibrate(
         host_cast_bandwidth=measure.host_cast_bandwidth(int(1024 * MiB * scale)),
         cpu_adamw_threads=threads,
         cpu_adamw_params_per_s=measure.cpu_adamw_rates(int(64 * MiB * scale), threads),
+        cpu_adamw_cast_params_per_s=measure.cpu_adamw_cast_rate(int(64 * MiB * scale)),
         runtime_threads=torch.get_num_threads(),
         process_baseline_bytes=measure.resident_bytes(),
     )
@@ -85,6 +86,9 @@ def calibrate(
         unit = int(unit * scale)
         copies = measure.BackgroundCopies(int(256 * MiB * scale))
         prof.cpu_adamw_busy_params_per_s = measure.cpu_adamw_rate_under_copies(unit, copies, prof.h2d.bandwidth)
+        prof.cpu_adamw_cast_busy_params_per_s = measure.cpu_adamw_rate_under_copies(
+            unit, copies, prof.h2d.bandwidth, cast=True
+        )
         prof.streamed_in_bandwidth, prof.streamed_out_bandwidth = measure.streamed_update_bandwidths(
             unit, int(transfer_chunk_mb * MiB * scale) // 2, STATE_STAGING_BUFFERS, measure.BackgroundAdamW(unit)
         )

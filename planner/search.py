@@ -3,7 +3,8 @@
 The space: batch (given, or the best of powers of two up to the largest that fits), chunk, window,
 activation policy (offload, recompute or disk, with the last layers keeping their graphs), how many units
 keep their optimizer on the GPU (from the embedding, with the head; or the first layers alone, as many as fit
-at no other cost), how many layers are updated by the streamed GPU AdamW (spread evenly), which CPU updates
+at no other cost), how many layers are updated by the streamed GPU AdamW (spread evenly; the best plan's
+count is then refined between the grid's counts next to it), which CPU updates
 wait for the end of the backward,
 how many layers keep their states in the disk tier, whether host-updated units keep bf16 weights in RAM, the
 loss piece size, and (only where the plan does not fit without them) sequence tiles and a transient head
@@ -20,7 +21,7 @@ import multiprocessing
 import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 
 from slideformer.schedule.profile import Profile
@@ -474,7 +475,41 @@ def choose_plan(
                 fastest = min(fastest, s)
     assert scored, "a feasible batch always has a candidate plan"
     _, plan = min((s for s in scored if s[0] <= fastest * (1 + TIE)), key=lambda s: (s[1].chunks, s[0]))
+    plan = _refined_streamed_count(cfg, plan, profile, budgets)
     return Verdict(True, plan, simulate(cfg, plan, profile), max_batch)
+
+
+def with_streamed_layers(plan: Plan, count: int) -> Plan:
+    """The plan with `count` layers spread from layer 0 up streamed (as `streamed_grid` spreads them) in place
+    of its streamed layers; layers placed elsewhere than the CPU keep their placement."""
+    L = len(plan.activations)
+    placement = ["cpu" if i in range(1, L + 1) and p == "streamed" else p for i, p in enumerate(plan.placement)]
+    for lay in (i * L // count for i in range(count)):
+        if placement[lay + 1] == "cpu":
+            placement[lay + 1] = "streamed"
+    return replace(plan, placement=placement)
+
+
+def _refined_streamed_count(cfg: ModelConfig, plan: Plan, profile: Profile, budgets: Budgets) -> Plan:
+    """The grid's best plan, or the same plan with a streamed-layer count between the grid's counts next to its
+    own where that simulates faster and fits: the balance of CPU and PCIe work rarely falls on the grid."""
+    L = cfg.num_layers
+    grid = sorted({len(layers) for layers, _ in streamed_grid(L, plan.update, 0) if layers})
+    # the grid's count this plan was built with (none: no streamed layers, or not spread as the grid spreads)
+    count = next((k for k in grid if with_streamed_layers(plan, k).placement == plan.placement), None)
+    if count is None or "streamed" not in plan.placement[1 : L + 1]:
+        return plan
+    lower = max((k for k in grid if k < count), default=count)
+    upper = min((k for k in grid if k > count), default=count)
+    best, best_s = plan, simulate(cfg, plan, profile).step_s
+    for k in [*range(lower + 1, count), *range(count + 1, upper)]:
+        q = with_streamed_layers(plan, k)
+        if shortfalls(cfg, q, profile, budgets):
+            continue
+        s = simulate(cfg, q, profile).step_s
+        if s < best_s * (1 - TIE / 4):
+            best, best_s = q, s
+    return best
 
 
 def _seconds_per_token(job: tuple[ModelConfig, Plan, Profile]) -> float:

@@ -1,8 +1,9 @@
 """A unit's fp32 master weights and AdamW state, wherever its placement keeps them.
 
-- `Unit`: on the host (pinned master, torch's fused CPU AdamW) or on the GPU (torch's fused GPU AdamW);
+- `Unit`: on the host (pinned master, torch's fused CPU AdamW; with bf16 weights in RAM, the one-pass AdamW +
+  cast of `kernels.host_adamw`) or on the GPU (torch's fused GPU AdamW);
 - `StreamedUnit`: master and states pinned on the host, updated on the GPU piece by piece (`ops.StepOps`);
-- `DiskUnit`: master and states in the disk tier, updated by the CPU AdamW in a ring buffer.
+- `DiskUnit`: master and states in the disk tier, updated by the one-pass CPU AdamW + cast in a ring buffer.
 Streamed and disk units keep bf16 weights in RAM for the GPU's loads, host units too under
 `Plan.host_bf16_weights`; units with no such copy stream their master, cast on the GPU.
 """
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from slideformer.kernels import host_adamw
 
 from .layout import UnitLayout
 from .ranks import Ranks
@@ -53,6 +56,43 @@ def adamw_step(
     param.grad = None
 
 
+def adamw_step_and_cast(
+    optimizer: torch.optim.AdamW,
+    param: torch.nn.Parameter,
+    grad: torch.Tensor,
+    clip_coef: torch.Tensor | float | None,
+    lr: float,
+    weights: torch.Tensor,
+) -> None:
+    """`adamw_step` on a host parameter, and its bf16 `weights` cast from the new value in the same pass over
+    memory (`kernels.host_adamw`); the optimizer's state is kept as its own step would keep it."""
+    if clip_coef is not None:
+        grad.mul_(clip_coef)
+    state = optimizer.state[param]
+    if not state:  # as torch.optim.AdamW(fused=True) creates it
+        state.update(
+            step=torch.zeros((), dtype=torch.float32),
+            exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
+            exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format),
+        )
+    state["step"] += 1
+    group = optimizer.param_groups[0]
+    group["lr"] = lr
+    host_adamw.adamw_and_cast(
+        param.detach(),
+        grad,
+        state["exp_avg"],
+        state["exp_avg_sq"],
+        weights,
+        int(state["step"].item()),
+        lr,
+        group["betas"][0],
+        group["betas"][1],
+        group["eps"],
+        group["weight_decay"],
+    )
+
+
 def fill_from(source: WeightSource, layout: UnitLayout, flat: torch.Tensor) -> None:
     for name, view in layout.views(flat).items():
         view.copy_(source.get(name))
@@ -79,6 +119,8 @@ class Unit:
         self.weights = weights
         self.master = torch.nn.Parameter(master)
         self.optimizer = optim.optimizer(self.master)
+        if weights is not None and not on_gpu:
+            host_adamw.prepare()
         if fill:
             on_host = master if master.device.type == "cpu" else torch.empty(layout.numel, dtype=torch.float32)
             fill_from(source, layout, on_host)
@@ -92,8 +134,11 @@ class Unit:
             self.weights.copy_(self.master.detach())
 
     def step(self, grad: torch.Tensor, clip_coef: torch.Tensor | float | None, lr: float) -> None:
-        adamw_step(self.optimizer, self.master, grad, clip_coef, lr)
-        self.refresh_weights()
+        if self.weights is not None and not self.on_gpu:
+            adamw_step_and_cast(self.optimizer, self.master, grad, clip_coef, lr, self.weights)
+        else:
+            adamw_step(self.optimizer, self.master, grad, clip_coef, lr)
+            self.refresh_weights()
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         return self.optimizer.state.get(self.master, {})
@@ -190,6 +235,7 @@ class DiskUnit:
         self.param = torch.nn.Parameter(torch.empty(0))
         self.optimizer = optim.optimizer(self.param)
         self.steps = torch.zeros((), dtype=torch.float32)  # AdamW's step count, kept in RAM
+        host_adamw.prepare()
 
     def states(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Master, exp_avg and exp_avg_sq as views of a tier buffer (the file's layout)."""
@@ -200,6 +246,5 @@ class DiskUnit:
         master, exp_avg, exp_avg_sq = self.states(buf)
         self.param.data = master
         self.optimizer.state[self.param] = {"step": self.steps, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-        adamw_step(self.optimizer, self.param, grad, clip_coef, lr)
-        self.weights.copy_(master)
+        adamw_step_and_cast(self.optimizer, self.param, grad, clip_coef, lr, self.weights)
         self.param.data = torch.empty(0)

@@ -107,6 +107,10 @@ class Profile:
     runtime_threads: int = 1  # torch intra-op threads the runtime's optimizer worker uses
     # The same AdamW on a layer-sized unit while PCIe DMA runs both ways (the runtime's backward); None: unmeasured
     cpu_adamw_busy_params_per_s: float | None = None
+    # The one-pass AdamW + bf16 cast (kernels.host_adamw) of units keeping bf16 weights in RAM, idle at the
+    # runtime's thread count and under PCIe traffic as above; None: unmeasured (costed as the AdamW, then a cast)
+    cpu_adamw_cast_params_per_s: float | None = None
+    cpu_adamw_cast_busy_params_per_s: float | None = None
     process_baseline_bytes: int = 0  # resident memory of a process with torch (and CUDA) initialised
     disk: Disk | None = None
     # GPU
@@ -141,6 +145,11 @@ class Profile:
             return self.cpu_adamw_busy_params_per_s
         best = [r for t, r in zip(self.cpu_adamw_threads, self.cpu_adamw_params_per_s) if t <= self.runtime_threads]
         return max(best) if best else self.cpu_adamw_params_per_s[0]
+
+    def cpu_adamw_cast_rate(self) -> float | None:
+        """Parameters/s of the one-pass AdamW + bf16 cast: under PCIe traffic where measured, else idle; None
+        where the profile has neither."""
+        return self.cpu_adamw_cast_busy_params_per_s or self.cpu_adamw_cast_params_per_s
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

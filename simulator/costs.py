@@ -165,7 +165,11 @@ class CostModel:
         return d.write_latency_s + nbytes / d.write_bandwidth
 
     def host_update(self, params: int, cast: bool) -> float:
-        """CPU AdamW, plus the cast of the new master to bf16 weights kept in RAM where the unit has them."""
+        """CPU AdamW, with the cast of the new master to bf16 weights kept in RAM where the unit has them: in the
+        update's own pass where the profile measured it, else as a second pass."""
+        one_pass = self.p.cpu_adamw_cast_rate()
+        if cast and one_pass:
+            return params / one_pass
         rate = self.p.host_cast_bandwidth or self.p.host_memcpy_bandwidth  # spec sheets give only the latter
         return params / self.p.cpu_adamw_rate() + (4 * params / rate if cast and rate else 0.0)
 

@@ -1,0 +1,66 @@
+"""The one-pass CPU AdamW + bf16 cast (`kernels.host_adamw`) against torch.optim.AdamW(fused=True)."""
+
+import pytest
+import torch
+
+from slideformer.kernels import host_adamw
+
+LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.1
+ULP = 2.0**-23  # fp32's relative rounding step
+N = 100_003
+
+
+def steps_from_torchs_state(exact: bool) -> None:
+    """Five steps of torch's AdamW; before each, ours starts from torch's state and takes the same step. Its
+    results agree to a few ulps of the terms each is summed from (`exact`: bit for bit), and its bf16 weights
+    are its new master rounded."""
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.nn.Parameter(torch.randn(N, generator=gen))
+    opt = torch.optim.AdamW([ref], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
+    weights = torch.empty(N, dtype=torch.bfloat16)
+    for step in range(1, 6):
+        grad = torch.randn(N, generator=gen) * 10.0 ** torch.randint(-6, 1, (N,), generator=gen).float()
+        prev = opt.state[ref]
+        param, exp_avg, exp_avg_sq = (
+            ref.detach().clone(),
+            *((prev[k].clone() if prev else torch.zeros(N)) for k in ("exp_avg", "exp_avg_sq")),
+        )
+        host_adamw.adamw_and_cast(param, grad, exp_avg, exp_avg_sq, weights, step, LR, *BETAS, EPS, WD)
+        # the size of what each result is a sum of, from torch's inputs and outputs
+        exp_avg_terms = (prev["exp_avg"].abs() if prev else 0) + grad.abs()
+        terms = {"exp_avg": exp_avg_terms, "exp_avg_sq": (prev["exp_avg_sq"] if prev else 0) + grad * grad}
+        ref.grad = grad.clone()
+        was = ref.detach().clone()
+        opt.step()
+        state = opt.state[ref]
+        bias1, bias2 = 1 - BETAS[0] ** step, 1 - BETAS[1] ** step
+        move = LR / bias1 * exp_avg_terms / ((state["exp_avg_sq"] / bias2).sqrt() + EPS)
+        terms["param"] = was.abs() + move
+        for name, got, want in (
+            ("param", param, ref.detach()),
+            ("exp_avg", exp_avg, state["exp_avg"]),
+            ("exp_avg_sq", exp_avg_sq, state["exp_avg_sq"]),
+        ):
+            if exact:
+                assert torch.equal(got, want), f"step {step}: {name}"
+            else:
+                ulps = ((got - want).abs() / terms[name].clamp_min(1e-30)).max().item() / ULP
+                assert ulps <= 4, f"step {step}: {name} {ulps:.1f} ulps of its terms from torch's"
+        assert torch.equal(weights, param.to(torch.bfloat16))
+
+
+def test_one_pass_step_is_torchs_adamw_to_within_rounding():
+    if not host_adamw.prepare():
+        pytest.skip("no C++ compiler for torch.compile here: the two-pass fallback is tested below")
+    steps_from_torchs_state(exact=False)
+
+
+def test_without_a_compiler_the_step_is_torchs_kernel_and_the_cast(monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Compiler: cc is not found")
+
+    monkeypatch.setattr(host_adamw, "_step", None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: no_compiler)
+    with pytest.warns(UserWarning, match="two passes instead"):
+        assert not host_adamw.prepare()
+    steps_from_torchs_state(exact=True)
