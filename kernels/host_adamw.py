@@ -64,7 +64,9 @@ def prepare() -> bool:
         if _step is None:
             compiled = torch.compile(_adamw_and_cast, dynamic=True, fullgraph=True)
             try:
-                n = 4096
+                # The first call's size is Inductor's hint for every size after it (dynamic shapes): below 512
+                # elements per thread it emits a serial loop (16 threads: 8,192), so warm up with plenty.
+                n = 1 << 20
                 tensors = [torch.zeros(n) for _ in range(4)] + [torch.empty(n, dtype=torch.bfloat16)]
                 compiled(*tensors, *(torch.tensor(x) for x in (1.0, 0.1, 0.999, 0.001, -1e-5, 1.0, 1e-8)))
                 _step = compiled
