@@ -4,6 +4,7 @@ On CUDA the model's layers and the LM-head loss use them by default (`SLIDEFORME
 off); the plain PyTorch code in `models/layers.py` and `models/loss.py` stays the reference and the CPU
 path. They round once in fp32 where eager bf16 rounds every op, so training with them is checked to stay
 no farther from an fp32 loop than eager bf16 is. Tests run the kernels on the CPU through `TRITON_INTERPRET=1`.
+`host_adamw` is the one host kernel: the CPU AdamW that writes bf16 weights in its own pass.
 """
 
 from __future__ import annotations
