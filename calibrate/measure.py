@@ -72,12 +72,15 @@ def host_cast_bandwidth(nbytes: int) -> float:
 def host_update(numel: int, cast: bool) -> Callable[[], None]:
     """One CPU update of `numel` fp32 parameters as the runtime runs it: torch's fused AdamW, or (`cast`) the
     one-pass AdamW + bf16 cast of units keeping bf16 weights in RAM."""
-    param = torch.nn.Parameter(torch.zeros(numel))
-    grad = torch.full_like(param, 1e-3)
+    grad = torch.full((numel,), 1e-3)
     if cast:
-        states, weights = (torch.zeros(numel), torch.zeros(numel)), torch.empty(numel, dtype=torch.bfloat16)
+        param, exp_avg, exp_avg_sq = (torch.zeros(numel) for _ in range(3))
+        weights = torch.empty(numel, dtype=torch.bfloat16)
         host_adamw.prepare()
-        return lambda: host_adamw.adamw_and_cast(param.detach(), grad, *states, weights, 1, 1e-5, 0.9, 0.999, 1e-8, 0.0)
+        return lambda: host_adamw.adamw_and_cast(
+            param, grad, exp_avg, exp_avg_sq, weights, 1, 1e-5, 0.9, 0.999, 1e-8, 0.0
+        )
+    param = torch.nn.Parameter(torch.zeros(numel))
     param.grad = grad
     return torch.optim.AdamW([param], lr=1e-5, fused=True).step
 

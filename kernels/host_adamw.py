@@ -1,7 +1,7 @@
 """The CPU AdamW step that also writes the unit's bf16 weights, in one pass over memory.
 
-A host-updated unit that keeps bf16 weights in RAM (`Plan.host_bf16_weights`, streamed and disk units) needs
-them cast from the new master after every update. As a second pass the cast reads the master again: 34 bytes
+A CPU-updated unit that keeps bf16 weights in RAM (`cpu` units under `Plan.host_bf16_weights`, and disk
+units) needs them cast from the new master after every update. As a second pass the cast reads the master again: 34 bytes
 per parameter of host memory traffic instead of 30, and the CPU update is the step's bottleneck at small
 batch (the fused torch AdamW already runs at the host's copy bandwidth, so only fewer bytes make it faster).
 

@@ -475,8 +475,8 @@ def choose_plan(
                 fastest = min(fastest, s)
     assert scored, "a feasible batch always has a candidate plan"
     _, plan = min((s for s in scored if s[0] <= fastest * (1 + TIE)), key=lambda s: (s[1].chunks, s[0]))
-    plan = _refined_streamed_count(cfg, plan, profile, budgets)
-    return Verdict(True, plan, simulate(cfg, plan, profile), max_batch)
+    plan, simulation = _refined_streamed_count(cfg, plan, profile, budgets)
+    return Verdict(True, plan, simulation, max_batch)
 
 
 def with_streamed_layers(plan: Plan, count: int) -> Plan:
@@ -490,25 +490,28 @@ def with_streamed_layers(plan: Plan, count: int) -> Plan:
     return replace(plan, placement=placement)
 
 
-def _refined_streamed_count(cfg: ModelConfig, plan: Plan, profile: Profile, budgets: Budgets) -> Plan:
+def _refined_streamed_count(
+    cfg: ModelConfig, plan: Plan, profile: Profile, budgets: Budgets
+) -> tuple[Plan, Simulation]:
     """The grid's best plan, or the same plan with a streamed-layer count between the grid's counts next to its
-    own where that simulates faster and fits: the balance of CPU and PCIe work rarely falls on the grid."""
+    own where that simulates faster and fits (the balance of CPU and PCIe work rarely falls on the grid); with
+    its simulation."""
     L = cfg.num_layers
     grid = sorted({len(layers) for layers, _ in streamed_grid(L, plan.update, 0) if layers})
     # the grid's count this plan was built with (none: no streamed layers, or not spread as the grid spreads)
     count = next((k for k in grid if with_streamed_layers(plan, k).placement == plan.placement), None)
+    best = (plan, simulate(cfg, plan, profile))
     if count is None or "streamed" not in plan.placement[1 : L + 1]:
-        return plan
+        return best
     lower = max((k for k in grid if k < count), default=count)
     upper = min((k for k in grid if k > count), default=count)
-    best, best_s = plan, simulate(cfg, plan, profile).step_s
     for k in [*range(lower + 1, count), *range(count + 1, upper)]:
         q = with_streamed_layers(plan, k)
         if shortfalls(cfg, q, profile, budgets):
             continue
-        s = simulate(cfg, q, profile).step_s
-        if s < best_s * (1 - TIE / 4):
-            best, best_s = q, s
+        sim = simulate(cfg, q, profile)
+        if sim.step_s < best[1].step_s * (1 - TIE / 4):
+            best = (q, sim)
     return best
 
 

@@ -161,7 +161,12 @@ class ShardedUnit(Unit):
         ranks: Ranks,
         weights: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(layout, source, master, optim, on_gpu=False, weights=weights, fill=ranks.rank == 0)
+        # the bf16 weights are set after: this unit's step casts its slice in a second pass, so it compiles no
+        # one-pass update (`Unit.__init__` does, for units with bf16 weights)
+        super().__init__(layout, source, master, optim, on_gpu=False, fill=ranks.rank == 0)
+        self.weights = weights
+        if ranks.rank == 0:
+            self.refresh_weights()
         self.ranks, self.shard = ranks, ranks.shard(layout.numel)
         self.param = torch.nn.Parameter(master[self.shard])  # a view: updates land in the master
         self.optimizer = optim.optimizer(self.param)  # AdamW states for this rank's slice only

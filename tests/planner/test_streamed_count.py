@@ -39,11 +39,9 @@ def test_refinement_takes_a_faster_count_between_the_grids_and_fits():
     two_passes = 1 / profile.cpu_adamw_rate() + 4 / profile.host_cast_bandwidth  # seconds per parameter
     profile = replace(profile, cpu_adamw_cast_busy_params_per_s=1 / (0.85 * two_passes))
     start = grid_plan(16)
-    refined = _refined_streamed_count(CFG, start, profile, BUDGETS)
+    refined, simulation = _refined_streamed_count(CFG, start, profile, BUDGETS)
     count = sum(p == "streamed" for p in refined.placement[1 : L + 1])
     assert refined != start and 12 < count + 2 < 20  # + the two GPU layers the spread skips
-    assert simulate(CFG, refined, profile).step_s < simulate(CFG, start, profile).step_s
-    untouched = grid_plan(16)
-    assert _refined_streamed_count(
-        CFG, replace(untouched, placement=["cpu"] * (L + 2)), profile, BUDGETS
-    ).placement == ["cpu"] * (L + 2)
+    assert simulation.step_s == simulate(CFG, refined, profile).step_s < simulate(CFG, start, profile).step_s
+    all_cpu = replace(start, placement=["cpu"] * (L + 2))
+    assert _refined_streamed_count(CFG, all_cpu, profile, BUDGETS)[0] == all_cpu
