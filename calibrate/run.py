@@ -26,7 +26,6 @@ class TimedPieces:
     application (`slideformer calibrate`), since calibrate and the runtime sit side by side on the schedule
     layer and never import each other."""
 
-    weight_stream: Callable[..., Any]  # runtime.weight_stream.WeightStream
     disk_tier: Callable[..., Any]  # runtime.disk.DiskTier
 
 
@@ -93,9 +92,6 @@ def calibrate(
             unit, int(transfer_chunk_mb * MiB * scale) // 2, STATE_STAGING_BUFFERS, measure.BackgroundAdamW(unit)
         )
         if models:
-            prof.staged_load_bandwidth = measure.staged_load_bandwidth(
-                pieces.weight_stream, models[0], seqs[0], max(sequences_per_chunk), int(transfer_chunk_mb * MiB * scale)
-            )
             prof.compute_slowdown_under_copies = measure.compute_slowdown_under_copies(
                 models[0], seqs[0], max(sequences_per_chunk), copies, prof.h2d.bandwidth
             )

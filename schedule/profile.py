@@ -124,7 +124,6 @@ class Profile:
     duplex_bandwidth: float | None = None  # both directions together
     # bytes/s of a large NCCL all-reduce's bus between two GPUs of the host (Plan.ranks > 1); None: unmeasured
     gpu_link_bandwidth: float | None = None
-    staged_load_bandwidth: float | None = None  # the runtime's fp32->bf16 weight load beside a layer's backward
     # A streamed update's copies, bytes/s in each direction while both run (Plan placement 'streamed') and the
     # CPU's AdamW runs beside them, as in a backward with CPU-updated layers (profiles up to h200-2026-12-01
     # timed them without the AdamW)

@@ -2,9 +2,10 @@
 
 Layer and head times come from the profile's measurements of the model's own shapes (linear in tokens
 between measured chunk sizes); shapes it did not measure run at the measured efficiency of the shapes it
-did (or half of peak for a spec-sheet profile). Copies cost latency + bytes / bandwidth; weight loads
-run at the rate calibrate measured beside a layer's backward. These are each copy's rate alone; the
-simulator's replay shares the measured duplex rate between the two directions while both copy.
+did (or half of peak for a spec-sheet profile). Copies cost latency + bytes / bandwidth; a staged fp32
+weight load holds the link as its copy alone does, its casts overlapping the copies of the pieces after
+them. These are each copy's rate alone; the simulator's replay shares the measured duplex rate between the
+two directions while both copy.
 """
 
 from __future__ import annotations
@@ -124,11 +125,17 @@ class CostModel:
         return link.latency_s + nbytes / link.bandwidth
 
     def load(self, nbytes: int, piece_mb: int) -> float:
-        """A staged fp32 -> bf16 weight load; at the measured staged rate when the profile has it."""
-        if self.p.staged_load_bandwidth:
-            return nbytes / self.p.staged_load_bandwidth
-        pieces = -(-nbytes // (piece_mb * 2**20))
-        return self.copy("h2d", nbytes) + self.gpu_bytes_moved(nbytes * 1.5) + pieces * self.h2d.latency_s
+        """A staged fp32 -> bf16 weight load: its pieces' copies back to back, then the last piece's cast (each
+        other cast runs beside the next piece's copy). Traced steps measure the load at the link's rate: 16.6
+        ms per 8B layer on the H200 (bench/results/h200-2026-12-01-late-fidelity-1024x8-leaseA.json), where
+        calibrate's load beside one 64K-token backward took 38.5 (its casts waited for that backward's SMs)."""
+        piece = piece_mb * 2**20
+        pieces = -(-nbytes // piece)
+        return (
+            self.copy("h2d", nbytes)
+            + (pieces - 1) * self.h2d.latency_s
+            + self.gpu_bytes_moved(1.5 * min(piece, nbytes))
+        )
 
     def host_unit_load(self, plan: Plan, unit: int, numel: int) -> float:
         """A host unit's weights onto the GPU: its bf16 weights kept in RAM copied over, or its fp32 master

@@ -74,11 +74,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_calibrate(a: argparse.Namespace) -> int:
     from slideformer.calibrate.run import TimedPieces, calibrate
     from slideformer.runtime.disk import DiskTier
-    from slideformer.runtime.weight_stream import WeightStream
 
     models = [load_model_config(m) for m in a.model]
     prof = calibrate(
-        TimedPieces(WeightStream, DiskTier),
+        TimedPieces(DiskTier),
         models,
         a.seq,
         a.sequences,

@@ -47,7 +47,6 @@ def profiles(draw):
         issue_s=rate(0, 1e-3),
         h2d=Link(rate(1e7, 6e10), rate(0, 1e-4)),
         d2h=Link(rate(1e7, 6e10), rate(0, 1e-4)),
-        staged_load_bandwidth=draw(st.none() | st.floats(1e7, 6e10)),
         host_cast_bandwidth=rate(1e8, 1e11),
         disk=Disk("-", "spec", rate(1e7, 1e10), rate(1e7, 1e10), rate(0, 0.1), rate(0, 0.1)),
         compute_slowdown_under_copies=rate(1.0, 1.3),

@@ -63,7 +63,6 @@ def test_more_memory_or_bandwidth_never_makes_the_chosen_plan_slower(cfg, profil
         profile,
         h2d=Link(profile.h2d.bandwidth * faster, profile.h2d.latency_s),
         d2h=Link(profile.d2h.bandwidth * faster, profile.d2h.latency_s),
-        staged_load_bandwidth=profile.staged_load_bandwidth and profile.staged_load_bandwidth * faster,
     )
     quicker = choose_plan(cfg, "random", 64, 2, quicker_profile, budget)
     assert roomier.fits and quicker.fits
