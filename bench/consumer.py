@@ -26,6 +26,7 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from bench.common import provenance
 from slideformer.schedule.memory import RUNTIME_OVERHEAD, GiB
@@ -104,7 +105,12 @@ def choose(workloads: list[str], profile_path: str, host_bytes: int, plans_dir: 
 
 
 def run_ours(
-    workloads: list[str], timeout_s: int, profile_path: str, disk_dir: str | None, plans_dir: str | None
+    workloads: list[str],
+    timeout_s: int,
+    profile_path: str,
+    disk_dir: str | None,
+    plans_dir: str | None,
+    save: Callable[[dict], None],
 ) -> dict:
     from slideformer.schedule.profile import Profile
     from slideformer.models import load_model_config
@@ -112,7 +118,6 @@ def run_ours(
         DISK_BUDGET_FRACTION,
         GPU_BUDGET_FRACTION,
         Budgets,
-        choose_plan,
         feasible,
         largest,
     )
@@ -127,90 +132,8 @@ def run_ours(
     rows: dict[str, dict] = {}
     chosen = chosen_plans(plans_dir, workloads, profile, cfg, budgets) if plans_dir else {}
     for w in workloads:
-        seq, batch = seq_batch(w)
-        if w in chosen:
-            verdict, source, chosen_for = chosen[w]
-        else:
-            verdict, source, chosen_for = choose_plan(cfg, MODEL, seq, batch, profile, budgets), "planner", budgets
-        row: dict = {
-            "seq": seq,
-            "batch": batch,
-            "budgets": asdict(budgets),
-            "plan_source": source,  # the planner here, or its file from --choose
-            "plan_budgets": asdict(chosen_for),
-            "profile": profile.name,
-            "profile_date": profile.date,
-            "fits": verdict.fits,
-            "planner_max_batch": verdict.max_batch,
-            "shortfalls": verdict.shortfalls,
-        }
-        rows[w] = row
-        print(f"{w}: {'FITS' if verdict.fits else 'refused: ' + '; '.join(verdict.shortfalls)}", flush=True)
-        if not verdict.fits:
-            continue
-        sim = verdict.simulation
-        row |= {
-            "plan": asdict(verdict.plan),
-            "predicted_step_s": sim.step_s,
-            "predicted_peak_gpu_gib": sim.peak_gpu_bytes / GiB,
-            "predicted_peak_gpu_allocated_gib": sim.peak_gpu_allocated_bytes / GiB,
-            "predicted_peak_host_gib": sim.host_memory_bytes / GiB,
-            "predicted_bottleneck": sim.bottleneck,
-        }
-        long_step = seq * batch >= 32768
-        with tempfile.TemporaryDirectory() as tmp:
-            plan_path, out = Path(tmp) / "plan.json", Path(tmp) / "result.json"
-            verdict.plan.save(plan_path)
-            cmd = [
-                sys.executable,
-                "-m",
-                "bench.ours",
-                "--name",
-                f"consumer-{w}",
-                "--plan",
-                str(plan_path),
-                "--gpu-cap-gib",
-                str(GPU_CAP_GIB),
-                "--warmup",
-                "1" if long_step else "2",
-                "--steps",
-                "2" if long_step else "3",
-                "--out",
-                str(out),
-            ] + (["--disk-dir", disk_dir] if disk_dir is not None else [])
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-                error = None if proc.returncode == 0 and out.exists() else (proc.stdout + proc.stderr)[-3000:]
-            except subprocess.TimeoutExpired:
-                error = f"timed out after {timeout_s} s"
-            if error is not None:
-                row["error"] = error
-                print(f"  FAILED: {error[-800:]}", flush=True)
-                continue
-            measured = json.loads(out.read_text())
-        row |= {
-            k: measured[k]
-            for k in (
-                "step_s",
-                "per_step_s",
-                "losses",
-                "tokens_per_s",
-                "model_tflops",
-                "init_s",
-                "peak_gpu_allocated_gib",
-                "peak_gpu_reserved_gib",
-                "peak_host_rss_gib",
-            )
-        }
-        row["step_error"] = row["predicted_step_s"] / row["step_s"] - 1
-        row["gpu_peak_error"] = row["predicted_peak_gpu_allocated_gib"] / row["peak_gpu_allocated_gib"] - 1
-        row["host_peak_error"] = row["predicted_peak_host_gib"] / row["peak_host_rss_gib"] - 1
-        print(
-            f"  {row['step_s']:.2f} s/step (predicted {row['predicted_step_s']:.2f}), {row['tokens_per_s']:.0f} tok/s, "
-            f"GPU {row['peak_gpu_allocated_gib']:.1f} GiB (pred {row['predicted_peak_gpu_allocated_gib']:.1f}), "
-            f"host {row['peak_host_rss_gib']:.1f} GiB (pred {row['predicted_peak_host_gib']:.1f})",
-            flush=True,
-        )
+        rows[w] = ours_row(w, cfg, profile, budgets, chosen, timeout_s, disk_dir)
+        save({"workloads": rows})  # after each workload, so that a call's time limit loses no finished row
     # what `slideformer plan` reports as capacity (its max batch and max seq), without its plan search
     capacity = {
         "max_batch_at_seq_1024": largest(lambda b: feasible(cfg, MODEL, b, 1024, profile, budgets), 1 << 16),
@@ -219,6 +142,96 @@ def run_ours(
         ),
     }
     return {"workloads": rows, "planner_capacity": capacity}
+
+
+def ours_row(w: str, cfg, profile, budgets, chosen: dict, timeout_s: int, disk_dir: str | None) -> dict:
+    """One workload: the planner's verdict and, where it fits, the plan's run in its own process."""
+    from slideformer.planner.search import choose_plan
+
+    seq, batch = seq_batch(w)
+    if w in chosen:
+        verdict, source, chosen_for = chosen[w]
+    else:
+        verdict, source, chosen_for = choose_plan(cfg, MODEL, seq, batch, profile, budgets), "planner", budgets
+    row: dict = {
+        "seq": seq,
+        "batch": batch,
+        "budgets": asdict(budgets),
+        "plan_source": source,  # the planner here, or its file from --choose
+        "plan_budgets": asdict(chosen_for),
+        "profile": profile.name,
+        "profile_date": profile.date,
+        "fits": verdict.fits,
+        "planner_max_batch": verdict.max_batch,
+        "shortfalls": verdict.shortfalls,
+    }
+    print(f"{w}: {'FITS' if verdict.fits else 'refused: ' + '; '.join(verdict.shortfalls)}", flush=True)
+    if not verdict.fits:
+        return row
+    sim = verdict.simulation
+    row |= {
+        "plan": asdict(verdict.plan),
+        "predicted_step_s": sim.step_s,
+        "predicted_peak_gpu_gib": sim.peak_gpu_bytes / GiB,
+        "predicted_peak_gpu_allocated_gib": sim.peak_gpu_allocated_bytes / GiB,
+        "predicted_peak_host_gib": sim.host_memory_bytes / GiB,
+        "predicted_bottleneck": sim.bottleneck,
+    }
+    long_step = seq * batch >= 32768
+    with tempfile.TemporaryDirectory() as tmp:
+        plan_path, out = Path(tmp) / "plan.json", Path(tmp) / "result.json"
+        verdict.plan.save(plan_path)
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.ours",
+            "--name",
+            f"consumer-{w}",
+            "--plan",
+            str(plan_path),
+            "--gpu-cap-gib",
+            str(GPU_CAP_GIB),
+            "--warmup",
+            "1" if long_step else "2",
+            "--steps",
+            "2" if long_step else "3",
+            "--out",
+            str(out),
+        ] + (["--disk-dir", disk_dir] if disk_dir is not None else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            error = None if proc.returncode == 0 and out.exists() else (proc.stdout + proc.stderr)[-3000:]
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {timeout_s} s"
+        if error is not None:
+            row["error"] = error
+            print(f"  FAILED: {error[-800:]}", flush=True)
+            return row
+        measured = json.loads(out.read_text())
+    row |= {
+        k: measured[k]
+        for k in (
+            "step_s",
+            "per_step_s",
+            "losses",
+            "tokens_per_s",
+            "model_tflops",
+            "init_s",
+            "peak_gpu_allocated_gib",
+            "peak_gpu_reserved_gib",
+            "peak_host_rss_gib",
+        )
+    }
+    row["step_error"] = row["predicted_step_s"] / row["step_s"] - 1
+    row["gpu_peak_error"] = row["predicted_peak_gpu_allocated_gib"] / row["peak_gpu_allocated_gib"] - 1
+    row["host_peak_error"] = row["predicted_peak_host_gib"] / row["peak_host_rss_gib"] - 1
+    print(
+        f"  {row['step_s']:.2f} s/step (predicted {row['predicted_step_s']:.2f}), {row['tokens_per_s']:.0f} tok/s, "
+        f"GPU {row['peak_gpu_allocated_gib']:.1f} GiB (pred {row['predicted_peak_gpu_allocated_gib']:.1f}), "
+        f"host {row['peak_host_rss_gib']:.1f} GiB (pred {row['predicted_peak_host_gib']:.1f})",
+        flush=True,
+    )
+    return row
 
 
 def run_official(workloads: list[str], deadline_s: int) -> dict:
@@ -364,21 +377,29 @@ def main() -> None:
         if a.figure:
             figure(record, a.figure)
     else:
-        workloads = a.only.split(",")
-        result = (
-            run_ours(workloads, a.timeout, a.profile, a.disk_dir, a.plans)
-            if a.system == "ours"
-            else run_official(workloads, a.timeout)
-        )
-        record = {
+        head = {
             "command": "python -m bench.consumer " + " ".join(sys.argv[1:]),
             **provenance(),
             "gpu_cap_gib": GPU_CAP_GIB,
             "model": MODEL,
-            "systems": {a.system: result},
         }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(record, indent=2))
+
+        def save(result: dict) -> None:
+            write(a.out, head | {"systems": {a.system: result}})
+
+        workloads = a.only.split(",")
+        result = (
+            run_ours(workloads, a.timeout, a.profile, a.disk_dir, a.plans, save)
+            if a.system == "ours"
+            else run_official(workloads, a.timeout)
+        )
+        record = head | {"systems": {a.system: result}}
+    write(a.out, record)
+
+
+def write(path: str, record: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
