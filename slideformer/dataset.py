@@ -3,14 +3,16 @@ tokenized, prompt-masked and packed into fixed-length sequences.
 
 Row shapes: {"text"}; chat {"messages": [{"role", "content"}, ...]} rendered with the tokenizer's chat
 template, trained on assistant turns only; instruction {"instruction", "input"?, "output"}, trained on
-the output only. Packing concatenates samples (each ending in EOS) and cuts the stream into sequences;
-attention is causal over the whole packed sequence, so a sample can attend to the samples before it in
-the same sequence (their tokens are never its labels). Without packing, each sample is truncated or
-padded to one sequence.
+the output only. Packing fills fixed-length sequences with samples (each ending in EOS): whole samples by
+best fit (`PACKINGS`' "best_fit", a sample longer than a sequence split into sequence-long pieces) or the
+samples' concatenated stream cut every `seq` tokens ("stream": no padding, but samples cut at the cuts).
+Attention stays within each sample unless cross-sample attention is asked for. Without packing, each
+sample is truncated or padded to one sequence.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,17 +171,28 @@ def examples_from_rows(rows: Iterable[dict], name: str, tok: Tokenizer) -> list[
     return out
 
 
+PACKINGS = ("best_fit", "stream")
+
+
 def to_sequences(
-    examples: list[Example], seq: int, tok: Tokenizer, pack: bool, per_sample: bool = True
+    examples: list[Example],
+    seq: int,
+    tok: Tokenizer,
+    pack: bool,
+    per_sample: bool = True,
+    packing: str = "best_fit",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """input_ids and labels [N, seq]; labels[t] is token t+1 when that token is trained, else IGNORE_INDEX.
 
     Packed (`pack`) with `per_sample`, also each token's position in its sample [N, seq], 0 where a sample (or
-    the window) starts: attention never crosses a sample boundary and no token is a target of the sample before
-    it. Packed without `per_sample`, positions are None and a sample attends to the samples before it in its
-    sequence. Unpacked, one sample per sequence (padded), positions None."""
+    a piece of one) starts: attention never crosses a sample boundary and no token is a target of the sample
+    before it. Packed without `per_sample`, positions are None and a sample attends to the samples before it in
+    its sequence. `packing`: "best_fit" keeps each sample whole in one sequence where it fits, "stream" cuts the
+    concatenated samples every `seq` tokens. Unpacked, one sample per sequence (padded), positions None."""
     windows: list[tuple[list[int], list[bool], list[int]]] = []
-    if pack:
+    if pack and packing == "best_fit":
+        windows = _best_fit_windows(examples, seq, tok.pad_id)
+    elif pack:
         ids = [t for e in examples for t in e.ids]
         trained = [m for e in examples for m in e.trained]
         where = [i for e in examples for i in range(len(e.ids))]
@@ -209,6 +222,40 @@ def to_sequences(
         labels[keep].contiguous(),
         None if positions is None else positions[keep, :-1].contiguous(),
     )
+
+
+def _best_fit_windows(examples: list[Example], seq: int, pad_id: int) -> list[tuple[list[int], list[bool], list[int]]]:
+    """Windows of seq + 1 tokens (a sequence and its last label) holding whole samples: longest first, each into
+    the fullest window it fits (best fit decreasing), the rest padded. A sample longer than a window is split into
+    windows of its own that overlap by one token, as the stream cuts it, so each of its tokens stays a label."""
+    width = seq + 1
+    pieces: list[tuple[list[int], list[bool]]] = []
+    for e in examples:
+        for start in range(0, max(len(e.ids) - 1, 1), seq):
+            # a later piece's first token is the last label of the piece before: not a label a second time
+            trained = [start == 0 and e.trained[0]] + e.trained[start + 1 : start + width]
+            pieces.append((e.ids[start : start + width], trained))
+    pieces.sort(key=lambda piece: -len(piece[0]))  # stable: equal lengths keep the data's order
+    windows: list[tuple[list[int], list[bool], list[int]]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, window index), sorted
+    for ids, trained in pieces:
+        k = bisect.bisect_left(room, (len(ids), -1))
+        if k == len(room):
+            windows.append(([], [], []))
+            free, w = width, len(windows) - 1
+        else:
+            free, w = room.pop(k)
+        windows[w][0].extend(ids)
+        windows[w][1].extend(trained)
+        windows[w][2].extend(range(len(ids)))
+        if free - len(ids):
+            bisect.insort(room, (free - len(ids), w))
+    for ids, trained, positions in windows:  # the padding is a sample of its own, with nothing to learn
+        pad = width - len(ids)
+        ids.extend([pad_id] * pad)
+        trained.extend([False] * pad)
+        positions.extend(range(pad))
+    return windows
 
 
 def cut_rows(examples: list[Example], seq: int, pack: bool) -> tuple[int, int]:

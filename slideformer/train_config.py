@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from slideformer.dataset import PACKINGS
+
 
 class ConfigError(ValueError):
     pass
@@ -33,6 +35,9 @@ class TrainConfig:
     pack: bool = True  # pack short samples into full sequences (attention stays within each sample)
     # With pack: let a sample attend to the samples before it in its sequence (cheaper attention, other maths)
     cross_sample_attention: bool = False
+    # With pack: 'best_fit' keeps each sample whole in one sequence (the rest padded); 'stream' cuts the
+    # concatenated samples every seq tokens (no padding; a cut sample's rest runs without its start)
+    packing: str = "best_fit"
     max_cut_fraction: float = 0.0  # share of rows that pack: false may truncate or drop at seq; more stops the run
     lr: float = 1e-5
     schedule: str = "cosine"  # 'cosine' (to min_lr_ratio * lr) or 'constant', after linear warmup
@@ -86,6 +91,8 @@ class TrainConfig:
             problems.append(f"report_to takes {list(REPORTERS)}, not {unknown}")
         elif "wandb" in self.report_to and importlib.util.find_spec("wandb") is None:
             problems.append("report_to 'wandb' needs the wandb package: pip install wandb")
+        if self.packing not in PACKINGS:
+            problems.append(f"packing must be one of {list(PACKINGS)}, not {self.packing!r}")
         if self.schedule not in ("cosine", "constant"):
             problems.append(f"schedule must be 'cosine' or 'constant', not {self.schedule!r}")
         if self.nonfinite not in ("stop", "skip"):
@@ -156,7 +163,7 @@ RESUMABLE_CHANGES = {
 
 # Settings added after checkpoints were first written, at the value that computes what runs before them did
 # (packed runs before per-sample attention differ in their tokenized data, which the resume checks too).
-ADDED_SETTINGS = {"cross_sample_attention": False, "gpus": 1}
+ADDED_SETTINGS = {"cross_sample_attention": False, "gpus": 1, "packing": "stream"}
 # May change on resume as long as the step's sequences (batch x accumulation x gpus) stay the same: the
 # optimizer step is the same maths on any number of processes.
 SPLITS_OF_A_STEP = ("accumulation", "gpus")
@@ -282,6 +289,7 @@ batch: 8                    # sequences per micro-batch
 accumulation: 1             # micro-batches per optimizer step
 pack: true                  # pack short samples into full sequences; attention stays within each sample
 cross_sample_attention: false  # true: packed samples also attend to those before them (cheaper, other maths)
+packing: best_fit           # with pack: whole samples per sequence; 'stream' cuts the samples' stream at seq
 max_cut_fraction: 0.0       # with pack: false, the share of rows that may be truncated or dropped at seq
 lr: 1.0e-5
 schedule: cosine            # or constant; after warmup_steps of linear warmup

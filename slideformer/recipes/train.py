@@ -89,7 +89,7 @@ def sequences(cfg: TrainConfig, examples: list[Example], tok: Tokenizer, split: 
                 "raise seq, set pack: true, or raise max_cut_fraction"
             )
         print(report, file=sys.stderr)
-    return Sequences(*to_sequences(examples, cfg.seq, tok, cfg.pack, per_sample=not cfg.cross_sample_attention))
+    return Sequences(*to_sequences(examples, cfg.seq, tok, cfg.pack, not cfg.cross_sample_attention, cfg.packing))
 
 
 def tokenized_data(

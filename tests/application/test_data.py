@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bench.synthetic import chat_rows, make_tokenizer
 from slideformer.dataset import DataError, Example, load_examples, to_sequences
@@ -50,16 +52,61 @@ def test_instruction_and_text_rows(tmp_path, tok):
 
 def test_packing_fills_sequences_and_labels_are_the_next_trained_token(tok):
     examples = [Example([1, 2, 3, 4], [False, False, True, True]), Example([5, 6, 7], [False, True, True])]
-    ids, labels, positions = to_sequences(examples, seq=3, tok=tok, pack=True)
+    ids, labels, positions = to_sequences(examples, seq=3, tok=tok, pack=True, packing="stream")
     assert ids.tolist() == [[1, 2, 3], [4, 5, 6]]
     assert labels.tolist() == [[IGNORE_INDEX, 3, 4], [IGNORE_INDEX, 6, 7]]
     # positions restart where a sample starts, and where the window cuts one (token 4 runs as if alone)
     assert positions.tolist() == [[0, 1, 2], [0, 0, 1]]
-    assert to_sequences(examples, seq=3, tok=tok, pack=True, per_sample=False)[2] is None
+    assert to_sequences(examples, seq=3, tok=tok, pack=True, per_sample=False, packing="stream")[2] is None
     ids, labels, positions = to_sequences(examples, seq=5, tok=tok, pack=False)  # one sample per sequence, padded
     assert positions is None
     assert ids[1].tolist()[:3] == [5, 6, 7] and labels[1].tolist() == [6, 7, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
     assert (labels != IGNORE_INDEX).sum() == torch.tensor(4)
+
+
+def test_best_fit_packing_keeps_samples_whole_and_fills_the_fullest_sequence_first(tok):
+    a, b, c = [11, 12, 13], [14, 15, 16, 17, 18], [19, 20]  # ids apart from the tokenizer's pad
+    examples = [Example(a, [True] * 3), Example(b, [True] * 5), Example(c, [True] * 2)]
+    ids, labels, positions = to_sequences(examples, seq=5, tok=tok, pack=True)  # windows of 6 tokens
+    # longest first: b opens a window, a does not fit its one free token and opens another, c goes where it
+    # fits; a stream cut every 5 tokens would split two of the three samples
+    assert ids.tolist() == [b, a + c]
+    assert positions.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert labels.tolist() == [[15, 16, 17, 18, IGNORE_INDEX], [12, 13, IGNORE_INDEX, 20, IGNORE_INDEX]]
+    # a sample longer than a window is split into overlapping pieces, each of its tokens a label once
+    long = list(range(11, 20))
+    ids, labels, positions = to_sequences([Example(long, [True] * 9)], seq=4, tok=tok, pack=True)
+    assert ids.tolist() == [long[0:4], long[4:8]] and labels.tolist() == [long[1:5], long[5:9]]
+
+
+@given(
+    lengths=st.lists(st.integers(1, 20), min_size=1, max_size=30),
+    seq=st.integers(2, 12),
+    cross=st.booleans(),
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_best_fit_packing_loses_no_target_and_keeps_a_sample_that_fits_whole(tok, lengths, seq, cross):
+    """Every trained token but a sample's first is a label exactly once, as in the stream; a sample that fits a
+    row (its tokens and its last label) sits whole in one, its positions 0..n-1."""
+    examples, next_id = [], 100  # every token id distinct and apart from the pad: a label names its place
+    for n in lengths:
+        examples.append(Example(list(range(next_id, next_id + n)), [True] * n))
+        next_id += n
+    ids, labels, positions = to_sequences(examples, seq=seq, tok=tok, pack=True, per_sample=not cross)
+    firsts = {e.ids[0] for e in examples}
+    later = sorted(t for e in examples for t in e.ids[1:])
+    got = labels[labels != IGNORE_INDEX].tolist()
+    # across samples a first token may also be the label of the sample before it in its row
+    assert sorted(t for t in got if t not in firsts) == later and (cross or len(got) == len(later))
+    rows = ids.tolist()
+    for e in examples:
+        if 2 <= len(e.ids) <= seq + 1:  # (a row with nothing to learn is dropped)
+            (row,) = [i for i, r in enumerate(rows) if e.ids[0] in r]
+            window = rows[row] + labels[row, -1:].tolist()  # the row's tokens and its last label
+            at = window.index(e.ids[0])
+            assert window[at : at + len(e.ids)] == e.ids
+            if not cross:
+                assert positions[row, at : at + len(e.ids)].tolist() == list(range(len(e.ids)))[: seq - at]
 
 
 @pytest.mark.parametrize(
