@@ -26,10 +26,15 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from bench.common import provenance
 from slideformer.schedule.memory import RUNTIME_OVERHEAD, GiB
+
+if TYPE_CHECKING:
+    from slideformer.models.config import ModelConfig
+    from slideformer.planner.search import Budgets
+    from slideformer.schedule.profile import Profile
 
 MODEL = "llama-3.1-8b"
 GPU_CAP_GIB = 24
@@ -144,7 +149,15 @@ def run_ours(
     return {"workloads": rows, "planner_capacity": capacity}
 
 
-def ours_row(w: str, cfg, profile, budgets, chosen: dict, timeout_s: int, disk_dir: str | None) -> dict:
+def ours_row(
+    w: str,
+    cfg: ModelConfig,
+    profile: Profile,
+    budgets: Budgets,
+    chosen: dict,
+    timeout_s: int,
+    disk_dir: str | None,
+) -> dict:
     """One workload: the planner's verdict and, where it fits, the plan's run in its own process."""
     from slideformer.planner.search import choose_plan
 

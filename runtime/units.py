@@ -103,6 +103,8 @@ class Unit:
     may keep bf16 `weights` in RAM too (`Plan.host_bf16_weights`), cast from the master after every update, for
     the GPU's loads (without them, loads stream and cast the master)."""
 
+    ONE_PASS = True  # whether a host unit with bf16 weights casts them in its update's pass
+
     def __init__(
         self,
         layout: UnitLayout,
@@ -119,7 +121,7 @@ class Unit:
         self.weights = weights
         self.master = torch.nn.Parameter(master)
         self.optimizer = optim.optimizer(self.master)
-        if weights is not None and not on_gpu:
+        if self.casts_in_update:
             host_adamw.prepare()
         if fill:
             on_host = master if master.device.type == "cpu" else torch.empty(layout.numel, dtype=torch.float32)
@@ -128,14 +130,20 @@ class Unit:
                 master.copy_(on_host)
             self.refresh_weights()
 
+    @property
+    def casts_in_update(self) -> bool:
+        """Its step writes the bf16 weights in RAM in the update's own pass (`kernels.host_adamw`)."""
+        return self.ONE_PASS and self.weights is not None and not self.on_gpu
+
     def refresh_weights(self) -> None:
         """The bf16 weights in RAM, from the master (after an update or a restore)."""
         if self.weights is not None:
             self.weights.copy_(self.master.detach())
 
     def step(self, grad: torch.Tensor, clip_coef: torch.Tensor | float | None, lr: float) -> None:
-        if self.weights is not None and not self.on_gpu:
-            adamw_step_and_cast(self.optimizer, self.master, grad, clip_coef, lr, self.weights)
+        weights = self.weights if self.casts_in_update else None
+        if weights is not None:
+            adamw_step_and_cast(self.optimizer, self.master, grad, clip_coef, lr, weights)
         else:
             adamw_step(self.optimizer, self.master, grad, clip_coef, lr)
             self.refresh_weights()
@@ -152,6 +160,8 @@ class ShardedUnit(Unit):
     this rank's AdamW updates its slice of it in place (states for the slice only), casts that slice's bf16
     weights, and waits for every rank to have done the same; the first rank writes the initial weights."""
 
+    ONE_PASS = False  # it casts its slice in a second pass, so it compiles no one-pass update
+
     def __init__(
         self,
         layout: UnitLayout,
@@ -161,12 +171,7 @@ class ShardedUnit(Unit):
         ranks: Ranks,
         weights: torch.Tensor | None = None,
     ) -> None:
-        # the bf16 weights are set after: this unit's step casts its slice in a second pass, so it compiles no
-        # one-pass update (`Unit.__init__` does, for units with bf16 weights)
-        super().__init__(layout, source, master, optim, on_gpu=False, fill=ranks.rank == 0)
-        self.weights = weights
-        if ranks.rank == 0:
-            self.refresh_weights()
+        super().__init__(layout, source, master, optim, on_gpu=False, weights=weights, fill=ranks.rank == 0)
         self.ranks, self.shard = ranks, ranks.shard(layout.numel)
         self.param = torch.nn.Parameter(master[self.shard])  # a view: updates land in the master
         self.optimizer = optim.optimizer(self.param)  # AdamW states for this rank's slice only
