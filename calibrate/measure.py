@@ -5,7 +5,6 @@ Timings take the median of several repeats after a warm-up; GPU work is timed wi
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import tempfile
 import threading
@@ -163,83 +162,6 @@ def duplex_bandwidth(nbytes: int) -> float:
     return 2 * nbytes / median_time(both)
 
 
-def streamed_update_bandwidths(
-    numel: int, piece_numel: int, slots: int, beside: BackgroundAdamW | None = None
-) -> tuple[float, float]:
-    """Bytes/s of a streamed update's copies in each direction (master and states in; the same and bf16 weights
-    out), timed op by op as the runtime issues them: pieces cycle through `slots` GPU slots, in on one stream,
-    the fused AdamW on another, out on a third, so both PCIe directions run at once as in a step; `beside`, with
-    the CPU's AdamW running too, as the CPU-updated layers' updates run beside these copies in a backward (both
-    draw on the host's memory bandwidth: on the H200 host the copies ran 14% slower so)."""
-    host = [torch.zeros(numel, dtype=torch.float32, pin_memory=True) for _ in range(3)]
-    weights = torch.empty(numel, dtype=torch.bfloat16, pin_memory=True)
-    grad = torch.full((numel,), 1e-3, device="cuda")
-    step = torch.ones((), device="cuda")
-    gpu = [
-        (torch.empty(3, piece_numel, device="cuda"), torch.empty(piece_numel, dtype=torch.bfloat16, device="cuda"))
-        for _ in range(slots)
-    ]
-    h2d, opt, d2h = torch.cuda.Stream(), torch.cuda.Stream(), torch.cuda.Stream()
-
-    def timed(stream: torch.cuda.Stream, work: Callable[[], object], spans: list) -> torch.cuda.Event:
-        with torch.cuda.stream(stream):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            work()
-            b.record()
-        spans.append((a, b))
-        return b
-
-    def run() -> tuple[float, float]:
-        ins: list = []
-        outs: list = []
-        freed: list = [None] * slots
-        for k, start in enumerate(range(0, numel, piece_numel)):
-            rows = slice(start, min(start + piece_numel, numel))
-            n = rows.stop - rows.start
-            states, bf16 = gpu[k % slots]
-            if freed[k % slots] is not None:
-                h2d.wait_event(freed[k % slots])
-            copied = timed(h2d, lambda: [states[i, :n].copy_(host[i][rows], non_blocking=True) for i in range(3)], ins)
-            opt.wait_event(copied)
-            with torch.cuda.stream(opt):
-                torch._fused_adamw_(
-                    [states[0, :n]],
-                    [grad[rows]],
-                    [states[1, :n]],
-                    [states[2, :n]],
-                    [],
-                    [step],
-                    lr=1e-5,
-                    beta1=0.9,
-                    beta2=0.999,
-                    weight_decay=0.0,
-                    eps=1e-8,
-                    amsgrad=False,
-                    maximize=False,
-                )
-                bf16[:n].copy_(states[0, :n])
-                updated = torch.cuda.Event()
-                updated.record()
-            d2h.wait_event(updated)
-            freed[k % slots] = timed(
-                d2h,
-                lambda: [
-                    *(host[i][rows].copy_(states[i, :n], non_blocking=True) for i in range(3)),
-                    weights[rows].copy_(bf16[:n], non_blocking=True),
-                ],
-                outs,
-            )
-        torch.cuda.synchronize()
-        return tuple(sum(a.elapsed_time(b) for a, b in spans) / 1e3 for spans in (ins, outs))
-
-    run()  # warm-up
-    with beside or contextlib.nullcontext():
-        times = [run() for _ in range(3)]
-    in_s, out_s = (statistics.median(t[i] for t in times) for i in range(2))
-    return 12 * numel / in_s, 14 * numel / out_s
-
-
 class BackgroundAdamW:
     """Keeps the CPU's fused AdamW busy (a thread stepping `numel` parameters, as the runtime's CPU worker does)
     for as long as the `with` block runs."""
@@ -264,6 +186,36 @@ class BackgroundAdamW:
         self.stop.set()
         assert self.thread is not None
         self.thread.join()
+
+
+def h2d_beside_update_bandwidths(nbytes: int, beside: BackgroundAdamW) -> tuple[float, float]:
+    """Host-to-GPU bytes/s while the CPU's AdamW runs (`beside`): alone, and with a GPU-to-host copy running the
+    whole time on another stream. The host's memory serves the update and both copies: in traced steps on the
+    H200 host the loads moved 40-45 GB/s beside the update and 32-35 with the gradients going out too, against
+    55 alone (bench/results/h200-2026-12-02-leaseB-fidelity-1024x8.json), while the copies out kept their rate."""
+    h_src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    h_dst = torch.empty(2 * nbytes, dtype=torch.uint8, pin_memory=True)
+    d_dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    d_src = torch.empty(2 * nbytes, dtype=torch.uint8, device="cuda")
+    h2d, d2h = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def h2d_seconds(duplex: bool) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if duplex:  # twice the bytes out, so that the copy out outlasts the one in
+            with torch.cuda.stream(d2h):
+                h_dst.copy_(d_src, non_blocking=True)
+        with torch.cuda.stream(h2d):
+            start.record()
+            d_dst.copy_(h_src, non_blocking=True)
+            end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    h2d_seconds(True)  # warm-up
+    with beside:
+        time.sleep(0.2)  # the update's first step under way
+        alone, duplex = (statistics.median(h2d_seconds(d) for _ in range(5)) for d in (False, True))
+    return nbytes / alone, nbytes / duplex
 
 
 class BackgroundCopies:

@@ -14,7 +14,6 @@ import torch
 from slideformer.models.config import ModelConfig
 
 from . import measure
-from slideformer.schedule.plan import STATE_STAGING_BUFFERS
 from slideformer.schedule.profile import Profile
 
 MiB = 2**20
@@ -38,7 +37,6 @@ def calibrate(
     quick: bool = False,
     name: str | None = None,
     loss_chunk_tokens: int = 4096,
-    transfer_chunk_mb: int = 64,
     max_chunk_tokens: int | None = None,
 ) -> Profile:
     """Everything the simulator reads. `quick` uses small sizes (tests, CPU smoke runs): its numbers are rough.
@@ -88,8 +86,8 @@ def calibrate(
         prof.cpu_adamw_cast_busy_params_per_s = measure.cpu_adamw_rate_under_copies(
             unit, copies, prof.h2d.bandwidth, cast=True
         )
-        prof.streamed_in_bandwidth, prof.streamed_out_bandwidth = measure.streamed_update_bandwidths(
-            unit, int(transfer_chunk_mb * MiB * scale) // 2, STATE_STAGING_BUFFERS, measure.BackgroundAdamW(unit)
+        prof.h2d_beside_update_bandwidth, prof.h2d_beside_update_duplex_bandwidth = (
+            measure.h2d_beside_update_bandwidths(int(256 * MiB * scale), measure.BackgroundAdamW(unit))
         )
         if models:
             prof.compute_slowdown_under_copies = measure.compute_slowdown_under_copies(

@@ -286,8 +286,18 @@ def _fitting_plans(job: tuple[tuple, list[dict]]) -> list[Plan | None]:
                 if with_gpu is not None and _same_costs(with_gpu, plan):
                     plan = with_gpu
                     break
+            plan = _most_kept_weights(cfg, plan, profile, budgets)
         out.append(plan)
     return out
+
+
+def _most_kept_weights(cfg: ModelConfig, plan: Plan, profile: Profile, budgets: Budgets) -> Plan:
+    """The plan with the most layers below the window keeping their weights for the backward
+    (`Plan.kept_weights`) that fits with nothing else changed: the GPU memory left over saves the backward's
+    loads of those layers, each slot (one layer's bf16 weights) taking its load's bytes off PCIe."""
+    below = cfg.num_layers - plan.window
+    kept = largest(lambda k: not shortfalls(cfg, replace(plan, kept_weights=k - 1), profile, budgets), below + 1) - 1
+    return replace(plan, kept_weights=kept)
 
 
 def _same_costs(a: Plan, b: Plan) -> bool:

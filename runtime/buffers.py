@@ -39,7 +39,7 @@ class StepBuffers:
         ranks: Ranks | None = None,
     ) -> None:
         """`ranks`: data-parallel ranks, which share one copy of the `SHARED_HOST_KINDS` buffers."""
-        L, W = cfg.num_layers, plan.window
+        L = cfg.num_layers
         n = [layout.numel for layout in layouts]
         host_specs, gpu_specs = host_buffers(cfg, plan), [s for s in gpu_buffers(cfg, plan) if not s.lazy]
         pinned = device.type == "cuda"
@@ -62,7 +62,7 @@ class StepBuffers:
         self.bf16_weights = {u: host[f"bf16:{u}"].view(compute) for u in range(L + 2) if plan.keeps_bf16_weights(u)}
         self.gpu_master = {u: gpu[f"gpu_master:{u}"].view(F32) for u in range(L + 2) if plan.placement[u] == "gpu"}
         # Weights on the GPU: the window's slots and the edges
-        self.slots = [gpu[f"slot:{k}"].view(compute) for k in range(W)]
+        self.slots = [gpu[f"slot:{k}"].view(compute) for k in range(plan.weight_slots)]
         self.compute = compute
         # the edges' weights; a transient embedding's are taken by each of its loads (`StepOps`)
         self.edge_weights = {

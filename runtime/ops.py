@@ -117,7 +117,7 @@ class StepOps:
         if self.transient.get(("edge_weights", unit), False):  # given back after the lookups or the head's last piece
             n = self.layouts[unit].numel
             self.b.edge_weights[unit] = torch.empty(n, dtype=self.b.compute, device=self.device)
-        return self.b.edge_weights[unit] if unit in (0, L + 1) else self.b.slots[(unit - 1) % self.plan.window]
+        return self.b.edge_weights[unit] if unit in (0, L + 1) else self.b.slots[self.plan.weight_slot(unit - 1)]
 
     def load(self, unit: int) -> None:
         """bf16 weights kept in RAM straight into the slot, else the fp32 master cast to bf16 on the GPU (streamed
@@ -147,7 +147,7 @@ class StepOps:
         dst[rows].copy_(self.b.hidden[layer % 2][rows], non_blocking=True)
 
     def layer_params(self, layer: int) -> dict[str, torch.Tensor]:
-        return self.slot_params[layer % self.plan.window]
+        return self.slot_params[self.plan.weight_slot(layer)]
 
     def _fwd(self, layer: int, chunk: int) -> None:
         rows = self._rows(chunk)

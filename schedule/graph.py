@@ -94,6 +94,7 @@ class _StepGraph:
         self.act_back = self.act_out[::-1]
         self.ring: list[int] = []  # CPU-updated layers in gradient arrival order; they share `grad_ring` buffers
         self.grad_buffer_reader: dict[int, str] = {}  # last reader of each of the two shared GPU gradient buffers
+        self.slot_reader: dict[int, str] = {}  # last reader of each decoder-layer weight slot
         self.state_outs: list[str] = []  # streamed-update pieces in order; they cycle through the state slots
         self.updates: dict[int, str] = {}
 
@@ -215,8 +216,8 @@ class _StepGraph:
             )
         for lay in range(L):
             ahead = lay + W - 1
-            if ahead < L:  # into the slot of layer lay-1: wait until its forward is done
-                self.load(layer_unit(ahead), "fwd", [f"fwd:{lay - 1}:{last}" if lay else None])
+            if ahead < L:  # into its slot once the last layer in it (a window slot's: layer lay-1) is done
+                self.load(layer_unit(ahead), "fwd", [self.slot_reader.get(plan.weight_slot(ahead))])
                 if head_late and ahead == L - 1:
                     self.load(L + 1, "fwd", [])
             self.forward_layer(lay)
@@ -268,6 +269,7 @@ class _StepGraph:
                 flops=self.fwd_flops,
                 gpu_alloc=kept,
             )
+        self.slot_reader[plan.weight_slot(lay)] = f"fwd:{lay}:{self.last}"
         if policy == "disk":
             self.op(
                 f"act_write:{lay}",
@@ -285,20 +287,19 @@ class _StepGraph:
         for lay in self.act_back[: plan.disk_ring]:
             self.act_read(lay, [f"act_write:{lay}"])
         self.grad_out_and_update(L + 1, f"head:{last}")
-        resident = set(range(max(L - W, 0), L))
         for lay in reversed(range(L)):
             # Saved inputs come back into the forward's hidden-state buffers, whose last reader is the head.
             if lay == L - 1 and plan.activations[lay] in ("offload", "disk"):
                 for c in range(C):
                     self.fetch(lay, c, f"head:{c}")
             ahead = lay - W + 1
-            if ahead >= 0 and ahead not in resident:
-                # Into the slot of layer lay+1, whose backward is done by now.
-                self.load(layer_unit(ahead), "bwd", [f"bwd:{lay + 1}:{last}"])
+            if ahead >= 0 and plan.loads_for_backward(ahead):
+                # Into its window slot, once the layer above in it (at most layer lay+1) is done.
+                self.load(layer_unit(ahead), "bwd", [self.slot_reader[plan.weight_slot(ahead)]])
             if lay > 0 and plan.activations[lay - 1] in ("offload", "disk"):
                 for c in range(C):
                     self.fetch(lay - 1, c, f"bwd:{lay + 1}:{c}" if lay + 1 < L else f"head:{c}")
-            self.backward_layer(lay, f"load:{layer_unit(lay)}:{'fwd' if lay in resident else 'bwd'}")
+            self.backward_layer(lay, f"load:{layer_unit(lay)}:{'bwd' if plan.loads_for_backward(lay) else 'fwd'}")
             self.grad_out_and_update(layer_unit(lay), f"bwd:{lay}:{last}")
         grad = 4 * self.numel[0] if transient_edge(self.cfg, plan, "grad", 0) else 0  # taken here, freed by grad_out
         for c in range(C):
@@ -336,6 +337,7 @@ class _StepGraph:
                 flops=flops,
                 gpu_free=kept,
             )
+        self.slot_reader[self.plan.weight_slot(lay)] = f"bwd:{lay}:{self.last}"
 
     def grad_out_and_update(self, u: int, ready: str) -> None:
         """A unit's gradient is complete: streamed to the GPU's AdamW, updated in place on the GPU, or copied to

@@ -34,6 +34,10 @@ class Plan:
     seq: int
     chunk: int  # sequences a resident layer computes at once; batch/chunk chunks are accumulated layer-major
     window: int = 2  # decoder layers resident on the GPU
+    # Decoder layers just below the last `window` whose bf16 weights stay on the GPU from their forward to their
+    # backward, each in a slot of its own, so their backward loads nothing: spare GPU memory spent on fewer
+    # bytes over PCIe (the backward's loads compete there with the streamed updates and the CPU's AdamW).
+    kept_weights: int = 0
     # Per decoder layer, what happens to its input between forward and backward:
     #   offload   - copied to pinned host memory, fetched back for backward, layer recomputed;
     #   recompute - kept on the GPU, layer recomputed in backward;
@@ -92,6 +96,24 @@ class Plan:
     @property
     def chunks(self) -> int:
         return self.batch // self.chunk
+
+    @property
+    def weight_slots(self) -> int:
+        """The GPU's bf16 slots for decoder layers: the window's, then one per kept layer."""
+        return self.window + self.kept_weights
+
+    def weight_slot(self, layer: int) -> int:
+        """The slot a decoder layer's weights are loaded into: its own for a kept layer, else the window's
+        `layer % window`."""
+        first_kept = len(self.activations) - self.window - self.kept_weights
+        if first_kept <= layer < first_kept + self.kept_weights:
+            return self.window + layer - first_kept
+        return layer % self.window
+
+    def loads_for_backward(self, layer: int) -> bool:
+        """Whether the layer's weights are loaded again for its backward: not for the last `window` layers, whose
+        slots still hold them at the turn, nor for the kept ones."""
+        return layer < len(self.activations) - self.window - self.kept_weights
 
     @property
     def compute_itemsize(self) -> int:
@@ -170,6 +192,11 @@ class Plan:
             problems.append(f"chunk {self.chunk} must divide batch {self.batch}")
         if not 1 <= self.window <= num_layers:
             problems.append(f"window {self.window} must be between 1 and the {num_layers} layers")
+        if not 0 <= self.kept_weights <= num_layers - self.window:
+            problems.append(
+                f"kept_weights {self.kept_weights} must be between 0 and the {num_layers - self.window} layers "
+                "below the window"
+            )
         if len(self.activations) != num_layers or set(self.activations) - set(ACTIVATION_POLICIES):
             problems.append(f"activations needs {num_layers} entries from {ACTIVATION_POLICIES}")
         elif any(p == "keep" for p in self.activations[: num_layers - self.window]):

@@ -124,11 +124,11 @@ class Profile:
     duplex_bandwidth: float | None = None  # both directions together
     # bytes/s of a large NCCL all-reduce's bus between two GPUs of the host (Plan.ranks > 1); None: unmeasured
     gpu_link_bandwidth: float | None = None
-    # A streamed update's copies, bytes/s in each direction while both run (Plan placement 'streamed') and the
-    # CPU's AdamW runs beside them, as in a backward with CPU-updated layers (profiles up to h200-2026-12-01
-    # timed them without the AdamW)
-    streamed_in_bandwidth: float | None = None
-    streamed_out_bandwidth: float | None = None
+    # Host-to-GPU bytes/s while the CPU's AdamW runs (both draw on the host's memory, as in a backward with
+    # CPU-updated layers), with the other direction idle and with it copying too; None: unmeasured (the link's
+    # own rate). GPU-to-host copies kept their rate beside the update in traced steps.
+    h2d_beside_update_bandwidth: float | None = None
+    h2d_beside_update_duplex_bandwidth: float | None = None
     compute_slowdown_under_copies: float = 1.0  # layer time with both PCIe directions busy / alone
     layers: list[LayerTiming] = field(default_factory=list)
     heads: list[HeadTiming] = field(default_factory=list)
@@ -161,7 +161,10 @@ class Profile:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ProfileError(f"unknown profile fields: {sorted(unknown)}")
+            raise ProfileError(
+                f"unknown profile fields {sorted(unknown)}: a profile from another slideformer version; run "
+                "`slideformer calibrate` again"
+            )
         d = dict(d)
         for key, kind in (("h2d", Link), ("d2h", Link), ("disk", Disk)):
             if d.get(key) is not None:

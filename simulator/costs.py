@@ -5,7 +5,7 @@ between measured chunk sizes); shapes it did not measure run at the measured eff
 did (or half of peak for a spec-sheet profile). Copies cost latency + bytes / bandwidth; a staged fp32
 weight load holds the link as its copy alone does, its casts overlapping the copies of the pieces after
 them. These are each copy's rate alone; the simulator's replay shares the measured duplex rate between the
-two directions while both copy.
+two directions while both copy, and slows host-to-GPU copies beside the CPU's updates.
 """
 
 from __future__ import annotations
@@ -144,12 +144,6 @@ class CostModel:
             return self.copy("h2d", 2 * numel)
         return self.load(4 * numel, plan.transfer_chunk_mb)
 
-    def streamed_copy(self, kind: OpKind, nbytes: int) -> float:
-        """A streamed update's piece in or out, at the rate calibrate measured with both directions running."""
-        into = kind == OpKind.STATE_IN
-        rate = self.p.streamed_in_bandwidth if into else self.p.streamed_out_bandwidth
-        return self.copy("h2d" if into else "d2h", nbytes) if rate is None else nbytes / rate
-
     def collective(self, kind: OpKind, nbytes: int, ranks: int) -> float:
         """A ring all-reduce of `nbytes` over `ranks` GPUs (each link carries 2 (N - 1) / N of the bytes), or a
         reduce-scatter (its first half: (N - 1) / N)."""
@@ -203,11 +197,9 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
         if a.resource == Resource.GPU:  # fp32 master already on the GPU: read 4 bytes, write 2
             return cost.gpu_bytes_moved(a.nbytes * 1.5)
         return cost.load(a.nbytes, plan.transfer_chunk_mb) if a.staged else cost.copy("h2d", a.nbytes)
-    if kind in (OpKind.STATE_IN, OpKind.STATE_OUT):
-        return cost.streamed_copy(kind, a.nbytes)
-    if kind in (OpKind.SAVE, OpKind.GRAD_OUT):
+    if kind in (OpKind.SAVE, OpKind.GRAD_OUT, OpKind.STATE_OUT):
         return cost.copy("d2h", a.nbytes)
-    if kind == OpKind.FETCH:
+    if kind in (OpKind.FETCH, OpKind.STATE_IN):
         return cost.copy("h2d", a.nbytes)
     if kind == OpKind.STATE_UPDATE:  # the fused AdamW on one piece, and its bf16 cast
         return a.params / cost.gpu_adamw_rate + cost.gpu_bytes_moved(6 * a.params)
@@ -302,12 +294,12 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
         where = plan.placement[u]
         if where == "gpu":
             continue
-        loads = 2 if 0 < u <= L - plan.window else 1  # layers outside the last window load again for backward
+        loads = 2 if 0 < u <= L and plan.loads_for_backward(u - 1) else 1  # weights loaded again for backward
         h2d += loads * cost.host_unit_load(plan, u, n)
         pcie_bytes += loads * (2 if plan.keeps_bf16_weights(u) else 4) * n
         if where == "streamed":  # at least the bandwidth term of every piece
-            h2d += STREAMED_IN_BYTES * n / (cost.p.streamed_in_bandwidth or cost.h2d.bandwidth)
-            d2h += STREAMED_OUT_BYTES * n / (cost.p.streamed_out_bandwidth or cost.d2h.bandwidth)
+            h2d += STREAMED_IN_BYTES * n / cost.h2d.bandwidth
+            d2h += STREAMED_OUT_BYTES * n / cost.d2h.bandwidth
             pcie_bytes += (STREAMED_IN_BYTES + STREAMED_OUT_BYTES) * n
         else:  # its gradient, of this rank's shard only with several ranks
             d2h += cost.copy("d2h", 4 * plan.shard_numel(n))

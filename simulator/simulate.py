@@ -5,7 +5,9 @@ The replay models the executor (`runtime/executor.py`) as the runtime behaves: o
 `seq` order; each of the GPU's streams (gpu, h2d, d2h, opt), the single CPU optimizer worker and the
 disk-tier worker serves its ops one at a time in that order; an op starts once issued, its resource is free
 and its dependencies are done; a copy's bytes move at its own rate, less what the other direction takes of
-the duplex limit while both run. A GPU-side op that waits for a host op (a weight load after last step's host
+the duplex limit while both run, and a host-to-GPU copy at most at the rate the profile measured beside the
+CPU update while one runs (both draw on the host's memory: on the H200 host the loads ran at 35-45 GB/s
+beside the update against 55 alone). A GPU-side op that waits for a host op (a weight load after last step's host
 update, a gradient copy into a ring buffer the optimizer still reads) blocks the issuing thread, as a Python
 future does. Steps run back to back (the next step's loads wait for this step's updates) and a step ends
 when its loss is read. Memory is tracked per tier: the plan's static buffers, kept activations from their
@@ -144,6 +146,8 @@ class _FlatGraph:
     norm: int | None
     pcie_bytes: list[int]  # bytes a copy moves over PCIe (0 for other ops)
     duplex_bandwidth: float | None  # both directions together at most (None: each direction on its own)
+    # host-to-GPU bytes/s at most while the CPU updates, with the other direction idle and copying (None: unmeasured)
+    h2d_beside_update: tuple[float | None, float | None]
 
 
 @dataclass
@@ -201,37 +205,63 @@ def _flatten(g: nx.DiGraph, cfg: ModelConfig, plan: Plan, profile: Profile) -> _
         norm=index.get("norm"),
         pcie_bytes=[o.nbytes if o.resource in PCIE else 0 for o in records],
         duplex_bandwidth=profile.duplex_bandwidth,
+        h2d_beside_update=(profile.h2d_beside_update_bandwidth, profile.h2d_beside_update_duplex_bandwidth),
     )
 
 
-class _Link:
-    """One PCIe direction's transfers so far, as (start, end, bytes per second) pieces in time order: what the
-    other direction reads to share the duplex limit."""
+class _Busy:
+    """A resource's spans so far, as (start, end, rate) pieces in time order: what a copy reads to share a limit
+    with them (the other PCIe direction's transfers; the CPU's updates, whose rate is unused)."""
 
     def __init__(self) -> None:
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.rates: list[float] = []
 
-    def add(self, start: float, end: float, rate: float) -> None:
+    def add(self, start: float, end: float, rate: float = 0.0) -> None:
         if end > start:
             self.starts.append(start)
             self.ends.append(end)
             self.rates.append(rate)
 
+    def at(self, t: float, k: int) -> tuple[int, float | None, float]:
+        """From piece `k` on (none before it ends after t): the piece at t, its rate (None: idle at t) and
+        when that changes."""
+        while k < len(self.ends) and self.ends[k] <= t:
+            k += 1
+        if k < len(self.ends) and self.starts[k] <= t:
+            return k, self.rates[k], self.ends[k]
+        return k, None, self.starts[k] if k < len(self.ends) else math.inf
 
-def _shared_copy_end(start: float, nbytes: int, rate: float, other: _Link, duplex: float, own: _Link) -> float:
+
+def _shared_copy_end(
+    start: float,
+    nbytes: int,
+    rate: float,
+    own: _Busy,
+    other: _Busy,
+    duplex: float,
+    cpu: _Busy | None = None,
+    beside_update: tuple[float | None, float | None] = (None, None),
+) -> float:
     """When a copy of `nbytes` at `rate`, starting at `start`, ends while the other direction's transfers
-    placed so far take their rates out of the duplex limit; its pieces go into `own`. The copy placed later
-    yields (the replay places ops in issue order), which keeps both directions' sum within the limit."""
+    placed so far take their rates out of the duplex limit and (a host-to-GPU copy, `cpu` given) the CPU's
+    updates placed so far cap it at `beside_update` (with the other direction idle, and copying); its pieces
+    go into `own`. The copy placed later yields (the replay places ops in issue order), which keeps both
+    directions' sum within the limit."""
     t, left = start, float(nbytes)
     k = bisect.bisect_right(other.ends, t)  # the other's first transfer that ends after t
+    j = bisect.bisect_right(cpu.ends, t) if cpu is not None else 0
     while True:
-        if k < len(other.ends) and other.starts[k] <= t:  # the other copies: what it leaves of the limit
-            r, until = max(min(rate, duplex - other.rates[k]), 1e-3 * rate), other.ends[k]
-            k += 1
-        else:  # a gap: the whole rate, until the other's next transfer
-            r, until = rate, other.starts[k] if k < len(other.ends) else math.inf
+        k, other_rate, until = other.at(t, k)
+        r = rate
+        if cpu is not None:
+            j, updating, cpu_until = cpu.at(t, j)
+            until = min(until, cpu_until)
+            cap = beside_update[other_rate is not None] if updating is not None else None
+            r = min(r, cap or r)
+        if other_rate is not None:  # the other copies: what it leaves of the limit
+            r = max(min(r, duplex - other_rate), 1e-3 * rate)
         if left <= r * (until - t):
             own.add(t, t + left / r, r)
             return t + left / r
@@ -250,8 +280,10 @@ def _replay(f: _FlatGraph, steps: int) -> _Replay:
     last_on: dict[Resource, tuple[int, int] | None] = dict.fromkeys(RESOURCES)
     out = _Replay([], [], [], {}, None)
     ends: list[list[float]] = []
-    links = {Resource.H2D: _Link(), Resource.D2H: _Link()}
-    duplex = f.duplex_bandwidth
+    links = {Resource.H2D: _Busy(), Resource.D2H: _Busy()}
+    cpu = _Busy()
+    duplex = f.duplex_bandwidth or math.inf
+    contended = any(f.h2d_beside_update)
     for step in range(steps):
         for r in (Resource.H2D, Resource.D2H):  # the step's barrier: copy streams wait for compute issued so far
             free[r] = max(free[r], free[Resource.GPU])
@@ -276,12 +308,15 @@ def _replay(f: _FlatGraph, steps: int) -> _Replay:
             if issuer > start:
                 start, why = issuer, issuer_cause
             out.cause[(step, i)] = why
-            if duplex and f.pcie_bytes[i] and f.seconds[i] > 0:
+            if (f.duplex_bandwidth or contended) and f.pcie_bytes[i] and f.seconds[i] > 0:
                 other = links[Resource.D2H if r == Resource.H2D else Resource.H2D]
                 rate = f.pcie_bytes[i] / f.seconds[i]
-                end[i] = free[r] = _shared_copy_end(start, f.pcie_bytes[i], rate, other, duplex, links[r])
+                beside = (cpu, f.h2d_beside_update) if r == Resource.H2D and contended else ()
+                end[i] = free[r] = _shared_copy_end(start, f.pcie_bytes[i], rate, links[r], other, duplex, *beside)
             else:
                 end[i] = free[r] = start + f.seconds[i]
+            if r == Resource.CPU:
+                cpu.add(start, end[i])
             last_on[r] = (step, i)
             out.spans.append(Span(f.order[i], step, r, f.kind[i], start, end[i]))
             if f.alloc[i]:

@@ -51,6 +51,8 @@ def profiles(draw):
         disk=Disk("-", "spec", rate(1e7, 1e10), rate(1e7, 1e10), rate(0, 0.1), rate(0, 0.1)),
         compute_slowdown_under_copies=rate(1.0, 1.3),
         duplex_bandwidth=draw(st.none() | st.floats(1e7, 1e11)),
+        h2d_beside_update_bandwidth=draw(st.none() | st.floats(1e7, 6e10)),
+        h2d_beside_update_duplex_bandwidth=draw(st.none() | st.floats(1e7, 6e10)),
         gpu_link_bandwidth=draw(st.none() | st.floats(1e9, 1e11)),
     )
 
@@ -72,6 +74,7 @@ def plans(draw, cfg):
         window=window,
         activation=draw(st.sampled_from(["offload", "recompute", "disk"] if ranks == 1 else ["offload", "recompute"])),
         keep_last=draw(st.integers(0, window)),
+        kept_weights=draw(st.integers(0, L - window)),
         gpu_units=draw(st.integers(0, L + 2)),
         update=update,
         late_updates=draw(st.integers(0, L + 1)) if update == "during_backward" else 0,

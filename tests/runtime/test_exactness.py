@@ -55,6 +55,9 @@ PLANS = {
         window=2, activation="recompute", deferred_updates=1, gpu_layers=1, streamed_layers=(2,), host_bf16_weights=True
     ),
     "deferred-head-and-layer": dict(window=2, activation="offload", chunk=2, deferred_updates=2, late_updates=1),
+    # the two layers below the window keep their forward's weights for their backward (slots of their own)
+    "kept-weights-2": dict(window=2, activation="offload", chunk=2, kept_weights=2, streamed_layers=(1,)),
+    "kept-weights-bf16-host": dict(window=1, activation="recompute", kept_weights=1, host_bf16_weights=True),
 }
 
 

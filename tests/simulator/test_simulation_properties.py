@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from slideformer.schedule.graph import build_step_graph, op_of, unit_numels
 from slideformer.simulator import simulate
 from slideformer.simulator.costs import CostModel, step_lower_bound
-from slideformer.simulator.simulate import _Link, _shared_copy_end
+from slideformer.simulator.simulate import _Busy, _shared_copy_end
 from tests.strategies import models, plans, profiles
 
 
@@ -86,14 +86,14 @@ def test_a_disk_ring_buffer_serves_one_unit_or_layer_at_a_time(data, cfg, profil
 @settings(max_examples=80, deadline=None)
 @given(data=st.data(), cfg=models(), profile=profiles())
 def test_layers_compute_only_on_their_own_resident_weights(data, cfg, profile):
-    """A window slot is never overwritten while a layer that reads it runs, and holds that layer's weights."""
+    """A weight slot (the window's or a kept layer's) is never overwritten while a layer that reads it runs, and
+    holds that layer's weights."""
     plan = data.draw(plans(cfg))
     sim = simulate(cfg, plan, profile, steps=2)
-    W = plan.window
     loads = [s for s in sim.spans if s.kind == "load" and 0 < int(s.name.split(":")[1]) <= cfg.num_layers]
     for op in (s for s in sim.spans if s.kind in ("fwd", "bwd")):
         layer = int(op.name.split(":")[1])
-        same_slot = [s for s in loads if (int(s.name.split(":")[1]) - 1) % W == layer % W]
+        same_slot = [s for s in loads if plan.weight_slot(int(s.name.split(":")[1]) - 1) == plan.weight_slot(layer)]
         before = [s for s in same_slot if s.end <= op.start + 1e-12]
         assert before and int(max(before, key=lambda s: s.end).name.split(":")[1]) == layer + 1
         assert not [s for s in same_slot if s.start < op.end - 1e-12 and s.end > op.start + 1e-12]
@@ -110,18 +110,63 @@ def test_layers_compute_only_on_their_own_resident_weights(data, cfg, profile):
 def test_a_copy_shares_the_duplex_limit_with_the_other_direction(gaps, start, nbytes, rate, duplex):
     """A copy moves all its bytes, never faster than its own rate, and while the other direction copies at most
     what that leaves of the duplex limit (a thousandth of its rate at least, so that it ends)."""
-    other, t = _Link(), 0.0
-    for gap, length, other_rate in gaps:
-        other.add(t + gap, t + gap + length, other_rate)
-        t += gap + length
-    own = _Link()
-    end = _shared_copy_end(start, nbytes, rate, other, duplex, own)
-    pieces = list(zip(own.starts, own.ends, own.rates))
-    assert pieces[0][0] == start and abs(pieces[-1][1] - end) <= 1e-9 * max(1, end)
-    assert all(abs(a[1] - b[0]) <= 1e-9 * max(1, b[0]) for a, b in zip(pieces, pieces[1:]))
-    assert abs(sum((e - s) * r for s, e, r in pieces) - nbytes) <= 1e-6 * nbytes
+    other = _spans(gaps)
+    own = _Busy()
+    end = _shared_copy_end(start, nbytes, rate, own, other, duplex)
+    pieces = _check_pieces(own, start, end, nbytes)
     for s, e, r in pieces:
         assert r <= rate * (1 + 1e-12)
         for os, oe, o_rate in zip(other.starts, other.ends, other.rates):
             if min(e, oe) - max(s, os) > 1e-9:
                 assert r <= max(duplex - o_rate, 1e-3 * rate) * (1 + 1e-12)
+
+
+def _spans(gaps: list[tuple[float, float, float]]) -> _Busy:
+    busy, t = _Busy(), 0.0
+    for gap, length, rate in gaps:
+        busy.add(t + gap, t + gap + length, rate)
+        t += gap + length
+    return busy
+
+
+def _check_pieces(own: _Busy, start: float, end: float, nbytes: int) -> list[tuple[float, float, float]]:
+    """The copy's pieces run back to back from its start to its end and move all its bytes."""
+    pieces = list(zip(own.starts, own.ends, own.rates))
+    assert pieces[0][0] == start and abs(pieces[-1][1] - end) <= 1e-9 * max(1, end)
+    assert all(abs(a[1] - b[0]) <= 1e-9 * max(1, b[0]) for a, b in zip(pieces, pieces[1:]))
+    assert abs(sum((e - s) * r for s, e, r in pieces) - nbytes) <= 1e-6 * nbytes
+    return pieces
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    gaps=st.lists(st.tuples(st.floats(0, 2), st.floats(0.01, 2), st.floats(1, 100)), max_size=6),
+    updates=st.lists(st.tuples(st.floats(0, 2), st.floats(0.01, 2), st.just(0.0)), max_size=6),
+    start=st.floats(0, 8),
+    nbytes=st.integers(1, 500),
+    rate=st.floats(1, 100),
+    duplex=st.floats(1, 150),
+    alone=st.none() | st.floats(1, 100),
+    duplexed=st.none() | st.floats(1, 100),
+)
+def test_a_copy_in_beside_the_cpu_update_moves_at_most_the_rate_measured_so(
+    gaps, updates, start, nbytes, rate, duplex, alone, duplexed
+):
+    """While the CPU updates, a host-to-GPU copy moves at most the rate measured beside the update (with the
+    other direction idle, or copying); elsewhere exactly as without the CPU; and never faster than without
+    it."""
+    other, cpu = _spans(gaps), _spans(updates)
+    own, free = _Busy(), _Busy()
+    end = _shared_copy_end(start, nbytes, rate, own, other, duplex, cpu, (alone, duplexed))
+    assert end >= _shared_copy_end(start, nbytes, rate, free, other, duplex) - 1e-9 * max(1, end)
+    for s, e, r in _check_pieces(own, start, end, nbytes):
+        if e - s <= 1e-9 * max(1, e):  # too short to say which side of a boundary its middle is on
+            continue
+        mid = (s + e) / 2
+        copying = any(os <= mid < oe for os, oe in zip(other.starts, other.ends))
+        cap = (duplexed if copying else alone) if any(cs <= mid < ce for cs, ce in zip(cpu.starts, cpu.ends)) else None
+        limit = min(rate, cap or rate)
+        if copying:
+            o_rate = next(r for os, oe, r in zip(other.starts, other.ends, other.rates) if os <= mid < oe)
+            limit = max(min(limit, duplex - o_rate), 1e-3 * rate)
+        assert abs(r - limit) <= 1e-9 * limit
