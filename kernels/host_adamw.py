@@ -62,7 +62,9 @@ def prepare() -> bool:
     global _step
     with _lock:
         if _step is None:
-            compiled = torch.compile(_adamw_and_cast, dynamic=True, fullgraph=True)
+            # The C++ wrapper releases the GIL while the loop runs (the default Python binding holds it, which
+            # stalled the runtime's issuing thread for whole updates); same loop, same results.
+            compiled = torch.compile(_adamw_and_cast, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
             try:
                 # The first call's size is Inductor's hint for every size after it (dynamic shapes): below 512
                 # elements per thread it emits a serial loop (16 threads: 8,192), so warm up with plenty.
