@@ -268,7 +268,8 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
     """A bound no simulated step time of `plan` can beat: the GPU's compute and all-reduces and the embedding's
     turnaround between steps (every compute op of a step lies between its embedding's lookup and backward, or
     its all-reduce after that), the CPU's updates alone, the disk tier's reads and writes alone, or either PCIe
-    direction's weight, gradient and streamed-state copies alone (each op's cost is at least its term here)."""
+    direction's weight, gradient and streamed-state copies alone (each op's cost is at least its term here), or
+    one of the chains `forward_pipeline_bound`, `late_update_bound` and `streamed_embedding_bound` follow."""
     tokens, slow = plan.chunk * plan.seq, cost.p.compute_slowdown_under_copies
 
     def layer(policy: str) -> float:
@@ -305,4 +306,91 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
             d2h += cost.copy("d2h", 4 * plan.shard_numel(n))
             pcie_bytes += 4 * plan.shard_numel(n)
     duplex = pcie_bytes / cost.p.duplex_bandwidth if cost.p.duplex_bandwidth else 0.0
-    return max(gpu, cpu, disk, h2d, d2h, duplex)
+    pipelines = (
+        forward_pipeline_bound(cfg, plan, cost),
+        late_update_bound(cfg, plan, cost),
+        streamed_embedding_bound(cfg, plan, cost),
+    )
+    return max(gpu, cpu, disk, h2d, d2h, duplex, *pipelines)
+
+
+def forward_pipeline_bound(cfg: ModelConfig, plan: Plan, cost: CostModel) -> float:
+    """A bound on the step from its forward's weight loads: every op of a step starts after the previous step
+    returned, the host-to-device stream serves the forward's loads one at a time in layer order (the embedding's
+    and, unless deferred, the head's first), a host-placed layer's forward (or head) waits for its load, and the
+    step returns only after all GPU work issued from that forward on (the rest of the forward, the head, every
+    backward). So the step takes at least, for some such layer, the loads up to it and the GPU's work from its
+    forward on (a two-machine flow shop); what a load-bound forward leaves idle on the GPU, the other terms do
+    not see."""
+    L = cfg.num_layers
+
+    def load(u: int) -> float:
+        return _h2d_load(cfg, plan, cost, u)
+
+    forwards, backward = _pass_seconds(cfg, plan, cost)
+    head_late = L + 1 in plan.late_units  # a deferred head's load goes after the layers' loads
+    loaded, after, bound = load(0) + (0.0 if head_late else load(L + 1)), sum(forwards) + backward, 0.0
+    for lay in range(L):
+        loaded += load(lay + 1)
+        if plan.placement[lay + 1] != "gpu":  # a GPU-placed layer's forward waits for its cast alone
+            bound = max(bound, loaded + after)
+        after -= forwards[lay]
+    if plan.placement[L + 1] == "gpu":
+        return bound
+    return max(bound, loaded + (load(L + 1) if head_late else 0.0) + backward)  # the head waits for every load
+
+
+def late_update_bound(cfg: ModelConfig, plan: Plan, cost: CostModel) -> float:
+    """A bound on the step from the late updates (`Plan.late_units`) of a CPU-updated embedding's plan: the CPU
+    runs them after the embedding's own update (or, late itself, its first), which waits for the embedding's
+    backward and its gradient's copy, and the next step's forward of each late unit waits for its update and
+    load. From one step's embedding backward to the next step's, then, at least that chain up to a late unit
+    and all GPU work of the next step from that unit's forward on (`embedding_turnaround`'s argument, carried
+    along the CPU's queue of late updates)."""
+    late, L, numels = plan.late_units, cfg.num_layers, unit_numels(cfg)
+    if not late or plan.placement[0] != "cpu":
+        return 0.0
+    forwards, backward = _pass_seconds(cfg, plan, cost)
+    ready = cost.copy("d2h", 4 * plan.shard_numel(numels[0]))  # the embedding's gradient, on the host
+    bound = 0.0
+    for u in ([] if 0 in late else [0]) + late:
+        ready += cost.host_update(numels[u], plan.keeps_bf16_weights(u))
+        if u in late:  # the GPU work from the unit's first use on: the lookup, a layer's forward or the head
+            after = backward + sum(forwards[max(u - 1, 0) :]) if u <= L else backward
+            bound = max(bound, ready + _h2d_load(cfg, plan, cost, u) + after)
+    return bound
+
+
+def streamed_embedding_bound(cfg: ModelConfig, plan: Plan, cost: CostModel) -> float:
+    """A bound on the step from a streamed embedding's turnaround: every piece's copy out waits for its update,
+    which waits for the embedding's backward, and they copy one at a time; the next step's lookup waits for the
+    last piece's copy out and the load after it (`embedding_turnaround`'s argument, with the copies out that
+    it leaves out), and then all the step's GPU work follows."""
+    if plan.placement[0] != "streamed":
+        return 0.0
+    n, piece = unit_numels(cfg)[0], plan.state_piece_numel
+    sizes = [min(piece, n - k * piece) for k in range(plan.streamed_pieces(n))]
+    outs = sum(cost.copy("d2h", STREAMED_OUT_BYTES * m) for m in sizes)
+    forwards, backward = _pass_seconds(cfg, plan, cost)
+    return sizes[0] / cost.gpu_adamw_rate + outs + _h2d_load(cfg, plan, cost, 0) + sum(forwards) + backward
+
+
+def _h2d_load(cfg: ModelConfig, plan: Plan, cost: CostModel, u: int) -> float:
+    """A unit's load on the host-to-device stream (a GPU-placed unit's is a cast on the GPU: none)."""
+    return 0.0 if plan.placement[u] == "gpu" else cost.host_unit_load(plan, u, unit_numels(cfg)[u])
+
+
+def _pass_seconds(cfg: ModelConfig, plan: Plan, cost: CostModel) -> tuple[list[float], float]:
+    """The GPU's seconds for each layer's forward (all chunks), and for the head and every layer's backward
+    together, as `op_seconds` costs those ops (less the backward's gradient accumulates)."""
+    tokens, slow = plan.chunk * plan.seq, cost.p.compute_slowdown_under_copies
+
+    def compute(key: str, lay: int) -> float:
+        seq_tile = 0 if plan.activations[lay] == "keep" else plan.seq_tile_tokens
+        return plan.chunks * cost.layer(key, tokens, seq_tile) * slow
+
+    forwards = [compute("fwd_s", lay) for lay in range(cfg.num_layers)]
+    backward = plan.chunks * cost.head(tokens) * slow + sum(
+        compute("bwd_kept_s" if a == "keep" else "bwd_recompute_s", lay) for lay, a in enumerate(plan.activations)
+    )
+    return forwards, backward

@@ -7,7 +7,13 @@ from hypothesis import strategies as st
 
 from slideformer.schedule.graph import build_step_graph, op_of, unit_numels
 from slideformer.simulator import simulate
-from slideformer.simulator.costs import CostModel, step_lower_bound
+from slideformer.simulator.costs import (
+    CostModel,
+    forward_pipeline_bound,
+    late_update_bound,
+    step_lower_bound,
+    streamed_embedding_bound,
+)
 from slideformer.simulator.simulate import _Busy, _shared_copy_end
 from tests.strategies import models, plans, profiles
 
@@ -41,6 +47,17 @@ def test_simulation_honours_dependencies_resources_and_updates(data, cfg, profil
     assert all(b > a for a, b in zip(sim.step_ends, sim.step_ends[1:]))
     # the planner's branch and bound is exact only if its bound never exceeds a simulated step
     assert step_lower_bound(cfg, plan, CostModel(profile, cfg, plan.seq)) <= sim.step_s * (1 + 1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), cfg=models(), profile=profiles(), steps=st.integers(2, 3))
+def test_the_pipeline_bounds_never_exceed_a_simulated_step(data, cfg, profile, steps):
+    """Each on its own (the step bound's other terms often hide them): the planner prunes by them."""
+    plan = data.draw(plans(cfg))
+    sim = simulate(cfg, plan, profile, steps=steps)
+    cost = CostModel(profile, cfg, plan.seq)
+    for bound in (forward_pipeline_bound, late_update_bound, streamed_embedding_bound):
+        assert bound(cfg, plan, cost) <= sim.step_s * (1 + 1e-9), bound.__name__
 
 
 @settings(max_examples=80, deadline=None)
