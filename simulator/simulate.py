@@ -6,7 +6,7 @@ The replay models the executor (`runtime/executor.py`) as the runtime behaves: o
 disk-tier worker serves its ops one at a time in that order; an op starts once issued, its resource is free
 and its dependencies are done; a copy's bytes move at its own rate, less what the other direction takes of
 the duplex limit while both run, and a host-to-GPU copy at most at the rate the profile measured beside the
-CPU update while one runs (both draw on the host's memory: on the H200 host the loads ran at 35-45 GB/s
+CPU update while one runs (both draw on the host's memory: on the H200 host the loads ran at 32-45 GB/s
 beside the update against 55 alone). A GPU-side op that waits for a host op (a weight load after last step's host
 update, a gradient copy into a ring buffer the optimizer still reads) blocks the issuing thread, as a Python
 future does. Steps run back to back (the next step's loads wait for this step's updates) and a step ends
