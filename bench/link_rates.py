@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from slideformer.calibrate import measure
+from slideformer.calibrate.run import measure_beside_update
 from slideformer.models import load_model_config
 from slideformer.schedule.profile import Profile
 
@@ -26,16 +27,7 @@ def main() -> None:
     ap.add_argument("--note", default="", help="appended to the profile's notes")
     a = ap.parse_args()
     prof = Profile.load(a.profile)
-    assert prof.h2d is not None, "a GPU profile is needed"
-    unit = load_model_config(a.model).layer_params
-    prof.h2d_beside_update_bandwidth, prof.h2d_beside_update_duplex_bandwidth = measure.h2d_beside_update_bandwidths(
-        256 * MiB, measure.BackgroundAdamW(unit)
-    )
-    copies = measure.BackgroundCopies()
-    prof.cpu_adamw_busy_params_per_s = measure.cpu_adamw_rate_under_copies(unit, copies, prof.h2d.bandwidth)
-    prof.cpu_adamw_cast_busy_params_per_s = measure.cpu_adamw_rate_under_copies(
-        unit, copies, prof.h2d.bandwidth, cast=True
-    )
+    measure_beside_update(prof, load_model_config(a.model).layer_params, measure.BackgroundCopies(), 256 * MiB)
     prof.name = a.name or prof.name
     prof.notes = f"{prof.notes} {a.note}".strip()
     print(

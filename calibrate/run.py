@@ -28,6 +28,20 @@ class TimedPieces:
     disk_tier: Callable[..., Any]  # runtime.disk.DiskTier
 
 
+def measure_beside_update(prof: Profile, unit: int, copies: measure.BackgroundCopies, nbytes: int) -> None:
+    """Into `prof`, the rates of the CPU update and PCIe sharing the host's memory: the update of `unit`
+    parameters (plain and one-pass with the cast) under `copies`, and host-to-GPU copies of `nbytes` beside it
+    (alone and with copies out). Needs `prof.h2d`."""
+    assert prof.h2d is not None, "the link is measured first"
+    prof.cpu_adamw_busy_params_per_s = measure.cpu_adamw_rate_under_copies(unit, copies, prof.h2d.bandwidth)
+    prof.cpu_adamw_cast_busy_params_per_s = measure.cpu_adamw_rate_under_copies(
+        unit, copies, prof.h2d.bandwidth, cast=True
+    )
+    prof.h2d_beside_update_bandwidth, prof.h2d_beside_update_duplex_bandwidth = measure.h2d_beside_update_bandwidths(
+        nbytes, measure.BackgroundAdamW(unit)
+    )
+
+
 def calibrate(
     pieces: TimedPieces,
     models: list[ModelConfig],
@@ -82,13 +96,7 @@ def calibrate(
         unit = min(max((m.layer_params for m in models), default=64 * MiB), 256 * MiB)
         unit = int(unit * scale)
         copies = measure.BackgroundCopies(int(256 * MiB * scale))
-        prof.cpu_adamw_busy_params_per_s = measure.cpu_adamw_rate_under_copies(unit, copies, prof.h2d.bandwidth)
-        prof.cpu_adamw_cast_busy_params_per_s = measure.cpu_adamw_rate_under_copies(
-            unit, copies, prof.h2d.bandwidth, cast=True
-        )
-        prof.h2d_beside_update_bandwidth, prof.h2d_beside_update_duplex_bandwidth = (
-            measure.h2d_beside_update_bandwidths(int(256 * MiB * scale), measure.BackgroundAdamW(unit))
-        )
+        measure_beside_update(prof, unit, copies, int(256 * MiB * scale))
         if models:
             prof.compute_slowdown_under_copies = measure.compute_slowdown_under_copies(
                 models[0], seqs[0], max(sequences_per_chunk), copies, prof.h2d.bandwidth

@@ -258,9 +258,9 @@ def host_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
 
 
 def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
-    """Every GPU buffer that lives through the step: the window's and kept layers' weight slots, the fp32 staging ring, gradient
-    buffers, the edges' weights, GPU-placed units' masters (and AdamW states, `lazy`), streamed updates' slots,
-    the hidden-state buffers and the inputs recomputed layers keep."""
+    """Every GPU buffer that lives through the step: the window's and kept layers' weight slots, the fp32 staging
+    ring, gradient buffers, the edges' weights, GPU-placed units' masters (and AdamW states, `lazy`), streamed
+    updates' slots, the hidden-state buffers and the inputs recomputed layers keep."""
     L, n = cfg.num_layers, unit_numels(cfg)
     itemsize = plan.compute_itemsize
     hidden = plan.batch * plan.seq * cfg.hidden_size * itemsize

@@ -102,18 +102,22 @@ class Plan:
         """The GPU's bf16 slots for decoder layers: the window's, then one per kept layer."""
         return self.window + self.kept_weights
 
+    @property
+    def first_kept_layer(self) -> int:
+        """The lowest decoder layer whose weights stay on the GPU from its forward to its backward (a kept one,
+        else the window's lowest at the turn)."""
+        return len(self.activations) - self.window - self.kept_weights
+
     def weight_slot(self, layer: int) -> int:
         """The slot a decoder layer's weights are loaded into: its own for a kept layer, else the window's
         `layer % window`."""
-        first_kept = len(self.activations) - self.window - self.kept_weights
-        if first_kept <= layer < first_kept + self.kept_weights:
-            return self.window + layer - first_kept
-        return layer % self.window
+        kept = layer - self.first_kept_layer
+        return self.window + kept if 0 <= kept < self.kept_weights else layer % self.window
 
     def loads_for_backward(self, layer: int) -> bool:
         """Whether the layer's weights are loaded again for its backward: not for the last `window` layers, whose
         slots still hold them at the turn, nor for the kept ones."""
-        return layer < len(self.activations) - self.window - self.kept_weights
+        return layer < self.first_kept_layer
 
     @property
     def compute_itemsize(self) -> int:

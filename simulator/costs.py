@@ -270,14 +270,7 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
     its all-reduce after that), the CPU's updates alone, the disk tier's reads and writes alone, or either PCIe
     direction's weight, gradient and streamed-state copies alone (each op's cost is at least its term here), or
     one of the chains `forward_pipeline_bound`, `late_update_bound` and `streamed_embedding_bound` follow."""
-    tokens, slow = plan.chunk * plan.seq, cost.p.compute_slowdown_under_copies
-
-    def layer(policy: str) -> float:
-        seq_tile = 0 if policy == "keep" else plan.seq_tile_tokens
-        bwd = "bwd_kept_s" if policy == "keep" else "bwd_recompute_s"
-        return cost.layer("fwd_s", tokens, seq_tile) + cost.layer(bwd, tokens, seq_tile)
-
-    layers = sum(layer(a) for a in plan.activations)
+    forwards, backward = _pass_seconds(cfg, plan, cost)
     numels = unit_numels(cfg)
     # several ranks: every unit's collective on the compute stream (the embedding's before its turnaround)
     collectives = (
@@ -285,7 +278,7 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
         if plan.ranks > 1
         else 0.0
     )
-    gpu = plan.chunks * (layers + cost.head(tokens)) * slow + collectives + embedding_turnaround(cfg, plan, cost)
+    gpu = sum(forwards) + backward + collectives + embedding_turnaround(cfg, plan, cost)
     cpu = sum(cost.host_update(n, plan.keeps_bf16_weights(u)) for u, n in enumerate(numels) if plan.host_updated(u))
     files = [12 * numels[u] for u in plan.disk_units] + [saved_input_bytes(cfg, plan)] * plan.activations.count("disk")
     disk = sum(cost.disk("read", n) + cost.disk("write", n) for n in files)

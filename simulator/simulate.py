@@ -311,8 +311,10 @@ def _replay(f: _FlatGraph, steps: int) -> _Replay:
             if (f.duplex_bandwidth or contended) and f.pcie_bytes[i] and f.seconds[i] > 0:
                 other = links[Resource.D2H if r == Resource.H2D else Resource.H2D]
                 rate = f.pcie_bytes[i] / f.seconds[i]
-                beside = (cpu, f.h2d_beside_update) if r == Resource.H2D and contended else ()
-                end[i] = free[r] = _shared_copy_end(start, f.pcie_bytes[i], rate, links[r], other, duplex, *beside)
+                updates = cpu if r == Resource.H2D and contended else None  # what slows this copy beside it
+                end[i] = free[r] = _shared_copy_end(
+                    start, f.pcie_bytes[i], rate, links[r], other, duplex, updates, f.h2d_beside_update
+                )
             else:
                 end[i] = free[r] = start + f.seconds[i]
             if r == Resource.CPU:
