@@ -17,10 +17,12 @@ import torch
 
 from slideformer.kernels import host_adamw
 from slideformer.models.config import GENERIC, ModelConfig
+from slideformer.models.layers import AttentionStats, attention_stats_views
 from slideformer.schedule.plan import SEQ_TILES, STAGING_BUFFERS
 from slideformer.models.loss import head_loss_and_grads
 from slideformer.models.numerics import numerics_for
 
+from slideformer.schedule.graph import attention_stats_bytes
 from slideformer.schedule.memory import DISK_ALIGN, padded
 
 from slideformer.schedule.profile import Disk, HeadTiming, LayerTiming, Link
@@ -364,6 +366,7 @@ class _Layer:
     random bf16 weights."""
 
     def __init__(self, cfg: ModelConfig, device: str) -> None:
+        self.cfg = cfg
         self.numerics, self.params = numerics_for(cfg, torch.device(device)), _layer_weights(cfg, device)
         self.where: dict[tuple[int, ...], object] = {}  # rotary tables and masks, by input shape
 
@@ -375,10 +378,21 @@ class _Layer:
     def forward(self, x: torch.Tensor, seq_tile: int = 0) -> torch.Tensor:
         return self.numerics.layer(0, self.params, x, self._positions(x), seq_tile)
 
-    def recompute_backward(self, x: torch.Tensor, dy: torch.Tensor, seq_tile: int = 0) -> torch.Tensor:
-        """As the runtime's offload and recompute policies run it."""
+    def recompute_backward(
+        self, x: torch.Tensor, dy: torch.Tensor, seq_tile: int = 0, saved: AttentionStats | None = None
+    ) -> torch.Tensor:
+        """As the runtime's offload and recompute policies run it (`saved`: from a saved attention)."""
         pos = self._positions(x)
-        return self.numerics.layer_backward(0, self.params, x, dy, pos, 0, lambda name, g: None, seq_tile)
+        return self.numerics.layer_backward(0, self.params, x, dy, pos, 0, lambda name, g: None, seq_tile, saved)
+
+    def saved_attention(self, x: torch.Tensor) -> AttentionStats:
+        """What the forward of a layer under `Plan.saved_attention` leaves for its backward."""
+        n, seq = x.shape[:2]
+        buffer = torch.empty(attention_stats_bytes(self.cfg, n * seq, 2), dtype=torch.uint8, device=x.device)
+        stats = attention_stats_views(buffer, n, seq, self.cfg, x.dtype)
+        with torch.no_grad():
+            self.numerics.layer(0, self.params, x, self._positions(x), 0, stats)
+        return stats
 
 
 def _layer_weights(cfg: ModelConfig, device: str) -> dict[str, torch.Tensor]:
@@ -420,6 +434,11 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
         kept: list[float] = []
         for _ in range(4):
             kept_bwd()
+        saved_s = 0.0
+        if cfg.family != GENERIC:  # the backward of a layer whose forward saved its attention
+            stats = layer.saved_attention(x)
+            saved_s = median_time(lambda: layer.recompute_backward(x, dy, saved=stats), cuda=cuda)
+            del stats
         out.append(
             LayerTiming(
                 *widths,
@@ -432,6 +451,7 @@ def layer_timings(cfg: ModelConfig, seq: int, sequences: list[int], device: str)
                 layer=cfg.layer_kind,
                 fwd_workspace_bytes=peak_extra_bytes(fwd) if cuda else 0,
                 bwd_workspace_bytes=peak_extra_bytes(recompute_bwd) if cuda else 0,
+                bwd_saved_attention_s=saved_s,
             )
         )
     if cfg.family != GENERIC:  # one sequence in each sequence tile the planner may choose

@@ -154,6 +154,139 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: S
     return torch.cat(rows)
 
 
+# --- Saved attention: the forward's attention output and log-sum-exp, so backward need not recompute them -----
+
+
+class AttentionStats(NamedTuple):
+    """Where a layer's forward leaves its attention output and log-sum-exp for its backward: `out` [B, heads, S,
+    head_dim] laid out as [B, S, heads, head_dim] (the queries' layout, so the out-projection reads it as it is),
+    `lse` [B, heads, S] in fp32; and the attention kernel's other outputs, which its backward takes back (`meta`,
+    filled by the forward: small tensors and ints)."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    meta: list
+
+
+def attention_stats_views(
+    buffer: torch.Tensor, batch: int, seq: int, cfg: ModelConfig, dtype: torch.dtype
+) -> AttentionStats:
+    """`AttentionStats` over a flat byte buffer (`schedule.graph.attention_stats_bytes` long)."""
+    heads, d = cfg.num_heads, cfg.head_dim
+    n_out = batch * seq * heads * d * torch.finfo(dtype).bits // 8
+    out = buffer[:n_out].view(dtype).view(batch, seq, heads, d).transpose(1, 2)
+    lse = buffer[n_out : n_out + 4 * batch * heads * seq].view(torch.float32).view(batch, heads, seq)
+    return AttentionStats(out, lse, [])
+
+
+_FLASH, _CUDNN = 1, 3  # torch.nn.attention.SDPBackend's values, as torch._fused_sdp_choice returns them
+
+
+def _sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """The kernel SDPA itself picks for causal attention over these tensors, so the saved path runs the same one."""
+    gqa = q.shape[1] != k.shape[1]
+    return torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=q.shape[-1] ** -0.5, enable_gqa=gqa)
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Causal attention as SDPA computes it, through the same kernel, also returning its log-sum-exp and the
+    kernel's other outputs (what its backward takes)."""
+    scale, backend = q.shape[-1] ** -0.5, _sdpa_backend(q, k, v)
+    aten = torch.ops.aten
+    if backend == _FLASH and not q.is_cuda:
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        return out, lse, [backend]
+    if backend == _FLASH:
+        out, lse, *meta = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+    elif backend == _CUDNN:
+        out, lse, *meta = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
+    else:
+        raise RuntimeError(
+            f"saved attention runs where SDPA picks flash or cuDNN attention; here it picked backend {backend}: "
+            "set the plan's saved_attention to 0"
+        )
+    return out, lse, [backend, *meta]
+
+
+def _attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    meta: list,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of causal attention from its saved output and log-sum-exp: the backward autograd runs for the
+    kernel `_attention_with_lse` ran (`meta`), with the same arguments."""
+    scale, (backend, *rest) = q.shape[-1] ** -0.5, meta
+    aten = torch.ops.aten
+    if backend == _FLASH and not q.is_cuda:
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, out, lse, 0.0, True, scale=scale)
+    if backend == _FLASH:
+        cum_q, cum_k, max_q, max_k, seed, offset, _ = rest
+        return aten._scaled_dot_product_flash_attention_backward(
+            do, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale
+        )
+    cum_q, cum_k, max_q, max_k, seed, offset, _ = rest
+    return aten._scaled_dot_product_cudnn_attention_backward(
+        do, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=scale
+    )
+
+
+def _pieces(spans: Spans | None, batch: int, seq: int) -> list[tuple[int, int, int]]:
+    """(row, start, end) of each stretch attention runs over on its own: whole rows, or each row's samples."""
+    if spans is None:
+        return [(-1, 0, seq)]
+    return [(b, s, e) for b, row in enumerate(spans) for s, e in row]
+
+
+def _piece(t: torch.Tensor, row: int, s: int, e: int) -> torch.Tensor:
+    """A piece's tokens of [B, heads, S, ...] (every row when `row` is -1); lse [B, heads, S] too."""
+    rows = slice(None) if row < 0 else slice(row, row + 1)
+    return t[rows, :, s:e]
+
+
+def causal_attention_saving(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Spans | None, into: AttentionStats
+) -> torch.Tensor:
+    """`causal_attention` that also leaves its output and log-sum-exp in `into` (and returns `into.out`)."""
+    into.meta.clear()
+    for row, s, e in _pieces(spans, q.shape[0], q.shape[2]):
+        out, lse, meta = _attention_with_lse(*(_piece(t, row, s, e) for t in (q, k, v)))
+        _piece(into.out, row, s, e).copy_(out)
+        _piece(into.lse, row, s, e).copy_(lse.view(_piece(into.lse, row, s, e).shape))
+        into.meta.append((meta, lse.shape))
+    return into.out
+
+
+class _SavedAttention(torch.autograd.Function):
+    """Causal attention whose output the forward saved: returns it, and back-propagates through the kernel that
+    computed it, from its log-sum-exp (no attention forward is run again)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, saved, spans):  # type: ignore[override]
+        ctx.save_for_backward(q, k, v)
+        ctx.saved, ctx.spans = saved, spans
+        return saved.out.detach()
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        q, k, v = ctx.saved_tensors
+        saved = ctx.saved
+        grads = [torch.empty_like(t) for t in (q, k, v)] if ctx.spans is not None else None
+        for (row, s, e), (meta, lse_shape) in zip(_pieces(ctx.spans, q.shape[0], q.shape[2]), saved.meta):
+            piece = [_piece(t, row, s, e) for t in (do, q, k, v, saved.out)]
+            lse = _piece(saved.lse, row, s, e).reshape(lse_shape)
+            dq, dk, dv = _attention_backward(*piece, lse, meta)
+            if grads is None:
+                return dq, dk, dv, None, None
+            for g, d in zip(grads, (dq, dk, dv)):
+                _piece(g, row, s, e).copy_(d)
+        assert grads is not None
+        return *grads, None, None
+
+
 def _projections(
     p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,10 +309,25 @@ def _out_projection(p: Params, o: torch.Tensor, cfg: ModelConfig) -> torch.Tenso
 
 
 def attention(
-    p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig, spans: Spans | None = None
+    p: Params,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cfg: ModelConfig,
+    spans: Spans | None = None,
+    stats: AttentionStats | None = None,
+    saved: bool = False,
 ) -> torch.Tensor:
+    """With `stats`: the forward leaves its attention output and log-sum-exp there (`saved` False) or, in
+    backward, they are read from there instead of being computed again (`saved` True)."""
     q, k, v = _projections(p, x, cos, sin, cfg)
-    return _out_projection(p, causal_attention(q, k, v, spans), cfg)
+    if stats is None:
+        o = causal_attention(q, k, v, spans)
+    elif saved:
+        o = _SavedAttention.apply(q, k, v, stats, spans)
+    else:
+        o = causal_attention_saving(q, k, v, spans, stats)
+    return _out_projection(p, o, cfg)
 
 
 def gated_activation(p: Params, x: torch.Tensor) -> torch.Tensor:
@@ -198,19 +346,33 @@ def mlp(p: Params, x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_block(
-    p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig, spans: Spans | None = None
+    p: Params,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cfg: ModelConfig,
+    spans: Spans | None = None,
+    stats: AttentionStats | None = None,
+    saved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual stream after attention, and its post-attention norm (the MLP's input)."""
-    attn = attention(p, rms_norm(x, p["input_layernorm.weight"], cfg.rms_norm_eps), cos, sin, cfg, spans)
+    normed = rms_norm(x, p["input_layernorm.weight"], cfg.rms_norm_eps)
+    attn = attention(p, normed, cos, sin, cfg, spans, stats, saved)
     return add_rms_norm(x, attn, p["post_attention_layernorm.weight"], cfg.rms_norm_eps)
 
 
 def decoder_layer(
-    p: Params, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig, spans: Spans | None = None
+    p: Params,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cfg: ModelConfig,
+    spans: Spans | None = None,
+    stats: AttentionStats | None = None,
 ) -> torch.Tensor:
     """One layer; cos and sin as `apply_rope` takes them, `spans` the samples of packed rows (None: causal over
-    each whole row)."""
-    h, normed = attention_block(p, x, cos, sin, cfg, spans)
+    each whole row); with `stats`, its attention output and log-sum-exp are left there for the backward."""
+    h, normed = attention_block(p, x, cos, sin, cfg, spans, stats)
     return h + mlp(p, normed)
 
 
@@ -254,6 +416,7 @@ def decoder_layer_backward(
     tile_tokens: int,
     accumulate: Accumulate,
     spans: Spans | None = None,
+    saved: AttentionStats | None = None,
 ) -> torch.Tensor:
     """Recompute one layer from its input x and back-propagate dy: returns dx and hands every weight's
     gradient to `accumulate(name, grad)` (the MLP's once per token tile, to be summed).
@@ -261,11 +424,12 @@ def decoder_layer_backward(
     The same maths as autograd through `decoder_layer`, arranged for memory and work: the attention block is
     recomputed with autograd, while the MLP runs tile by tile (`tile_tokens` tokens; 0 = all at once), so its
     wide intermediates exist for one tile only, and its output is never computed (backward needs only its
-    input's and weights' gradients: down_proj's forward matmul is skipped).
+    input's and weights' gradients: down_proj's forward matmul is skipped). With `saved` (the forward's
+    attention output and log-sum-exp) the attention itself is not run again: its backward starts from them.
     """
     x = x.detach().requires_grad_()
     with torch.enable_grad():
-        h, normed = attention_block(p, x, cos, sin, cfg, spans)
+        h, normed = attention_block(p, x, cos, sin, cfg, spans, saved, saved is not None)
     hidden = normed.shape[-1]
     d_normed = _mlp_backward(p, normed.detach().view(-1, hidden), dy.reshape(-1, hidden), tile_tokens, accumulate)
     rest = [name for name in p if name not in MLP_WEIGHTS]

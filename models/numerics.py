@@ -11,6 +11,7 @@ import torch
 
 from .config import ModelConfig
 from .layers import (
+    AttentionStats,
     decoder_layer,
     decoder_layer_backward,
     decoder_layer_backward_in_tiles,
@@ -40,11 +41,21 @@ class NativeNumerics:
         """Adds the embedding weight's gradient into the fp32 `grad`."""
         grad.view(self.cfg.vocab_size, -1).index_add_(0, ids.flatten(), d_out.flatten(0, 1).float())
 
-    def layer(self, index: int, params: Params, x: torch.Tensor, pos: Any, seq_tile: int = 0) -> torch.Tensor:
-        """The layer's output; `seq_tile` tokens of each row at a time (0: the whole sequence; no gradients)."""
+    def layer(
+        self,
+        index: int,
+        params: Params,
+        x: torch.Tensor,
+        pos: Any,
+        seq_tile: int = 0,
+        stats: AttentionStats | None = None,
+    ) -> torch.Tensor:
+        """The layer's output; `seq_tile` tokens of each row at a time (0: the whole sequence; no gradients);
+        with `stats` (whole sequences), its attention output and log-sum-exp are left there for the backward."""
         if seq_tile:
+            assert stats is None, "saved attention is for whole sequences (the plan check refuses tiles with it)"
             return decoder_layer_in_tiles(params, x, pos.cos, pos.sin, self.cfg, seq_tile, pos.spans)
-        return decoder_layer(params, x, pos.cos, pos.sin, self.cfg, pos.spans)
+        return decoder_layer(params, x, pos.cos, pos.sin, self.cfg, pos.spans, stats)
 
     def layer_backward(
         self,
@@ -56,12 +67,16 @@ class NativeNumerics:
         tile: int,
         accumulate: Accumulate,
         seq_tile: int = 0,
+        saved: AttentionStats | None = None,
     ) -> torch.Tensor:
+        """`saved`: the forward's attention output and log-sum-exp (whole sequences), so attention is not run
+        again."""
         if seq_tile:
+            assert saved is None, "saved attention is for whole sequences (the plan check refuses tiles with it)"
             return decoder_layer_backward_in_tiles(
                 params, x, dy, pos.cos, pos.sin, self.cfg, tile, seq_tile, accumulate, pos.spans
             )
-        return decoder_layer_backward(params, x, dy, pos.cos, pos.sin, self.cfg, tile, accumulate, pos.spans)
+        return decoder_layer_backward(params, x, dy, pos.cos, pos.sin, self.cfg, tile, accumulate, pos.spans, saved)
 
     def head_loss_and_grads(
         self,
@@ -109,8 +124,18 @@ class HFNumerics:
             self.decoder.embed_grad(weight.view(self.cfg.vocab_size, -1), ids, d_out)
         )
 
-    def layer(self, index: int, params: Params, x: torch.Tensor, pos: Any, seq_tile: int = 0) -> torch.Tensor:
-        assert not seq_tile, "sequence tiles are our own numerics' (the plan check refuses them here)"
+    def layer(
+        self,
+        index: int,
+        params: Params,
+        x: torch.Tensor,
+        pos: Any,
+        seq_tile: int = 0,
+        stats: AttentionStats | None = None,
+    ) -> torch.Tensor:
+        assert not seq_tile and stats is None, (
+            "sequence tiles and saved attention are our own numerics' (the plan check refuses them here)"
+        )
         return self.decoder.layer(index, params, x, pos[index])
 
     def layer_backward(
@@ -123,8 +148,11 @@ class HFNumerics:
         tile: int,
         accumulate: Accumulate,
         seq_tile: int = 0,
+        saved: AttentionStats | None = None,
     ) -> torch.Tensor:
-        assert not seq_tile, "sequence tiles are our own numerics' (the plan check refuses them here)"
+        assert not seq_tile and saved is None, (
+            "sequence tiles and saved attention are our own numerics' (the plan check refuses them here)"
+        )
         return self.decoder.layer_backward(index, params, x, dy, pos[index], accumulate)
 
 

@@ -242,11 +242,13 @@ def candidates(
     question = (cfg, model, batch, seq, profile, budgets, update, ranks)
     with _pool(workers) as pool:
         checked = pool.map(_fitting_plans, [(question, group) for group in groups])
-        return [plan for plans in checked for plan in plans if plan is not None]
+        return [plan for plans in checked for plan in plans]
 
 
-def _fitting_plans(job: tuple[tuple, list[dict]]) -> list[Plan | None]:
-    """For each grid point, its plan with the fewest layers on disk that fits (None: none fits)."""
+def _fitting_plans(job: tuple[tuple, list[dict]]) -> list[Plan]:
+    """For each grid point, its plan with the fewest layers on disk that fits (none where none fits), and that
+    plan with the most saved attention that fits where it can save any (`_most_saved_attention`), each with the
+    most kept weights that then fit."""
     (cfg, model, batch, seq, profile, budgets, update, ranks), points = job
     L, out = cfg.num_layers, []
 
@@ -286,9 +288,27 @@ def _fitting_plans(job: tuple[tuple, list[dict]]) -> list[Plan | None]:
                 if with_gpu is not None and _same_costs(with_gpu, plan):
                     plan = with_gpu
                     break
-            plan = _most_kept_weights(cfg, plan, profile, budgets)
-        out.append(plan)
+            out.append(_most_kept_weights(cfg, plan, profile, budgets))
+            saving = _most_saved_attention(cfg, plan, profile, budgets)  # its GPU buffers before any kept weights
+            if saving.saved_attention:
+                out.append(_most_kept_weights(cfg, saving, profile, budgets))
     return out
+
+
+def _most_saved_attention(cfg: ModelConfig, plan: Plan, profile: Profile, budgets: Budgets) -> Plan:
+    """The plan with the most first layers saving their attention for the backward (`Plan.saved_attention`)
+    that fits with nothing else changed, where the profile measured such a backward for this layer shape (else
+    it claims no gain): host memory spent on less recompute, and 8 KB per token and layer more over PCIe each
+    way, which the simulation weighs."""
+    shape = cfg.layer_shape()
+    measured = any(t.bwd_saved_attention_s and t.shape() == shape for t in profile.layers)
+    if not measured or cfg.family == GENERIC or plan.seq_tile_tokens:
+        return plan
+    offloaded = next((lay for lay, p in enumerate(plan.activations) if p != "offload"), cfg.num_layers)
+    if not offloaded:
+        return plan
+    saved = largest(lambda n: not shortfalls(cfg, replace(plan, saved_attention=n), profile, budgets), offloaded)
+    return replace(plan, saved_attention=saved)
 
 
 def _most_kept_weights(cfg: ModelConfig, plan: Plan, profile: Profile, budgets: Budgets) -> Plan:

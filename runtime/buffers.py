@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from slideformer.models.config import ModelConfig
+from slideformer.models.layers import AttentionStats, attention_stats_views
 from slideformer.schedule.memory import (
     SHARED_HOST_KINDS,
     gpu_buffers,
@@ -95,6 +96,13 @@ class StepBuffers:
             for lay, p in enumerate(plan.activations)
             if p == "offload"
         }
+
+        # Saved attention (`Plan.saved_attention`): the layers' in RAM, two on the GPU (a layer uses layer % 2)
+        def stats(buf: torch.Tensor) -> AttentionStats:
+            return attention_stats_views(buf, plan.batch, plan.seq, cfg, compute)
+
+        self.host_attention = {lay: stats(host[f"attention:{lay}"]) for lay in range(plan.saved_attention)}
+        self.attention = [stats(gpu[f"attention:{k}"]) for k in range(2) if f"attention:{k}" in gpu]
         act_bytes = saved_input_bytes(cfg, plan)
         self.act_ring = [host[f"act_ring:{k}"] for k in range(plan.disk_ring) if f"act_ring:{k}" in host]
         self.act_views = [buf[:act_bytes].view(compute).view(shape) for buf in self.act_ring]

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from slideformer.models.config import ModelConfig
+from slideformer.models.layers import AttentionStats
 
 from slideformer.models.numerics import numerics_for
 from slideformer.schedule.graph import transient_edge
@@ -55,6 +56,8 @@ class StepOps:
         self.grad_views = {u: layouts[u].views(buffers.gpu_grad[u], short_names=True) for u in range(1, L + 1)}
         self.weight_stream = WeightStream(buffers.staging) if buffers.staging else None
         self.kept_graph: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # a saved attention's kernel outputs beside its output and log-sum-exp, by (layer, chunk), for its backward
+        self.attention_meta: dict[tuple[int, int], list] = {}
         self.numerics = numerics_for(cfg, device)
         self.unpacked = self.numerics.positions(None, buffers.hidden[0][self._rows(0)])  # rows at 0..seq-1
         self.positions: list[Any] = []  # this step's, by chunk
@@ -70,6 +73,8 @@ class StepOps:
             OpKind.FWD: self._fwd,
             OpKind.HEAD: self._head,
             OpKind.FETCH: self._fetch,
+            OpKind.SAVE_ATTENTION: self._save_attention,
+            OpKind.FETCH_ATTENTION: self._fetch_attention,
             OpKind.BWD: self._bwd,
             OpKind.EMBED_BWD: self._embed_bwd,
         }
@@ -163,8 +168,15 @@ class StepOps:
             self.kept_graph[(layer, chunk)] = (x, y)
             out.copy_(y.detach())
         else:
+            stats = (
+                self._attention_rows(self.b.attention[layer % 2], chunk) if self.plan.saves_attention(layer) else None
+            )
             with torch.no_grad():
-                out.copy_(self.numerics.layer(layer, self.layer_params(layer), x, pos, self.plan.seq_tile_tokens))
+                out.copy_(
+                    self.numerics.layer(layer, self.layer_params(layer), x, pos, self.plan.seq_tile_tokens, stats)
+                )
+            if stats is not None:  # what its kernel returned beside them, for the backward
+                self.attention_meta[(layer, chunk)] = stats.meta
 
     def _head(self, chunk: int) -> None:
         L = self.cfg.num_layers
@@ -202,6 +214,20 @@ class StepOps:
         src = self.b.host_act[layer] if slot is None else self.b.act_views[slot]
         self.b.fetched[layer % 2][rows].copy_(src[rows], non_blocking=True)
 
+    def _attention_rows(self, stats: AttentionStats, chunk: int) -> AttentionStats:
+        rows = self._rows(chunk)
+        return AttentionStats(stats.out[rows], stats.lse[rows], [])
+
+    def _save_attention(self, layer: int, chunk: int) -> None:
+        src, dst = (self._attention_rows(s, chunk) for s in (self.b.attention[layer % 2], self.b.host_attention[layer]))
+        dst.out.copy_(src.out, non_blocking=True)
+        dst.lse.copy_(src.lse, non_blocking=True)
+
+    def _fetch_attention(self, layer: int, chunk: int) -> None:
+        src, dst = (self._attention_rows(s, chunk) for s in (self.b.host_attention[layer], self.b.attention[layer % 2]))
+        dst.out.copy_(src.out, non_blocking=True)
+        dst.lse.copy_(src.lse, non_blocking=True)
+
     def _bwd(self, layer: int, chunk: int) -> None:
         rows = self._rows(chunk)
         params = self.layer_params(layer)
@@ -225,8 +251,20 @@ class StepOps:
             dx = grads[0]
         else:
             saved = self.b.kept_input[layer] if policy == "recompute" else self.b.fetched[layer % 2]
+            attention = None
+            if self.plan.saves_attention(layer):
+                attention = self._attention_rows(self.b.attention[layer % 2], chunk)
+                attention.meta.extend(self.attention_meta.pop((layer, chunk)))
             dx = self.numerics.layer_backward(
-                layer, params, saved[rows], dy, pos, self.plan.mlp_tile_tokens, accumulate, self.plan.seq_tile_tokens
+                layer,
+                params,
+                saved[rows],
+                dy,
+                pos,
+                self.plan.mlp_tile_tokens,
+                accumulate,
+                self.plan.seq_tile_tokens,
+                attention,
             )
         self.b.dgrad[layer % 2][rows].copy_(dx)
         if chunk == self.plan.chunks - 1:

@@ -55,6 +55,12 @@ def transient_edge(cfg: ModelConfig, plan: Plan, what: str, unit: int) -> bool:
     return plan.transient_head_grad if what == "grad" else transient_head_weights(cfg, plan)
 
 
+def attention_stats_bytes(cfg: ModelConfig, tokens: int, itemsize: int) -> int:
+    """Bytes of one layer's saved attention output and fp32 log-sum-exp for `tokens` tokens
+    (`Plan.saved_attention`)."""
+    return tokens * cfg.num_heads * (cfg.head_dim * itemsize + 4)
+
+
 def activation_bytes_per_token(cfg: ModelConfig) -> int:
     """GPU bytes autograd keeps for one layer's forward, per token (bf16 tensors saved for backward)."""
     h, kv, ff = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
@@ -78,6 +84,7 @@ class _StepGraph:
         self.itemsize = plan.compute_itemsize
         tok = plan.chunk * plan.seq  # tokens per chunk
         self.act_bytes = tok * cfg.hidden_size * 2
+        self.attention_bytes = attention_stats_bytes(cfg, tok, self.itemsize)  # a saved attention's, per chunk
         attn = 2 * plan.chunk * plan.seq**2 * cfg.num_heads * cfg.head_dim  # causal QK^T + AV, forward
         self.fwd_flops = 2 * cfg.layer_params * tok + attn
         self.graph_bytes = activation_bytes_per_token(cfg) * tok
@@ -166,6 +173,17 @@ class _StepGraph:
         )
 
     def fetch(self, lay: int, c: int, war: str | None) -> None:
+        if self.plan.saves_attention(lay):  # into the buffer the layer two above read in its backward
+            above = f"bwd:{lay + 2}:{c}" if self.plan.saves_attention(lay + 2) else None
+            self.op(
+                f"fetch_attention:{lay}:{c}",
+                OpKind.FETCH_ATTENTION,
+                Resource.H2D,
+                [f"save_attention:{lay}:{c}", above],
+                layer=lay,
+                chunk=c,
+                nbytes=self.attention_bytes,
+            )
         if self.plan.activations[lay] == "offload":
             self.op(
                 f"fetch:{lay}:{c}",
@@ -258,17 +276,29 @@ class _StepGraph:
                 )
             saved_before = lay and plan.activations[lay - 1] in ("offload", "disk")
             war = f"save:{lay - 1}:{c}" if saved_before else None
+            # a saved attention goes into one of two buffers, free once the layer two below has copied out of it
+            attention_war = f"save_attention:{lay - 2}:{c}" if lay >= 2 and plan.saves_attention(lay) else None
             kept = {"keep": self.graph_bytes, "recompute": self.act_bytes}.get(policy, 0)
             self.op(
                 f"fwd:{lay}:{c}",
                 OpKind.FWD,
                 Resource.GPU,
-                [producer, f"load:{layer_unit(lay)}:fwd", war],
+                [producer, f"load:{layer_unit(lay)}:fwd", war, attention_war],
                 layer=lay,
                 chunk=c,
                 flops=self.fwd_flops,
                 gpu_alloc=kept,
             )
+            if plan.saves_attention(lay):
+                self.op(
+                    f"save_attention:{lay}:{c}",
+                    OpKind.SAVE_ATTENTION,
+                    Resource.D2H,
+                    [f"fwd:{lay}:{c}"],
+                    layer=lay,
+                    chunk=c,
+                    nbytes=self.attention_bytes,
+                )
         self.slot_reader[plan.weight_slot(lay)] = f"fwd:{lay}:{self.last}"
         if policy == "disk":
             self.op(
@@ -325,13 +355,14 @@ class _StepGraph:
         for c in range(self.C):
             upstream = f"head:{c}" if lay == L - 1 else f"bwd:{lay + 1}:{c}"
             saved = f"fetch:{lay}:{c}" if policy in ("offload", "disk") else f"fwd:{lay}:{c}"
+            attention = f"fetch_attention:{lay}:{c}" if self.plan.saves_attention(lay) else None
             # a transient head gradient is gone before the first layer's backward takes its workspace
             head_out = f"grad_out:{L + 1}" if lay == L - 1 and c == 0 and self.plan.transient_head_grad else None
             self.op(
                 f"bwd:{lay}:{c}",
                 OpKind.BWD,
                 Resource.GPU,
-                [upstream, saved, weights, grad_war if c == 0 else None, head_out],
+                [upstream, saved, attention, weights, grad_war if c == 0 else None, head_out],
                 layer=lay,
                 chunk=c,
                 flops=flops,

@@ -13,6 +13,7 @@ from slideformer.schedule.profile import Profile, fit_at
 from slideformer.models.config import GENERIC, ModelConfig
 from slideformer.schedule.graph import (
     activation_bytes_per_token,
+    attention_stats_bytes,
     transient_edge,
     transient_embedding_grad,
     transient_head_weights,
@@ -245,6 +246,11 @@ def host_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
         for lay, p in enumerate(plan.activations)
         if p == "offload"
     ]
+    attention = attention_stats_bytes(cfg, plan.batch * plan.seq, itemsize)
+    specs += [
+        BufferSpec(f"attention:{lay}", "offloaded_activations", attention, (lay,))
+        for lay in range(plan.saved_attention)
+    ]
     if "disk" in plan.activations:
         specs += [BufferSpec(f"act_ring:{k}", "disk_activation_ring", padded(saved)) for k in range(plan.disk_ring)]
     specs += [
@@ -300,6 +306,12 @@ def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
         for lay, p in enumerate(plan.activations)
         if p == "recompute"
     ]
+    # saved attention (`Plan.saved_attention`): a layer's forward writes one, its backward reads one fetched back
+    if plan.saved_attention:
+        attention = attention_stats_bytes(cfg, plan.batch * plan.seq, itemsize)
+        specs += [
+            BufferSpec(f"attention:{k}", "hidden_buffers", attention) for k in range(min(2, plan.saved_attention))
+        ]
     return specs
 
 

@@ -29,6 +29,8 @@ class OpKind(StrEnum):
     FWD = "fwd"
     HEAD = "head"  # final norm, LM head, loss and their backward
     FETCH = "fetch"  # a saved input back for the backward
+    SAVE_ATTENTION = "save_attention"  # a layer's attention output and log-sum-exp out to the host (after its forward)
+    FETCH_ATTENTION = "fetch_attention"  # ... and back for its backward
     BWD = "bwd"
     EMBED_BWD = "embed_bwd"
     ALLREDUCE = "allreduce"  # a GPU-updated unit's complete gradient summed across data-parallel ranks (ranks > 1)

@@ -77,6 +77,12 @@ class Plan:
     # gradients) for the whole sequence. For long sequences on a small GPU; the same maths, the key gradients
     # summed in another order.
     seq_tile_tokens: int = 0
+    # The first `saved_attention` decoder layers (inputs 'offload') also copy their attention output and its
+    # log-sum-exp to pinned RAM in the forward and fetch them back with their inputs, so their backward skips
+    # the attention's forward (at long sequences the costliest part of a recompute): 8 KB more per token and
+    # layer (8B shape) of RAM and of PCIe each way. Whole sequences (seq_tile_tokens 0), our own numerics. The
+    # same maths: the backward runs from what the same kernel computed.
+    saved_attention: int = 0
     # The head's fp32 gradient exists on the GPU only from the head's first piece until it has been copied to
     # the host, and the first layer's backward waits for that copy (host-updated, untied heads): for a GPU
     # short of memory, at the cost of one copy's time per step.
@@ -118,6 +124,9 @@ class Plan:
         """Whether the layer's weights are loaded again for its backward: not for the last `window` layers, whose
         slots still hold them at the turn, nor for the kept ones."""
         return layer < self.first_kept_layer
+
+    def saves_attention(self, layer: int) -> bool:
+        return layer < self.saved_attention
 
     @property
     def compute_itemsize(self) -> int:
@@ -237,6 +246,16 @@ class Plan:
             problems.append("transient_head_grad needs a host-updated head (its GPU AdamW reads the gradient)")
         if self.seq_tile_tokens < 0:
             problems.append("seq_tile_tokens must be 0 (whole sequence) or positive")
+        if self.saved_attention and (
+            self.saved_attention < 0
+            or any(p != "offload" for p in self.activations[: self.saved_attention])
+            or self.saved_attention > len(self.activations)
+            or self.seq_tile_tokens
+        ):
+            problems.append(
+                f"saved_attention {self.saved_attention} needs that many first layers with activations 'offload' "
+                "and seq_tile_tokens 0"
+            )
         if self.ranks < 1:
             problems.append(f"ranks {self.ranks} must be >= 1")
         elif self.ranks > 1 and ({"disk", "streamed"} & set(self.placement) or "disk" in self.activations):

@@ -64,6 +64,9 @@ class LayerTiming:
     # architecture's own layer, whose autograd it has no formula for
     fwd_workspace_bytes: int = 0
     bwd_workspace_bytes: int = 0
+    # recompute + backward from the forward's saved attention output and log-sum-exp (`Plan.saved_attention`;
+    # 0: unmeasured, and the simulator then costs such a layer as a plain recompute)
+    bwd_saved_attention_s: float = 0.0
 
     def shape(self) -> tuple[int | str, ...]:
         return self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim, self.layer

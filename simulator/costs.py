@@ -72,15 +72,19 @@ class CostModel:
 
     @lru_cache(maxsize=None)
     def layer(self, key: str, tokens: int, seq_tile: int = 0) -> float:
-        """key: fwd_s, bwd_recompute_s or bwd_kept_s; `seq_tile` (fwd_s, bwd_recompute_s): the layer in sequence
-        tiles, as measured at this tile, else the whole layer's time plus the pass that recomputes k and v."""
+        """key: fwd_s, bwd_recompute_s, bwd_kept_s or bwd_saved_attention_s; `seq_tile` (fwd_s,
+        bwd_recompute_s): the layer in sequence tiles, as measured at this tile, else the whole layer's time plus the pass that recomputes k and v."""
         if seq_tile:
             tiled = fit_at([(t.tokens, getattr(t, key)) for t in self.own_tiled if t.seq_tile == seq_tile], tokens)
             if tiled is not None:
                 return tiled
             kv = 2 * self.cfg.hidden_size * self.cfg.num_kv_heads * self.cfg.head_dim / self.cfg.layer_params
             return self.layer(key, tokens) + (self.layer("fwd_s", tokens) * kv if key == "bwd_recompute_s" else 0.0)
+        if key == "bwd_saved_attention_s" and not any(t.bwd_saved_attention_s for t in self.same_shape):
+            return self.layer("bwd_recompute_s", tokens)  # unmeasured: no gain is claimed
         pts = [(t.tokens, getattr(t, key)) for t in self.own]
+        if key == "bwd_saved_attention_s":  # measured on some entries only
+            pts = [p for p in pts if p[1] > 0]
         if len(pts) >= 2:
             slope, intercept = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
             return float(max(slope * tokens + intercept, min(p[1] for p in pts) * tokens / max(p[0] for p in pts)))
@@ -89,8 +93,9 @@ class CostModel:
         between = self._between_lengths(key, tokens)
         if between is not None:
             return between
-        work = {"fwd_s": 1, "bwd_recompute_s": 3, "bwd_kept_s": 2}[key]
-        return work * layer_flops(self.cfg, self.seq, tokens) / (self.gpu_flops * self.eff[key])
+        work = {"fwd_s": 1, "bwd_recompute_s": 3, "bwd_kept_s": 2, "bwd_saved_attention_s": 3}[key]
+        eff = self.eff.get(key, self.eff["bwd_recompute_s"])
+        return work * layer_flops(self.cfg, self.seq, tokens) / (self.gpu_flops * eff)
 
     def _between_lengths(self, key: str, tokens: int) -> float | None:
         """The layer at a sequence length the profile did not time, from the two timed lengths nearest it
@@ -187,6 +192,13 @@ def _cfg_of(t, like: ModelConfig) -> ModelConfig:
     )
 
 
+def backward_key(plan: Plan, layer: int) -> str:
+    """Which of a layer's measured backward times its backward takes under the plan."""
+    if plan.activations[layer] == "keep":
+        return "bwd_kept_s"
+    return "bwd_saved_attention_s" if plan.saves_attention(layer) else "bwd_recompute_s"
+
+
 def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     """Duration of op `name` once it starts."""
     a = op_of(g, name)
@@ -197,9 +209,9 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
         if a.resource == Resource.GPU:  # fp32 master already on the GPU: read 4 bytes, write 2
             return cost.gpu_bytes_moved(a.nbytes * 1.5)
         return cost.load(a.nbytes, plan.transfer_chunk_mb) if a.staged else cost.copy("h2d", a.nbytes)
-    if kind in (OpKind.SAVE, OpKind.GRAD_OUT, OpKind.STATE_OUT):
+    if kind in (OpKind.SAVE, OpKind.SAVE_ATTENTION, OpKind.GRAD_OUT, OpKind.STATE_OUT):
         return cost.copy("d2h", a.nbytes)
-    if kind in (OpKind.FETCH, OpKind.STATE_IN):
+    if kind in (OpKind.FETCH, OpKind.FETCH_ATTENTION, OpKind.STATE_IN):
         return cost.copy("h2d", a.nbytes)
     if kind == OpKind.STATE_UPDATE:  # the fused AdamW on one piece, and its bf16 cast
         return a.params / cost.gpu_adamw_rate + cost.gpu_bytes_moved(6 * a.params)
@@ -210,7 +222,7 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     if kind == OpKind.FWD:
         return cost.layer("fwd_s", tokens, seq_tile) * slow
     if kind == OpKind.BWD:
-        t = cost.layer("bwd_kept_s" if policy == "keep" else "bwd_recompute_s", tokens, seq_tile)
+        t = cost.layer(backward_key(plan, a.layer), tokens, seq_tile)
         # fp32 gradient accumulate (copy or add) and the squared-norm dot on the last chunk, and one more
         # accumulate of the three MLP matrices for every further MLP tile
         tiles = -(-tokens // plan.mlp_tile_tokens) if plan.mlp_tile_tokens and policy != "keep" else 1
@@ -384,6 +396,6 @@ def _pass_seconds(cfg: ModelConfig, plan: Plan, cost: CostModel) -> tuple[list[f
 
     forwards = [compute("fwd_s", lay) for lay in range(cfg.num_layers)]
     backward = plan.chunks * cost.head(tokens) * slow + sum(
-        compute("bwd_kept_s" if a == "keep" else "bwd_recompute_s", lay) for lay, a in enumerate(plan.activations)
+        compute(backward_key(plan, lay), lay) for lay in range(cfg.num_layers)
     )
     return forwards, backward

@@ -65,6 +65,8 @@ def plans(draw, cfg):
     update = draw(st.sampled_from(["during_backward", "after_norm"]))
     ranks = draw(st.sampled_from([1, 2]))  # several ranks: no disk or streamed placements, no disk activations
     streams = update == "during_backward" and ranks == 1
+    activation = draw(st.sampled_from(["offload", "recompute", "disk"] if ranks == 1 else ["offload", "recompute"]))
+    keep_last = draw(st.integers(0, window))
     return uniform_plan(
         "random",
         L,
@@ -72,8 +74,9 @@ def plans(draw, cfg):
         draw(st.sampled_from([16, 64])),
         chunk=chunk,
         window=window,
-        activation=draw(st.sampled_from(["offload", "recompute", "disk"] if ranks == 1 else ["offload", "recompute"])),
-        keep_last=draw(st.integers(0, window)),
+        activation=activation,
+        keep_last=keep_last,
+        saved_attention=draw(st.integers(0, L - keep_last)) if activation == "offload" else 0,
         kept_weights=draw(st.integers(0, L - window)),
         gpu_units=draw(st.integers(0, L + 2)),
         update=update,

@@ -58,6 +58,9 @@ PLANS = {
     # the two layers below the window keep their forward's weights for their backward (slots of their own)
     "kept-weights-2": dict(window=2, activation="offload", chunk=2, kept_weights=2, streamed_layers=(1,)),
     "kept-weights-bf16-host": dict(window=1, activation="recompute", kept_weights=1, host_bf16_weights=True),
+    # every layer's attention output saved for its backward; two of four beside a kept graph, in chunks
+    "saved-attention-all": dict(window=2, activation="offload", saved_attention=4),
+    "saved-attention-2-chunks": dict(window=2, activation="offload", chunk=1, saved_attention=3, keep_last=1),
 }
 
 

@@ -106,6 +106,7 @@ def test_the_engine_has_a_body_for_every_kind_of_op_the_graph_builds():
         dict(update="after_norm"),
         dict(activation="disk", disk_layers=2),
         dict(streamed_layers=(1,)),
+        dict(saved_attention=2),
         dict(ranks=2),  # host units reduce-scattered
         dict(ranks=2, gpu_units=1),  # GPU units all-reduced
     ):
