@@ -255,9 +255,26 @@ def causal_attention_saving(
     for row, s, e in _pieces(spans, q.shape[0], q.shape[2]):
         out, lse, meta = _attention_with_lse(*(_piece(t, row, s, e) for t in (q, k, v)))
         _piece(into.out, row, s, e).copy_(out)
-        _piece(into.lse, row, s, e).copy_(lse.view(_piece(into.lse, row, s, e).shape))
-        into.meta.append((meta, lse.shape))
+        _piece(into.lse, row, s, e).copy_(lse.reshape(_piece(into.lse, row, s, e).shape))
+        into.meta.append((meta, _Layout.of(out), _Layout.of(lse)))
     return into.out
+
+
+class _Layout(NamedTuple):
+    """A kernel output's shape and strides: its backward gets the saved copy back laid out as it wrote it."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "_Layout":
+        return _Layout(tuple(t.shape), t.stride())
+
+    def restore(self, saved: torch.Tensor) -> torch.Tensor:
+        if tuple(saved.shape) == self.shape and saved.stride() == self.stride:
+            return saved
+        t = torch.empty_strided(self.shape, self.stride, dtype=saved.dtype, device=saved.device)
+        return t.copy_(saved.reshape(self.shape))
 
 
 class _SavedAttention(torch.autograd.Function):
@@ -275,10 +292,11 @@ class _SavedAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         saved = ctx.saved
         grads = [torch.empty_like(t) for t in (q, k, v)] if ctx.spans is not None else None
-        for (row, s, e), (meta, lse_shape) in zip(_pieces(ctx.spans, q.shape[0], q.shape[2]), saved.meta):
-            piece = [_piece(t, row, s, e) for t in (do, q, k, v, saved.out)]
-            lse = _piece(saved.lse, row, s, e).reshape(lse_shape)
-            dq, dk, dv = _attention_backward(*piece, lse, meta)
+        for (row, s, e), (meta, out_layout, lse_layout) in zip(_pieces(ctx.spans, q.shape[0], q.shape[2]), saved.meta):
+            dq_, q_, k_, v_ = (_piece(t, row, s, e) for t in (do, q, k, v))
+            out = out_layout.restore(_piece(saved.out, row, s, e))
+            lse = lse_layout.restore(_piece(saved.lse, row, s, e))
+            dq, dk, dv = _attention_backward(dq_, q_, k_, v_, out, lse, meta)
             if grads is None:
                 return dq, dk, dv, None, None
             for g, d in zip(grads, (dq, dk, dv)):
