@@ -4,7 +4,7 @@ forward, the recomputing backward, the backward from a saved attention (`Plan.sa
 graph's backward and the sequence tiles, each entry replacing the profile's entry of the same shape, length
 and chunk. The timings also go to a result file, with what saving the attention takes off each backward.
 
-    python -m bench.layer_timings h200-2026-12-02-D profile.json --seq 32768 --seq 65536 --out timings.json
+    python -m bench.layer_timings h200-2026-12-02-D profile.json --seq 32768 --seq 65536 --name X --out timings.json
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, action="append", required=True, help="sequence length (repeatable)")
     ap.add_argument("--sequences", type=int, nargs="+", default=[1], help="sequences per chunk to time")
     ap.add_argument("--out", required=True, help="the result file")
+    ap.add_argument("--name", help="the new profile's name (default: the old one's)")
     a = ap.parse_args()
     cfg, prof = load_model_config(a.model), Profile.load(a.profile)
     timed = [t for seq in a.seq for t in layer_timings(cfg, seq, a.sequences, "cuda")]
     key = lambda t: (t.shape(), t.seq, t.tokens, t.seq_tile)  # noqa: E731
     new = {key(t) for t in timed}
     prof.layers = [t for t in prof.layers if key(t) not in new] + timed
+    prof.name = a.name or prof.name
     prof.notes = f"{prof.notes} Layer timings at seq {a.seq} re-timed by bench.layer_timings.".strip()
     prof.save(a.new_profile)
     rows = [

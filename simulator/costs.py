@@ -222,6 +222,7 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     if kind == OpKind.FWD:
         return cost.layer("fwd_s", tokens, seq_tile) * slow
     if kind == OpKind.BWD:
+        assert a.layer is not None
         t = cost.layer(backward_key(plan, a.layer), tokens, seq_tile)
         # fp32 gradient accumulate (copy or add) and the squared-norm dot on the last chunk, and one more
         # accumulate of the three MLP matrices for every further MLP tile
