@@ -289,9 +289,23 @@ def _fitting_plans(job: tuple[tuple, list[dict]]) -> list[Plan]:
                     plan = with_gpu
                     break
             out.append(_most_kept_weights(cfg, plan, profile, budgets))
-            saving = _most_saved_attention(cfg, plan, profile, budgets)  # its GPU buffers before any kept weights
-            if saving.saved_attention:
-                out.append(_most_kept_weights(cfg, saving, profile, budgets))
+            # saved attention's GPU buffers before any kept weights
+            out += [
+                _most_kept_weights(cfg, q, profile, budgets)
+                for q in _saved_attention_variants(cfg, plan, profile, budgets)
+            ]
+    return out
+
+
+def _saved_attention_variants(cfg: ModelConfig, plan: Plan, profile: Profile, budgets: Budgets) -> list[Plan]:
+    """The plan with the most saved attention that fits (`_most_saved_attention`), and with a smaller gradient
+    ring (2, 1) where the host RAM its buffers give back lets more layers save: at long sequences the CPU's
+    updates wait little on the ring, while every saved layer takes its attention's forward off the backward."""
+    out: list[Plan] = []
+    for ring in sorted({r for r in (plan.grad_ring, 2, 1) if r <= plan.grad_ring}, reverse=True):
+        saving = _most_saved_attention(cfg, replace(plan, grad_ring=ring), profile, budgets)
+        if saving.saved_attention > max((q.saved_attention for q in out), default=0):
+            out.append(saving)
     return out
 
 

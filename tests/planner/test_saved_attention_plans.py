@@ -1,0 +1,39 @@
+"""The planner's saved-attention variants (`planner.search._saved_attention_variants`): each fits, each saves as
+many layers as fit, a smaller gradient ring is taken only where it lets more layers save, and a profile that
+never measured the saved backward gets none."""
+
+import json
+from dataclasses import replace
+
+from slideformer.models import load_model_config
+from slideformer.planner.search import Budgets, _saved_attention_variants, shortfalls
+from slideformer.schedule.plan import Plan
+from slideformer.schedule.profile import Profile
+from tests import REPO
+
+CFG = load_model_config("llama-3.1-8b")
+SAVED = REPO / "bench/plans/llama-3.1-8b-24gib-65536x1-h200-2026-12-02-F.json"  # lease F's 64K plan
+
+
+def plain_plan() -> tuple[Plan, Budgets]:
+    chosen = json.loads(SAVED.read_text())
+    return replace(Plan(**chosen["plan"]), saved_attention=0, grad_ring=4, kept_weights=0), Budgets(**chosen["budgets"])
+
+
+def test_variants_fit_save_the_most_and_trade_the_ring_only_for_more_saved_layers():
+    plan, budgets = plain_plan()
+    profile = Profile.load("h200-2026-12-02-F")
+    variants = _saved_attention_variants(CFG, plan, profile, budgets)
+    assert variants and variants[0].grad_ring == plan.grad_ring
+    saved = [q.saved_attention for q in variants]
+    assert saved == sorted(set(saved)) and saved[0] > 0  # each smaller ring saves more layers
+    assert [q.grad_ring for q in variants] == sorted((q.grad_ring for q in variants), reverse=True)
+    for q in variants:
+        assert not shortfalls(CFG, q, profile, budgets)
+        more = replace(q, saved_attention=q.saved_attention + 1)
+        assert q.saved_attention == CFG.num_layers or shortfalls(CFG, more, profile, budgets)
+
+
+def test_no_variant_without_a_measured_saved_backward():
+    plan, budgets = plain_plan()
+    assert _saved_attention_variants(CFG, plan, Profile.load("h200-2026-12-02-D"), budgets) == []
