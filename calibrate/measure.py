@@ -388,7 +388,9 @@ class _Layer:
     def saved_attention(self, x: torch.Tensor) -> AttentionStats:
         """What the forward of a layer under `Plan.saved_attention` leaves for its backward."""
         n, seq = x.shape[:2]
-        buffer = torch.empty(attention_stats_bytes(self.cfg, n * seq, 2), dtype=torch.uint8, device=x.device)
+        buffer = torch.empty(
+            attention_stats_bytes(self.cfg, n * seq, x.element_size()), dtype=torch.uint8, device=x.device
+        )
         stats = attention_stats_views(buffer, n, seq, self.cfg, x.dtype)
         with torch.no_grad():
             self.numerics.layer(0, self.params, x, self._positions(x), 0, stats)

@@ -223,12 +223,11 @@ def _attention_backward(
     aten = torch.ops.aten
     if backend == _FLASH and not q.is_cuda:
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, out, lse, 0.0, True, scale=scale)
+    cum_q, cum_k, max_q, max_k, seed, offset, _ = rest  # what flash and cuDNN return beside out and lse
     if backend == _FLASH:
-        cum_q, cum_k, max_q, max_k, seed, offset, _ = rest
         return aten._scaled_dot_product_flash_attention_backward(
             do, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale
         )
-    cum_q, cum_k, max_q, max_k, seed, offset, _ = rest
     return aten._scaled_dot_product_cudnn_attention_backward(
         do, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=scale
     )
@@ -290,19 +289,31 @@ class _SavedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):  # type: ignore[override]
         q, k, v = ctx.saved_tensors
-        saved = ctx.saved
-        grads = [torch.empty_like(t) for t in (q, k, v)] if ctx.spans is not None else None
-        for (row, s, e), (meta, out_layout, lse_layout) in zip(_pieces(ctx.spans, q.shape[0], q.shape[2]), saved.meta):
-            dq_, q_, k_, v_ = (_piece(t, row, s, e) for t in (do, q, k, v))
-            out = out_layout.restore(_piece(saved.out, row, s, e))
-            lse = lse_layout.restore(_piece(saved.lse, row, s, e))
-            dq, dk, dv = _attention_backward(dq_, q_, k_, v_, out, lse, meta)
-            if grads is None:
-                return dq, dk, dv, None, None
-            for g, d in zip(grads, (dq, dk, dv)):
-                _piece(g, row, s, e).copy_(d)
-        assert grads is not None
+        pieces = list(zip(_pieces(ctx.spans, q.shape[0], q.shape[2]), ctx.saved.meta))
+        if ctx.spans is None:  # one piece, the whole tensors: its gradients as they come
+            return *_piece_backward(do, q, k, v, ctx.saved, *pieces[0]), None, None
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        for where, kernel in pieces:
+            for g, d in zip(grads, _piece_backward(do, q, k, v, ctx.saved, where, kernel)):
+                _piece(g, *where).copy_(d)
         return *grads, None, None
+
+
+def _piece_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    saved: AttentionStats,
+    where: tuple[int, int, int],
+    kernel: tuple[list, _Layout, _Layout],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of one piece (`_pieces`) from its saved output and log-sum-exp, laid out as its kernel wrote
+    them."""
+    meta, out_layout, lse_layout = kernel
+    out, lse = out_layout.restore(_piece(saved.out, *where)), lse_layout.restore(_piece(saved.lse, *where))
+    do, q, k, v = (_piece(t, *where) for t in (do, q, k, v))
+    return _attention_backward(do, q, k, v, out, lse, meta)
 
 
 def _projections(

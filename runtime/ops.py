@@ -218,15 +218,16 @@ class StepOps:
         rows = self._rows(chunk)
         return AttentionStats(stats.out[rows], stats.lse[rows], [])
 
-    def _save_attention(self, layer: int, chunk: int) -> None:
-        src, dst = (self._attention_rows(s, chunk) for s in (self.b.attention[layer % 2], self.b.host_attention[layer]))
+    def _copy_attention(self, src: AttentionStats, dst: AttentionStats, chunk: int) -> None:
+        src, dst = self._attention_rows(src, chunk), self._attention_rows(dst, chunk)
         dst.out.copy_(src.out, non_blocking=True)
         dst.lse.copy_(src.lse, non_blocking=True)
 
+    def _save_attention(self, layer: int, chunk: int) -> None:
+        self._copy_attention(self.b.attention[layer % 2], self.b.host_attention[layer], chunk)
+
     def _fetch_attention(self, layer: int, chunk: int) -> None:
-        src, dst = (self._attention_rows(s, chunk) for s in (self.b.host_attention[layer], self.b.attention[layer % 2]))
-        dst.out.copy_(src.out, non_blocking=True)
-        dst.lse.copy_(src.lse, non_blocking=True)
+        self._copy_attention(self.b.host_attention[layer], self.b.attention[layer % 2], chunk)
 
     def _bwd(self, layer: int, chunk: int) -> None:
         rows = self._rows(chunk)

@@ -188,6 +188,11 @@ def saved_input_bytes(cfg: ModelConfig, plan: Plan) -> int:
     return plan.batch * plan.seq * cfg.hidden_size * plan.compute_itemsize
 
 
+def saved_attention_bytes(cfg: ModelConfig, plan: Plan) -> int:
+    """Bytes of one layer's saved attention output and log-sum-exp over the whole batch (`Plan.saved_attention`)."""
+    return attention_stats_bytes(cfg, plan.batch * plan.seq, plan.compute_itemsize)
+
+
 @dataclass(frozen=True)
 class BufferSpec:
     """One buffer the runtime allocates (or, `lazy`, torch's AdamW allocates at its first step): the planner sums
@@ -246,7 +251,7 @@ def host_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
         for lay, p in enumerate(plan.activations)
         if p == "offload"
     ]
-    attention = attention_stats_bytes(cfg, plan.batch * plan.seq, itemsize)
+    attention = saved_attention_bytes(cfg, plan)
     specs += [
         BufferSpec(f"attention:{lay}", "offloaded_activations", attention, (lay,))
         for lay in range(plan.saved_attention)
@@ -308,7 +313,7 @@ def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
     ]
     # saved attention (`Plan.saved_attention`): a layer's forward writes one, its backward reads one fetched back
     if plan.saved_attention:
-        attention = attention_stats_bytes(cfg, plan.batch * plan.seq, itemsize)
+        attention = saved_attention_bytes(cfg, plan)
         specs += [
             BufferSpec(f"attention:{k}", "hidden_buffers", attention) for k in range(min(2, plan.saved_attention))
         ]
