@@ -166,7 +166,7 @@ def render(report: dict) -> str:
             + ", ".join(f"{k} {v:.0%}" for k, v in report["utilisation"].items())
             + " busy)",
             f"       {'per-GPU plan' if ranks > 1 else 'plan'}: chunk {p['chunk']}, window {p['window']}, "
-            f"kept weights {p['kept_weights']}, saved attention {p['saved_attention']}, activations "
+            f"kept weights {p['kept_weights']}, saved attention {p['saved_attention']} in RAM + {p['resident_attention']} on GPU, activations "
             f"{_runs(p['activations'])}, optimizer on GPU for {p['placement'].count('gpu')} units, "
             f"states on disk for {p['placement'].count('disk')} layers, "
             f"update {p['update']}",

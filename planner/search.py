@@ -281,7 +281,7 @@ def _fitting_plans(job: tuple[tuple, list[dict]]) -> list[Plan]:
 
     for point in points:
         *more, none = gpu_layer_options(L, point["gpu_units"])
-        plan = fitting(point, none)
+        plan = without_gpu = fitting(point, none)
         if plan is not None:
             for k in more:  # the most GPU layers that fit with nothing else changed
                 with_gpu = fitting(point, k)
@@ -289,10 +289,12 @@ def _fitting_plans(job: tuple[tuple, list[dict]]) -> list[Plan]:
                     plan = with_gpu
                     break
             out.append(_most_kept_weights(cfg, plan, profile, budgets))
-            # saved attention's GPU buffers before any kept weights
+            # saved attention's buffers before any kept weights; from the plan without GPU layers too, whose
+            # GPU memory may save more than the GPU layers' updates gain
             out += [
                 _most_kept_weights(cfg, q, profile, budgets)
-                for q in _saved_attention_variants(cfg, plan, profile, budgets)
+                for base in ([plan] if plan is without_gpu else [plan, without_gpu])
+                for q in _saved_attention_variants(cfg, base, profile, budgets)
             ]
     return out
 
@@ -300,29 +302,49 @@ def _fitting_plans(job: tuple[tuple, list[dict]]) -> list[Plan]:
 def _saved_attention_variants(cfg: ModelConfig, plan: Plan, profile: Profile, budgets: Budgets) -> list[Plan]:
     """The plan with the most saved attention that fits (`_most_saved_attention`), and with a smaller gradient
     ring (2, 1) where the host RAM its buffers give back lets more layers save: at long sequences the CPU's
-    updates wait little on the ring, while every saved layer takes its attention's forward off the backward."""
+    updates wait little on the ring, while every saved layer takes its attention's forward off the backward.
+    Then each of these and the plan itself with the most resident attention the GPU holds beside
+    (`_most_resident_attention`)."""
+    if not _can_save_attention(cfg, plan, profile):
+        return []
     out: list[Plan] = []
     for ring in sorted({r for r in (plan.grad_ring, 2, 1) if r <= plan.grad_ring}, reverse=True):
         saving = _most_saved_attention(cfg, replace(plan, grad_ring=ring), profile, budgets)
         if saving.saved_attention > max((q.saved_attention for q in out), default=0):
             out.append(saving)
-    return out
+    resident = (_most_resident_attention(cfg, q, profile, budgets) for q in [plan, *out])
+    return out + [q for q in resident if q.resident_attention]
+
+
+def _can_save_attention(cfg: ModelConfig, plan: Plan, profile: Profile) -> bool:
+    """Whether the profile measured the backward from a saved attention for this layer shape (else saving
+    claims no gain), for our own numerics' whole-sequence layers."""
+    shape = cfg.layer_shape()
+    measured = any(t.bwd_saved_attention_s and t.shape() == shape for t in profile.layers)
+    return measured and cfg.family != GENERIC and not plan.seq_tile_tokens
 
 
 def _most_saved_attention(cfg: ModelConfig, plan: Plan, profile: Profile, budgets: Budgets) -> Plan:
     """The plan with the most first layers saving their attention for the backward (`Plan.saved_attention`)
-    that fits with nothing else changed, where the profile measured such a backward for this layer shape (else
-    it claims no gain): host memory spent on less recompute, and 8 KB per token and layer more over PCIe each
-    way, which the simulation weighs."""
-    shape = cfg.layer_shape()
-    measured = any(t.bwd_saved_attention_s and t.shape() == shape for t in profile.layers)
-    if not measured or cfg.family == GENERIC or plan.seq_tile_tokens:
-        return plan
+    that fits with nothing else changed: host memory spent on less recompute, and 8 KB per token and layer
+    more over PCIe each way, which the simulation weighs."""
     offloaded = next((lay for lay, p in enumerate(plan.activations) if p != "offload"), cfg.num_layers)
     if not offloaded:
         return plan
     saved = largest(lambda n: not shortfalls(cfg, replace(plan, saved_attention=n), profile, budgets), offloaded)
     return replace(plan, saved_attention=saved)
+
+
+def _most_resident_attention(cfg: ModelConfig, plan: Plan, profile: Profile, budgets: Budgets) -> Plan:
+    """The plan with the most last layers keeping their saved attention on the GPU (`Plan.resident_attention`)
+    that fits with nothing else changed: GPU memory no kept weight has taken yet, at no PCIe cost."""
+    L = cfg.num_layers
+    free = L - plan.saved_attention
+    offloaded = next((k for k in range(free) if plan.activations[L - 1 - k] != "offload"), free)
+    if not offloaded:
+        return plan
+    fits = lambda n: not shortfalls(cfg, replace(plan, resident_attention=n), profile, budgets)  # noqa: E731
+    return replace(plan, resident_attention=largest(fits, offloaded))
 
 
 def _most_kept_weights(cfg: ModelConfig, plan: Plan, profile: Profile, budgets: Budgets) -> Plan:
@@ -520,6 +542,7 @@ def choose_plan(
     assert scored, "a feasible batch always has a candidate plan"
     _, plan = min((s for s in scored if s[0] <= fastest * (1 + TIE)), key=lambda s: (s[1].chunks, s[0]))
     plan, simulation = _refined_streamed_count(cfg, plan, profile, budgets)
+    plan, simulation = _refined_memory_trade(cfg, plan, simulation, profile, budgets)
     return Verdict(True, plan, simulation, max_batch)
 
 
@@ -557,6 +580,45 @@ def _refined_streamed_count(
         if sim.step_s < best[1].step_s * (1 - TIE / 4):
             best = (q, sim)
     return best
+
+
+def _refined_memory_trade(
+    cfg: ModelConfig, plan: Plan, simulation: Simulation, profile: Profile, budgets: Budgets
+) -> tuple[Plan, Simulation]:
+    """The plan, or one that gives memory back (a smaller MLP tile, gradient ring, a transient head gradient)
+    and spends it again on saved attention (in RAM, then on the GPU) and kept weights, while that simulates
+    faster: the grid takes each memory-taking option at its fastest before it saves attention, which at long
+    sequences is not always the better trade."""
+    if not _can_save_attention(cfg, plan, profile):
+        return plan, simulation
+    best = (plan, simulation)
+    while True:
+        better = None
+        for q in _memory_giving_neighbours(cfg, best[0]):
+            q = replace(q, saved_attention=0, resident_attention=0, kept_weights=0)
+            if shortfalls(cfg, q, profile, budgets):
+                continue
+            q = _most_resident_attention(cfg, _most_saved_attention(cfg, q, profile, budgets), profile, budgets)
+            q = _most_kept_weights(cfg, q, profile, budgets)
+            sim = simulate(cfg, q, profile)
+            if sim.step_s < (better or best)[1].step_s * (1 - TIE / 4):
+                better = (q, sim)
+        if better is None:
+            return best
+        best = better
+
+
+def _memory_giving_neighbours(cfg: ModelConfig, plan: Plan) -> list[Plan]:
+    """The plan with the next smaller MLP tile, the next shorter gradient ring, or a transient head gradient."""
+    out = []
+    tiles = [t for t in MLP_TILES[1:] if plan.mlp_tile_tokens == 0 or t < plan.mlp_tile_tokens]
+    if tiles:
+        out.append(replace(plan, mlp_tile_tokens=tiles[0]))
+    if plan.grad_ring > 1:
+        out.append(replace(plan, grad_ring=max(r for r in (*GRAD_RINGS, 1) if r < plan.grad_ring)))
+    if not plan.transient_head_grad and head_grad_options(cfg, plan.placement.count("gpu"))[-1]:
+        out.append(replace(plan, transient_head_grad=True))
+    return out
 
 
 def _seconds_per_token(job: tuple[ModelConfig, Plan, Profile]) -> float:

@@ -97,12 +97,17 @@ class StepBuffers:
             if p == "offload"
         }
 
-        # Saved attention (`Plan.saved_attention`): the layers' in RAM, two on the GPU (a layer uses layer % 2)
+        # Saved attention (`Plan.saved_attention`): the layers' in RAM, two on the GPU (a layer uses layer % 2),
+        # and the resident layers' own on the GPU (`Plan.resident_attention`)
         def stats(buf: torch.Tensor) -> AttentionStats:
             return attention_stats_views(buf, plan.batch, plan.seq, cfg, compute)
 
         self.host_attention = {lay: stats(host[f"attention:{lay}"]) for lay in range(plan.saved_attention)}
         self.attention = [stats(gpu[f"attention:{k}"]) for k in range(2) if f"attention:{k}" in gpu]
+        L = cfg.num_layers
+        self.resident_attention = {
+            lay: stats(gpu[f"resident_attention:{lay}"]) for lay in range(L - plan.resident_attention, L)
+        }
         act_bytes = saved_input_bytes(cfg, plan)
         self.act_ring = [host[f"act_ring:{k}"] for k in range(plan.disk_ring) if f"act_ring:{k}" in host]
         self.act_views = [buf[:act_bytes].view(compute).view(shape) for buf in self.act_ring]
@@ -117,3 +122,8 @@ class StepBuffers:
             for k in range(STATE_STAGING_BUFFERS)
             if f"state_slot:{k}" in gpu
         ]
+
+    def gpu_attention(self, layer: int) -> AttentionStats:
+        """Where a saving layer's forward writes its attention and its backward reads it on the GPU."""
+        resident = self.resident_attention.get(layer)
+        return self.attention[layer % 2] if resident is None else resident

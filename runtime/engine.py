@@ -75,10 +75,10 @@ class Engine:
             )
         if plan.transient_head_grad and cfg.tie_word_embeddings:
             raise PlanError("transient_head_grad needs an untied head (a tied one shares the embedding's gradient)")
-        if (plan.seq_tile_tokens or plan.saved_attention) and cfg.family == GENERIC:
+        if (plan.seq_tile_tokens or plan.saved_attention or plan.resident_attention) and cfg.family == GENERIC:
             raise PlanError(
-                "seq_tile_tokens and saved_attention run our own numerics' layers; an architecture run through its "
-                "own modules takes 0 for both"
+                "seq_tile_tokens, saved_attention and resident_attention run our own numerics' layers; an "
+                "architecture run through its own modules takes 0 for each"
             )
         self.ranks = ranks
         if (plan.disk_units or "disk" in plan.activations) and disk_dir is None:

@@ -169,7 +169,7 @@ class StepOps:
             out.copy_(y.detach())
         else:
             stats = (
-                self._attention_rows(self.b.attention[layer % 2], chunk) if self.plan.saves_attention(layer) else None
+                self._attention_rows(self.b.gpu_attention(layer), chunk) if self.plan.saves_attention(layer) else None
             )
             with torch.no_grad():
                 out.copy_(
@@ -224,10 +224,10 @@ class StepOps:
         dst.lse.copy_(src.lse, non_blocking=True)
 
     def _save_attention(self, layer: int, chunk: int) -> None:
-        self._copy_attention(self.b.attention[layer % 2], self.b.host_attention[layer], chunk)
+        self._copy_attention(self.b.gpu_attention(layer), self.b.host_attention[layer], chunk)
 
     def _fetch_attention(self, layer: int, chunk: int) -> None:
-        self._copy_attention(self.b.host_attention[layer], self.b.attention[layer % 2], chunk)
+        self._copy_attention(self.b.host_attention[layer], self.b.gpu_attention(layer), chunk)
 
     def _bwd(self, layer: int, chunk: int) -> None:
         rows = self._rows(chunk)
@@ -254,7 +254,7 @@ class StepOps:
             saved = self.b.kept_input[layer] if policy == "recompute" else self.b.fetched[layer % 2]
             attention = None
             if self.plan.saves_attention(layer):
-                attention = self._attention_rows(self.b.attention[layer % 2], chunk)
+                attention = self._attention_rows(self.b.gpu_attention(layer), chunk)
                 attention.meta.extend(self.attention_meta.pop((layer, chunk)))
             dx = self.numerics.layer_backward(
                 layer,

@@ -173,8 +173,8 @@ class _StepGraph:
         )
 
     def fetch(self, lay: int, c: int, war: str | None) -> None:
-        if self.plan.saves_attention(lay):  # into the buffer the layer two above read in its backward
-            above = f"bwd:{lay + 2}:{c}" if self.plan.saves_attention(lay + 2) else None
+        if self.plan.attention_in_ram(lay):  # into the buffer the layer two above read in its backward
+            above = f"bwd:{lay + 2}:{c}" if self.plan.attention_in_ram(lay + 2) else None
             self.op(
                 f"fetch_attention:{lay}:{c}",
                 OpKind.FETCH_ATTENTION,
@@ -277,7 +277,7 @@ class _StepGraph:
             saved_before = lay and plan.activations[lay - 1] in ("offload", "disk")
             war = f"save:{lay - 1}:{c}" if saved_before else None
             # a saved attention goes into one of two buffers, free once the layer two below has copied out of it
-            attention_war = f"save_attention:{lay - 2}:{c}" if lay >= 2 and plan.saves_attention(lay) else None
+            attention_war = f"save_attention:{lay - 2}:{c}" if lay >= 2 and plan.attention_in_ram(lay) else None
             kept = {"keep": self.graph_bytes, "recompute": self.act_bytes}.get(policy, 0)
             self.op(
                 f"fwd:{lay}:{c}",
@@ -289,7 +289,7 @@ class _StepGraph:
                 flops=self.fwd_flops,
                 gpu_alloc=kept,
             )
-            if plan.saves_attention(lay):
+            if plan.attention_in_ram(lay):
                 self.op(
                     f"save_attention:{lay}:{c}",
                     OpKind.SAVE_ATTENTION,
@@ -355,7 +355,7 @@ class _StepGraph:
         for c in range(self.C):
             upstream = f"head:{c}" if lay == L - 1 else f"bwd:{lay + 1}:{c}"
             saved = f"fetch:{lay}:{c}" if policy in ("offload", "disk") else f"fwd:{lay}:{c}"
-            attention = f"fetch_attention:{lay}:{c}" if self.plan.saves_attention(lay) else None
+            attention = f"fetch_attention:{lay}:{c}" if self.plan.attention_in_ram(lay) else None
             # a transient head gradient is gone before the first layer's backward takes its workspace
             head_out = f"grad_out:{L + 1}" if lay == L - 1 and c == 0 and self.plan.transient_head_grad else None
             self.op(

@@ -311,12 +311,15 @@ def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
         for lay, p in enumerate(plan.activations)
         if p == "recompute"
     ]
-    # saved attention (`Plan.saved_attention`): a layer's forward writes one, its backward reads one fetched back
-    if plan.saved_attention:
-        attention = saved_attention_bytes(cfg, plan)
-        specs += [
-            BufferSpec(f"attention:{k}", "hidden_buffers", attention) for k in range(min(2, plan.saved_attention))
-        ]
+    # saved attention (`Plan.saved_attention`): a layer's forward writes one, its backward reads one fetched back;
+    # each resident layer (`Plan.resident_attention`) its own from its forward to its backward
+    attention = saved_attention_bytes(cfg, plan)
+    specs += [BufferSpec(f"attention:{k}", "hidden_buffers", attention) for k in range(min(2, plan.saved_attention))]
+    L = cfg.num_layers
+    specs += [
+        BufferSpec(f"resident_attention:{lay}", "resident_attention", attention, (lay,))
+        for lay in range(L - plan.resident_attention, L)
+    ]
     return specs
 
 
@@ -336,6 +339,7 @@ GPU_STATIC_KINDS = (
     "gpu_optimizer_states",
     "hidden_buffers",
     "kept_inputs",
+    "resident_attention",
 )
 # Host buffers that data-parallel ranks on one host share (one copy, in shared memory): the fp32 masters and
 # the bf16 weights kept in RAM; every other host buffer is each rank's own.

@@ -83,6 +83,10 @@ class Plan:
     # layer (8B shape) of RAM and of PCIe each way. Whole sequences (seq_tile_tokens 0), our own numerics. The
     # same maths: the backward runs from what the same kernel computed.
     saved_attention: int = 0
+    # The last `resident_attention` decoder layers (inputs 'offload') save theirs the same way but keep it in
+    # GPU memory until their backward: no copies, 8 KB per token and layer of GPU memory, for a GPU with room
+    # left once the host's RAM is spent on the first layers'.
+    resident_attention: int = 0
     # The head's fp32 gradient exists on the GPU only from the head's first piece until it has been copied to
     # the host, and the first layer's backward waits for that copy (host-updated, untied heads): for a GPU
     # short of memory, at the cost of one copy's time per step.
@@ -126,6 +130,11 @@ class Plan:
         return layer < self.first_kept_layer
 
     def saves_attention(self, layer: int) -> bool:
+        """Whether the layer's forward saves its attention for the backward, in RAM or on the GPU."""
+        return self.attention_in_ram(layer) or layer >= len(self.activations) - self.resident_attention
+
+    def attention_in_ram(self, layer: int) -> bool:
+        """Whether the layer's saved attention goes to pinned RAM (and back through the GPU's two buffers)."""
         return layer < self.saved_attention
 
     @property
@@ -255,6 +264,17 @@ class Plan:
             problems.append(
                 f"saved_attention {self.saved_attention} needs that many first layers with activations 'offload' "
                 "and seq_tile_tokens 0"
+            )
+        resident = self.resident_attention
+        if resident and (
+            resident < 0
+            or self.saved_attention + resident > len(self.activations)
+            or any(p != "offload" for p in self.activations[len(self.activations) - resident :])
+            or self.seq_tile_tokens
+        ):
+            problems.append(
+                f"resident_attention {resident} needs that many last layers with activations 'offload', none of "
+                f"them among the first saved_attention {self.saved_attention}, and seq_tile_tokens 0"
             )
         if self.ranks < 1:
             problems.append(f"ranks {self.ranks} must be >= 1")

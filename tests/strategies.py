@@ -67,6 +67,8 @@ def plans(draw, cfg):
     streams = update == "during_backward" and ranks == 1
     activation = draw(st.sampled_from(["offload", "recompute", "disk"] if ranks == 1 else ["offload", "recompute"]))
     keep_last = draw(st.integers(0, window))
+    saved = draw(st.integers(0, L - keep_last)) if activation == "offload" else 0
+    resident = draw(st.integers(0, L - saved)) if activation == "offload" and not keep_last else 0
     return uniform_plan(
         "random",
         L,
@@ -76,7 +78,8 @@ def plans(draw, cfg):
         window=window,
         activation=activation,
         keep_last=keep_last,
-        saved_attention=draw(st.integers(0, L - keep_last)) if activation == "offload" else 0,
+        saved_attention=saved,
+        resident_attention=resident,
         kept_weights=draw(st.integers(0, L - window)),
         gpu_units=draw(st.integers(0, L + 2)),
         update=update,

@@ -1,6 +1,6 @@
 """The planner's saved-attention variants (`planner.search._saved_attention_variants`): each fits, each saves as
-many layers as fit, a smaller gradient ring is taken only where it lets more layers save, and a profile that
-never measured the saved backward gets none."""
+many layers as fit (in RAM, then on the GPU), a smaller gradient ring is taken only where it lets more layers
+save, and a profile that never measured the saved backward gets none."""
 
 import json
 from dataclasses import replace
@@ -23,7 +23,7 @@ def plain_plan() -> tuple[Plan, Budgets]:
 def test_variants_fit_save_the_most_and_trade_the_ring_only_for_more_saved_layers():
     plan, budgets = plain_plan()
     profile = Profile.load("h200-2026-12-02-F")
-    variants = _saved_attention_variants(CFG, plan, profile, budgets)
+    variants = [q for q in _saved_attention_variants(CFG, plan, profile, budgets) if not q.resident_attention]
     assert variants and variants[0].grad_ring == plan.grad_ring
     saved = [q.saved_attention for q in variants]
     assert saved == sorted(set(saved)) and saved[0] > 0  # each smaller ring saves more layers
@@ -37,3 +37,15 @@ def test_variants_fit_save_the_most_and_trade_the_ring_only_for_more_saved_layer
 def test_no_variant_without_a_measured_saved_backward():
     plan, budgets = plain_plan()
     assert _saved_attention_variants(CFG, plan, Profile.load("h200-2026-12-02-D"), budgets) == []
+
+
+def test_resident_variants_keep_the_most_on_the_gpu_beside_the_ram_saved():
+    plan, budgets = plain_plan()
+    profile = Profile.load("h200-2026-12-02-F")
+    resident = [q for q in _saved_attention_variants(CFG, plan, profile, budgets) if q.resident_attention]
+    assert resident
+    for q in resident:
+        assert not shortfalls(CFG, q, profile, budgets)
+        assert q.saved_attention + q.resident_attention <= CFG.num_layers
+        more = replace(q, resident_attention=q.resident_attention + 1)
+        assert q.saved_attention + q.resident_attention == CFG.num_layers or shortfalls(CFG, more, profile, budgets)

@@ -61,6 +61,9 @@ PLANS = {
     # every layer's attention output saved for its backward; two of four beside a kept graph, in chunks
     "saved-attention-all": dict(window=2, activation="offload", saved_attention=4),
     "saved-attention-2-chunks": dict(window=2, activation="offload", chunk=1, saved_attention=3, keep_last=1),
+    # the last two layers' saved attention stays on the GPU, the first's goes to RAM; then all four on the GPU
+    "resident-attention": dict(window=2, activation="offload", saved_attention=1, resident_attention=2),
+    "resident-attention-2-chunks": dict(window=2, activation="offload", chunk=1, resident_attention=4),
 }
 
 

@@ -85,6 +85,9 @@ def test_graph_is_acyclic_and_updates_each_unit_once(
         (dict(window=9), "window 9"),
         (dict(activations=["keep", "offload", "offload", "offload"]), "'keep' is allowed only"),
         (dict(update="sometimes"), "update must be one of"),
+        # resident attention on the last layers, overlapping the first layers' saved in RAM, or on a kept layer
+        (dict(activations=["offload"] * 4, saved_attention=3, resident_attention=2), "none of them among"),
+        (dict(activations=["offload"] * 3 + ["keep"], resident_attention=1), "resident_attention 1 needs"),
     ],
 )
 def test_bad_plans_are_refused_with_reasons(bad, message):
