@@ -352,6 +352,7 @@ def figure(record: dict, path: str) -> None:
     )
     axes[2].axhline(GPU_CAP_GIB, color="grey", lw=0.8)
     for ax in axes:
+        ax.set_ylim(bottom=0)  # a ratio reads true only from zero
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Llama-3.1-8B, GPU capped at {GPU_CAP_GIB} GiB, one lease on {record.get('device', 'the H100')}")

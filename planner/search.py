@@ -281,21 +281,23 @@ def _fitting_plans(job: tuple[tuple, list[dict]]) -> list[Plan]:
 
     for point in points:
         *more, none = gpu_layer_options(L, point["gpu_units"])
-        plan = without_gpu = fitting(point, none)
-        if plan is not None:
-            for k in more:  # the most GPU layers that fit with nothing else changed
-                with_gpu = fitting(point, k)
-                if with_gpu is not None and _same_costs(with_gpu, plan):
-                    plan = with_gpu
-                    break
-            out.append(_most_kept_weights(cfg, plan, profile, budgets))
-            # saved attention's buffers before any kept weights; from the plan without GPU layers too, whose
-            # GPU memory may save more than the GPU layers' updates gain
-            out += [
-                _most_kept_weights(cfg, q, profile, budgets)
-                for base in ([plan] if plan is without_gpu else [plan, without_gpu])
-                for q in _saved_attention_variants(cfg, base, profile, budgets)
-            ]
+        without_gpu = fitting(point, none)
+        if without_gpu is None:
+            continue
+        plan = without_gpu
+        for k in more:  # the most GPU layers that fit with nothing else changed
+            with_gpu = fitting(point, k)
+            if with_gpu is not None and _same_costs(with_gpu, plan):
+                plan = with_gpu
+                break
+        out.append(_most_kept_weights(cfg, plan, profile, budgets))
+        # saved attention's buffers before any kept weights; from the plan without GPU layers too, whose GPU
+        # memory may save more than the GPU layers' updates gain
+        out += [
+            _most_kept_weights(cfg, q, profile, budgets)
+            for base in ([plan] if plan is without_gpu else [plan, without_gpu])
+            for q in _saved_attention_variants(cfg, base, profile, budgets)
+        ]
     return out
 
 
