@@ -39,7 +39,8 @@ def capacity_report(
         "fits": verdict.fits,
         "batch": verdict.plan.batch if verdict.plan else batch,
         "max_batch": verdict.max_batch,
-        "max_seq_at_batch_1": max_seq,
+        "max_seq_at_batch_1": max_seq,  # at most the model's longest
+        "max_position_embeddings": cfg.max_position_embeddings,
         "predicted_step_s": None,
         "predicted_tokens_per_s": None,
         "predicted_tflops": None,
@@ -184,8 +185,10 @@ def render(report: dict) -> str:
             + ": "
             + "; ".join(report["shortfalls"])
         )
+    longest = report["max_seq_at_batch_1"] == report["max_position_embeddings"]
     lines.append(
         f"max batch at seq {report['seq']}: {report['max_batch']}; max seq at batch 1: {report['max_seq_at_batch_1']}"
+        + (" (the model's longest; more may fit)" if longest else "")
     )
     lines += [f"- {x}" for x in report["levers"]]
     return "\n".join(lines)

@@ -5,6 +5,7 @@ import json
 
 from slideformer.schedule.profile import Profile
 from slideformer.cli import main
+from slideformer.models import load_model_config
 
 REPORT_FIELDS = {
     "fits",
@@ -101,3 +102,10 @@ def test_simulate_with_a_cpu_only_profile_says_what_is_missing(tmp_path, capsys)
     main(["calibrate", "--model", "tiny-llama", "--seq", "32", "--sequences", "1", "--quick", "--out", str(prof)])
     assert main(["simulate", "examples/llama-3.1-8b-16l-offload.json", "--profile", str(prof)]) == 2
     assert "has no GPU measurements" in capsys.readouterr().err
+
+
+def test_plan_says_when_the_longest_sequence_is_the_models_own_limit(capsys):
+    assert main(["plan", "--model", "tiny-llama", "--seq", "32", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    longest = load_model_config("tiny-llama").max_position_embeddings
+    assert f"max seq at batch 1: {longest} (the model's longest; more may fit)" in out
