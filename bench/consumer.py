@@ -3,13 +3,17 @@ random data, ours with the planner's plan beside the official SlideFormer, in on
 
     python -m bench.consumer --system ours --only 2048x8,1024x32 --out a.json
     python -m bench.consumer --system official --only 2048x8,1024x32 --out b.json   # needs peers/ (see below)
-    python -m bench.consumer --merge a.json b.json --out bench/results/consumer.json --figure consumer.png
+    python -m bench.consumer --system deepspeed --only 2048x8,1024x32 --out c.json  # needs deepspeed (see below)
+    python -m bench.consumer --merge a.json b.json c.json --out bench/results/consumer.json --figure consumer.png
 
 Ours: for each workload the planner picks the plan within 92% of the 24 GiB cap (as the train recipe does
 with free GPU memory) and the host's available RAM less `HOST_RESERVE`; a workload it refuses is recorded
 with the planner's numbers; one it accepts runs in its own process (`bench.ours`), with predicted and
 measured step time and peaks side by side. The official SlideFormer runs through `peers/run_official.sh`
-(assembled as `../shared/peers/README.md` says, git-ignored), its CSV and logs kept verbatim.
+(assembled as `../shared/peers/README.md` says, git-ignored), its CSV and logs kept verbatim. DeepSpeed
+ZeRO-3 offload runs `bench.deepspeed_zero` under the same cap (a GPU machine without network installs it from
+wheels carried along: `pip install --no-index --find-links DIR deepspeed`, DIR holding deepspeed's wheel,
+built with `DS_BUILD_OPS=0 pip wheel deepspeed --no-deps`, and those of its requirements the machine lacks).
 Each call runs what fits in the device's 10-minute limit: split workloads across calls with --only.
 """
 
@@ -284,6 +288,26 @@ def run_official(workloads: list[str], deadline_s: int) -> dict:
     }
 
 
+def run_deepspeed(workloads: list[str], timeout_s: int) -> dict:
+    """DeepSpeed ZeRO-3 with params and optimizer offloaded (`bench.deepspeed_zero`), each workload in its own
+    process within `timeout_s`: its result, or its exit status and the tail of its output."""
+    out: dict = {}
+    for w in workloads:
+        seq, batch = seq_batch(w)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "r.json"
+            cmd = [sys.executable, "-m", "bench.deepspeed_zero", "--stage", "3", "--model", MODEL, "--seq", str(seq)]
+            cmd += ["--batch", str(batch), "--gpu-cap-gib", str(GPU_CAP_GIB), "--warmup", "1", "--steps", "3"]
+            cmd += ["--out", str(result)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+                tail, code = (proc.stdout + proc.stderr)[-3000:], proc.returncode
+            except subprocess.TimeoutExpired as e:
+                tail, code = f"timed out after {timeout_s} s: {str(e.stdout or '')[-2000:]}", None
+            out[w] = json.loads(result.read_text()) if result.exists() else {"returncode": code, "error": tail}
+    return {"workloads": out}
+
+
 def merge(paths: list[str]) -> dict:
     record: dict = {"command": "python -m bench.consumer " + " ".join(sys.argv[1:]), "systems": {}}
     for p in paths:
@@ -314,6 +338,10 @@ def table(record: dict) -> dict[str, dict]:
                 r["predicted_peak_gpu_allocated_gib"] = r["predicted_peak_gpu_gib"] - RUNTIME_OVERHEAD / GiB
                 r["gpu_peak_error"] = r["predicted_peak_gpu_allocated_gib"] / r["peak_gpu_allocated_gib"] - 1
             rows.setdefault(w, {})["ours"] = r
+    for call in record["systems"].get("deepspeed", {}).get("calls", []):
+        for w, r in call["result"]["workloads"].items():
+            keys = ("tokens_per_s", "step_s", "peak_gpu_allocated_gib", "peak_host_rss_gib", "error", "returncode")
+            rows.setdefault(w, {})["deepspeed"] = {k: r[k] for k in keys if k in r}
     return rows
 
 
@@ -325,7 +353,8 @@ def figure(record: dict, path: str) -> None:
 
     rows = table(record)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for system, style in (("ours", "o-"), ("official", "s--")):
+    labels = {"ours": "SlideFormer (this project)", "official": "official SlideFormer", "deepspeed": "DeepSpeed ZeRO-3"}
+    for system, style in (("ours", "o-"), ("official", "s--"), ("deepspeed", "^:")):
 
         def points(pick) -> tuple[list[int], list[float]]:
             """(x, tokens/s) of this system's runs that `pick` places on the x axis (None: not on it)."""
@@ -336,7 +365,7 @@ def figure(record: dict, path: str) -> None:
             )
             return [x for x, _ in got], [t for _, t in got]
 
-        label = "SlideFormer (this project)" if system == "ours" else "official SlideFormer"
+        label = labels[system]
         axes[0].plot(*points(lambda seq, batch: batch if seq == 1024 else None), style, label=label)
         axes[1].plot(*points(lambda seq, batch: seq if batch == 1 else None), style, label=label)
         mem = sorted(
@@ -362,9 +391,11 @@ def figure(record: dict, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--system", choices=["ours", "official"])
+    ap.add_argument("--system", choices=["ours", "official", "deepspeed"])
     ap.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated SEQxBATCH workloads")
-    ap.add_argument("--timeout", type=int, default=300, help="seconds per workload (ours) / deadline (official)")
+    ap.add_argument(
+        "--timeout", type=int, default=300, help="seconds per workload (ours, deepspeed) / deadline (official)"
+    )
     ap.add_argument("--profile", default="h100-80gb", help="the planner's profile (ours): a JSON or committed name")
     ap.add_argument("--disk-dir", help="ours: a directory for the disk tier (budget: 90%% of its free space)")
     ap.add_argument("--plans", help="ours: a directory of the planner's verdicts from --choose, used where they match")
@@ -375,7 +406,7 @@ def main() -> None:
         help="write the planner's verdicts for this host budget into --plans and stop (no GPU needed)",
     )
     ap.add_argument("--merge", nargs="+", help="result files of earlier calls to merge into --out")
-    ap.add_argument("--figure", help="with --merge: a PNG of tokens/s and peak GPU memory, both systems")
+    ap.add_argument("--figure", help="with --merge: a PNG of tokens/s and peak GPU memory, every system")
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.choose:
@@ -402,11 +433,10 @@ def main() -> None:
             write(a.out, head | {"systems": {a.system: result}})
 
         workloads = a.only.split(",")
-        result = (
-            run_ours(workloads, a.timeout, a.profile, a.disk_dir, a.plans, save)
-            if a.system == "ours"
-            else run_official(workloads, a.timeout)
-        )
+        if a.system == "ours":
+            result = run_ours(workloads, a.timeout, a.profile, a.disk_dir, a.plans, save)
+        else:
+            result = (run_official if a.system == "official" else run_deepspeed)(workloads, a.timeout)
         record = head | {"systems": {a.system: result}}
     write(a.out, record)
 
