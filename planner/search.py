@@ -345,7 +345,10 @@ def _most_resident_attention(cfg: ModelConfig, plan: Plan, profile: Profile, bud
     offloaded = next((k for k in range(free) if plan.activations[L - 1 - k] != "offload"), free)
     if not offloaded:
         return plan
-    fits = lambda n: not shortfalls(cfg, replace(plan, resident_attention=n), profile, budgets)  # noqa: E731
+
+    def fits(n: int) -> bool:
+        return not shortfalls(cfg, replace(plan, resident_attention=n), profile, budgets)
+
     return replace(plan, resident_attention=largest(fits, offloaded))
 
 

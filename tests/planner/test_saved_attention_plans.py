@@ -6,7 +6,8 @@ import json
 from dataclasses import replace
 
 from slideformer.models import load_model_config
-from slideformer.planner.search import Budgets, _saved_attention_variants, shortfalls
+from slideformer.planner.search import Budgets, _refined_memory_trade, _saved_attention_variants, shortfalls
+from slideformer.simulator import simulate
 from slideformer.schedule.plan import Plan
 from slideformer.schedule.profile import Profile
 from tests import REPO
@@ -49,3 +50,16 @@ def test_resident_variants_keep_the_most_on_the_gpu_beside_the_ram_saved():
         assert q.saved_attention + q.resident_attention <= CFG.num_layers
         more = replace(q, resident_attention=q.resident_attention + 1)
         assert q.saved_attention + q.resident_attention == CFG.num_layers or shortfalls(CFG, more, profile, budgets)
+
+
+def test_the_memory_trade_after_the_grid_fits_and_is_never_slower():
+    """From lease F's 64K plan (20 layers saved in RAM, 5 kept weights), giving back the ring's memory saves more
+    layers, in RAM and on the GPU: faster, and within the budgets."""
+    chosen = json.loads(SAVED.read_text())
+    plan, budgets = Plan(**chosen["plan"]), Budgets(**chosen["budgets"])
+    profile = Profile.load("h200-2026-12-02-F")
+    before = simulate(CFG, plan, profile)
+    traded, sim = _refined_memory_trade(CFG, plan, before, profile, budgets)
+    assert not shortfalls(CFG, traded, profile, budgets)
+    assert sim.step_s < before.step_s and traded.saved_attention + traded.resident_attention > plan.saved_attention
+    assert _refined_memory_trade(CFG, traded, sim, profile, budgets)[0] == traded  # a fixed point
