@@ -319,11 +319,14 @@ def _saved_attention_variants(cfg: ModelConfig, plan: Plan, profile: Profile, bu
 
 
 def _can_save_attention(cfg: ModelConfig, plan: Plan, profile: Profile) -> bool:
-    """Whether the profile measured the backward from a saved attention for this layer shape (else saving
-    claims no gain), for our own numerics' whole-sequence layers."""
-    shape = cfg.layer_shape()
-    measured = any(t.bwd_saved_attention_s and t.shape() == shape for t in profile.layers)
-    return measured and cfg.family != GENERIC and not plan.seq_tile_tokens
+    """Whether saving attention can make this plan faster: our own numerics' whole-sequence layers, where the
+    profile's costs claim a backward from a saved attention more than a tie faster than the recomputing one
+    (none where it was never timed for this shape and length or a shorter one)."""
+    if cfg.family == GENERIC or plan.seq_tile_tokens:
+        return False
+    cost = CostModel(profile, cfg, plan.seq)
+    tokens = plan.chunk * plan.seq
+    return cost.layer("bwd_saved_attention_s", tokens) < cost.layer("bwd_recompute_s", tokens) * (1 - TIE)
 
 
 def _most_saved_attention(cfg: ModelConfig, plan: Plan, profile: Profile, budgets: Budgets) -> Plan:

@@ -80,11 +80,11 @@ class CostModel:
                 return tiled
             kv = 2 * self.cfg.hidden_size * self.cfg.num_kv_heads * self.cfg.head_dim / self.cfg.layer_params
             return self.layer(key, tokens) + (self.layer("fwd_s", tokens) * kv if key == "bwd_recompute_s" else 0.0)
-        if key == "bwd_saved_attention_s" and not any(t.bwd_saved_attention_s for t in self.same_shape):
-            return self.layer("bwd_recompute_s", tokens)  # unmeasured: no gain is claimed
         pts = [(t.tokens, getattr(t, key)) for t in self.own]
         if key == "bwd_saved_attention_s":  # measured on some entries only
             pts = [p for p in pts if p[1] > 0]
+            if not pts:  # not at this length: the share of the recompute measured at a shorter one
+                return self.layer("bwd_recompute_s", tokens) * self._saved_attention_share()
         if len(pts) >= 2:
             slope, intercept = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
             return float(max(slope * tokens + intercept, min(p[1] for p in pts) * tokens / max(p[0] for p in pts)))
@@ -96,6 +96,17 @@ class CostModel:
         work = {"fwd_s": 1, "bwd_recompute_s": 3, "bwd_kept_s": 2, "bwd_saved_attention_s": 3}[key]
         eff = self.eff.get(key, self.eff["bwd_recompute_s"])
         return work * layer_flops(self.cfg, self.seq, tokens) / (self.gpu_flops * eff)
+
+    def _saved_attention_share(self) -> float:
+        """The backward from a saved attention as a share of the recomputing one, at the longest length the
+        profile timed both below this one (attention's part of a layer grows with the length, so a shorter
+        length's gain understates this one's); 1 (no gain claimed) where none was timed below."""
+        timed = [t for t in self.same_shape if t.bwd_saved_attention_s > 0 and t.bwd_recompute_s > 0]
+        below = [t for t in timed if t.seq <= self.seq]
+        if not below:
+            return 1.0
+        t = max(below, key=lambda t: (t.seq, t.tokens))
+        return min(1.0, t.bwd_saved_attention_s / t.bwd_recompute_s)
 
     def _between_lengths(self, key: str, tokens: int) -> float | None:
         """The layer at a sequence length the profile did not time, from the two timed lengths nearest it

@@ -1,8 +1,11 @@
-"""The cost model reads the profile's layer timings: in sequence tiles, and at lengths calibrate did not time."""
+"""The cost model reads the profile's layer timings: in sequence tiles, at lengths calibrate did not time, and the
+backward from a saved attention."""
 
 import pytest
 
+from slideformer.models import load_model_config
 from slideformer.schedule.profile import Profile
+from slideformer.simulator.costs import CostModel
 
 
 def test_calibrate_times_sequence_tiles_and_the_simulator_reads_them():
@@ -12,7 +15,6 @@ def test_calibrate_times_sequence_tiles_and_the_simulator_reads_them():
 
     from slideformer.calibrate.measure import layer_timings
     from slideformer.models import PRESETS
-    from slideformer.simulator.costs import CostModel
 
     cfg = PRESETS["tiny-llama"]
     timings = layer_timings(cfg, 4608, [1], "cpu")
@@ -35,7 +37,6 @@ def test_a_layer_at_an_untimed_length_is_read_between_the_timed_lengths_around_i
 
     from slideformer.models import PRESETS
     from slideformer.schedule.profile import LayerTiming
-    from slideformer.simulator.costs import CostModel
 
     cfg = PRESETS["llama-3.1-8b"]
     shape = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128)
@@ -54,3 +55,18 @@ def test_a_layer_at_an_untimed_length_is_read_between_the_timed_lengths_around_i
     assert per_token(16384) == pytest.approx(1.0 + 1.0 * (16384 - 1024) / (32768 - 1024))  # not the 1024-token chunk
     assert per_token(262144) == pytest.approx(5.0 + 3.0 * (262144 - 131072) / (131072 - 32768))
     assert per_token(512) == pytest.approx(1.0)  # below the shortest: no cheaper than it
+
+
+def test_a_saved_attention_backward_claims_only_the_gain_timed_at_this_length_or_a_shorter_one():
+    """Profile F timed the saved backward at 32K and 64K tokens: at 64K its own time; between them and beyond,
+    the share of the recompute timed at the longest length below; below 32K no gain (attention's share of a
+    layer shrinks with the length, so a longer length's gain would overstate it)."""
+    cfg, profile = load_model_config("llama-3.1-8b"), Profile.load("h200-2026-12-02-F")
+    timed = {t.seq: t for t in profile.layers if t.bwd_saved_attention_s and t.shape() == cfg.layer_shape()}
+    share = {seq: t.bwd_saved_attention_s / t.bwd_recompute_s for seq, t in timed.items()}
+    assert sorted(share) == [32768, 65536] and all(s < 1 for s in share.values())
+    for seq, claimed in ((2048, 1.0), (16384, 1.0), (49152, share[32768]), (131072, share[65536])):
+        cost = CostModel(profile, cfg, seq)
+        saved, recompute = (cost.layer(k, seq) for k in ("bwd_saved_attention_s", "bwd_recompute_s"))
+        assert saved == pytest.approx(recompute * claimed)
+    assert CostModel(profile, cfg, 65536).layer("bwd_saved_attention_s", 65536) == timed[65536].bwd_saved_attention_s
