@@ -104,9 +104,8 @@ class StepBuffers:
 
         self.host_attention = {lay: stats(host[f"attention:{lay}"]) for lay in range(plan.saved_attention)}
         self.attention = [stats(gpu[f"attention:{k}"]) for k in range(2) if f"attention:{k}" in gpu]
-        L = cfg.num_layers
         self.resident_attention = {
-            lay: stats(gpu[f"resident_attention:{lay}"]) for lay in range(L - plan.resident_attention, L)
+            lay: stats(gpu[f"resident_attention:{lay}"]) for lay in plan.resident_attention_layers
         }
         act_bytes = saved_input_bytes(cfg, plan)
         self.act_ring = [host[f"act_ring:{k}"] for k in range(plan.disk_ring) if f"act_ring:{k}" in host]

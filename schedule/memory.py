@@ -315,10 +315,9 @@ def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
     # each resident layer (`Plan.resident_attention`) its own from its forward to its backward
     attention = saved_attention_bytes(cfg, plan)
     specs += [BufferSpec(f"attention:{k}", "hidden_buffers", attention) for k in range(min(2, plan.saved_attention))]
-    L = cfg.num_layers
     specs += [
         BufferSpec(f"resident_attention:{lay}", "resident_attention", attention, (lay,))
-        for lay in range(L - plan.resident_attention, L)
+        for lay in plan.resident_attention_layers
     ]
     return specs
 

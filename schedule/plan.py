@@ -129,9 +129,15 @@ class Plan:
         slots still hold them at the turn, nor for the kept ones."""
         return layer < self.first_kept_layer
 
+    @property
+    def resident_attention_layers(self) -> range:
+        """The decoder layers whose saved attention stays on the GPU (`resident_attention`, the last ones)."""
+        L = len(self.activations)
+        return range(L - self.resident_attention, L)
+
     def saves_attention(self, layer: int) -> bool:
         """Whether the layer's forward saves its attention for the backward, in RAM or on the GPU."""
-        return self.attention_in_ram(layer) or layer >= len(self.activations) - self.resident_attention
+        return self.attention_in_ram(layer) or layer in self.resident_attention_layers
 
     def attention_in_ram(self, layer: int) -> bool:
         """Whether the layer's saved attention goes to pinned RAM (and back through the GPU's two buffers)."""
@@ -269,7 +275,7 @@ class Plan:
         if resident and (
             resident < 0
             or self.saved_attention + resident > len(self.activations)
-            or any(p != "offload" for p in self.activations[len(self.activations) - resident :])
+            or any(self.activations[lay] != "offload" for lay in self.resident_attention_layers)
             or self.seq_tile_tokens
         ):
             problems.append(

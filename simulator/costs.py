@@ -98,8 +98,8 @@ class CostModel:
         return work * layer_flops(self.cfg, self.seq, tokens) / (self.gpu_flops * eff)
 
     def _saved_attention_share(self) -> float:
-        """The backward from a saved attention as a share of the recomputing one, at the longest length the
-        profile timed both below this one (attention's part of a layer grows with the length, so a shorter
+        """The backward from a saved attention as a share of the recomputing one, at the longest length up to
+        this one where the profile timed both (attention's part of a layer grows with the length, so a shorter
         length's gain understates this one's); 1 (no gain claimed) where none was timed below."""
         timed = [t for t in self.same_shape if t.bwd_saved_attention_s > 0 and t.bwd_recompute_s > 0]
         below = [t for t in timed if t.seq <= self.seq]
