@@ -133,10 +133,52 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Spans | None) -> torch.Tensor:
     """Causal SDPA over [B, heads, S, D]; with `spans`, separately within each sample of each row (exact, and
-    memory linear in S: no mask is built). GQA inside SDPA: k and v are never repeated per query head."""
-    gqa, scale = q.shape[1] != k.shape[1], q.shape[-1] ** -0.5
+    memory linear in S: no mask is built). GQA inside SDPA: k and v are never repeated per query head. Packed
+    rows on a GPU take one variable-length flash call for the whole chunk where the kernel applies."""
     if spans is None:
+        gqa, scale = q.shape[1] != k.shape[1], q.shape[-1] ** -0.5
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if varlen_applies(q):
+        return varlen_attention(q, k, v, spans)
+    return per_sample_attention(q, k, v, spans)
+
+
+def varlen_applies(q: torch.Tensor) -> bool:
+    """Flash attention's variable-length kernel takes it: a CUDA half-precision tensor, head_dim a multiple of 8
+    up to 256."""
+    d = q.shape[-1]
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d <= 256 and d % 8 == 0
+
+
+_CU_SEQLENS: dict[tuple, torch.Tensor] = {}  # per chunk's spans, so no layer waits on a host copy
+
+
+def _cu_seqlens(spans: Spans, seq: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The samples' start offsets in the flattened [B * S] tokens, and the longest sample."""
+    key = (tuple(map(tuple, spans)), seq, device)
+    if key not in _CU_SEQLENS:
+        if len(_CU_SEQLENS) > 64:  # one entry per chunk of a step is what is used; drop the older steps'
+            _CU_SEQLENS.clear()
+        starts = [b * seq + s for b, row in enumerate(spans) for s, _ in row] + [len(spans) * seq]
+        pinned = torch.tensor(starts, dtype=torch.int32).pin_memory()
+        _CU_SEQLENS[key] = pinned.to(device, non_blocking=True)
+    longest = max(e - s for row in spans for s, e in row)
+    return _CU_SEQLENS[key], longest
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Spans) -> torch.Tensor:
+    """Causal attention within each sample of packed rows in one flash call over the chunk's tokens: q, k, v
+    [B, heads, S, D] flatten to [B * S, heads, D]; each sample is one of the kernel's sequences (GQA native)."""
+    b, heads, s, d = q.shape
+    cu, longest = _cu_seqlens(spans, s, q.device)
+    flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v)]
+    out = torch.ops.aten._flash_attention_forward(*flat, cu, cu, longest, longest, 0.0, True, False, scale=d**-0.5)[0]
+    return out.view(b, s, heads, d).transpose(1, 2)
+
+
+def per_sample_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: Spans) -> torch.Tensor:
+    """Causal SDPA once per sample of each row (any device and dtype)."""
+    gqa, scale = q.shape[1] != k.shape[1], q.shape[-1] ** -0.5
     rows = []
     for b, row in enumerate(spans):
         qb, kb, vb = (t[b : b + 1] for t in (q, k, v))

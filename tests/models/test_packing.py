@@ -64,3 +64,26 @@ def test_the_runtime_trains_on_packed_rows_like_the_reference_loop(plan_kw, devi
     ours = engine.hf_state()
     engine.close()
     assert_trains_like_reference(cfg, src, data, optim, 2, device, None, losses, ours)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_one_varlen_call_gives_the_per_sample_attention_and_its_gradients(kv_heads):
+    """The GPU's single variable-length flash call over packed rows computes what SDPA per sample does."""
+    from slideformer.models.layers import per_sample_attention, varlen_applies, varlen_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = [[300, 1000, 748], [2048], [1, 2046, 1]]
+    spans = sample_spans(packed_positions(rows))
+    q = torch.randn(3, 8, 2048, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(3, kv_heads, 2048, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "kv")
+    assert varlen_applies(q)
+    do = torch.randn_like(q)
+    results = []
+    for attend in (varlen_attention, per_sample_attention):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves, spans)
+        out.backward(do)
+        results.append([out, *(t.grad for t in leaves)])
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-2)
