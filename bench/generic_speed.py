@@ -1,7 +1,9 @@
 """The generic layer path (an architecture's own Hugging Face modules) beside our native numerics on the GPU:
 the Llama-3.1-8B layer shape cut to a few layers, once natively and once through transformers' LlamaDecoderLayer
 (the same maths, so the ratio is the generic path's cost), and a Gemma-3-shaped model of similar size through
-its own modules. Same plan for all, weights resident in the window, random weights and tokens.
+its own modules. Same plan for all, weights resident in the window, random weights and tokens. Each model's
+layer and head are first measured as calibrate measures them (time and GPU workspace, at the plan's chunk) into
+a copy of `--profile`; the memory model's peak from that measurement and from none is recorded beside the run.
 
     python -m bench.generic_speed --out bench/results/<device>-<date>-generic-speed.json
 """
@@ -14,10 +16,13 @@ import time
 import torch
 
 from bench.common import memory_readings, provenance, time_steps, write_result
+from slideformer.calibrate import measure
 from slideformer.data import random_next_token_batch
 from slideformer.models import ModelConfig, RandomWeights
 from slideformer.runtime import AdamWConfig, Engine
 from slideformer.schedule.plan import uniform_plan
+from slideformer.schedule.profile import Profile
+from slideformer.simulator import simulate
 
 LLAMA_8B_LAYERS = dict(
     model_type="llama",
@@ -68,11 +73,19 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--profile", default="calibrate/profiles/h200-2026-12-02-F.json", help="the machine's profile")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     rows = {}
     for name, cfg in configs(a.layers).items():
         plan = uniform_plan(name, cfg.num_layers, a.batch, a.seq, chunk=a.batch, window=2, activation="offload")
+        uncalibrated, calibrated = Profile.load(a.profile), Profile.load(a.profile)
+        calibrated.layers += measure.layer_timings(cfg, a.seq, [a.batch], "cuda")
+        calibrated.heads += measure.head_timings(cfg, [a.batch * a.seq], plan.loss_chunk_tokens, "cuda")
+        predicted = {
+            f"predicted_peak_gpu_allocated_gib_{kind}": simulate(cfg, plan, prof).peak_gpu_allocated_bytes / 2**30
+            for kind, prof in (("uncalibrated", uncalibrated), ("calibrated", calibrated))
+        }
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5))
@@ -91,8 +104,18 @@ def main() -> None:
             "tokens_per_s": tokens / timing["step_s"],
             "model_tflops": cfg.model_flops_per_token(a.seq) * tokens / timing["step_s"] / 1e12,
             **memory_readings(),
+            **predicted,
+            "calibrated_layer": calibrated.layers[-1].__dict__,
         }
-        print(f"{name}: {timing['step_s']:.3f} s/step, {rows[name]['tokens_per_s']:,.0f} tokens/s", flush=True)
+        rows[name]["gpu_peak_error_calibrated"] = (
+            predicted["predicted_peak_gpu_allocated_gib_calibrated"] / rows[name]["peak_gpu_allocated_gib"] - 1
+        )
+        print(
+            f"{name}: {timing['step_s']:.3f} s/step, {rows[name]['tokens_per_s']:,.0f} tokens/s, peak GPU "
+            f"{rows[name]['peak_gpu_allocated_gib']:.2f} GiB (predicted {predicted['predicted_peak_gpu_allocated_gib_calibrated']:.2f} "
+            f"calibrated, {predicted['predicted_peak_gpu_allocated_gib_uncalibrated']:.2f} not)",
+            flush=True,
+        )
     native, generic = rows["llama-native"]["tokens_per_s"], rows["llama-generic"]["tokens_per_s"]
     write_result(
         a.out,
