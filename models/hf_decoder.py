@@ -24,6 +24,8 @@ from torch.func import functional_call
 
 from slideformer.kernels import IGNORE_INDEX
 
+from .loss import head_loss_and_grads
+
 Params = dict[str, torch.Tensor]
 LayerKwargs = dict[str, Any]  # what the architecture's model passes each layer: masks, rotary tables, positions
 
@@ -175,8 +177,12 @@ class HFDecoder:
             accumulate(name, g if g is not None else torch.zeros_like(p))
         return grads[0]
 
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The architecture's final norm with this weight."""
+        return functional_call(self.base.norm, {"weight": weight}, (x,))
+
     def logits(self, norm_w: torch.Tensor, head_w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(functional_call(self.base.norm, {"weight": norm_w}, (x,)), head_w)
+        logits = F.linear(self.norm(x, norm_w), head_w)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -193,7 +199,12 @@ class HFDecoder:
         grad_head_w: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As `loss.head_loss_and_grads`, through the architecture's own norm (and logit soft-capping),
-        a piece of tokens at a time."""
+        a piece of tokens at a time. Without soft-capping the head is norm, linear and cross-entropy as ours:
+        `loss.head_loss_and_grads` with this norm (on the GPU its fused kernel, which never holds fp32 logits)."""
+        if self.softcap is None:
+            return head_loss_and_grads(
+                x, labels, norm_w, head_w, 0.0, total_tokens, piece_tokens, grad_norm_w, grad_head_w, self.norm
+            )
         flat, lab = x.detach().flatten(0, 1), labels.flatten()
         dx = torch.empty_like(flat)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)

@@ -5,6 +5,8 @@ Never materialises logits for more than `piece_tokens` rows, so B x S x vocab ne
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -23,9 +25,11 @@ def head_loss_and_grads(
     piece_tokens: int,
     grad_norm_w: torch.Tensor,
     grad_head_w: torch.Tensor,
+    norm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [b, s, H], labels [b, s]. Returns (loss, dx) and adds the weight gradients into the fp32
-    `grad_norm_w` and `grad_head_w`.
+    `grad_norm_w` and `grad_head_w`. `norm(x, weight)` is the final norm (default: RMSNorm with `eps`; an
+    architecture's own norm for the generic path).
 
     The loss is the sum over non-ignored tokens divided by `total_tokens` (the whole step's count), so
     summing over chunks gives the step's mean loss and its exact gradient.
@@ -33,7 +37,7 @@ def head_loss_and_grads(
     x = x.detach().requires_grad_()
     nw = norm_w.detach().requires_grad_()
     with torch.enable_grad():
-        xn = rms_norm(x, nw, eps)
+        xn = rms_norm(x, nw, eps) if norm is None else norm(x, nw)
     flat = xn.detach().flatten(0, 1)
     lab = labels.flatten()
     if kernels.active(flat):  # fused: logits of one piece in bf16, overwritten by their gradient

@@ -87,6 +87,33 @@ def test_logits_and_gradients_match_transformers(model_type):
         torch.testing.assert_close(p.grad, hf_params[n].grad, rtol=1e-4, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("model_type", ["gemma3_text", "olmo2", "gemma2"])
+def test_the_head_through_the_architectures_norm_gives_the_loss_and_gradients_of_its_logits(model_type):
+    """Without soft-capping the generic head is our fused norm + linear + cross-entropy (Triton on the GPU, here
+    through the interpreter) with the architecture's own norm; with it (Gemma 2), its pieces through autograd."""
+    from slideformer import kernels
+
+    cfg = ModelConfig.from_hf(hf_dict(model_type), name=model_type)
+    dec = decoder_for(cfg.hf_config, "cpu")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 12, cfg.hidden_size, generator=g).bfloat16()
+    norm_w = (1 + 0.1 * torch.randn(cfg.hidden_size, generator=g)).bfloat16()
+    head_w = (0.05 * torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g)).bfloat16()
+    labels = torch.randint(0, cfg.vocab_size, (2, 12), generator=g)
+    labels[0, :3] = -100
+    total = int((labels != -100).sum())
+    xr, nr, hr = (t.float().requires_grad_() for t in (x, norm_w, head_w))
+    ref = F.cross_entropy(dec.logits(nr, hr, xr).flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    ref_grads = torch.autograd.grad(ref / total, [xr, nr, hr])
+    grad_norm = torch.zeros(cfg.hidden_size)
+    grad_head = torch.zeros(cfg.vocab_size, cfg.hidden_size)
+    with kernels.use(True, on_cpu=True):
+        loss, dx = dec.head_loss_and_grads(x, labels, norm_w, head_w, total, 8, grad_norm, grad_head)
+    torch.testing.assert_close(loss, (ref / total).detach(), rtol=2e-2, atol=1e-3)
+    for ours, theirs in zip((dx, grad_norm, grad_head), ref_grads):
+        torch.testing.assert_close(ours.float(), theirs, rtol=5e-2, atol=2e-3)
+
+
 def hf_dict_names(cfg: ModelConfig) -> list[str]:
     from slideformer.models.model import hf_param_shapes
 
