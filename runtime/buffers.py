@@ -71,14 +71,18 @@ class StepBuffers:
             for u in (0, L + 1)
         }
         self.staging = [gpu[f"staging:{k}"].view(F32) for k in range(len(gpu)) if f"staging:{k}" in gpu]
-        # fp32 gradients: on the GPU (edges and GPU-placed layers own one, the others share two) and their host
-        # destinations (a ring, the edges' shared one, or their own)
+
+        # Gradients, fp32 or (`Plan.bf16_layer_grads`) bf16: on the GPU (edges and GPU-placed layers own one, the
+        # others share two) and their host destinations (a ring, the edges' shared one, or their own)
+        def grad_dtype(u: int) -> torch.dtype:
+            return F32 if plan.grad_itemsize(u) == 4 else torch.bfloat16
+
         self.gpu_grad: list[torch.Tensor] = [torch.empty(0)] * (L + 2)
         for spec in gpu_specs:
             if spec.name.startswith(("grad:", "layer_grad:")):
                 for u in spec.users:
-                    self.gpu_grad[u] = gpu[spec.name].view(F32)[: n[u]]
-        self.host_grad = {u: host[name].view(F32)[: n[u]] for u, name in host_grad_buffer(cfg, plan).items()}
+                    self.gpu_grad[u] = gpu[spec.name].view(grad_dtype(u))[: n[u]]
+        self.host_grad = {u: host[name].view(grad_dtype(u))[: n[u]] for u, name in host_grad_buffer(cfg, plan).items()}
         # Activations: the hidden states flowing through the layers, saved inputs on the GPU or in RAM
         shape = (plan.batch, plan.seq, cfg.hidden_size)
 
@@ -121,6 +125,8 @@ class StepBuffers:
             for k in range(STATE_STAGING_BUFFERS)
             if f"state_slot:{k}" in gpu
         ]
+        # a streamed layer's bf16 gradient piece in fp32, for the fused AdamW (one at a time, on its stream)
+        self.state_grad = gpu["state_grad"].view(F32) if "state_grad" in gpu else None
 
     def gpu_attention(self, layer: int) -> AttentionStats:
         """Where a saving layer's forward writes its attention and its backward reads it on the GPU."""

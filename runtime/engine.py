@@ -32,7 +32,7 @@ from .disk import DeferredTensor, DiskTier
 from .evaluation import eval_loss
 from .executor import GraphExecutor
 from .layout import unit_layouts
-from slideformer.kernels import IGNORE_INDEX
+from slideformer.kernels import IGNORE_INDEX, host_adamw
 from .gradient_ops import GradientOps
 from .ops import StepOps
 from .trace import OpTrace
@@ -110,6 +110,8 @@ class Engine:
         self.tier = DiskTier(disk_dir, files, disk_io) if files and disk_dir is not None else None
         self.buffers = StepBuffers(self, cfg, plan, self.layouts, self.device, self.compute_dtype, ranks)
         self.units = self._make_units(source)
+        if plan.bf16_layer_grads and any(plan.host_updated(u) for u in range(1, cfg.num_layers + 1)):
+            host_adamw.prepare(torch.bfloat16)  # the CPU AdamW for bf16 gradients, compiled before the first step
         if ranks is not None:  # the first rank has written the shared masters' initial weights
             ranks.barrier()
         self.grads = GradientOps(cfg, plan, self.layouts, self.buffers, self.device, ranks)

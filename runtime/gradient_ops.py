@@ -77,8 +77,7 @@ class GradientOps:
 
     def _add_to_norm(self, unit: int) -> None:
         """The unit's squared gradient into the step's squared norm (once per unit and step)."""
-        g = self.b.gpu_grad[unit][: self.layouts[unit].numel]
-        self.sq_norm += torch.dot(g, g)
+        self.sq_norm += squared_norm(self.b.gpu_grad[unit][: self.layouts[unit].numel])
 
     def _grad_out(self, unit: int) -> None:
         """The unit's gradient to its host buffer: with several ranks, this rank's shard of it."""
@@ -94,3 +93,14 @@ class GradientOps:
             if self.device.type == "cuda":
                 self.b.gpu_grad[unit].record_stream(torch.cuda.current_stream(self.device))
             self.b.gpu_grad[unit] = torch.empty(0)
+
+
+def squared_norm(g: torch.Tensor) -> torch.Tensor:
+    """The squared 2-norm of an fp32 or bf16 gradient, summed in fp32 (a bf16 one under
+    `Plan.bf16_layer_grads`) without an fp32 copy of it on the GPU."""
+    if g.dtype == torch.float32:
+        return torch.dot(g, g)
+    if g.is_cuda:  # the reduction reads bf16 and accumulates in fp32
+        return torch.linalg.vector_norm(g, dtype=torch.float32).square()
+    # the CPU's reduction would copy the whole tensor to fp32 first: in bounded pieces instead
+    return sum((torch.dot(p, p) for p in (piece.float() for piece in g.split(1 << 22))), torch.zeros(()))

@@ -240,6 +240,8 @@ class StepOps:
             if chunk == 0 and name not in written:
                 acc[name].copy_(g)
                 written.add(name)
+            elif acc[name].dtype != torch.float32:  # `Plan.bf16_layer_grads` holds one bf16 result, never a sum
+                raise RuntimeError(f"layer {layer}'s {name} got a second gradient under a bf16-gradient plan")
             else:
                 acc[name].add_(g)
 

@@ -65,9 +65,8 @@ def adamw_step_and_cast(
     weights: torch.Tensor,
 ) -> None:
     """`adamw_step` on a host parameter, and its bf16 `weights` cast from the new value in the same pass over
-    memory (`kernels.host_adamw`); the optimizer's state is kept as its own step would keep it."""
-    if clip_coef is not None:
-        grad.mul_(clip_coef)
+    memory (`kernels.host_adamw`, which also scales the gradient, fp32 or bf16, by the clip coefficient in fp32);
+    the optimizer's state is kept as its own step would keep it."""
     state = optimizer.state[param]
     if not state:  # as torch.optim.AdamW(fused=True) creates it
         state.update(
@@ -90,6 +89,7 @@ def adamw_step_and_cast(
         group["betas"][1],
         group["eps"],
         group["weight_decay"],
+        None if clip_coef is None else float(clip_coef),
     )
 
 

@@ -95,9 +95,13 @@ class UpdateOps:
         master, exp_avg, exp_avg_sq = states[:, :n]
         if piece == 0:
             u.steps += 1
+        grad = self.b.gpu_grad[unit][rows]
+        if grad.dtype != torch.float32:  # a bf16 layer gradient (`Plan.bf16_layer_grads`): the same values in fp32
+            assert self.b.state_grad is not None
+            grad = self.b.state_grad[:n].copy_(grad)
         torch._fused_adamw_(
             [master],
-            [self.b.gpu_grad[unit][rows]],
+            [grad],
             [exp_avg],
             [exp_avg_sq],
             [],

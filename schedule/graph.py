@@ -400,7 +400,7 @@ class _StepGraph:
             Resource.D2H,
             [ready, ring_war],
             unit=u,
-            nbytes=4 * plan.shard_numel(self.numel[u]),
+            nbytes=plan.grad_itemsize(u) * plan.shard_numel(self.numel[u]),
             gpu_free=4 * self.numel[u] if transient else 0,
         )
         if u not in (0, L + 1):

@@ -245,7 +245,7 @@ def host_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
     grads = host_grad_buffer(cfg, plan)
     for name in dict.fromkeys(grads.values()):  # in first-use order
         users = tuple(u for u, g in grads.items() if g == name)
-        specs.append(BufferSpec(name, "gradients", max(4 * n[u] for u in users), users))
+        specs.append(BufferSpec(name, "gradients", max(plan.grad_itemsize(u) * n[u] for u in users), users))
     specs += [
         BufferSpec(f"act:{lay}", "offloaded_activations", saved, (lay,))
         for lay, p in enumerate(plan.activations)
@@ -284,7 +284,12 @@ def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
     shared = [u for u in range(1, L + 1) if plan.placement[u] != "gpu"]
     if shared:
         specs += [
-            BufferSpec(f"layer_grad:{k}", "layer_grad_buffers", 4 * n[1], tuple(u for u in shared if u % 2 == k))
+            BufferSpec(
+                f"layer_grad:{k}",
+                "layer_grad_buffers",
+                plan.grad_itemsize(shared[0]) * n[1],
+                tuple(u for u in shared if u % 2 == k),
+            )
             for k in range(2)
         ]
     if plan.streamed_units:
@@ -292,6 +297,8 @@ def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
             BufferSpec(f"state_slot:{k}", "state_staging", (12 + itemsize) * plan.state_piece_numel)
             for k in range(STATE_STAGING_BUFFERS)
         ]
+        if any(plan.grad_itemsize(u) == 2 for u in plan.streamed_units):  # a bf16 gradient piece, cast for the AdamW
+            specs.append(BufferSpec("state_grad", "state_staging", 4 * plan.state_piece_numel))
     specs += [
         BufferSpec(f"{what}:{u}", "edge_weights_and_grads", size * n[u], (u,))
         for u in (0, L + 1)

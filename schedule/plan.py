@@ -148,6 +148,29 @@ class Plan:
         """Bytes per element of the compute dtype: the GPU's weights, activations and saved inputs."""
         return 4 if self.compute_dtype == "float32" else 2
 
+    @property
+    def bf16_layer_grads(self) -> bool:
+        """Whether each decoder layer weight's step gradient is one bf16 result (the matmul's or the norm's own
+        reduction): one chunk, no MLP or sequence tiles, one rank. Its fp32 sum would hold exactly that value,
+        so the layers' shared GPU gradient buffers, their copies to the host and their host buffers hold it in
+        bf16: half the bytes, the same values. Not where a CPU AdamW without the one-pass cast would need an
+        fp32 copy (`stages_fp32_loads`); GPU-placed layers and the edges keep fp32 (`grad_itemsize`)."""
+        whole_chunk = self.mlp_tile_tokens == 0 or self.mlp_tile_tokens >= self.chunk * self.seq
+        return (
+            self.compute_dtype == "bfloat16"
+            and self.chunks == 1
+            and self.ranks == 1
+            and self.seq_tile_tokens == 0
+            and whole_chunk
+            and not self.stages_fp32_loads
+        )
+
+    def grad_itemsize(self, unit: int) -> int:
+        """Bytes per parameter of the unit's gradient on the GPU, over PCIe and in RAM: 2 for a decoder layer
+        outside the GPU-placed ones under `bf16_layer_grads`, else 4 (fp32)."""
+        layer = 0 < unit < len(self.placement) - 1 and self.placement[unit] != "gpu"
+        return 2 if layer and self.bf16_layer_grads else 4
+
     def host_updated(self, unit: int) -> bool:
         """The unit's gradient goes to host RAM and the CPU AdamW updates it ('cpu' and 'disk')."""
         return self.placement[unit] in ("cpu", "disk")

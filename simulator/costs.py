@@ -224,8 +224,9 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
         return cost.copy("d2h", a.nbytes)
     if kind in (OpKind.FETCH, OpKind.FETCH_ATTENTION, OpKind.STATE_IN):
         return cost.copy("h2d", a.nbytes)
-    if kind == OpKind.STATE_UPDATE:  # the fused AdamW on one piece, and its bf16 cast
-        return a.params / cost.gpu_adamw_rate + cost.gpu_bytes_moved(6 * a.params)
+    if kind == OpKind.STATE_UPDATE:  # the fused AdamW on one piece, its bf16 cast (and a bf16 gradient's to fp32)
+        casts = 6 if plan.grad_itemsize(a.unit) == 4 else 12
+        return a.params / cost.gpu_adamw_rate + cost.gpu_bytes_moved(casts * a.params)
     slow = cost.p.compute_slowdown_under_copies  # layers run beside the weight and gradient streams
     if kind in (OpKind.FWD, OpKind.BWD):  # a kept layer runs whole, the others in the plan's sequence tiles
         policy = plan.activations[a.layer]
@@ -235,11 +236,12 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     if kind == OpKind.BWD:
         assert a.layer is not None
         t = cost.layer(backward_key(plan, a.layer), tokens, seq_tile)
-        # fp32 gradient accumulate (copy or add) and the squared-norm dot on the last chunk, and one more
+        # gradient accumulate (copy or add) and the squared-norm dot on the last chunk, and one more
         # accumulate of the three MLP matrices for every further MLP tile
         tiles = -(-tokens // plan.mlp_tile_tokens) if plan.mlp_tile_tokens and policy != "keep" else 1
         mlp = 3 * cfg.hidden_size * cfg.intermediate_size
-        return (t + cost.gpu_bytes_moved((cfg.layer_params + (tiles - 1) * mlp) * (2 + 4 + 4))) * slow
+        per_param = 2 + 2 * plan.grad_itemsize(a.layer + 1)
+        return (t + cost.gpu_bytes_moved((cfg.layer_params + (tiles - 1) * mlp) * per_param)) * slow
     if kind == OpKind.HEAD:
         return cost.head(tokens) * slow
     if kind in (OpKind.EMBED, OpKind.EMBED_BWD):
@@ -320,8 +322,8 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
             d2h += STREAMED_OUT_BYTES * n / cost.d2h.bandwidth
             pcie_bytes += (STREAMED_IN_BYTES + STREAMED_OUT_BYTES) * n
         else:  # its gradient, of this rank's shard only with several ranks
-            d2h += cost.copy("d2h", 4 * plan.shard_numel(n))
-            pcie_bytes += 4 * plan.shard_numel(n)
+            d2h += cost.copy("d2h", plan.grad_itemsize(u) * plan.shard_numel(n))
+            pcie_bytes += plan.grad_itemsize(u) * plan.shard_numel(n)
     duplex = pcie_bytes / cost.p.duplex_bandwidth if cost.p.duplex_bandwidth else 0.0
     pipelines = (
         forward_pipeline_bound(cfg, plan, cost),

@@ -100,3 +100,31 @@ def test_the_one_pass_step_lets_other_python_threads_run():
     thread.join()
     assert took[0] > 0.02, "the update is too short to tell"
     assert longest < took[0] / 3, f"a {longest * 1e3:.0f} ms pause beside a {took[0] * 1e3:.0f} ms update"
+
+
+@pytest.mark.parametrize("grad_scale", [None, 0.37])
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-passes"])
+def test_a_bf16_gradient_steps_as_its_fp32_copy_does(one_pass, grad_scale, monkeypatch):
+    """`Plan.bf16_layer_grads` hands the update bf16 gradients: read as fp32 and scaled there, they give the
+    step their fp32 copy gives, bit for bit; a scale is the clip coefficient torch's clipping multiplies by."""
+    if not one_pass:
+        monkeypatch.setattr(host_adamw, "_step", host_adamw._two_passes)
+    elif not host_adamw.prepare():
+        pytest.skip("no C++ compiler for torch.compile here")
+    gen = torch.Generator().manual_seed(1)
+    grad = torch.randn(N, generator=gen).to(torch.bfloat16)
+    start = [torch.randn(N, generator=gen), torch.randn(N, generator=gen), torch.rand(N, generator=gen)]
+    results = []
+    for g in (grad, grad.float()):
+        param, exp_avg, exp_avg_sq = (t.clone() for t in start)
+        weights = torch.empty(N, dtype=torch.bfloat16)
+        host_adamw.adamw_and_cast(param, g, exp_avg, exp_avg_sq, weights, 3, LR, *BETAS, EPS, WD, grad_scale)
+        results.append((param, exp_avg, exp_avg_sq, weights))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    if grad_scale is not None:  # the scale reached the step: unscaled, the moments differ
+        param, exp_avg, exp_avg_sq = (t.clone() for t in start)
+        host_adamw.adamw_and_cast(
+            param, grad, exp_avg, exp_avg_sq, torch.empty(N, dtype=torch.bfloat16), 3, LR, *BETAS, EPS, WD
+        )
+        assert not torch.equal(exp_avg, results[0][1])

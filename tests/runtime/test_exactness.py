@@ -64,6 +64,8 @@ PLANS = {
     # the last two layers' saved attention stays on the GPU, the first's goes to RAM; then all four on the GPU
     "resident-attention": dict(window=2, activation="offload", saved_attention=1, resident_attention=2),
     "resident-attention-2-chunks": dict(window=2, activation="offload", chunk=1, resident_attention=4),
+    # one chunk, bf16 weights in RAM: the layers' gradients held in bf16 (`Plan.bf16_layer_grads`)
+    "bf16-layer-grads": dict(window=2, activation="recompute", host_bf16_weights=True, streamed_layers=(0, 2)),
 }
 
 
@@ -130,11 +132,15 @@ def test_tolerance_detects_a_real_difference():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("streamed_layers, host_bf16_weights", [((), False), ((0, 2), False), ((1,), True)])
-def test_weights_streamed_in_many_pieces_match_reference(streamed_layers, host_bf16_weights):
-    streamed_embedding = host_bf16_weights  # with the host units' bf16 weights, the embedding streamed too
+@pytest.mark.parametrize(
+    "streamed_layers, host_bf16_weights, chunk",
+    [((), False, 2), ((0, 2), False, 2), ((1,), True, 2), ((0, 2), True, B)],
+)
+def test_weights_streamed_in_many_pieces_match_reference(streamed_layers, host_bf16_weights, chunk):
     """Units larger than the staging buffer stream through it piece by piece (the large-model path), and so do
-    streamed layers' states through the GPU's AdamW; or the host units' bf16 weights come from RAM whole."""
+    streamed layers' states through the GPU's AdamW; or the host units' bf16 weights come from RAM whole (in
+    one chunk: with bf16 layer gradients, cast to fp32 piece by piece for the streamed AdamW)."""
+    streamed_embedding = host_bf16_weights  # with the host units' bf16 weights, the embedding streamed too
     from dataclasses import replace
 
     cfg = replace(
@@ -156,7 +162,7 @@ def test_weights_streamed_in_many_pieces_match_reference(streamed_layers, host_b
         cfg.num_layers,
         B,
         S,
-        chunk=2,
+        chunk=chunk,
         window=2,
         transfer_chunk_mb=1,
         streamed_layers=streamed_layers,
@@ -166,8 +172,9 @@ def test_weights_streamed_in_many_pieces_match_reference(streamed_layers, host_b
     )
     assert cfg.layer_params * 4 > 3 * 2**20  # each layer crosses PCIe in several pieces
     assert all(plan.streamed_pieces(cfg.layer_params) > 2 for _ in plan.streamed_units)
+    assert plan.bf16_layer_grads == (chunk == B)
     engine = Engine(cfg, plan, src, optim)
     losses = [engine.train_step(ids, labels).loss for ids, labels in data]
     ours = engine.hf_state()
     engine.close()
-    assert_trains_like_reference(cfg, src, data, optim, 2, "cuda", None, losses, ours)
+    assert_trains_like_reference(cfg, src, data, optim, chunk, "cuda", None, losses, ours)
