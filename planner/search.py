@@ -550,6 +550,7 @@ def choose_plan(
     assert scored, "a feasible batch always has a candidate plan"
     _, plan = min((s for s in scored if s[0] <= fastest * (1 + TIE)), key=lambda s: (s[1].chunks, s[0]))
     plan, simulation = _refined_streamed_count(cfg, plan, profile, budgets)
+    plan, simulation = _refined_master_slots(cfg, plan, simulation, profile, budgets)
     plan, simulation = _refined_memory_trade(cfg, plan, simulation, profile, budgets)
     return Verdict(True, plan, simulation, max_batch)
 
@@ -590,6 +591,33 @@ def _refined_streamed_count(
     return best
 
 
+def _refined_master_slots(
+    cfg: ModelConfig, plan: Plan, simulation: Simulation, profile: Profile, budgets: Budgets
+) -> tuple[Plan, Simulation]:
+    """The plan, or one whose streamed layers load their fp32 masters for their backward into GPU master slots
+    (`Plan.streamed_master_slots`) where that simulates faster and fits: with the plan's streamed-layer count
+    or up to two more (each streamed layer costs PCIe less), the fewest slots or up to two more (a load waits
+    for its slot's last copy out), and kept weights given back for the slots' memory where needed."""
+    L = cfg.num_layers
+    count = plan.placement[1 : L + 1].count("streamed")
+    if count == 0:
+        return plan, simulation
+    best = (plan, simulation)
+    for k in range(count, min(count + 2, L) + 1):
+        spread = plan if k == count else with_streamed_layers(plan, k)
+        for kept in range(plan.kept_weights, -1, -1):
+            q = replace(spread, kept_weights=kept, streamed_master_slots=0)
+            least = q.min_streamed_master_slots
+            for slots in range(least, least + 3) if least else ():
+                r = replace(q, streamed_master_slots=slots)
+                if shortfalls(cfg, r, profile, budgets):
+                    break  # more slots fit no better
+                sim = simulate(cfg, r, profile)
+                if sim.step_s < best[1].step_s * (1 - TIE / 4):
+                    best = (r, sim)
+    return best
+
+
 def _refined_memory_trade(
     cfg: ModelConfig, plan: Plan, simulation: Simulation, profile: Profile, budgets: Budgets
 ) -> tuple[Plan, Simulation]:
@@ -603,7 +631,7 @@ def _refined_memory_trade(
     while True:
         better = None
         for q in _memory_giving_neighbours(cfg, best[0]):
-            q = replace(q, saved_attention=0, resident_attention=0, kept_weights=0)
+            q = replace(q, saved_attention=0, resident_attention=0, kept_weights=0, streamed_master_slots=0)
             if shortfalls(cfg, q, profile, budgets):
                 continue
             q = _most_resident_attention(cfg, _most_saved_attention(cfg, q, profile, budgets), profile, budgets)

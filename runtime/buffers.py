@@ -125,6 +125,8 @@ class StepBuffers:
             for k in range(STATE_STAGING_BUFFERS)
             if f"state_slot:{k}" in gpu
         ]
+        # streamed layers' fp32 masters, from their backward's load to their update's last piece
+        self.master_slots = [gpu[f"master_slot:{k}"].view(F32) for k in range(plan.streamed_master_slots)]
         # a streamed layer's bf16 gradient piece in fp32, for the fused AdamW (one at a time, on its stream)
         self.state_grad = gpu["state_grad"].view(F32) if "state_grad" in gpu else None
 

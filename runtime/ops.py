@@ -124,10 +124,16 @@ class StepOps:
             self.b.edge_weights[unit] = torch.empty(n, dtype=self.b.compute, device=self.device)
         return self.b.edge_weights[unit] if unit in (0, L + 1) else self.b.slots[self.plan.weight_slot(unit - 1)]
 
-    def load(self, unit: int) -> None:
+    def load(self, unit: int, slot: int | None = None) -> None:
         """bf16 weights kept in RAM straight into the slot, else the fp32 master cast to bf16 on the GPU (streamed
-        through the staging ring when on the host)."""
+        through the staging ring when on the host); a streamed layer's backward (`slot`: its master slot) copies
+        its master whole into that slot, where its update will read it, and casts from there."""
         u = self.units[unit]
+        if slot is not None:
+            master = self.b.master_slots[slot][: u.master.numel()]
+            master.copy_(u.master, non_blocking=True)
+            self._destination(unit)[: master.numel()].copy_(master)
+            return
         if u.weights is not None:
             self._destination(unit)[: u.weights.numel()].copy_(u.weights, non_blocking=True)
             return

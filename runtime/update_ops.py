@@ -78,13 +78,22 @@ class UpdateOps:
         assert isinstance(u, StreamedUnit), f"unit {unit} is not streamed"
         return u, slice(piece * step, min((piece + 1) * step, self.layouts[unit].numel))
 
+    def _master(self, unit: int, rows: slice, slot: int) -> torch.Tensor:
+        """Where a piece's master is updated on the GPU: in the unit's master slot, where its backward loaded it
+        (`Plan.loads_streamed_master`), else in the piece's state slot."""
+        if self.plan.loads_streamed_master(unit):
+            return self.b.master_slots[self.plan.streamed_master_slot(unit)][rows]
+        return self.b.state_slots[slot][0][0, : rows.stop - rows.start]
+
     def _state_in(self, unit: int, piece: int, slot: int) -> None:
-        """A streamed unit's master and AdamW states, one piece, into a GPU slot."""
+        """A streamed unit's AdamW states (and master, unless its backward loaded it), one piece, into a GPU
+        slot."""
         u, rows = self._piece(unit, piece)
         n = rows.stop - rows.start
         states = self.b.state_slots[slot][0]
         for k, src in enumerate((u.master, u.exp_avg, u.exp_avg_sq)):
-            states[k, :n].copy_(src[rows], non_blocking=True)
+            if k or not self.plan.loads_streamed_master(unit):
+                states[k, :n].copy_(src[rows], non_blocking=True)
 
     def _state_update(self, unit: int, piece: int, slot: int, lr: float) -> None:
         """torch.optim.AdamW's fused step (the same kernel, so the same maths) on one piece, and its bf16 cast.
@@ -92,7 +101,7 @@ class UpdateOps:
         (u, rows), o = self._piece(unit, piece), self.optim
         n = rows.stop - rows.start
         states, weights = self.b.state_slots[slot]
-        master, exp_avg, exp_avg_sq = states[:, :n]
+        master, (exp_avg, exp_avg_sq) = self._master(unit, rows, slot), states[1:, :n]
         if piece == 0:
             u.steps += 1
         grad = self.b.gpu_grad[unit][rows]
@@ -123,8 +132,9 @@ class UpdateOps:
         u, rows = self._piece(unit, piece)
         n = rows.stop - rows.start
         states, weights = self.b.state_slots[slot]
-        for k, dst in enumerate((u.master, u.exp_avg, u.exp_avg_sq)):
-            dst[rows].copy_(states[k, :n], non_blocking=True)
+        u.master[rows].copy_(self._master(unit, rows, slot), non_blocking=True)
+        for k, dst in enumerate((u.exp_avg, u.exp_avg_sq)):
+            dst[rows].copy_(states[k + 1, :n], non_blocking=True)
         u.weights[rows].copy_(weights[:n], non_blocking=True)
 
     def _disk(self) -> DiskTier:

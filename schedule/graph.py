@@ -103,6 +103,7 @@ class _StepGraph:
         self.grad_buffer_reader: dict[int, str] = {}  # last reader of each of the two shared GPU gradient buffers
         self.slot_reader: dict[int, str] = {}  # last reader of each decoder-layer weight slot
         self.state_outs: list[str] = []  # streamed-update pieces in order; they cycle through the state slots
+        self.master_slot_reader: dict[int, str] = {}  # last copy out of each GPU master slot
         self.updates: dict[int, str] = {}
 
     def op(self, name: str, kind: OpKind, resource: Resource, deps: Sequence[str | None], **fields) -> str:
@@ -135,7 +136,19 @@ class _StepGraph:
     # --- weights and saved inputs ------------------------------------------------------------
     def load(self, u: int, tag: str, deps: list[str | None]) -> str:
         """fp32 masters staged and cast on the GPU, bf16 weights kept in RAM (`Plan.keeps_bf16_weights`), or
-        GPU-resident."""
+        GPU-resident; a streamed layer's backward its fp32 master into its master slot, once the copy out of
+        the layer before it there is done, cast on the GPU (`Plan.streamed_master_slots`)."""
+        if tag == "bwd" and self.plan.loads_streamed_master(u):
+            slot = self.plan.streamed_master_slot(u)
+            return self.op(
+                f"load:{u}:{tag}",
+                OpKind.LOAD,
+                Resource.H2D,
+                [*deps, self.master_slot_reader.get(slot)],
+                unit=u,
+                slot=slot,
+                nbytes=4 * self.numel[u],
+            )
         on_gpu, bf16 = self.plan.placement[u] == "gpu", self.plan.keeps_bf16_weights(u)
         # transient edge weights are taken here, and given back by the embedding's or the head's last chunk
         transient = u in (0, self.L + 1) and transient_edge(self.cfg, self.plan, "edge_weights", u)
@@ -413,6 +426,7 @@ class _StepGraph:
         A transient edge gradient (the embedding's) is given back by the last piece's update."""
         piece, pieces = self.plan.state_piece_numel, self.plan.streamed_pieces(self.numel[u])
         transient = u == 0 and transient_edge(self.cfg, self.plan, "grad", 0)
+        master_loaded = self.plan.loads_streamed_master(u)  # only the AdamW states come in
         for p in range(pieces):
             n = min(piece, self.numel[u] - p * piece)
             j = len(self.state_outs)
@@ -426,7 +440,7 @@ class _StepGraph:
                 unit=u,
                 piece=p,
                 slot=slot,
-                nbytes=STREAMED_IN_BYTES * n,
+                nbytes=(STREAMED_IN_BYTES - 4 * master_loaded) * n,
             )
             step = self.op(
                 f"state_update:{u}:{p}",
@@ -453,6 +467,8 @@ class _StepGraph:
             )
         if 0 < u <= self.L:  # a layer's gradient buffer is free for the layer two below
             self.grad_buffer_reader[u % 2] = step
+        if master_loaded:
+            self.master_slot_reader[self.plan.streamed_master_slot(u)] = self.state_outs[-1]
         self.updates[u] = self.state_outs[-1]
 
     def host_update(self, u: int, deps: list[str]) -> None:

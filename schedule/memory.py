@@ -299,6 +299,7 @@ def gpu_buffers(cfg: ModelConfig, plan: Plan) -> list[BufferSpec]:
         ]
         if any(plan.grad_itemsize(u) == 2 for u in plan.streamed_units):  # a bf16 gradient piece, cast for the AdamW
             specs.append(BufferSpec("state_grad", "state_staging", 4 * plan.state_piece_numel))
+        specs += [BufferSpec(f"master_slot:{k}", "state_staging", 4 * n[1]) for k in range(plan.streamed_master_slots)]
     specs += [
         BufferSpec(f"{what}:{u}", "edge_weights_and_grads", size * n[u], (u,))
         for u in (0, L + 1)

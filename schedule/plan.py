@@ -95,6 +95,12 @@ class Plan:
     # after each update: their loads copy 2 bytes per parameter with no GPU cast (instead of streaming the
     # fp32 master through the staging ring), for 2 more bytes of RAM and the cast's CPU time. The same maths.
     host_bf16_weights: bool = False
+    # GPU fp32 buffers, one streamed layer each, that a streamed layer's backward loads its fp32 master into
+    # (0: none): the load copies 4 bytes per parameter instead of the bf16 weights' 2 and casts on the GPU, and
+    # the layer's streamed update then moves only its AdamW states in (8 bytes instead of 12) and updates the
+    # master where it lies; 2 bytes per parameter fewer over PCIe for one layer's worth of GPU memory per
+    # buffer. At least `min_streamed_master_slots`. The same maths.
+    streamed_master_slots: int = 0
     device: str = "cuda"
     # 'bfloat16' (mixed precision, the default) or 'float32' compute; float32 only on the CPU, whose bf16
     # matmuls are slow where the processor lacks bf16 instructions (the demo). fp32 masters and states either way.
@@ -170,6 +176,29 @@ class Plan:
         outside the GPU-placed ones under `bf16_layer_grads`, else 4 (fp32)."""
         layer = 0 < unit < len(self.placement) - 1 and self.placement[unit] != "gpu"
         return 2 if layer and self.bf16_layer_grads else 4
+
+    def reloads_streamed_layer(self, unit: int) -> bool:
+        """Whether the unit is a streamed decoder layer loaded again for its backward."""
+        layer = 0 < unit < len(self.placement) - 1
+        return layer and self.placement[unit] == "streamed" and self.loads_for_backward(unit - 1)
+
+    def loads_streamed_master(self, unit: int) -> bool:
+        """Whether the unit's backward loads its fp32 master into a GPU master slot (`streamed_master_slots`)."""
+        return self.streamed_master_slots > 0 and self.reloads_streamed_layer(unit)
+
+    @property
+    def min_streamed_master_slots(self) -> int:
+        """The fewest master slots that never make a backward load wait for an update issued after it: the most
+        master-loading layers among any `window` consecutive ones (a layer's load is issued `window - 1` layers
+        ahead of its backward, its streamed update after it)."""
+        loads = [self.reloads_streamed_layer(lay + 1) for lay in range(len(self.activations))]
+        return max((sum(loads[i : i + self.window]) for i in range(len(loads))), default=0)
+
+    def streamed_master_slot(self, unit: int) -> int:
+        """The master slot a master-loading unit's backward loads into: they take the slots in turn, in backward
+        order."""
+        order = [u for u in reversed(range(1, len(self.placement) - 1)) if self.loads_streamed_master(u)]
+        return order.index(unit) % self.streamed_master_slots
 
     def host_updated(self, unit: int) -> bool:
         """The unit's gradient goes to host RAM and the CPU AdamW updates it ('cpu' and 'disk')."""
@@ -305,6 +334,19 @@ class Plan:
                 f"resident_attention {resident} needs that many last layers with activations 'offload', none of "
                 f"them among the first saved_attention {self.saved_attention}, and seq_tile_tokens 0"
             )
+        if self.streamed_master_slots < 0:
+            problems.append("streamed_master_slots must be 0 or positive")
+        elif self.streamed_master_slots and not problems:
+            least = self.min_streamed_master_slots
+            if least == 0:
+                problems.append(
+                    "streamed_master_slots must be 0: no streamed decoder layer is loaded again for its backward"
+                )
+            elif self.streamed_master_slots < least:
+                problems.append(
+                    f"streamed_master_slots {self.streamed_master_slots} must be 0 or at least {least}, the "
+                    f"streamed layers loaded for their backward among {self.window} consecutive ones (the window)"
+                )
         if self.ranks < 1:
             problems.append(f"ranks {self.ranks} must be >= 1")
         elif self.ranks > 1 and ({"disk", "streamed"} & set(self.placement) or "disk" in self.activations):

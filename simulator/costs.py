@@ -153,6 +153,11 @@ class CostModel:
             + self.gpu_bytes_moved(1.5 * min(piece, nbytes))
         )
 
+    def master_load(self, numel: int) -> float:
+        """A streamed layer's fp32 master copied whole into its GPU master slot, then cast into its window slot
+        (read 4 bytes, write 2)."""
+        return self.copy("h2d", 4 * numel) + self.gpu_bytes_moved(6 * numel)
+
     def host_unit_load(self, plan: Plan, unit: int, numel: int) -> float:
         """A host unit's weights onto the GPU: its bf16 weights kept in RAM copied over, or its fp32 master
         staged and cast."""
@@ -219,6 +224,8 @@ def op_seconds(g: nx.DiGraph, name: str, cost: CostModel) -> float:
     if kind == OpKind.LOAD:
         if a.resource == Resource.GPU:  # fp32 master already on the GPU: read 4 bytes, write 2
             return cost.gpu_bytes_moved(a.nbytes * 1.5)
+        if a.slot is not None:  # a streamed layer's master into its master slot
+            return cost.master_load(a.nbytes // 4)
         return cost.load(a.nbytes, plan.transfer_chunk_mb) if a.staged else cost.copy("h2d", a.nbytes)
     if kind in (OpKind.SAVE, OpKind.SAVE_ATTENTION, OpKind.GRAD_OUT, OpKind.STATE_OUT):
         return cost.copy("d2h", a.nbytes)
@@ -314,13 +321,18 @@ def step_lower_bound(cfg: ModelConfig, plan, cost: CostModel) -> float:
         where = plan.placement[u]
         if where == "gpu":
             continue
-        loads = 2 if 0 < u <= L and plan.loads_for_backward(u - 1) else 1  # weights loaded again for backward
-        h2d += loads * cost.host_unit_load(plan, u, n)
-        pcie_bytes += loads * (2 if plan.keeps_bf16_weights(u) else 4) * n
+        load, load_bytes = cost.host_unit_load(plan, u, n), (2 if plan.keeps_bf16_weights(u) else 4) * n
+        h2d += load
+        pcie_bytes += load_bytes
+        master = plan.loads_streamed_master(u)  # its backward loads the fp32 master, its update not
+        if 0 < u <= L and plan.loads_for_backward(u - 1):  # weights loaded again for backward
+            h2d += cost.master_load(n) if master else load
+            pcie_bytes += 4 * n if master else load_bytes
         if where == "streamed":  # at least the bandwidth term of every piece
-            h2d += STREAMED_IN_BYTES * n / cost.h2d.bandwidth
+            streamed_in = (STREAMED_IN_BYTES - 4 * master) * n
+            h2d += streamed_in / cost.h2d.bandwidth
             d2h += STREAMED_OUT_BYTES * n / cost.d2h.bandwidth
-            pcie_bytes += (STREAMED_IN_BYTES + STREAMED_OUT_BYTES) * n
+            pcie_bytes += streamed_in + STREAMED_OUT_BYTES * n
         else:  # its gradient, of this rank's shard only with several ranks
             d2h += cost.copy("d2h", plan.grad_itemsize(u) * plan.shard_numel(n))
             pcie_bytes += plan.grad_itemsize(u) * plan.shard_numel(n)

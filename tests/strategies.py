@@ -69,7 +69,7 @@ def plans(draw, cfg):
     keep_last = draw(st.integers(0, window))
     saved = draw(st.integers(0, L - keep_last)) if activation == "offload" else 0
     resident = draw(st.integers(0, L - saved)) if activation == "offload" and not keep_last else 0
-    return uniform_plan(
+    plan = uniform_plan(
         "random",
         L,
         chunk * draw(st.integers(1, 3)),
@@ -96,3 +96,6 @@ def plans(draw, cfg):
         host_bf16_weights=draw(st.booleans()),
         ranks=ranks,
     )
+    if plan.min_streamed_master_slots:  # streamed layers loaded for their backward: their masters, or not
+        plan.streamed_master_slots = draw(st.sampled_from([0, plan.min_streamed_master_slots, L]))
+    return plan

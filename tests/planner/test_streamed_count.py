@@ -45,3 +45,22 @@ def test_refinement_takes_a_faster_count_between_the_grids_and_fits():
     assert simulation.step_s == simulate(CFG, refined, profile).step_s < simulate(CFG, start, profile).step_s
     all_cpu = replace(start, placement=["cpu"] * (L + 2))
     assert _refined_streamed_count(CFG, all_cpu, profile, BUDGETS)[0] == all_cpu
+
+
+def test_master_slots_are_taken_where_they_simulate_faster_and_fit():
+    """At 1024 x 8 on the H200's profile (PCIe-bound) the planner's plan gains from loading the streamed layers'
+    masters for their backward; a GPU budget without room for a slot leaves the plan as it was."""
+    from slideformer.planner.search import _refined_master_slots, gpu_need, shortfalls
+
+    profile = Profile.load("h200-2026-12-02-F")
+    start = replace(grid_plan(16), window=2, deferred_updates=0, late_updates=8, kept_weights=9)
+    before = simulate(CFG, start, profile)
+    plan, simulation = _refined_master_slots(CFG, start, before, profile, BUDGETS)
+    assert plan.streamed_master_slots >= plan.min_streamed_master_slots > 0
+    assert not shortfalls(CFG, plan, profile, BUDGETS)
+    assert simulation.step_s == simulate(CFG, plan, profile).step_s < before.step_s
+    kept_none = replace(start, kept_weights=0)
+    low = simulate(CFG, kept_none, profile)
+    tight = replace(BUDGETS, gpu_bytes=gpu_need(CFG, kept_none, profile) + 2**28)  # a slot is 0.8 GiB
+    assert not shortfalls(CFG, kept_none, profile, tight)
+    assert _refined_master_slots(CFG, kept_none, low, profile, tight)[0] == kept_none

@@ -66,6 +66,14 @@ PLANS = {
     "resident-attention-2-chunks": dict(window=2, activation="offload", chunk=1, resident_attention=4),
     # one chunk, bf16 weights in RAM: the layers' gradients held in bf16 (`Plan.bf16_layer_grads`)
     "bf16-layer-grads": dict(window=2, activation="recompute", host_bf16_weights=True, streamed_layers=(0, 2)),
+    # streamed layers 0 and 1 load their fp32 masters for their backward into two GPU master slots, where their
+    # updates read them; in chunks, then in one (bf16 layer gradients)
+    "streamed-master-slots": dict(
+        window=2, activation="offload", chunk=2, streamed_layers=(0, 1, 3), streamed_master_slots=2
+    ),
+    "streamed-master-slots-bf16-grads": dict(
+        window=2, activation="recompute", host_bf16_weights=True, streamed_layers=(0, 1), streamed_master_slots=3
+    ),
 }
 
 
@@ -133,13 +141,14 @@ def test_tolerance_detects_a_real_difference():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "streamed_layers, host_bf16_weights, chunk",
-    [((), False, 2), ((0, 2), False, 2), ((1,), True, 2), ((0, 2), True, B)],
+    "streamed_layers, host_bf16_weights, chunk, master_slots",
+    [((), False, 2, 0), ((0, 2), False, 2, 0), ((1,), True, 2, 0), ((0, 2), True, B, 0), ((0, 2), True, B, 1)],
 )
-def test_weights_streamed_in_many_pieces_match_reference(streamed_layers, host_bf16_weights, chunk):
+def test_weights_streamed_in_many_pieces_match_reference(streamed_layers, host_bf16_weights, chunk, master_slots):
     """Units larger than the staging buffer stream through it piece by piece (the large-model path), and so do
     streamed layers' states through the GPU's AdamW; or the host units' bf16 weights come from RAM whole (in
-    one chunk: with bf16 layer gradients, cast to fp32 piece by piece for the streamed AdamW)."""
+    one chunk: with bf16 layer gradients, cast to fp32 piece by piece for the streamed AdamW); or a streamed
+    layer's backward loads its fp32 master into a GPU master slot, where its update reads it."""
     streamed_embedding = host_bf16_weights  # with the host units' bf16 weights, the embedding streamed too
     from dataclasses import replace
 
@@ -168,6 +177,7 @@ def test_weights_streamed_in_many_pieces_match_reference(streamed_layers, host_b
         streamed_layers=streamed_layers,
         host_bf16_weights=host_bf16_weights,
         streamed_embedding=streamed_embedding,
+        streamed_master_slots=master_slots,
         device="cuda",
     )
     assert cfg.layer_params * 4 > 3 * 2**20  # each layer crosses PCIe in several pieces

@@ -24,7 +24,7 @@ def batches(vocab: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def train(cfg, steps=4, state=None, **kw):
-    plan = uniform_plan("mid", cfg.num_layers, 4, 32, chunk=2, device="cpu", transfer_chunk_mb=1, **kw)
+    plan = uniform_plan("mid", cfg.num_layers, 4, 32, **({"chunk": 2, "device": "cpu", "transfer_chunk_mb": 1} | kw))
     engine = Engine(cfg, plan, RandomWeights(cfg, seed=3), OPTIM)
     if state is not None:  # fresh tensors, as from a checkpoint file (host units adopt what they are given)
         engine.load_training_state(lambda name: state[name].clone(), set(state))
@@ -56,6 +56,66 @@ def test_streamed_layers_train_bit_identically_to_cpu_ones(kw):
     assert set(got) == set(want)
     for name in want:
         assert torch.equal(got[name].reshape(-1), want[name].reshape(-1)), name
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(streamed_layers=(0, 1, 2), window=1, streamed_master_slots=1),
+        dict(streamed_layers=(0, 1, 2), window=1, streamed_master_slots=2, late_updates=2),
+        # one chunk, bf16 weights in RAM: bf16 layer gradients too
+        dict(streamed_layers=(0, 1), window=1, streamed_master_slots=1, chunk=4, host_bf16_weights=True),
+        dict(streamed_layers=(0, 2), window=2, streamed_master_slots=1, streamed_embedding=True),
+    ],
+)
+def test_streamed_masters_loaded_by_the_backward_train_bit_identically(kw):
+    """A streamed layer whose backward loads its fp32 master into a GPU master slot, where its update reads and
+    writes it (`Plan.streamed_master_slots`), trains bit for bit as without the slots."""
+    plan = uniform_plan("mid", MID.num_layers, 4, 32, device="cpu", transfer_chunk_mb=1, **kw)
+    assert any(plan.loads_streamed_master(u) for u in range(MID.num_layers + 2))
+    want_losses, want = train(MID, **(kw | dict(streamed_master_slots=0)))
+    got_losses, got = train(MID, **kw)
+    assert got_losses == want_losses
+    for name in want:
+        assert torch.equal(got[name].reshape(-1), want[name].reshape(-1)), name
+
+
+def test_master_loads_move_the_master_once_and_wait_for_their_slot():
+    """A master-loading layer's backward load copies its fp32 master (4 bytes a parameter) into its slot once
+    the previous layer there has been copied out, and its pieces bring in only the AdamW states (8 bytes)."""
+    plan = uniform_plan(
+        "mid", MID.num_layers, 4, 32, window=1, device="cpu", transfer_chunk_mb=1, streamed_layers=(0, 1, 2)
+    )
+    plan.streamed_master_slots = 1
+    plan.validate(MID.num_layers)
+    g, n = build_step_graph(MID, plan), unit_numels(MID)
+    assert [u for u in range(5) if plan.loads_streamed_master(u)] == [1, 2]  # layer 2's weights stay for its backward
+    for u in (1, 2):
+        load = op_of(g, f"load:{u}:bwd")
+        assert (load.nbytes, load.slot, load.staged) == (4 * n[u], 0, False)
+        assert sum(o.nbytes for o in ops(g) if o.kind == "state_in" and o.unit == u) == 8 * n[u]
+    assert sum(o.nbytes for o in ops(g) if o.kind == "state_in" and o.unit == 3) == 12 * n[3]
+    last_out = max((o for o in ops(g) if o.kind == "state_out" and o.unit == 2), key=lambda o: o.seq).name
+    assert g.has_edge(last_out, "load:1:bwd")  # layer 1 reuses layer 2's slot
+
+
+def test_too_few_master_slots_are_refused():
+    plan = uniform_plan("mid", MID.num_layers, 4, 32, window=2, device="cpu", streamed_layers=(0, 1, 2))
+    plan.streamed_master_slots = 1
+    plan.window, plan.kept_weights = 2, 0
+    plan.validate(MID.num_layers)  # only layer 0 is loaded again for its backward
+    plan.window = 1
+    plan.validate(MID.num_layers)
+    wide = uniform_plan("tiny-llama", 4, 4, 32, window=3, device="cpu", streamed_layers=(1, 3))
+    wide.streamed_master_slots = 1
+    with pytest.raises(PlanError, match="streamed_master_slots must be 0: no streamed decoder layer is loaded"):
+        wide.validate(4)
+    four = uniform_plan("tiny-llama", 4, 4, 32, window=2, device="cpu", streamed_layers=(0, 1))
+    four.streamed_master_slots = 1
+    with pytest.raises(PlanError, match="must be 0 or at least 2"):
+        four.validate(4)
+    four.streamed_master_slots = 2
+    four.validate(4)
 
 
 def test_a_streamed_checkpoint_resumes_on_the_cpu_placement_and_back(tmp_path):
