@@ -130,6 +130,7 @@ class StepOps:
         its master whole into that slot, where its update will read it, and casts from there."""
         u = self.units[unit]
         if slot is not None:
+            assert isinstance(u, StreamedUnit), f"unit {unit} is not streamed"
             master = self.b.master_slots[slot][: u.master.numel()]
             master.copy_(u.master, non_blocking=True)
             self._destination(unit)[: master.numel()].copy_(master)
