@@ -37,6 +37,7 @@ class UpdateOps:
         self.plan, self.layouts, self.units, self.b = plan, layouts, units, buffers
         self.optim, self.tier, self.disk_slot, self.sq_norm = optim, tier, disk_slot, sq_norm
         self.release_grad = release_grad
+        self.master_slot = plan.streamed_master_slot  # {master-loading unit: its GPU master slot}
         self.bodies: dict[OpKind, Callable[..., object]] = {
             OpKind.UPDATE: self._update,
             OpKind.NORM: self._norm,
@@ -80,9 +81,9 @@ class UpdateOps:
 
     def _master(self, unit: int, rows: slice, slot: int) -> torch.Tensor:
         """Where a piece's master is updated on the GPU: in the unit's master slot, where its backward loaded it
-        (`Plan.loads_streamed_master`), else in the piece's state slot."""
-        if self.plan.loads_streamed_master(unit):
-            return self.b.master_slots[self.plan.streamed_master_slot(unit)][rows]
+        (`Plan.streamed_master_slot`), else in the piece's state slot."""
+        if unit in self.master_slot:
+            return self.b.master_slots[self.master_slot[unit]][rows]
         return self.b.state_slots[slot][0][0, : rows.stop - rows.start]
 
     def _state_in(self, unit: int, piece: int, slot: int) -> None:
@@ -92,7 +93,7 @@ class UpdateOps:
         n = rows.stop - rows.start
         states = self.b.state_slots[slot][0]
         for k, src in enumerate((u.master, u.exp_avg, u.exp_avg_sq)):
-            if k or not self.plan.loads_streamed_master(unit):
+            if k or unit not in self.master_slot:
                 states[k, :n].copy_(src[rows], non_blocking=True)
 
     def _state_update(self, unit: int, piece: int, slot: int, lr: float) -> None:

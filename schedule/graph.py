@@ -103,6 +103,7 @@ class _StepGraph:
         self.grad_buffer_reader: dict[int, str] = {}  # last reader of each of the two shared GPU gradient buffers
         self.slot_reader: dict[int, str] = {}  # last reader of each decoder-layer weight slot
         self.state_outs: list[str] = []  # streamed-update pieces in order; they cycle through the state slots
+        self.master_slot = plan.streamed_master_slot  # {master-loading unit: its GPU master slot}
         self.master_slot_reader: dict[int, str] = {}  # last copy out of each GPU master slot
         self.updates: dict[int, str] = {}
 
@@ -138,8 +139,8 @@ class _StepGraph:
         """fp32 masters staged and cast on the GPU, bf16 weights kept in RAM (`Plan.keeps_bf16_weights`), or
         GPU-resident; a streamed layer's backward its fp32 master into its master slot, once the copy out of
         the layer before it there is done, cast on the GPU (`Plan.streamed_master_slots`)."""
-        if tag == "bwd" and self.plan.loads_streamed_master(u):
-            slot = self.plan.streamed_master_slot(u)
+        if tag == "bwd" and u in self.master_slot:
+            slot = self.master_slot[u]
             return self.op(
                 f"load:{u}:{tag}",
                 OpKind.LOAD,
@@ -426,7 +427,7 @@ class _StepGraph:
         A transient edge gradient (the embedding's) is given back by the last piece's update."""
         piece, pieces = self.plan.state_piece_numel, self.plan.streamed_pieces(self.numel[u])
         transient = u == 0 and transient_edge(self.cfg, self.plan, "grad", 0)
-        master_loaded = self.plan.loads_streamed_master(u)  # only the AdamW states come in
+        master_loaded = u in self.master_slot  # only the AdamW states come in
         for p in range(pieces):
             n = min(piece, self.numel[u] - p * piece)
             j = len(self.state_outs)
@@ -468,7 +469,7 @@ class _StepGraph:
         if 0 < u <= self.L:  # a layer's gradient buffer is free for the layer two below
             self.grad_buffer_reader[u % 2] = step
         if master_loaded:
-            self.master_slot_reader[self.plan.streamed_master_slot(u)] = self.state_outs[-1]
+            self.master_slot_reader[self.master_slot[u]] = self.state_outs[-1]
         self.updates[u] = self.state_outs[-1]
 
     def host_update(self, u: int, deps: list[str]) -> None:

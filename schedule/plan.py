@@ -194,11 +194,12 @@ class Plan:
         loads = [self.reloads_streamed_layer(lay + 1) for lay in range(len(self.activations))]
         return max((sum(loads[i : i + self.window]) for i in range(len(loads))), default=0)
 
-    def streamed_master_slot(self, unit: int) -> int:
-        """The master slot a master-loading unit's backward loads into: they take the slots in turn, in backward
-        order."""
+    @property
+    def streamed_master_slot(self) -> dict[int, int]:
+        """The master slot each master-loading unit's backward loads into: they take the slots in turn, in
+        backward order."""
         order = [u for u in reversed(range(1, len(self.placement) - 1)) if self.loads_streamed_master(u)]
-        return order.index(unit) % self.streamed_master_slots
+        return {u: k % self.streamed_master_slots for k, u in enumerate(order)}
 
     def host_updated(self, unit: int) -> bool:
         """The unit's gradient goes to host RAM and the CPU AdamW updates it ('cpu' and 'disk')."""

@@ -102,7 +102,6 @@ def test_master_loads_move_the_master_once_and_wait_for_their_slot():
 def test_too_few_master_slots_are_refused():
     plan = uniform_plan("mid", MID.num_layers, 4, 32, window=2, device="cpu", streamed_layers=(0, 1, 2))
     plan.streamed_master_slots = 1
-    plan.window, plan.kept_weights = 2, 0
     plan.validate(MID.num_layers)  # only layer 0 is loaded again for its backward
     plan.window = 1
     plan.validate(MID.num_layers)
