@@ -4,7 +4,6 @@ import json
 
 import torch
 
-
 from slideformer.schedule.profile import Profile
 from slideformer.cli import main
 from slideformer.models import load_model_config
@@ -57,7 +56,7 @@ def test_calibrate_quick_measures_this_machine_into_a_loadable_profile(tmp_path)
     assert [(t.seq, t.tokens) for t in prof.layers] == [(32, 32), (32, 64), (128, 128)]
     assert all(t.fwd_s > 0 for t in prof.layers)
     # the GPU's lines where there is one (a GPU machine), none without (CI)
-    assert prof.has_gpu == torch.cuda.is_available() and (prof.h2d is None) != torch.cuda.is_available()
+    assert prof.has_gpu == torch.cuda.is_available() and (prof.h2d is not None) == torch.cuda.is_available()
 
 
 def test_plan_for_8b_on_24_gib_fits_and_its_plan_simulates(tmp_path, capsys):
