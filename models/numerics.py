@@ -5,13 +5,14 @@ tiled layer backward, the fused loss), or any other Hugging Face architecture's 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .config import ModelConfig
+from .config import GENERIC, ModelConfig
 from .layers import (
     AttentionStats,
+    TokenPositions,
     decoder_layer,
     decoder_layer_backward,
     decoder_layer_backward_in_tiles,
@@ -24,6 +25,33 @@ Params = dict[str, torch.Tensor]
 Accumulate = Callable[[str, torch.Tensor], None]
 
 
+def rows_chained(positions: torch.Tensor) -> bool:
+    """A chunk's rows [B, S] carry samples across their boundaries (padding-free bins): a row after the first
+    starts inside a sample, at a position other than 0."""
+    return bool((positions[1:, 0] != 0).any())
+
+
+class OneRow(NamedTuple):
+    """The positions of a chunk computed as one row of all its tokens."""
+
+    positions: TokenPositions
+
+
+def _one_row(t: torch.Tensor) -> torch.Tensor:
+    """[B, S, H] as [1, B * S, H] (a view: a chunk's rows are contiguous)."""
+    return t.view(1, -1, t.shape[-1])
+
+
+def _one_row_stats(stats: AttentionStats | None) -> AttentionStats | None:
+    """The same buffers seen as one row: `out` [1, heads, B * S, D] over its [B, S, heads, D] layout, `lse`
+    [1, heads, B * S] (written and read only as this one row); the same `meta` list."""
+    if stats is None:
+        return None
+    b, heads, s, d = stats.out.shape
+    out = stats.out.transpose(1, 2).view(1, b * s, heads, d).transpose(1, 2)
+    return AttentionStats(out, stats.lse.view(1, heads, b * s), stats.meta)
+
+
 class NativeNumerics:
     """Llama 3.x, Qwen2/2.5, Qwen3 and Mistral through `models/layers.py` (tested against transformers)."""
 
@@ -31,7 +59,14 @@ class NativeNumerics:
         self.cfg = cfg
 
     def positions(self, positions: torch.Tensor | None, like: torch.Tensor) -> Any:
-        """What every layer needs to know of where the tokens of hidden states shaped like `like` sit."""
+        """What every layer needs to know of where the tokens of hidden states shaped like `like` sit. A chunk
+        whose samples run on from one row into the next (`rows_chained`) is computed as one row of its tokens."""
+        if positions is not None and rows_chained(positions):
+            return OneRow(
+                token_positions(
+                    self.cfg, positions.reshape(1, -1), like.shape[0] * like.shape[1], like.device, like.dtype
+                )
+            )
         return token_positions(self.cfg, positions, like.shape[1], like.device, like.dtype)
 
     def embed(self, weight: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
@@ -52,6 +87,8 @@ class NativeNumerics:
     ) -> torch.Tensor:
         """The layer's output; `seq_tile` tokens of each row at a time (0: the whole sequence; no gradients);
         with `stats` (whole sequences), its attention output and log-sum-exp are left there for the backward."""
+        if isinstance(pos, OneRow):
+            return self.layer(index, params, _one_row(x), pos.positions, seq_tile, _one_row_stats(stats)).view_as(x)
         if seq_tile:
             assert stats is None, "saved attention is for whole sequences (the plan check refuses tiles with it)"
             return decoder_layer_in_tiles(params, x, pos.cos, pos.sin, self.cfg, seq_tile, pos.spans)
@@ -71,6 +108,9 @@ class NativeNumerics:
     ) -> torch.Tensor:
         """`saved`: the forward's attention output and log-sum-exp (whole sequences), so attention is not run
         again."""
+        if isinstance(pos, OneRow):
+            one = (_one_row(x), _one_row(dy), pos.positions, tile, accumulate, seq_tile, _one_row_stats(saved))
+            return self.layer_backward(index, params, *one).view_as(x)
         if seq_tile:
             assert saved is None, "saved attention is for whole sequences (the plan check refuses tiles with it)"
             return decoder_layer_backward_in_tiles(
@@ -114,6 +154,11 @@ class HFNumerics:
         self.head_loss_sum = self.decoder.head_loss_sum
 
     def positions(self, positions: torch.Tensor | None, like: torch.Tensor) -> Any:
+        if positions is not None and rows_chained(positions):
+            raise ValueError(
+                "padding-free bins (samples crossing rows) run on our own numerics only: the generic path's masks "
+                "would span a whole chunk; use packing: best_fit"
+            )
         return self.decoder.layer_kwargs(torch.zeros_like(like), positions)
 
     def embed(self, weight: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
@@ -157,4 +202,4 @@ class HFNumerics:
 
 
 def numerics_for(cfg: ModelConfig, device: torch.device) -> NativeNumerics | HFNumerics:
-    return HFNumerics(cfg, device) if cfg.family == "hf" else NativeNumerics(cfg)
+    return HFNumerics(cfg, device) if cfg.family == GENERIC else NativeNumerics(cfg)

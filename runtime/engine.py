@@ -44,6 +44,15 @@ from .units import AdamWConfig, DiskUnit, ShardedUnit, StreamedUnit, Unit, Weigh
 __all__ = ["AdamWConfig", "Engine", "StepResult", "WeightSource"]
 
 
+def check_chunk_starts(positions: torch.Tensor | None, chunk: int) -> None:
+    """A sample may run on from one row into the next only inside a chunk (which a layer computes at once)."""
+    if positions is not None and bool((positions[::chunk, 0] != 0).any()):
+        raise ValueError(
+            f"a chunk's first row continues a sample from the row before: padding-free bins are the plan's chunk "
+            f"of {chunk} rows (to_sequences(..., packing='padding_free', chunk={chunk}))"
+        )
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -183,6 +192,7 @@ class Engine:
                 f"{tuple(input_ids.shape)}, {tuple(labels.shape)}"
                 + ("" if positions is None else f" and {tuple(positions.shape)}")
             )
+        check_chunk_starts(positions, plan.chunk)
         trained = torch.tensor(int((labels != IGNORE_INDEX).sum()), device=self.device)
         if self.ranks is not None:  # the loss is the mean over every rank's trained tokens
             self.ranks.sum(trained)
@@ -220,6 +230,7 @@ class Engine:
     def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> float:
         """Mean loss over non-ignored tokens with the current weights, changing nothing (any batch size;
         `positions` as train_step takes them)."""
+        check_chunk_starts(positions, self.plan.chunk)
         self.synchronize()
         return eval_loss(self.ops, self.executor, input_ids, labels, positions)
 

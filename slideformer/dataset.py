@@ -4,8 +4,10 @@ tokenized, prompt-masked and packed into fixed-length sequences.
 Row shapes: {"text"}; chat {"messages": [{"role", "content"}, ...]} rendered with the tokenizer's chat
 template, trained on assistant turns only; instruction {"instruction", "input"?, "output"}, trained on
 the output only. Packing fills fixed-length sequences with samples (each ending in EOS): whole samples by
-best fit (`PACKINGS`' "best_fit", a sample longer than a sequence split into sequence-long pieces) or the
-samples' concatenated stream cut every `seq` tokens ("stream": no padding, but samples cut at the cuts).
+best fit (`PACKINGS`' "best_fit", a sample longer than a sequence split into sequence-long pieces), the
+same into bins of a whole chunk of sequences, samples crossing the sequences' boundaries within a bin
+("padding_free": only a bin's tail is padded), or the samples' concatenated stream cut every `seq` tokens
+("stream": no padding, but samples cut at the cuts).
 Attention stays within each sample unless cross-sample attention is asked for. Without packing, each
 sample is truncated or padded to one sequence.
 """
@@ -171,7 +173,7 @@ def examples_from_rows(rows: Iterable[dict], name: str, tok: Tokenizer) -> list[
     return out
 
 
-PACKINGS = ("best_fit", "stream")
+PACKINGS = ("best_fit", "padding_free", "stream")
 
 
 def to_sequences(
@@ -181,14 +183,20 @@ def to_sequences(
     pack: bool,
     per_sample: bool = True,
     packing: str = "best_fit",
+    chunk: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """input_ids and labels [N, seq]; labels[t] is token t+1 when that token is trained, else IGNORE_INDEX.
 
     Packed (`pack`) with `per_sample`, also each token's position in its sample [N, seq], 0 where a sample (or
     a piece of one) starts: attention never crosses a sample boundary and no token is a target of the sample
     before it. Packed without `per_sample`, positions are None and a sample attends to the samples before it in
-    its sequence. `packing`: "best_fit" keeps each sample whole in one sequence where it fits, "stream" cuts the
-    concatenated samples every `seq` tokens. Unpacked, one sample per sequence (padded), positions None."""
+    its sequence. `packing`: "best_fit" keeps each sample whole in one sequence where it fits; "padding_free"
+    fills bins of `chunk` sequences (see `_padding_free_bins`); "stream" cuts the concatenated samples every
+    `seq` tokens. Unpacked, one sample per sequence (padded), positions None."""
+    if pack and packing == "padding_free":
+        if not per_sample:
+            raise DataError("packing 'padding_free' keeps samples apart: set cross_sample_attention: false")
+        return _padding_free_bins(examples, seq, chunk, tok.pad_id)
     windows: list[tuple[list[int], list[bool], list[int]]] = []
     if pack and packing == "best_fit":
         windows = _best_fit_windows(examples, seq, tok.pad_id)
@@ -224,10 +232,28 @@ def to_sequences(
     )
 
 
+def _best_fit(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Bins of at most `capacity` holding the items of `sizes` (by index): longest first, each into the fullest
+    bin it fits (best fit decreasing; equal sizes keep their order). No two bins end up half empty or more."""
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free, bin index), sorted
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        k = bisect.bisect_left(room, (sizes[i], -1))
+        if k == len(room):
+            bins.append([])
+            free, b = capacity, len(bins) - 1
+        else:
+            free, b = room.pop(k)
+        bins[b].append(i)
+        if free - sizes[i]:
+            bisect.insort(room, (free - sizes[i], b))
+    return bins
+
+
 def _best_fit_windows(examples: list[Example], seq: int, pad_id: int) -> list[tuple[list[int], list[bool], list[int]]]:
-    """Windows of seq + 1 tokens (a sequence and its last label) holding whole samples: longest first, each into
-    the fullest window it fits (best fit decreasing), the rest padded. A sample longer than a window is split into
-    windows of its own that overlap by one token, as the stream cuts it, so each of its tokens stays a label."""
+    """Windows of seq + 1 tokens (a sequence and its last label) holding whole samples by best fit, the rest
+    padded. A sample longer than a window is split into windows of its own that overlap by one token, as the
+    stream cuts it, so each of its tokens stays a label."""
     width = seq + 1
     pieces: list[tuple[list[int], list[bool]]] = []
     for e in examples:
@@ -235,27 +261,43 @@ def _best_fit_windows(examples: list[Example], seq: int, pad_id: int) -> list[tu
             # a later piece's first token is the last label of the piece before: not a label a second time
             trained = [start == 0 and e.trained[0]] + e.trained[start + 1 : start + width]
             pieces.append((e.ids[start : start + width], trained))
-    pieces.sort(key=lambda piece: -len(piece[0]))  # stable: equal lengths keep the data's order
-    windows: list[tuple[list[int], list[bool], list[int]]] = []
-    room: list[tuple[int, int]] = []  # (free tokens, window index), sorted
-    for ids, trained in pieces:
-        k = bisect.bisect_left(room, (len(ids), -1))
-        if k == len(room):
-            windows.append(([], [], []))
-            free, w = width, len(windows) - 1
-        else:
-            free, w = room.pop(k)
-        windows[w][0].extend(ids)
-        windows[w][1].extend(trained)
-        windows[w][2].extend(range(len(ids)))
-        if free - len(ids):
-            bisect.insort(room, (free - len(ids), w))
-    for ids, trained, positions in windows:  # the padding is a sample of its own, with nothing to learn
-        pad = width - len(ids)
-        ids.extend([pad_id] * pad)
-        trained.extend([False] * pad)
-        positions.extend(range(pad))
+    windows = []
+    for held in _best_fit([len(ids) for ids, _ in pieces], width):
+        ids = [t for i in held for t in pieces[i][0]]
+        trained = [m for i in held for m in pieces[i][1]]
+        positions = [p for i in held for p in range(len(pieces[i][0]))]
+        pad = width - len(ids)  # the padding is a sample of its own, with nothing to learn
+        windows.append((ids + [pad_id] * pad, trained + [False] * pad, positions + list(range(pad))))
     return windows
+
+
+def _padding_free_bins(
+    examples: list[Example], seq: int, chunk: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bins of `chunk` sequences (the plan's chunk, which a layer computes as one stretch of tokens) filled with
+    whole samples by best fit, a sample running on from one sequence into the next (its positions not
+    restarting), only a bin's tail padded. Each token of a sample but its last is an input, each but its first a
+    label: no sample's last token is computed (it has nothing to predict). A sample with more than seq inputs
+    is split into pieces of seq, as best fit splits it."""
+    pieces: list[tuple[list[int], list[int]]] = []  # (inputs, labels)
+    for e in examples:
+        inputs, labels = e.ids[:-1], [t if m else IGNORE_INDEX for t, m in zip(e.ids[1:], e.trained[1:])]
+        for start in range(0, len(inputs), seq):
+            pieces.append((inputs[start : start + seq], labels[start : start + seq]))
+    width = chunk * seq
+    ids, labels, positions = [], [], []
+    for held in _best_fit([len(inputs) for inputs, _ in pieces], width):
+        if all(t == IGNORE_INDEX for i in held for t in pieces[i][1]):
+            continue  # a bin with nothing to learn is dropped
+        pad = width - sum(len(pieces[i][0]) for i in held)  # the padding is a sample of its own
+        ids += [t for i in held for t in pieces[i][0]] + [pad_id] * pad
+        labels += [t for i in held for t in pieces[i][1]] + [IGNORE_INDEX] * pad
+        positions += [p for i in held for p in range(len(pieces[i][0]))] + list(range(pad))
+
+    def sequences(tokens: list[int]) -> torch.Tensor:
+        return torch.tensor(tokens, dtype=torch.long).view(-1, seq)
+
+    return sequences(ids), sequences(labels), sequences(positions)
 
 
 def cut_rows(examples: list[Example], seq: int, pack: bool) -> tuple[int, int]:
@@ -272,22 +314,34 @@ def cut_rows(examples: list[Example], seq: int, pack: bool) -> tuple[int, int]:
 
 
 class Batches:
-    """Sequences in a seeded order per epoch; the position (epoch, index) is part of a checkpoint."""
+    """Sequences in a seeded order per epoch, `unit` consecutive ones kept together (a padding-free bin: its
+    samples cross its sequences); the position (epoch, index) is part of a checkpoint."""
 
     def __init__(
-        self, ids: torch.Tensor, labels: torch.Tensor, batch: int, seed: int, positions: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        labels: torch.Tensor,
+        batch: int,
+        seed: int,
+        positions: torch.Tensor | None = None,
+        unit: int = 1,
     ) -> None:
         if len(ids) < batch:
             raise DataError(
                 f"{len(ids)} training sequences, fewer than one batch of {batch}: "
                 "lower batch/accumulation or seq, or add data"
             )
+        assert batch % unit == 0 and len(ids) % unit == 0, "a batch holds whole bins"
         self.ids, self.labels, self.positions, self.batch, self.seed = ids, labels, positions, batch, seed
+        self.unit = unit
         self.epoch, self.index = 0, 0
         self.order = self._order()
 
     def _order(self) -> torch.Tensor:
-        return torch.randperm(len(self.ids), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        bins = torch.randperm(
+            len(self.ids) // self.unit, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        )
+        return (bins[:, None] * self.unit + torch.arange(self.unit)).flatten()
 
     @property
     def steps_per_epoch(self) -> int:

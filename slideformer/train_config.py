@@ -35,8 +35,9 @@ class TrainConfig:
     pack: bool = True  # pack short samples into full sequences (attention stays within each sample)
     # With pack: let a sample attend to the samples before it in its sequence (cheaper attention, other maths)
     cross_sample_attention: bool = False
-    # With pack: 'best_fit' keeps each sample whole in one sequence (the rest padded); 'stream' cuts the
-    # concatenated samples every seq tokens (no padding; a cut sample's rest runs without its start)
+    # With pack: 'best_fit' keeps each sample whole in one sequence (the rest padded); 'padding_free' the
+    # same into bins of the plan's chunk of sequences, samples crossing them (only a bin's tail padded; our
+    # own numerics); 'stream' cuts the concatenated samples every seq tokens (a cut sample's rest runs alone)
     packing: str = "best_fit"
     max_cut_fraction: float = 0.0  # share of rows that pack: false may truncate or drop at seq; more stops the run
     lr: float = 1e-5
@@ -93,6 +94,10 @@ class TrainConfig:
             problems.append("report_to 'wandb' needs the wandb package: pip install wandb")
         if self.packing not in PACKINGS:
             problems.append(f"packing must be one of {list(PACKINGS)}, not {self.packing!r}")
+        elif self.packing == "padding_free" and (not self.pack or self.cross_sample_attention):
+            problems.append(
+                "packing 'padding_free' keeps samples apart: it needs pack: true and cross_sample_attention: false"
+            )
         if self.schedule not in ("cosine", "constant"):
             problems.append(f"schedule must be 'cosine' or 'constant', not {self.schedule!r}")
         if self.nonfinite not in ("stop", "skip"):
@@ -289,7 +294,7 @@ batch: 8                    # sequences per micro-batch
 accumulation: 1             # micro-batches per optimizer step
 pack: true                  # pack short samples into full sequences; attention stays within each sample
 cross_sample_attention: false  # true: packed samples also attend to those before them (cheaper, other maths)
-packing: best_fit           # with pack: whole samples per sequence; 'stream' cuts the samples' stream at seq
+packing: best_fit           # with pack: whole samples per sequence; 'padding_free' per chunk of sequences; 'stream' cuts at seq
 max_cut_fraction: 0.0       # with pack: false, the share of rows that may be truncated or dropped at seq
 lr: 1.0e-5
 schedule: cosine            # or constant; after warmup_steps of linear warmup

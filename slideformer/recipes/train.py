@@ -32,7 +32,7 @@ from slideformer.checkpoint import (
 from slideformer.dataset import Batches, DataError, Example, cut_rows, examples_from_rows, load_examples, to_sequences
 from slideformer.health import TrainingStopped, check_step
 from slideformer.models import RandomWeights, load_model_config
-from slideformer.models.config import ModelConfig, parse_model_spec
+from slideformer.models.config import GENERIC, ModelConfig, parse_model_spec
 from slideformer.models.weights import CheckpointError, check_weights, open_weights
 from slideformer.schedule.plan import Plan, PlanError, uniform_plan
 from slideformer.schedule.memory import GiB
@@ -73,9 +73,9 @@ def weights_for(cfg: TrainConfig, model_cfg: ModelConfig):
     return reader
 
 
-def sequences(cfg: TrainConfig, examples: list[Example], tok: Tokenizer, split: str) -> Sequences:
-    """The rows as sequences; rows that lose trained tokens to seq are counted, reported, and stop the run above
-    max_cut_fraction."""
+def sequences(cfg: TrainConfig, examples: list[Example], tok: Tokenizer, split: str, chunk: int = 1) -> Sequences:
+    """The rows as sequences (padding-free bins of the plan's `chunk` of them); rows that lose trained tokens to
+    seq are counted, reported, and stop the run above max_cut_fraction."""
     truncated, dropped = cut_rows(examples, cfg.seq, cfg.pack)
     if truncated or dropped:
         share = (truncated + dropped) / len(examples)
@@ -89,29 +89,43 @@ def sequences(cfg: TrainConfig, examples: list[Example], tok: Tokenizer, split: 
                 "raise seq, set pack: true, or raise max_cut_fraction"
             )
         print(report, file=sys.stderr)
-    return Sequences(*to_sequences(examples, cfg.seq, tok, cfg.pack, not cfg.cross_sample_attention, cfg.packing))
+    return Sequences(
+        *to_sequences(examples, cfg.seq, tok, cfg.pack, not cfg.cross_sample_attention, cfg.packing, chunk)
+    )
+
+
+def bin_rows(cfg: TrainConfig, chunk: int) -> int:
+    """Sequences kept together as one unit of the data: a padding-free bin is the plan's chunk of them."""
+    return chunk if cfg.pack and cfg.packing == "padding_free" else 1
 
 
 def tokenized_data(
-    cfg: TrainConfig, tok: Tokenizer, rows: Iterable[dict] | None = None, eval_rows: Iterable[dict] | None = None
+    cfg: TrainConfig,
+    tok: Tokenizer,
+    rows: Iterable[dict] | None = None,
+    eval_rows: Iterable[dict] | None = None,
+    chunk: int = 1,
 ) -> tuple[Sequences, Sequences | None]:
-    """The training and held-out sequences: from the config's files, or from rows given in Python."""
+    """The training and held-out sequences: from the config's files, or from rows given in Python; `chunk`
+    the plan's (packing 'padding_free' fills bins of that many sequences, held out as a whole)."""
     examples = examples_from_rows(rows, "dataset", tok) if rows is not None else load_examples(cfg.data, tok)
-    train = sequences(cfg, examples, tok, "train")
+    train = sequences(cfg, examples, tok, "train", chunk)
     if cfg.eval_data or eval_rows is not None:
         held_examples = (
             examples_from_rows(eval_rows, "eval_dataset", tok)
             if eval_rows is not None
             else load_examples(cfg.eval_data, tok)
         )
-        held_out = sequences(cfg, held_examples, tok, "eval")
+        held_out = sequences(cfg, held_examples, tok, "eval", chunk)
         if not len(held_out.ids):
             where = "eval_dataset" if eval_rows is not None else f"eval_data {', '.join(cfg.eval_data)}"
             raise DataError(f"{where}: no row has a trained token within seq {cfg.seq}; fix the eval data or raise seq")
         return train, held_out
     if cfg.eval_fraction:
-        order = torch.randperm(len(train.ids), generator=torch.Generator().manual_seed(cfg.seed))
-        n_eval = max(1, int(len(order) * cfg.eval_fraction))
+        unit = bin_rows(cfg, chunk)
+        bins = torch.randperm(len(train.ids) // unit, generator=torch.Generator().manual_seed(cfg.seed))
+        order = (bins[:, None] * unit + torch.arange(unit)).flatten()
+        n_eval = max(1, int(len(bins) * cfg.eval_fraction)) * unit
         held, kept = order[:n_eval], order[n_eval:]
         return train.rows(kept), train.rows(held)
     return train, None
@@ -225,7 +239,14 @@ class FineTune:
         self.ckpt_root = self.out / "checkpoints"
         world, first = (ranks.world, ranks.rank * cfg.sequences_per_step) if ranks else (1, 0)
         self.share = slice(first, first + cfg.sequences_per_step)  # this rank's rows of every step's batch
-        self.batches = Batches(train.ids, train.labels, cfg.sequences_per_step * world, cfg.seed, train.positions)
+        self.batches = Batches(
+            train.ids,
+            train.labels,
+            cfg.sequences_per_step * world,
+            cfg.seed,
+            train.positions,
+            bin_rows(cfg, plan.chunk),
+        )
         self.total = cfg.max_steps or cfg.epochs * self.batches.steps_per_epoch
         self.data_sha = fingerprint(train, held_out)
         self.start, self.saved_at = 0, None  # type: int, Path | None
@@ -465,6 +486,11 @@ def train_from_config(
             f"seq {cfg.seq} is longer than the model's max_position_embeddings "
             f"{model_cfg.max_position_embeddings}; lower seq"
         )
+    if cfg.pack and cfg.packing == "padding_free" and model_cfg.family == GENERIC:
+        raise ConfigError(
+            "packing 'padding_free' runs on our own numerics (Llama, Qwen, Mistral); this model takes the generic "
+            "path, whose masks would span a whole chunk: use packing: best_fit"
+        )
     model_dir = parse_model_spec(cfg.model)[0]
     tok_dir = cfg.tokenizer or (model_dir if Path(model_dir).is_dir() else None)
     if tok_dir is None:
@@ -480,7 +506,7 @@ def train_from_config(
     with claim_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite) if lead else contextlib.nullcontext():
         if ranks is not None:  # rank 0 has claimed (and with --overwrite cleared) the output directory
             dist.barrier()
-        train, held_out = tokenized_data(cfg, tok, rows, eval_rows)
+        train, held_out = tokenized_data(cfg, tok, rows, eval_rows, plan.chunk)
         summary = run(cfg, model_cfg, source, train, held_out, tok.files(), plan, callbacks, ranks)
         if ranks is not None:  # no rank leaves (closing its connections) before every rank's last collective
             dist.barrier()

@@ -101,6 +101,35 @@ def test_finetune_trains_on_rows_from_python_and_calls_back_with_every_record(tm
     assert (Path(summary["checkpoint"]) / "config.json").exists()
 
 
+def test_finetune_trains_on_padding_free_bins_of_the_plans_chunk(tmp_path):
+    """packing 'padding_free': the data is bins of the plan's chunk of sequences (fewer of them than best fit
+    makes of the same rows), held out and shuffled as whole bins, and the run trains on them."""
+    from slideformer.recipes.train import tokenized_data
+    from slideformer.tokenizer import HFTokenizer
+    from slideformer.train_config import TrainConfig
+
+    rows = chat_rows(80)
+    model_dir = make_model_dir(
+        tmp_path / "model", replace(PRESETS["tiny-llama"], vocab_size=512, name="tiny-chat"), rows
+    )
+    settings = dict(model=str(model_dir), seq=64, batch=2, accumulation=2, device="cpu", eval_fraction=0.2)
+    tok = HFTokenizer(model_dir)
+    whole = dict(settings, eval_fraction=0.0, data=["-"])
+    best_fit, _ = tokenized_data(TrainConfig(**whole, packing="best_fit"), tok, rows)
+    padding_free, _ = tokenized_data(TrainConfig(**whole, packing="padding_free"), tok, rows, chunk=2)
+    assert len(padding_free.ids) < len(best_fit.ids)
+    train, held = tokenized_data(TrainConfig(**settings, packing="padding_free", data=["-"]), tok, rows, chunk=2)
+    assert len(train.ids) % 2 == 0 and len(held.ids) % 2 == 0
+    bins = [t.positions.view(-1, 2, 64) for t in (train, held)]
+    assert all((b[:, 0, 0] == 0).all() and (b[:, 1, 0] != 0).any() for b in bins)  # samples cross a bin's rows
+    assert len(train.ids) + len(held.ids) == len(padding_free.ids)
+    summary = slideformer.finetune(
+        **settings, dataset=rows, packing="padding_free", max_steps=3, output_dir=str(tmp_path / "run"), report_to=[]
+    )
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["chunk"] == 2
+    assert summary["steps"] == 3 and math.isfinite(summary["last_loss"]) and math.isfinite(summary["eval_loss_after"])
+
+
 def test_finetune_names_a_bad_row_by_its_index_and_refuses_two_sources_of_data(tmp_path):
     rows = chat_rows(10)
     model_dir = make_model_dir(
@@ -234,6 +263,8 @@ def test_finetune_trains_an_architecture_through_its_own_modules_and_transformer
         report_to=[],
     )
     assert summary["last_loss"] < summary["first_loss"]
+    with pytest.raises(ConfigError, match="packing 'padding_free' runs on our own numerics"):
+        slideformer.finetune(model=str(tmp_path / "model"), dataset=rows, seq=64, packing="padding_free", device="cpu")
     trained = transformers.AutoModelForCausalLM.from_pretrained(summary["checkpoint"], dtype=torch.float32)
     assert type(trained).__name__ == "Gemma3ForCausalLM"
     before = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)

@@ -187,6 +187,8 @@ def test_yaml_numbers_read_as_strings_are_numbers_and_wrong_types_are_named(tmp_
         (["--adam-beta2", "1.5"], "adam_beta2 must be in [0, 1)"),
         (["--keep-checkpoints", "0"], "keep_checkpoints must be >= 1"),
         (["--seq", "4096"], "seq 4096 is longer than the model's max_position_embeddings 256"),
+        (["--packing", "padding_free", "--cross-sample-attention"], "packing 'padding_free' keeps samples apart"),
+        (["--packing", "padding_free", "--no-pack"], "it needs pack: true"),
     ],
 )
 def test_out_of_range_settings_are_refused_before_any_work(tmp_path, capsys, flags, message):

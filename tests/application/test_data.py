@@ -109,6 +109,54 @@ def test_best_fit_packing_loses_no_target_and_keeps_a_sample_that_fits_whole(tok
                 assert positions[row, at : at + len(e.ids)].tolist() == list(range(len(e.ids)))[: seq - at]
 
 
+def test_padding_free_bins_run_samples_across_the_rows_of_a_chunk(tok):
+    a, b, c = [11, 12, 13, 14, 15], [21, 22, 23, 24, 25], [31, 32, 33]
+    examples = [Example(a, [True] * 5), Example(b, [True] * 5), Example(c, [True] * 3)]
+    # best fit, rows of 5 (windows of 6 with the last label): no two samples share a row, 3 rows
+    assert len(to_sequences(examples, seq=5, tok=tok, pack=True)[0]) == 3
+    # one bin of two rows: each sample's tokens but its last are inputs (4 + 4 + 2), b crossing the rows
+    ids, labels, positions = to_sequences(examples, seq=5, tok=tok, pack=True, packing="padding_free", chunk=2)
+    assert ids.tolist() == [a[:4] + b[:1], b[1:4] + c[:2]]
+    assert positions.tolist() == [[0, 1, 2, 3, 0], [1, 2, 3, 0, 1]]
+    assert labels.tolist() == [a[1:] + b[1:2], b[2:] + c[1:]]
+    with pytest.raises(DataError, match="set cross_sample_attention: false"):
+        to_sequences(examples, seq=5, tok=tok, pack=True, per_sample=False, packing="padding_free", chunk=2)
+
+
+@given(
+    lengths=st.lists(st.integers(2, 30), min_size=1, max_size=30),
+    seq=st.integers(2, 12),
+    chunk=st.integers(1, 4),
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_padding_free_bins_lose_no_target_keep_each_piece_whole_and_leave_one_bin_at_most_half_empty(
+    tok, lengths, seq, chunk
+):
+    """Bins of `chunk` rows: every token but a sample's first is a label exactly once; each piece of a sample (up
+    to seq inputs) sits whole in one bin at positions 0..n-1, the labels its next tokens; a bin starts a sample;
+    and best fit leaves no two bins half empty or more."""
+    examples, next_id = [], 100
+    for n in lengths:
+        examples.append(Example(list(range(next_id, next_id + n)), [True] * n))
+        next_id += n
+    ids, labels, positions = to_sequences(examples, seq=seq, tok=tok, pack=True, packing="padding_free", chunk=chunk)
+    assert len(ids) % chunk == 0
+    assert sorted(labels[labels != IGNORE_INDEX].tolist()) == sorted(t for e in examples for t in e.ids[1:])
+    width = chunk * seq
+    flat_ids, flat_labels, flat_pos = (t.reshape(-1, width) for t in (ids, labels, positions))
+    assert (flat_pos[:, 0] == 0).all()  # a bin starts a sample: bins are the engine's chunks
+    for e in examples:
+        for start in range(0, len(e.ids) - 1, seq):
+            inputs = e.ids[:-1][start : start + seq]
+            (bin_,) = [i for i, r in enumerate(flat_ids.tolist()) if inputs[0] in r]
+            at = flat_ids[bin_].tolist().index(inputs[0])
+            assert flat_ids[bin_, at : at + len(inputs)].tolist() == inputs
+            assert flat_labels[bin_, at : at + len(inputs)].tolist() == e.ids[start + 1 : start + seq + 1]
+            assert flat_pos[bin_, at : at + len(inputs)].tolist() == list(range(len(inputs)))
+    held = (flat_ids != tok.pad_id).sum(dim=1)
+    assert int((2 * held <= width).sum()) <= 1
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
