@@ -2,11 +2,10 @@
 
 The samples' lengths are drawn from a seeded log-normal (median `--median` tokens, `--sigma`, 32 to 4,096
 tokens; sigma 0.9 spreads them as chat fine-tuning data does, a small sigma is data of one length), every token
-trained, random ids. Per packing: the share of computed tokens
-that are padding or a sample's last token (which predicts nothing), the sequences an epoch takes, and, on the
-Llama-3.1-8B layer shape cut to `--layers` layers (per-sample variable-length attention, random weights), the
-step time, trained tokens per second and the epoch's time. Each packing runs in a process of its own (an engine's
-GPU buffers outlive it within one).
+trained, random ids. Per packing: the share of computed tokens that are padding or a sample's last token (which
+predicts nothing), the sequences an epoch takes, and, on the Llama-3.1-8B layer shape cut to `--layers` layers
+(per-sample variable-length attention, random weights), the step time, trained tokens per second and the epoch's
+time, both packings trained by one engine in alternating rounds.
 
     python -m bench.padding_free --out bench/results/<device>-<date>-padding-free.json
 """
@@ -14,11 +13,6 @@ GPU buffers outlive it within one).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
@@ -61,26 +55,36 @@ def fill(ids: torch.Tensor, labels: torch.Tensor) -> dict:
     }
 
 
-def run_row(packing: str, a: argparse.Namespace) -> dict:
+def timed(a: argparse.Namespace) -> dict:
+    """Both packings' batches trained by one engine (one plan), in alternating rounds: the step times differ only
+    by the data (separate processes differed by up to 10% from one to the next on the same data)."""
     cfg = ModelConfig.from_hf(LLAMA_8B_LAYERS | {"num_hidden_layers": a.layers}, name="llama-3.1-8b-layers")
-    ids, labels, positions = packed(packing, a, cfg.vocab_size)
     plan = uniform_plan(cfg.name, cfg.num_layers, a.batch, a.seq, chunk=a.chunk, window=2, activation="offload")
     engine = Engine(cfg, plan, RandomWeights(cfg, seed=0), AdamWConfig(lr=1e-5))
-    batches = Batches(ids, labels, a.batch, a.seed, positions, a.chunk if packing == "padding_free" else 1)
-    steps = [batches.next() for _ in range(a.warmup + a.steps)]
-    timing = time_steps(lambda i: engine.train_step(*steps[i]).loss, a.warmup, a.steps, engine.synchronize)
+    rows, steps = {}, {}
+    for packing in PACKINGS:
+        ids, labels, positions = packed(packing, a, cfg.vocab_size)
+        batches = Batches(ids, labels, a.batch, a.seed, positions, a.chunk if packing == "padding_free" else 1)
+        steps[packing] = [batches.next() for _ in range(a.warmup + a.steps)]
+        trained = sum(int((lab != IGNORE_INDEX).sum()) for _, lab, _ in steps[packing][a.warmup :]) / a.steps
+        rows[packing] = {
+            **fill(ids, labels),
+            "steps_per_epoch": batches.steps_per_epoch,
+            "trained_tokens_per_step": trained,
+            "rounds": [],
+        }
+    for _ in range(a.rounds):
+        for packing in PACKINGS:
+            run = steps[packing]
+            rows[packing]["rounds"].append(
+                time_steps(lambda i: engine.train_step(*run[i]).loss, a.warmup, a.steps, engine.synchronize)
+            )
     engine.close()
-    trained = sum(int((lab != IGNORE_INDEX).sum()) for _, lab, _ in steps[a.warmup :]) / a.steps
-    return {
-        **fill(ids, labels),
-        "plan": plan.__dict__,
-        **timing,
-        "trained_tokens_per_step": trained,
-        "trained_tokens_per_s": trained / timing["step_s"],
-        "steps_per_epoch": batches.steps_per_epoch,
-        "epoch_s": batches.steps_per_epoch * timing["step_s"],
-        **memory_readings(),
-    }
+    for row in rows.values():
+        row["step_s"] = sum(r["step_s"] for r in row["rounds"]) / a.rounds
+        row["trained_tokens_per_s"] = row["trained_tokens_per_step"] / row["step_s"]
+        row["epoch_s"] = row["steps_per_epoch"] * row["step_s"]
+    return {"plan": plan.__dict__, "rows": rows, **memory_readings()}
 
 
 def main() -> None:
@@ -95,37 +99,32 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cpu-only", action="store_true", help="the packings' fill alone (no GPU)")
-    ap.add_argument("--row", help=argparse.SUPPRESS)  # one packing in this process, its JSON to --out
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    if a.row:
-        Path(a.out).write_text(json.dumps(run_row(a.row, a)))
-        return
-    rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for packing in PACKINGS:
-            if a.cpu_only:
-                rows[packing] = fill(*packed(packing, a, LLAMA_8B_LAYERS["vocab_size"])[:2])
-                print(f"{packing}: {rows[packing]}", flush=True)
-                continue
-            out = Path(tmp) / f"{packing}.json"
-            argv = [sys.executable, "-m", "bench.padding_free", "--row", packing, "--out", str(out)]
-            argv += [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("row", "out", "cpu_only")]
-            subprocess.run(argv, check=True)
-            rows[packing] = row = json.loads(out.read_text())
-            print(
-                f"{packing}: {row['sequences']} sequences, {row['untrained_share']:.1%} of computed tokens untrained, "
-                f"{row['step_s']:.3f} s/step, {row['trained_tokens_per_s']:,.0f} trained tokens/s, "
-                f"epoch {row['epoch_s']:.1f} s",
-                flush=True,
-            )
+    if a.cpu_only:
+        measured = {"rows": {p: fill(*packed(p, a, LLAMA_8B_LAYERS["vocab_size"])[:2]) for p in PACKINGS}}
+    else:
+        measured = timed(a)
+    rows = measured["rows"]
+    for packing, row in rows.items():
+        print(
+            f"{packing}: {row['sequences']} sequences, {row['untrained_share']:.1%} of computed tokens untrained"
+            + (
+                ""
+                if a.cpu_only
+                else f", {row['step_s']:.3f} s/step, {row['trained_tokens_per_s']:,.0f} trained "
+                f"tokens/s, epoch {row['epoch_s']:.1f} s"
+            ),
+            flush=True,
+        )
     result = {
         "command": "python -m bench.padding_free "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k not in ("row", "cpu_only"))
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "cpu_only")
         + (" --cpu-only" if a.cpu_only else ""),
         **provenance(),
-        "rows": rows,
+        **measured,
         "sequences_ratio": rows["padding_free"]["sequences"] / rows["best_fit"]["sequences"],
     }
     if not a.cpu_only:
