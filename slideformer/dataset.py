@@ -313,6 +313,13 @@ def cut_rows(examples: list[Example], seq: int, pack: bool) -> tuple[int, int]:
     return truncated, dropped
 
 
+def unit_order(count: int, unit: int, seed: int) -> torch.Tensor:
+    """A seeded order of `count` sequences that keeps each run of `unit` consecutive ones (a padding-free bin)
+    together and in its order; with `unit` 1, torch's permutation for the seed."""
+    units = torch.randperm(count // unit, generator=torch.Generator().manual_seed(seed))
+    return (units[:, None] * unit + torch.arange(unit)).flatten()
+
+
 class Batches:
     """Sequences in a seeded order per epoch, `unit` consecutive ones kept together (a padding-free bin: its
     samples cross its sequences); the position (epoch, index) is part of a checkpoint."""
@@ -338,10 +345,7 @@ class Batches:
         self.order = self._order()
 
     def _order(self) -> torch.Tensor:
-        bins = torch.randperm(
-            len(self.ids) // self.unit, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        )
-        return (bins[:, None] * self.unit + torch.arange(self.unit)).flatten()
+        return unit_order(len(self.ids), self.unit, self.seed * 1000 + self.epoch)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -29,7 +29,16 @@ from slideformer.checkpoint import (
     read_trainer_state,
     save_checkpoint,
 )
-from slideformer.dataset import Batches, DataError, Example, cut_rows, examples_from_rows, load_examples, to_sequences
+from slideformer.dataset import (
+    Batches,
+    DataError,
+    Example,
+    cut_rows,
+    examples_from_rows,
+    load_examples,
+    to_sequences,
+    unit_order,
+)
 from slideformer.health import TrainingStopped, check_step
 from slideformer.models import RandomWeights, load_model_config
 from slideformer.models.config import GENERIC, ModelConfig, parse_model_spec
@@ -123,9 +132,8 @@ def tokenized_data(
         return train, held_out
     if cfg.eval_fraction:
         unit = bin_rows(cfg, chunk)
-        bins = torch.randperm(len(train.ids) // unit, generator=torch.Generator().manual_seed(cfg.seed))
-        order = (bins[:, None] * unit + torch.arange(unit)).flatten()
-        n_eval = max(1, int(len(bins) * cfg.eval_fraction)) * unit
+        order = unit_order(len(train.ids), unit, cfg.seed)
+        n_eval = max(1, int(len(order) // unit * cfg.eval_fraction)) * unit
         held, kept = order[:n_eval], order[n_eval:]
         return train.rows(kept), train.rows(held)
     return train, None
